@@ -1,0 +1,136 @@
+"""Composition root: the only place that picks adapters and wires them into services."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import asyncssh
+import structlog
+
+from broker.audit.jsonl import JsonlAuditLog
+from broker.config import BrokerConfig
+from broker.errors import ConfigError
+from broker.identity.static import StaticDirectory
+from broker.inventory.static import StaticInventory
+from broker.recordings.local import LocalRecordingSink
+from broker.services.access import AccessService
+from broker.services.auth import Authenticator, TotpSecondFactor
+from broker.services.clock import SystemClock
+from broker.services.sessions import SessionService
+from broker.ssh.ca import UserCA
+from broker.ssh.keys import load_or_create_key
+from broker.ssh.relay import RelayDeps
+from broker.ssh.server import start_server
+from broker.store.sqlite import (
+    SqliteDatabase,
+    SqliteGrantStore,
+    SqliteSessionIndex,
+    SqliteTotpStore,
+)
+
+log = structlog.get_logger("broker.app")
+
+
+@dataclass
+class Stores:
+    """What the CLI needs without starting a server."""
+
+    db: SqliteDatabase
+    grants: SqliteGrantStore
+    totp: SqliteTotpStore
+    sessions: SqliteSessionIndex
+    recordings: LocalRecordingSink
+    audit: JsonlAuditLog
+    clock: SystemClock
+
+
+def open_stores(config: BrokerConfig) -> Stores:
+    clock = SystemClock()
+    db = SqliteDatabase(config.db_path)
+    return Stores(
+        db=db, grants=SqliteGrantStore(db), totp=SqliteTotpStore(db),
+        sessions=SqliteSessionIndex(db), recordings=LocalRecordingSink(config.recordings_dir),
+        audit=JsonlAuditLog(config.audit_path, clock), clock=clock,
+    )
+
+
+def _sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about state changes; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(message.encode())
+
+
+class Broker:
+    """A running broker: stores, services and the SSH listener."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        if not config.recordings.enabled and not config.recordings.allow_unrecorded:
+            raise ConfigError(
+                "recordings.enabled = false requires recordings.allow_unrecorded = true "
+                "(benchmarks only: sessions would not be recorded)"
+            )
+        self.config = config
+        self.stores = open_stores(config)
+        s = self.stores
+        directory = StaticDirectory.from_file(
+            config.identity.users_file, config.identity.default_domain,
+            config.identity.domain_aliases,
+        )
+        inventory = StaticInventory.from_file(config.inventory.file)
+        self.access = AccessService(inventory, s.grants, s.clock)
+        self.sessions = SessionService(
+            s.recordings, s.sessions, s.audit, s.clock,
+            recording_enabled=config.recordings.enabled,
+        )
+        self.authenticator = Authenticator(directory, TotpSecondFactor(s.totp, s.clock), s.audit)
+        self.ca = UserCA(load_or_create_key(config.ca_key_path, "bastion-broker user CA"))
+        self.host_key = load_or_create_key(config.host_key_path, "bastion-broker host key")
+        self.deps = RelayDeps(config, self.access, self.sessions, self.ca, s.audit, s.clock)
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+
+    async def start(self) -> int:
+        """Start listening; returns the bound port (useful with port 0)."""
+        ssh = self.config.ssh
+        self._acceptor = await start_server(
+            self.deps, self.authenticator, self.host_key, ssh.listen_host, ssh.listen_port
+        )
+        port = int(self._acceptor.get_port())
+        self.stores.audit.emit("broker.start", listen=f"{ssh.listen_host}:{port}")
+        log.info("broker.listening", host=ssh.listen_host, port=port)
+        return port
+
+    async def stop(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.close()
+            await self._acceptor.wait_closed()
+            self._acceptor = None
+        await self.sessions.drain()
+        self.stores.audit.emit("broker.stop", live_sessions=len(self.sessions.live))
+
+
+async def serve(config: BrokerConfig, on_ready: Callable[[int], None] | None = None) -> None:
+    """Run until SIGINT/SIGTERM."""
+    import signal
+
+    broker = Broker(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    port = await broker.start()
+    if on_ready:
+        on_ready(port)
+    _sd_notify("READY=1")
+    await stop.wait()
+    _sd_notify("STOPPING=1")
+    await broker.stop()

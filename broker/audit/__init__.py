@@ -1,0 +1,1 @@
+"""Audit sinks behind the ``AuditSink`` port."""

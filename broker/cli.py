@@ -1,0 +1,351 @@
+"""``bastion-broker``: run the broker or the demo, and operate it (grants, sessions, TOTP, users).
+
+Errors are printed as one line (``bastion-broker: error: ...``), never as a traceback. Every
+listing has ``--json`` for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from broker import __version__
+from broker.config import BrokerConfig, load_config
+from broker.domain import totp
+from broker.domain.models import DEFAULT_GRANT_DURATION, Grant, GrantState, Level, Trigger
+from broker.errors import BrokerError, NotFoundError, UsageError
+
+DEFAULT_CONFIG = "/etc/bastion-broker/broker.toml"
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    if not rows:
+        _out("(none)")
+        return
+    widths = {c: max(len(c), *(len(str(r.get(c, "") or "")) for r in rows)) for c in columns}
+    _out("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+    for r in rows:
+        _out("  ".join(str(r.get(c, "") or "").ljust(widths[c]) for c in columns).rstrip())
+
+
+def _config(args: argparse.Namespace) -> BrokerConfig:
+    path = args.config or os.environ.get("BASTION_BROKER_CONFIG") or DEFAULT_CONFIG
+    return load_config(Path(path))
+
+
+# -- serve / demo ------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from broker import logs
+    from broker.app import serve
+
+    config = _config(args)
+    logs.configure(config.log_level)
+    asyncio.run(serve(config))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from broker.demo import run_demo
+
+    if args.users < 1 or args.users > 5000:
+        raise UsageError("--users must be between 1 and 5000")
+    return run_demo(Path(args.state_dir), args.ssh_port, args.users)
+
+
+# -- grants ------------------------------------------------------------------------------------
+def _grant_dict(g: Grant, now: Any) -> dict[str, Any]:
+    return {
+        "id": g.id, "user": g.username, "domain": g.domain, "stacks": ",".join(g.stack_ids),
+        "vpc": g.vpc_id, "level": str(g.level), "state": str(g.effective_state(now)),
+        "starts_at": g.starts_at.isoformat(), "expires_at": g.expires_at.isoformat(),
+        "trigger": str(g.trigger), "ticket": g.ticket, "reason": g.reason,
+        "requested_by": g.requested_by, "approved_by": g.approved_by,
+    }
+
+
+async def _grant_add(args: argparse.Namespace) -> int:
+    from broker.app import open_stores
+
+    stores = open_stores(_config(args))
+    now = stores.clock.now()
+    if not 0 < args.hours <= 24 * 30:
+        raise UsageError("--hours must be more than 0 and at most 720")
+    actor = os.environ.get("SUDO_USER") or getpass.getuser()
+    grant = Grant(
+        id="g-" + uuid.uuid4().hex[:12], username=args.user, domain=args.domain,
+        stack_ids=tuple(args.stack), vpc_id=args.vpc, level=Level(args.level),
+        state=GrantState.APPROVED, starts_at=now,
+        expires_at=now + (timedelta(hours=args.hours) if args.hours else DEFAULT_GRANT_DURATION),
+        trigger=Trigger(args.trigger), ticket=args.ticket, reason=args.reason,
+        requested_by=actor, approved_by=actor, created_at=now,
+    )
+    stores.audit.emit("grant.added", grant_id=grant.id, user=f"{grant.username}@{grant.domain}",
+                      stacks=list(grant.stack_ids), vpc=grant.vpc_id, level=str(grant.level),
+                      expires_at=grant.expires_at.isoformat(), actor=actor, ticket=grant.ticket)
+    await stores.grants.add(grant)
+    if args.json:
+        _out(json.dumps(_grant_dict(grant, now)))
+    else:
+        _out(f"grant {grant.id}: {grant.level} for {grant.username}@{grant.domain} on "
+             f"{','.join(grant.stack_ids)} ({grant.vpc_id}) until {grant.expires_at:%Y-%m-%d %H:%M} UTC")
+    return 0
+
+
+async def _grant_list(args: argparse.Namespace) -> int:
+    from broker.app import open_stores
+
+    stores = open_stores(_config(args))
+    now = stores.clock.now()
+    rows = [_grant_dict(g, now) for g in await stores.grants.list(username=args.user)]
+    if args.json:
+        _out(json.dumps(rows, indent=2))
+    else:
+        _table(rows, ["id", "user", "domain", "stacks", "vpc", "level", "state", "expires_at",
+                      "ticket"])
+    return 0
+
+
+async def _grant_revoke(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from broker.app import open_stores
+
+    stores = open_stores(_config(args))
+    g = await stores.grants.get(args.grant_id)
+    if g is None:
+        raise NotFoundError(f"no grant {args.grant_id}")
+    actor = os.environ.get("SUDO_USER") or getpass.getuser()
+    stores.audit.emit("grant.revoked", grant_id=g.id, actor=actor)
+    await stores.grants.replace(replace(g, state=GrantState.REVOKED))
+    _out(f"grant {g.id} revoked")
+    return 0
+
+
+# -- sessions / play / export ------------------------------------------------------------------
+async def _sessions_list(args: argparse.Namespace) -> int:
+    from broker.app import open_stores
+
+    stores = open_stores(_config(args))
+    recs = await stores.sessions.list(user=args.user, limit=args.limit)
+    rows = []
+    for r in recs:
+        dur = (r.ended_at - r.started_at).total_seconds() if r.ended_at else None
+        rows.append({
+            "id": r.id, "user": r.user, "target": r.target, "login": r.login,
+            "level": r.level, "kind": r.kind, "command": r.command, "peer": r.peer,
+            "grant_id": r.grant_id, "started_at": r.started_at.isoformat(),
+            "ended_at": r.ended_at.isoformat() if r.ended_at else None,
+            "duration_s": round(dur, 3) if dur is not None else None,
+            "exit_status": r.exit_status, "bytes_in": r.bytes_in, "bytes_out": r.bytes_out,
+            "recording": r.recording,
+        })
+    if args.json:
+        _out(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            row["started_at"] = row["started_at"][:19].replace("T", " ")
+            row["what"] = row["command"] or row["kind"]
+            row["status"] = row["exit_status"] if row["ended_at"] else "live"
+        _table(rows, ["id", "started_at", "user", "target", "level", "what", "status",
+                      "bytes_out"])
+    return 0
+
+
+async def _load_recording(args: argparse.Namespace) -> Any:
+    from broker.app import open_stores
+    from broker.domain import recording as fmt
+
+    stores = open_stores(_config(args))
+    rec = await stores.sessions.get(args.session_id)
+    if rec is None:
+        raise NotFoundError(f"no session {args.session_id}")
+    if not rec.recording:
+        raise NotFoundError(f"session {rec.id} was not recorded")
+    try:
+        return fmt.parse(stores.recordings.read(rec.recording))
+    except fmt.RecordingFormatError as exc:
+        raise NotFoundError(f"recording of {rec.id} is unreadable: {exc}") from None
+
+
+async def _export(args: argparse.Namespace) -> int:
+    from broker.domain import recording as fmt
+
+    parsed = await _load_recording(args)
+    text = "".join(line + "\n" for line in fmt.to_asciicast(parsed))
+    if args.output and args.output != "-":
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+async def _play(args: argparse.Namespace) -> int:
+    from broker.play import play
+
+    if args.speed <= 0:
+        raise UsageError("--speed must be positive")
+    parsed = await _load_recording(args)
+    await play(parsed, speed=args.speed, idle_limit=args.idle_limit)
+    return 0
+
+
+# -- totp / users ------------------------------------------------------------------------------
+async def _totp_enroll(args: argparse.Namespace) -> int:
+    import qrcode
+
+    from broker.app import open_stores
+
+    config = _config(args)
+    stores = open_stores(config)
+    user = args.user if "@" in args.user else f"{args.user}@{config.identity.default_domain}"
+    key = user.casefold()
+    secret = totp.new_secret()
+    await stores.totp.set_secret(key, secret)
+    stores.audit.emit("totp.enrolled", user=key, actor=os.environ.get("SUDO_USER")
+                      or getpass.getuser())
+    uri = totp.provisioning_uri(secret, user, config.totp.issuer)
+    _out(f"TOTP enrolled for {user}. Scan this with an authenticator app, or enter the URI:")
+    _out(uri)
+    qr = qrcode.QRCode(border=1)
+    qr.add_data(uri)
+    qr.make(fit=True)
+    qr.print_ascii(out=sys.stdout, invert=True)
+    return 0
+
+
+def cmd_totp_code(args: argparse.Namespace) -> int:
+    import time
+    from datetime import UTC, datetime
+
+    try:
+        _out(totp.code_at_step(args.secret, totp.current_step(datetime.now(UTC))))
+    except (ValueError, TypeError):
+        raise UsageError("--secret is not a base32 TOTP secret") from None
+    del time
+    return 0
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    from broker.identity.passwords import hash_password
+    from broker.identity.static import load_users
+
+    config = _config(args)
+    path = config.identity.users_file
+    existing = load_users(path) if path.exists() else None
+    if existing and any(u.name.casefold() == args.user.casefold() for u in existing.users):
+        raise UsageError(f"user {args.user} already exists in {path}")
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"Password for {args.user}: ")
+        if getpass.getpass("Again: ") != password:
+            raise UsageError("passwords differ")
+    if len(password) < 8:
+        raise UsageError("password must have at least 8 characters")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f'\n[[users]]\nname = {json.dumps(args.user)}\n'
+                f'password_hash = {json.dumps(hash_password(password))}\n')
+    _out(f"user {args.user} added to {path}; restart the broker to load it")
+    return 0
+
+
+def _run(coro_fn: Any) -> Any:
+    return lambda args: asyncio.run(coro_fn(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bastion-broker", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help=f"config file (default $BASTION_BROKER_CONFIG or {DEFAULT_CONFIG})")
+    p.add_argument("--version", action="version", version=f"bastion-broker {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the broker")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("demo", help="run a demo broker with real sshd targets on loopback")
+    s.add_argument("--state-dir", required=True, help="directory for all demo state")
+    s.add_argument("--ssh-port", type=int, default=0, help="broker SSH port (default: a free one)")
+    s.add_argument("--users", type=int, default=1,
+                   help="demo users: alice plus user002..userN (for trying concurrency)")
+    s.set_defaults(func=cmd_demo)
+
+    g = sub.add_parser("grant", help="access grants").add_subparsers(dest="sub", required=True)
+    s = g.add_parser("add", help="add an approved grant (operator)")
+    s.add_argument("--user", required=True, help="AD username (sAMAccountName)")
+    s.add_argument("--domain", required=True, help="FQDN of the trusted AD domain")
+    s.add_argument("--stack", required=True, action="append", help="stack ID (repeatable)")
+    s.add_argument("--vpc", required=True, help="VPC ID of the stacks")
+    s.add_argument("--level", required=True, choices=[lv.value for lv in Level])
+    s.add_argument("--hours", type=float, default=8.0, help="duration (default 8)")
+    s.add_argument("--trigger", default=Trigger.SERVICE_REQUEST.value,
+                   choices=[t.value for t in Trigger])
+    s.add_argument("--ticket", required=True, help="ticket reference")
+    s.add_argument("--reason", required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_run(_grant_add))
+    s = g.add_parser("list", help="list grants")
+    s.add_argument("--user")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_run(_grant_list))
+    s = g.add_parser("revoke", help="revoke a grant")
+    s.add_argument("grant_id")
+    s.set_defaults(func=_run(_grant_revoke))
+
+    ss = sub.add_parser("sessions", help="recorded sessions").add_subparsers(dest="sub",
+                                                                            required=True)
+    s = ss.add_parser("list", help="list sessions, newest first")
+    s.add_argument("--user")
+    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_run(_sessions_list))
+
+    s = sub.add_parser("play", help="replay a session in this terminal")
+    s.add_argument("session_id")
+    s.add_argument("--speed", type=float, default=1.0)
+    s.add_argument("--idle-limit", type=float, default=2.0, help="cap pauses (seconds)")
+    s.set_defaults(func=_run(_play))
+
+    s = sub.add_parser("export", help="write a session as asciicast v2")
+    s.add_argument("session_id")
+    s.add_argument("-o", "--output", help="file (default: stdout)")
+    s.set_defaults(func=_run(_export))
+
+    t = sub.add_parser("totp", help="TOTP second factor").add_subparsers(dest="sub", required=True)
+    s = t.add_parser("enroll", help="create a TOTP secret for USER; prints URI and QR code")
+    s.add_argument("user")
+    s.set_defaults(func=_run(_totp_enroll))
+    s = t.add_parser("code", help="print the current code for a secret (like oathtool)")
+    s.add_argument("--secret", required=True)
+    s.set_defaults(func=cmd_totp_code)
+
+    u = sub.add_parser("user", help="static directory users").add_subparsers(dest="sub",
+                                                                            required=True)
+    s = u.add_parser("add", help="add a user with an argon2id password hash")
+    s.add_argument("user")
+    s.add_argument("--password-stdin", action="store_true")
+    s.set_defaults(func=cmd_user_add)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BrokerError as exc:
+        sys.stderr.write(f"bastion-broker: error: {exc.user_message}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130

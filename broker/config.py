@@ -1,0 +1,172 @@
+"""Typed configuration loaded from TOML. A bad file names the file, the key and the problem."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from broker.errors import ConfigError
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+# Modern algorithms only. AES-GCM by default on both legs: asyncssh rebuilds its
+# chacha20-poly1305 cipher objects per packet, which halves throughput, and a client picks its own
+# first choice among what the server offers. Add "chacha20-poly1305@openssh.com" to ``ciphers`` for
+# clients without AES-GCM.
+DEFAULT_KEX = [
+    "mlkem768x25519-sha256",
+    "curve25519-sha256",
+    "curve25519-sha256@libssh.org",
+]
+DEFAULT_CIPHERS = [
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+]
+DEFAULT_MACS = ["hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SSHSettings(_Model):
+    listen_host: str = "127.0.0.1"
+    listen_port: Port = 2222
+    host_key: Path | None = None  # default: STATE_DIR/ssh_host_ed25519_key
+    login_grace_seconds: float = Field(default=30.0, gt=0, le=600)
+    kex_algs: list[str] = Field(default_factory=lambda: list(DEFAULT_KEX))
+    ciphers: list[str] = Field(default_factory=lambda: list(DEFAULT_CIPHERS))
+    macs: list[str] = Field(default_factory=lambda: list(DEFAULT_MACS))
+    window_bytes: int = Field(default=2 * 1024 * 1024, ge=64 * 1024, le=64 * 1024 * 1024)
+    max_packet_bytes: int = Field(default=32768, ge=4096, le=256 * 1024)
+
+
+class UpstreamSettings(_Model):
+    admin_login: str = "admin"
+    read_only_login: str = "readonly"
+    cert_ttl_seconds: int = Field(default=120, ge=30, le=3600)
+    connect_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    ca_key: Path | None = None  # default: STATE_DIR/ca/user_ca
+
+
+class IdentitySettings(_Model):
+    backend: Literal["static"] = "static"
+    users_file: Path = Path("users.toml")
+    default_domain: str = "corp.example.com"
+    domain_aliases: dict[str, str] = Field(default_factory=dict)  # NetBIOS name -> FQDN
+
+
+class TotpSettings(_Model):
+    issuer: str = "bastion-broker"
+
+
+class InventorySettings(_Model):
+    backend: Literal["static"] = "static"
+    file: Path = Path("inventory.toml")
+
+
+class StoreSettings(_Model):
+    backend: Literal["sqlite"] = "sqlite"
+    path: Path | None = None  # default: STATE_DIR/broker.db
+
+
+class RecordingSettings(_Model):
+    dir: Path | None = None  # default: STATE_DIR/recordings
+    enabled: bool = True  # benchmark-only switch; the broker refuses to start with False unless
+    allow_unrecorded: bool = False  # this is also set, and says so in every session.start event
+
+
+class AuditSettings(_Model):
+    path: Path | None = None  # default: STATE_DIR/audit/audit.jsonl
+
+
+class BrokerConfig(_Model):
+    state_dir: Path
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    ssh: SSHSettings = SSHSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    identity: IdentitySettings = IdentitySettings()
+    totp: TotpSettings = TotpSettings()
+    inventory: InventorySettings = InventorySettings()
+    store: StoreSettings = StoreSettings()
+    recordings: RecordingSettings = RecordingSettings()
+    audit: AuditSettings = AuditSettings()
+
+    # Resolved paths: everything defaults to a place under state_dir.
+    @property
+    def host_key_path(self) -> Path:
+        return self.ssh.host_key or self.state_dir / "ssh_host_ed25519_key"
+
+    @property
+    def ca_key_path(self) -> Path:
+        return self.upstream.ca_key or self.state_dir / "ca" / "user_ca"
+
+    @property
+    def db_path(self) -> Path:
+        return self.store.path or self.state_dir / "broker.db"
+
+    @property
+    def recordings_dir(self) -> Path:
+        return self.recordings.dir or self.state_dir / "recordings"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit.path or self.state_dir / "audit" / "audit.jsonl"
+
+
+def _resolve(base: Path, p: Path | None) -> Path | None:
+    if p is None:
+        return None
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _error_text(path: Path, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        parts.append(f"{path}: key '{key}': {err['msg']}")
+    return "\n".join(parts)
+
+
+def load_config(path: Path) -> BrokerConfig:
+    """Read and validate ``path``; relative paths inside it are relative to its directory."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    try:
+        cfg = BrokerConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_error_text(path, exc)) from None
+    base = path.resolve().parent
+    state_dir = _resolve(base, cfg.state_dir)
+    assert state_dir is not None
+    return cfg.model_copy(
+        update={
+            "state_dir": state_dir,
+            "ssh": cfg.ssh.model_copy(update={"host_key": _resolve(base, cfg.ssh.host_key)}),
+            "upstream": cfg.upstream.model_copy(
+                update={"ca_key": _resolve(base, cfg.upstream.ca_key)}
+            ),
+            "identity": cfg.identity.model_copy(
+                update={"users_file": _resolve(base, cfg.identity.users_file)}
+            ),
+            "inventory": cfg.inventory.model_copy(
+                update={"file": _resolve(base, cfg.inventory.file)}
+            ),
+            "store": cfg.store.model_copy(update={"path": _resolve(base, cfg.store.path)}),
+            "recordings": cfg.recordings.model_copy(
+                update={"dir": _resolve(base, cfg.recordings.dir)}
+            ),
+            "audit": cfg.audit.model_copy(update={"path": _resolve(base, cfg.audit.path)}),
+        }
+    )

@@ -1,0 +1,291 @@
+"""``bastion-broker demo``: a working bastion on embedded defaults with real sshd targets.
+
+Writes a config, a users file, an inventory and grants under STATE_DIR, starts one OpenSSH sshd
+per demo instance on loopback (trusting the broker's CA), runs the broker, and writes
+``STATE_DIR/demo.json`` with everything a person or a test needs to connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from broker.config import load_config
+from broker.domain import totp
+from broker.domain.models import Grant, GrantState, Level, Trigger
+from broker.errors import BrokerError, ConfigError
+from broker.identity.passwords import hash_password
+from broker.ssh.keys import load_or_create_key
+
+DOMAIN = "corp.example.com"
+VPC = "vpc-0demo"
+INSTANCES = [  # (id, name, stack)
+    ("i-0web01", "web01", "stack-web"),
+    ("i-0web02", "web02", "stack-web"),
+    ("i-0db01", "db01", "stack-db"),
+]
+GRANTED_STACK = "stack-web"
+ADMIN_LOGIN = "bb-admin"
+READ_ONLY_LOGIN = "bb-readonly"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def find_sshd() -> str:
+    path = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not os.access(path, os.X_OK):
+        raise ConfigError("OpenSSH server (sshd) is not installed: run scripts/bootstrap first")
+    return path
+
+
+def ensure_logins() -> tuple[str, str]:
+    """Target logins for admin and read-only grants.
+
+    As root: two unprivileged local accounts (created once, no password, key/cert login only).
+    Otherwise sshd can only log in as the user running it, so both levels map to that user.
+    """
+    if os.geteuid() != 0:
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        return me, me
+    for name in (ADMIN_LOGIN, READ_ONLY_LOGIN):
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name],
+                           check=True, capture_output=True)
+        # useradd leaves the account locked ('!'), which sshd refuses without PAM
+        subprocess.run(["usermod", "-p", "*", name], check=True, capture_output=True)
+    return ADMIN_LOGIN, READ_ONLY_LOGIN
+
+
+@dataclass
+class Target:
+    id: str
+    name: str
+    stack: str
+    port: int
+    dir: Path
+    host_pub: str
+    proc: subprocess.Popen[bytes] | None = None
+
+
+def _write_sshd_config(t: Target, ca_pub: Path) -> Path:
+    cfg = t.dir / "sshd_config"
+    cfg.write_text(
+        "\n".join([
+            f"Port {t.port}",
+            "ListenAddress 127.0.0.1",
+            f"HostKey {t.dir / 'ssh_host_ed25519_key'}",
+            f"PidFile {t.dir / 'sshd.pid'}",
+            "UsePAM no",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "PubkeyAuthentication yes",
+            "AuthorizedKeysFile none",
+            f"TrustedUserCAKeys {ca_pub}",
+            "PermitRootLogin no",
+            "AllowAgentForwarding no",
+            "AllowTcpForwarding no",
+            "X11Forwarding no",
+            "AcceptEnv LANG LC_*",
+            "MaxStartups 200:30:400",
+            "MaxSessions 50",
+            "LogLevel VERBOSE",
+            "Subsystem sftp internal-sftp",
+            "",
+        ])
+    )
+    return cfg
+
+
+def start_target(t: Target, ca_pub: Path) -> None:
+    cfg = _write_sshd_config(t, ca_pub)
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    log = open(t.dir / "sshd.log", "ab")  # noqa: SIM115 - handed to the child process
+    t.proc = subprocess.Popen([find_sshd(), "-D", "-e", "-f", str(cfg)],
+                              stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    log.close()
+    for _ in range(200):
+        if t.proc.poll() is not None:
+            raise ConfigError(f"sshd for {t.name} exited; see {t.dir / 'sshd.log'}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", t.port)) == 0:
+                return
+        time.sleep(0.02)
+    raise ConfigError(f"sshd for {t.name} did not start listening on port {t.port}")
+
+
+def stop_target(t: Target) -> None:
+    if t.proc and t.proc.poll() is None:
+        t.proc.terminate()
+        try:
+            t.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            t.proc.kill()
+            t.proc.wait()
+
+
+def _toml_str(s: str) -> str:
+    return json.dumps(s)  # a JSON string is a valid TOML basic string
+
+
+def prepare(state_dir: Path, ssh_port: int, users: int) -> dict[str, Any]:
+    """Write config, keys, users, inventory and grants; return the demo description."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o700)
+    ca_key = load_or_create_key(state_dir / "ca" / "user_ca", "bastion-broker user CA")
+    ca_pub = state_dir / "ca" / "user_ca.pub"
+    ca_pub.write_bytes(ca_key.export_public_key())
+    admin_login, ro_login = ensure_logins()
+
+    targets: list[Target] = []
+    for iid, name, stack in INSTANCES:
+        d = state_dir / "targets" / name
+        d.mkdir(parents=True, exist_ok=True)
+        hk = load_or_create_key(d / "ssh_host_ed25519_key", f"demo target {name}")
+        targets.append(Target(iid, name, stack, free_port(), d,
+                              hk.export_public_key().decode().strip()))
+
+    inv = []
+    for stack in ("stack-web", "stack-db"):
+        inv.append(f'[[stacks]]\nid = "{stack}"\nvpc = "{VPC}"\n')
+        for t in targets:
+            if t.stack == stack:
+                inv.append(
+                    f'[[stacks.instances]]\nid = "{t.id}"\nname = "{t.name}"\n'
+                    f'address = "127.0.0.1"\nport = {t.port}\nos = "linux"\n'
+                    f"host_keys = [{_toml_str(t.host_pub)}]\n"
+                )
+    (state_dir / "inventory.toml").write_text("\n".join(inv))
+
+    password = secrets.token_urlsafe(12)
+    pw_hash = hash_password(password)  # one hash shared by all demo users: the demo is one person
+    names = ["alice"] + [f"user{n:03d}" for n in range(2, users + 1)]
+    (state_dir / "users.toml").write_text("".join(
+        f'[[users]]\nname = "{n}"\npassword_hash = {_toml_str(pw_hash)}\ngroups = ["ops"]\n\n'
+        for n in names
+    ))
+    (state_dir / "broker.toml").write_text(
+        f'state_dir = "."\n\n[ssh]\nlisten_host = "127.0.0.1"\nlisten_port = {ssh_port}\n\n'
+        f'[upstream]\nadmin_login = "{admin_login}"\nread_only_login = "{ro_login}"\n\n'
+        f'[identity]\nbackend = "static"\nusers_file = "users.toml"\n'
+        f'default_domain = "{DOMAIN}"\ndomain_aliases = {{ CORP = "{DOMAIN}" }}\n\n'
+        f'[inventory]\nbackend = "static"\nfile = "inventory.toml"\n'
+    )
+    return {"targets": targets, "password": password, "names": names,
+            "ca_pub": ca_pub, "logins": (admin_login, ro_login)}
+
+
+async def _seed(config_path: Path, names: list[str]) -> dict[str, str]:
+    """Enrol TOTP and grant read-only access to the web stack for every demo user."""
+    from broker.app import open_stores
+
+    config = load_config(config_path)
+    stores = open_stores(config)
+    now = stores.clock.now()
+    secrets_by_user: dict[str, str] = {}
+    try:
+        for n in names:
+            key = f"{n}@{DOMAIN}"
+            secret = totp.new_secret()
+            await stores.totp.set_secret(key, secret)
+            secrets_by_user[n] = secret
+            grant = Grant(
+                id=f"g-demo-{n}", username=n, domain=DOMAIN, stack_ids=(GRANTED_STACK,),
+                vpc_id=VPC, level=Level.READ_ONLY, state=GrantState.APPROVED,
+                starts_at=now, expires_at=now + timedelta(hours=8), trigger=Trigger.INCIDENT,
+                ticket="DEMO-1", reason="bastion-broker demo", requested_by=n,
+                approved_by="demo", created_at=now,
+            )
+            if await stores.grants.get(grant.id) is None:
+                await stores.grants.add(grant)
+            else:  # a restarted demo renews its grants for another 8 hours
+                await stores.grants.replace(grant)
+            stores.audit.emit("grant.added", grant_id=grant.id, user=key, actor="demo",
+                              level=str(grant.level), expires_at=grant.expires_at.isoformat())
+    finally:
+        stores.db.close()
+        stores.audit.close()
+    return secrets_by_user
+
+
+def run_demo(state_dir: Path, ssh_port: int, users: int) -> int:
+    from broker import logs
+    from broker.app import serve
+
+    state_dir = state_dir.resolve()
+    info = prepare(state_dir, ssh_port, users)
+    config_path = state_dir / "broker.toml"
+    config = load_config(config_path)
+    logs.configure(config.log_level)
+    secrets_by_user = asyncio.run(_seed(config_path, info["names"]))
+    targets: list[Target] = info["targets"]
+    try:
+        for t in targets:
+            start_target(t, info["ca_pub"])
+
+        def ready(port: int) -> None:
+            users_out = [
+                {"user": n, "password": info["password"], "totp_secret": secrets_by_user[n]}
+                for n in info["names"]
+            ]
+            desc = {
+                "ssh_host": "127.0.0.1", "ssh_port": port, "user": "alice",
+                "password": info["password"], "totp_secret": secrets_by_user["alice"],
+                "domain": DOMAIN,
+                "targets": [t.name for t in targets if t.stack == GRANTED_STACK],
+                "denied_target": next(t.name for t in targets if t.stack != GRANTED_STACK),
+                "config": str(config_path),
+                "admin_login": info["logins"][0], "read_only_login": info["logins"][1],
+                "target_ports": {t.name: t.port for t in targets},
+                "target_logs": {t.name: str(t.dir / "sshd.log") for t in targets},
+                "users": users_out, "pid": os.getpid(),
+            }
+            out = state_dir / "demo.json"
+            tmp = state_dir / "demo.json.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(desc, f, indent=2)
+            tmp.replace(out)
+            print(  # noqa: T201 - this is the demo's user interface
+                f"\nbastion-broker demo is running (Ctrl-C to stop)\n"
+                f"  connect:   ssh -p {port} alice+web01@127.0.0.1\n"
+                f"  menu:      ssh -p {port} alice@127.0.0.1\n"
+                f"  password:  {info['password']}\n"
+                f"  TOTP:      secret {secrets_by_user['alice']} "
+                f"(code now: bastion-broker totp code --secret {secrets_by_user['alice']})\n"
+                f"  denied:    ssh -p {port} alice+{desc['denied_target']}@127.0.0.1\n"
+                f"  sessions:  bastion-broker --config {config_path} sessions list\n"
+                f"  details:   {out}\n",
+                flush=True,
+            )
+
+        asyncio.run(serve(config, on_ready=ready))
+    except BrokerError as exc:
+        print(f"bastion-broker: error: {exc.user_message}", file=sys.stderr)  # noqa: T201
+        return 2
+    finally:
+        for t in targets:
+            stop_target(t)
+        with contextlib.suppress(FileNotFoundError):
+            (state_dir / "demo.json").unlink()
+    return 0
+

@@ -1,0 +1,1 @@
+"""Pure domain logic: no I/O, no asyncio, every time-dependent function takes ``now``."""

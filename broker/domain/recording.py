@@ -1,0 +1,137 @@
+"""The on-disk recording format and its rendering to asciicast v2.
+
+The hot path appends raw bytes with a 13-byte frame header (time, kind, length): no JSON, no text
+decoding, byte-exact even for binary output. asciicast v2 (what asciinema plays) is derived from it
+off the hot path; UTF-8 split across frames is decoded with one incremental decoder per stream.
+
+File layout: ``MAGIC``, one JSON header line, then frames ``<QcI`` (microseconds since start,
+kind, payload length) followed by the payload.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+MAGIC = b"BBREC1\n"
+FRAME = struct.Struct("<QcI")
+
+OUTPUT = b"o"  # target stdout -> client
+ERROR = b"e"  # target stderr -> client
+INPUT = b"i"  # client -> target
+RESIZE = b"r"  # payload b"COLSxROWS"
+EXIT = b"x"  # payload: exit status digits, or b"signal:NAME"
+KINDS = frozenset({OUTPUT, ERROR, INPUT, RESIZE, EXIT})
+
+
+class RecordingFormatError(ValueError):
+    """The file is not a recording (bad magic or header)."""
+
+
+def encode_header(meta: dict[str, Any]) -> bytes:
+    """The bytes that start a recording: magic plus one JSON line of session metadata."""
+    return MAGIC + json.dumps(meta, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+
+
+def frame_header(t_us: int, kind: bytes, length: int) -> bytes:
+    """The 13-byte header written before each payload."""
+    return FRAME.pack(t_us, kind, length)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    t_us: int
+    kind: bytes
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRecording:
+    meta: dict[str, Any]
+    frames: list[Frame]
+    truncated: bool  # trailing bytes that do not form a complete frame (crash mid-write)
+    valid_length: int  # offset just after the last complete frame
+
+
+def parse(blob: bytes) -> ParsedRecording:
+    """Decode a whole recording; an incomplete last frame is reported, not raised."""
+    if not blob.startswith(MAGIC):
+        raise RecordingFormatError("not a bastion-broker recording (bad magic)")
+    nl = blob.find(b"\n", len(MAGIC))
+    if nl < 0:
+        raise RecordingFormatError("recording header is incomplete")
+    try:
+        meta = json.loads(blob[len(MAGIC) : nl])
+    except ValueError as exc:
+        raise RecordingFormatError(f"recording header is not JSON: {exc}") from None
+    pos = nl + 1
+    frames: list[Frame] = []
+    size = len(blob)
+    while pos + FRAME.size <= size:
+        t_us, kind, length = FRAME.unpack_from(blob, pos)
+        end = pos + FRAME.size + length
+        if kind not in KINDS or end > size:
+            break
+        frames.append(Frame(t_us, kind, blob[pos + FRAME.size : end]))
+        pos = end
+    return ParsedRecording(meta, frames, truncated=pos != size, valid_length=pos)
+
+
+def output_bytes(frames: Iterable[Frame], kinds: frozenset[bytes] = frozenset({OUTPUT})) -> bytes:
+    """Concatenated payload of the given kinds: what the client received on those streams."""
+    return b"".join(f.data for f in frames if f.kind in kinds)
+
+
+def exit_status(frames: Iterable[Frame]) -> str | None:
+    """The recorded exit (status digits or ``signal:NAME``), if the session recorded one."""
+    result = None
+    for f in frames:
+        if f.kind == EXIT:
+            result = f.data.decode("ascii", "replace")
+    return result
+
+
+def to_asciicast(rec: ParsedRecording) -> Iterator[str]:
+    """Yield asciicast v2 lines (header first) for a parsed recording.
+
+    Output and error streams both become ``"o"`` events as a terminal shows them; the exit status
+    is an ``"x"`` event at the end, as asciicast v3 defines it (asciinema 2 ignores unknown codes).
+    """
+    meta = rec.meta
+    header: dict[str, Any] = {
+        "version": 2,
+        "width": int(meta.get("width") or 80),
+        "height": int(meta.get("height") or 24),
+        "timestamp": int(meta.get("started_at_epoch", 0)),
+        "title": f"{meta.get('user', '?')} -> {meta.get('target', '?')}",
+        "env": {"TERM": meta.get("term") or "", "SHELL": ""},
+        "bastion": {
+            k: meta.get(k)
+            for k in ("session_id", "user", "target", "grant_id", "level", "login", "command")
+        },
+    }
+    yield json.dumps(header, ensure_ascii=False)
+    decoders = {
+        k: codecs.getincrementaldecoder("utf-8")(errors="replace") for k in (OUTPUT, ERROR, INPUT)
+    }
+    last_t = 0.0
+    for f in rec.frames:
+        t = round(f.t_us / 1_000_000, 6)
+        last_t = t
+        if f.kind in decoders:
+            text = decoders[f.kind].decode(f.data)
+            if text:
+                code = "i" if f.kind == INPUT else "o"
+                yield json.dumps([t, code, text], ensure_ascii=False)
+        elif f.kind == RESIZE:
+            yield json.dumps([t, "r", f.data.decode("ascii", "replace")])
+        elif f.kind == EXIT:
+            yield json.dumps([t, "x", f.data.decode("ascii", "replace")])
+    for kind, dec in decoders.items():
+        tail = dec.decode(b"", final=True)
+        if tail:
+            yield json.dumps([last_t, "i" if kind == INPUT else "o", tail], ensure_ascii=False)

@@ -1,0 +1,1 @@
+"""Identity backends behind the ``Directory`` port."""

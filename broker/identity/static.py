@@ -1,0 +1,96 @@
+"""A static directory: users and password hashes in a TOML file, for small installs and the demo.
+
+File format::
+
+    [[users]]
+    name = "alice"
+    password_hash = "$argon2id$v=19$..."
+    groups = ["ops"]          # optional
+    disabled = false          # optional
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from broker.domain.models import Principal
+from broker.errors import ConfigError
+from broker.identity.passwords import is_supported_hash, verify_password
+from broker.ports import AuthOutcome
+
+
+class StaticUser(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    password_hash: str
+    groups: list[str] = Field(default_factory=list)
+    disabled: bool = False
+
+    @field_validator("password_hash")
+    @classmethod
+    def _known_hash(cls, v: str) -> str:
+        if not is_supported_hash(v):
+            raise ValueError("must be an argon2 or bcrypt hash (see 'bastion-broker user add')")
+        return v
+
+
+class UsersFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    users: list[StaticUser] = Field(default_factory=list)
+
+
+def load_users(path: Path) -> UsersFile:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return UsersFile.model_validate(raw)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: users file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except ValidationError as exc:
+        msgs = [
+            f"{path}: key '{'.'.join(str(x) for x in e['loc'])}': {e['msg']}" for e in exc.errors()
+        ]
+        raise ConfigError("\n".join(msgs)) from None
+
+
+class StaticDirectory:
+    """``Directory`` over a users file; one domain (plus NetBIOS aliases) as in a single AD forest."""
+
+    def __init__(self, users: UsersFile, domain: str, aliases: dict[str, str]) -> None:
+        self._users = {u.name.casefold(): u for u in users.users}
+        self._domain = domain
+        self._aliases = {k.casefold(): v for k, v in aliases.items()}
+
+    @classmethod
+    def from_file(cls, path: Path, domain: str, aliases: dict[str, str]) -> StaticDirectory:
+        return cls(load_users(path), domain, aliases)
+
+    def canonical_domain(self, domain: str | None) -> str | None:
+        if domain is None or domain.casefold() == self._domain.casefold():
+            return self._domain
+        alias = self._aliases.get(domain.casefold())
+        if alias and alias.casefold() == self._domain.casefold():
+            return self._domain
+        return None
+
+    async def authenticate(self, username: str, domain: str | None, password: str) -> AuthOutcome:
+        fqdn = self.canonical_domain(domain)
+        user = self._users.get(username.casefold()) if fqdn else None
+        if not password.strip() or "\x00" in password:
+            # Same cost as a real check, so an empty password is not a faster "no".
+            await verify_password(None, password)
+            return AuthOutcome(None, "empty or invalid password")
+        ok = await verify_password(user.password_hash if user else None, password)
+        if user is None or fqdn is None:
+            return AuthOutcome(None, "unknown user" if fqdn else "untrusted domain")
+        if not ok:
+            return AuthOutcome(None, "bad password")
+        if user.disabled:
+            return AuthOutcome(None, "account disabled")
+        return AuthOutcome(Principal(fqdn, user.name, frozenset(user.groups)), "password ok")

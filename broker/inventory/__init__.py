@@ -1,0 +1,1 @@
+"""Inventory backends behind the ``Inventory`` port: which instances a stack holds."""

@@ -1,0 +1,147 @@
+"""The Protocols that services depend on; adapters implement them, ``app.py`` wires them.
+
+Every backend of one Protocol must pass the same contract tests, so SQLite, PostgreSQL, static
+files, Active Directory or AWS can replace one another without touching the services.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from broker.domain.models import Grant, Instance, Principal
+
+
+class Clock(Protocol):
+    def now(self) -> datetime:
+        """Current time, timezone-aware UTC."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class AuthOutcome:
+    """Result of a first-factor check: a principal, or a precise reason for the audit log only."""
+
+    principal: Principal | None
+    reason: str
+
+    @property
+    def ok(self) -> bool:
+        return self.principal is not None
+
+
+class Directory(Protocol):
+    """Corporate identity: checks a password and says who the user is (static file or AD)."""
+
+    async def authenticate(self, username: str, domain: str | None, password: str) -> AuthOutcome:
+        """Verify ``password``; must take about the same time for unknown users and bad passwords."""
+        ...
+
+    def canonical_domain(self, domain: str | None) -> str | None:
+        """The FQDN for ``domain`` (NetBIOS name, FQDN or None for the default), None if untrusted."""
+        ...
+
+
+class SecondFactor(Protocol):
+    async def verify(self, principal: Principal, code: str) -> AuthOutcome:
+        """Check a one-time code; a code is accepted at most once per user."""
+        ...
+
+
+class TotpStore(Protocol):
+    async def get_secret(self, user_key: str) -> str | None: ...
+
+    async def set_secret(self, user_key: str, secret: str) -> None:
+        """Store a new secret and forget the last used step (enrolment or reset)."""
+        ...
+
+    async def last_step(self, user_key: str) -> int | None: ...
+
+    async def advance_step(self, user_key: str, step: int) -> bool:
+        """Compare-and-set: record ``step`` only if greater than the stored one; True if it was."""
+        ...
+
+
+class Inventory(Protocol):
+    async def resolve(self, name: str) -> Instance | None:
+        """Find an instance by id or name (case-insensitive)."""
+        ...
+
+    async def instances(self) -> Sequence[Instance]: ...
+
+
+class GrantStore(Protocol):
+    async def add(self, grant: Grant) -> None: ...
+
+    async def get(self, grant_id: str) -> Grant | None: ...
+
+    async def for_user(self, username: str, domain: str) -> list[Grant]:
+        """Grants naming this AD user in this domain, any state."""
+        ...
+
+    async def list(self, *, username: str | None = None) -> list[Grant]: ...
+
+    async def replace(self, grant: Grant) -> None:
+        """Overwrite a stored grant (state transitions)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """One row of the session index, as ``sessions list`` shows it."""
+
+    id: str
+    user: str
+    target: str
+    login: str
+    grant_id: str
+    level: str
+    kind: str
+    command: str | None
+    peer: str
+    started_at: datetime
+    ended_at: datetime | None
+    exit_status: str | None
+    bytes_in: int
+    bytes_out: int
+    recording: str
+
+
+class SessionIndex(Protocol):
+    async def started(self, rec: SessionRecord) -> None: ...
+
+    async def ended(
+        self, session_id: str, ended_at: datetime, exit_status: str | None,
+        bytes_in: int, bytes_out: int,
+    ) -> None: ...
+
+    async def get(self, session_id: str) -> SessionRecord | None: ...
+
+    async def list(self, *, user: str | None = None, limit: int = 100) -> list[SessionRecord]: ...
+
+
+class RecordingWriter(Protocol):
+    """Appends one session's streams; each call reaches the OS before the bytes reach the client."""
+
+    def write(self, kind: bytes, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+    @property
+    def location(self) -> str: ...
+
+
+class RecordingSink(Protocol):
+    def open(self, session_id: str, meta: dict[str, Any]) -> RecordingWriter:
+        """Create the recording; raise RecordingError if it cannot be created (fail closed)."""
+        ...
+
+    def read(self, session_id: str) -> bytes: ...
+
+
+class AuditSink(Protocol):
+    def emit(self, event: str, **fields: Any) -> None:
+        """Append one event durably; raise AuditError if it cannot be written (fail closed)."""
+        ...

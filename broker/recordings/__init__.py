@@ -1,0 +1,1 @@
+"""Recording sinks behind the ``RecordingSink`` port."""

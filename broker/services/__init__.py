@@ -1,0 +1,1 @@
+"""Async orchestration over the ports: authentication, access decisions, recorded sessions."""

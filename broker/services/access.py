@@ -1,0 +1,35 @@
+"""Access decisions: which instance a selector names, and whether a live grant admits the user."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broker.domain import grants as grant_rules
+from broker.domain.models import Decision, Grant, Instance, Principal
+from broker.ports import Clock, GrantStore, Inventory
+
+
+@dataclass(frozen=True, slots=True)
+class AccessResult:
+    decision: Decision
+    instance: Instance | None
+
+
+class AccessService:
+    def __init__(self, inventory: Inventory, grants: GrantStore, clock: Clock) -> None:
+        self._inventory = inventory
+        self._grants = grants
+        self._clock = clock
+
+    async def decide(self, principal: Principal, target: str) -> AccessResult:
+        instance = await self._inventory.resolve(target)
+        if instance is None:
+            return AccessResult(Decision(False, "unknown target"), None)
+        grants = await self._grants.for_user(principal.username, principal.domain)
+        decision = grant_rules.evaluate(grants, principal, instance, self._clock.now())
+        return AccessResult(decision, instance)
+
+    async def reachable(self, principal: Principal) -> list[tuple[Instance, Grant]]:
+        grants = await self._grants.for_user(principal.username, principal.domain)
+        instances = await self._inventory.instances()
+        return grant_rules.reachable(grants, principal, instances, self._clock.now())

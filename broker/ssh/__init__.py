@@ -1,0 +1,1 @@
+"""asyncssh adapters: the client-facing server, the relay, and the upstream client with the CA."""

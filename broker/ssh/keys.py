@@ -1,0 +1,29 @@
+"""Keys generated once and persisted: the broker's host key and its user CA."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import asyncssh
+
+from broker.errors import ConfigError
+
+
+def load_or_create_key(path: Path, comment: str) -> asyncssh.SSHKey:
+    """Load an OpenSSH private key, creating an Ed25519 one (mode 0600) on first start."""
+    if path.exists():
+        try:
+            return asyncssh.read_private_key(path)
+        except (OSError, asyncssh.KeyImportError) as exc:
+            raise ConfigError(f"{path}: cannot read private key: {exc}") from None
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.export_private_key())
+    tmp.replace(path)
+    pub = path.with_name(path.name + ".pub")
+    pub.write_bytes(key.export_public_key())
+    return key

@@ -1,0 +1,291 @@
+"""The relay: one client channel <-> one upstream channel, recorded, with backpressure both ways.
+
+Uses asyncssh's callback API (not streams): each direction forwards in ``data_received`` and
+propagates flow control by pausing the other side's reading when a send buffer fills
+(``pause_writing``), so memory per session stays bounded by the channel windows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import asyncssh
+import structlog
+
+from broker.config import BrokerConfig
+from broker.domain.models import Instance, Principal
+from broker.errors import BrokerError
+from broker.ports import AuditSink, Clock
+from broker.services.access import AccessService
+from broker.services.sessions import LiveSession, SessionRequest, SessionService
+from broker.ssh import upstream
+from broker.ssh.ca import UserCA
+
+log = structlog.get_logger("broker.relay")
+
+_FORWARD_ENV = ("LANG", "LC_")
+
+
+@dataclass(frozen=True, slots=True)
+class RelayDeps:
+    config: BrokerConfig
+    access: AccessService
+    sessions: SessionService
+    ca: UserCA
+    audit: AuditSink
+    clock: Clock
+
+
+class UpstreamSession(asyncssh.SSHClientSession[bytes]):
+    """Target side: output goes to the recording, then to the client."""
+
+    def __init__(self, down: ClientSession) -> None:
+        self._down = down
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._down.from_target(data, datatype)
+
+    def eof_received(self) -> bool:
+        self._down.target_eof()
+        return True  # stay half-open until the target sends exit status and closes
+
+    def pause_writing(self) -> None:
+        self._down.chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._down.chan.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._down.target_closed(exc)
+
+
+class ClientSession(asyncssh.SSHServerSession[bytes]):
+    """Client side of one session channel; opens the upstream when the client starts it."""
+
+    def __init__(self, deps: RelayDeps, principal: Principal, instance: Instance,
+                 peer: str) -> None:
+        self._deps = deps
+        self._principal = principal
+        self._instance = instance
+        self._peer = peer
+        self.chan: asyncssh.SSHServerChannel[bytes]
+        self._term: tuple[str, tuple[int, int, int, int], dict[int, int]] | None = None
+        self._kind = "shell"
+        self._command: str | None = None
+        self._up_chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self._up_conn: asyncssh.SSHClientConnection | None = None
+        self._live: LiveSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._finished = False
+
+    # -- requests before the session starts --------------------------------------------------
+    def connection_made(self, chan: asyncssh.SSHChannel[bytes]) -> None:
+        self.chan = chan  # type: ignore[assignment]
+
+    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
+                      term_modes: dict[int, int]) -> bool:
+        self._term = (term_type, term_size, term_modes)
+        return True
+
+    def shell_requested(self) -> bool:
+        self._kind = "shell"
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self._kind = "exec"
+        self._command = command.decode("utf-8", "replace") if isinstance(command, bytes) else command
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        name = subsystem.decode("ascii", "replace") if isinstance(subsystem, bytes) else subsystem
+        if name != "sftp":
+            return False
+        self._kind = "subsystem"
+        self._command = name
+        return True
+
+    def session_started(self) -> None:
+        # Hold client input (in the channel window, not in our memory) until the upstream is up.
+        self.chan.pause_reading()
+        self._task = asyncio.create_task(self._start())
+
+    # -- start --------------------------------------------------------------------------------
+    async def _start(self) -> None:
+        deps = self._deps
+        try:
+            # Fresh decision at session start: the grant may have changed since authentication.
+            result = await deps.access.decide(self._principal, self._instance.id)
+            grant = result.decision.grant
+            if not result.decision.allowed or grant is None:
+                deps.audit.emit(
+                    "access.denied", user=str(self._principal), target=self._instance.id,
+                    peer=self._peer, reason=result.decision.reason,
+                )
+                self._refuse(f"no access to {self._instance.name}")
+                return
+            level = grant.level
+            login = self._instance.login_for(
+                level, deps.config.upstream.admin_login, deps.config.upstream.read_only_login
+            )
+            width, height = (self._term[1][0], self._term[1][1]) if self._term else (0, 0)
+            self._live = await deps.sessions.start(SessionRequest(
+                principal=self._principal, instance=self._instance, grant=grant, login=login,
+                kind=self._kind, command=self._command,
+                term_type=self._term[0] if self._term else None,
+                width=width, height=height, peer=self._peer,
+            ))
+            now = deps.clock.now()
+            key, cert = deps.ca.issue(
+                login=login,
+                key_id=f"user={self._principal} grant={grant.id} session={self._live.id}",
+                now=now, ttl=timedelta(seconds=deps.config.upstream.cert_ttl_seconds),
+                not_after=grant.expires_at, permit_pty=self._term is not None,
+            )
+            self._up_conn = await upstream.connect(
+                self._instance, login, key, cert, deps.config.upstream
+            )
+            env = {k: v for k, v in self.chan.get_environment().items()
+                   if k == "LANG" or k.startswith("LC_")}
+            kwargs: dict[str, Any] = {
+                "encoding": None, "env": env,
+                "window": deps.config.ssh.window_bytes,
+                "max_pktsize": deps.config.ssh.max_packet_bytes,
+            }
+            if self._term:
+                kwargs.update(term_type=self._term[0], term_size=self._term[1],
+                              term_modes=self._term[2], request_pty="force")
+            else:
+                kwargs.update(request_pty=False)
+            if self._kind == "subsystem":
+                kwargs["subsystem"] = self._command
+                command = None
+            else:
+                command = self._command
+            self._up_chan, _ = await self._up_conn.create_session(
+                lambda: UpstreamSession(self), command, **kwargs
+            )
+        except BrokerError as exc:
+            log.warning("session.start_failed", user=str(self._principal),
+                        target=self._instance.id, error=str(exc))
+            await self._fail(exc.user_message)
+            return
+        except (OSError, asyncssh.Error) as exc:
+            log.warning("session.upstream_failed", user=str(self._principal),
+                        target=self._instance.id, error=str(exc))
+            await self._fail("target unavailable")
+            return
+        if self.chan.is_closing():
+            self._up_chan.close()
+            return
+        self.chan.resume_reading()
+
+    def _refuse(self, message: str) -> None:
+        try:
+            self.chan.write_stderr(f"bastion-broker: {message}\r\n".encode())
+            self.chan.exit(255)
+        except (OSError, asyncssh.Error):
+            self.chan.close()
+
+    async def _fail(self, message: str) -> None:
+        self._refuse(message)
+        await self._finish("255")
+        if self._up_conn is not None:
+            self._up_conn.close()
+
+    # -- client -> target -------------------------------------------------------------------
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._up_chan is None or self._live is None:
+            return
+        self._live.input(data)
+        self._up_chan.write(data)
+
+    def eof_received(self) -> bool:
+        if self._up_chan is not None:
+            self._up_chan.write_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        if self._up_chan is not None:
+            self._up_chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._up_chan is not None:
+            self._up_chan.resume_reading()
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int,
+                              pixheight: int) -> None:
+        if self._term:
+            self._term = (self._term[0], (width, height, pixwidth, pixheight), self._term[2])
+        if self._up_chan is not None and self._live is not None:
+            self._live.resize(width, height)
+            self._up_chan.change_terminal_size(width, height, pixwidth, pixheight)
+
+    def signal_received(self, signal: str) -> None:
+        if self._up_chan is not None:
+            self._up_chan.send_signal(signal)
+
+    def break_received(self, msec: int) -> bool:
+        if self._up_chan is not None:
+            self._up_chan.send_break(msec)
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # the client went away (or we closed): tear the upstream down too
+        if self._up_chan is not None:
+            self._up_chan.close()
+        if self._up_conn is not None:
+            self._up_conn.close()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self._live is not None and not self._finished:
+            asyncio.get_running_loop().create_task(self._finish(None))
+
+    # -- target -> client -------------------------------------------------------------------
+    def from_target(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        live = self._live
+        if live is None:
+            return
+        live.output(data, datatype == asyncssh.EXTENDED_DATA_STDERR)
+        try:
+            self.chan.write(data, datatype)
+        except (OSError, asyncssh.Error):
+            pass  # client gone; connection_lost cleans up
+
+    def target_eof(self) -> None:
+        if not self.chan.is_closing():
+            self.chan.write_eof()
+
+    def target_closed(self, exc: Exception | None) -> None:
+        up = self._up_chan
+        status: str | None = None
+        if up is not None:
+            signal = up.get_exit_signal()
+            code = up.get_exit_status()
+            try:
+                if signal is not None:
+                    name, core, msg, lang = signal
+                    status = f"signal:{name}"
+                    self.chan.exit_with_signal(name, core, msg, lang)
+                elif code is not None and code >= 0:
+                    status = str(code)
+                    self.chan.exit(code)
+                else:
+                    self.chan.close()
+            except (OSError, asyncssh.Error):
+                self.chan.close()
+        if self._up_conn is not None:
+            self._up_conn.close()
+        asyncio.get_running_loop().create_task(self._finish(status))
+
+    async def _finish(self, status: str | None) -> None:
+        if self._finished or self._live is None:
+            return
+        self._finished = True
+        try:
+            await self._deps.sessions.finish(self._live, status)
+        except BrokerError as exc:
+            log.error("session.finish_failed", session_id=self._live.id, error=str(exc))

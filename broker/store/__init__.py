@@ -1,0 +1,1 @@
+"""State stores behind the ``GrantStore``, ``TotpStore`` and ``SessionIndex`` ports."""

@@ -1,0 +1,264 @@
+"""The embedded store: one SQLite file in WAL mode, shared by the broker and the CLI.
+
+Queries are short and local, so they run on the event loop; ``busy_timeout`` lets the CLI and
+several broker processes on one host write the same file. Schema changes are numbered migrations
+tracked in ``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+from broker.domain.models import Grant, GrantState, Level, Trigger
+from broker.errors import StoreError
+from broker.ports import SessionRecord
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE grants (
+        id TEXT PRIMARY KEY,
+        username TEXT NOT NULL,
+        username_key TEXT NOT NULL,
+        domain TEXT NOT NULL,
+        domain_key TEXT NOT NULL,
+        stack_ids TEXT NOT NULL,
+        vpc_id TEXT NOT NULL,
+        level TEXT NOT NULL,
+        state TEXT NOT NULL,
+        starts_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        trigger TEXT NOT NULL,
+        ticket TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        approved_by TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        version INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE INDEX grants_user ON grants (username_key, domain_key);
+    CREATE TABLE totp (
+        user_key TEXT PRIMARY KEY,
+        secret TEXT NOT NULL,
+        last_step INTEGER
+    );
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        user TEXT NOT NULL,
+        target TEXT NOT NULL,
+        login TEXT NOT NULL,
+        grant_id TEXT NOT NULL,
+        level TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        command TEXT,
+        peer TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        ended_at TEXT,
+        exit_status TEXT,
+        bytes_in INTEGER NOT NULL DEFAULT 0,
+        bytes_out INTEGER NOT NULL DEFAULT 0,
+        recording TEXT NOT NULL
+    );
+    CREATE INDEX sessions_started ON sessions (started_at);
+    """,
+]
+
+
+def _ts(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _dt(s: str | None) -> datetime | None:
+    return datetime.fromisoformat(s) if s else None
+
+
+class SqliteDatabase:
+    """Owns the connection and applies migrations once at open."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open state database {path}: {exc}") from exc
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        for n, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                # re-check under the write lock: another process may have migrated meanwhile
+                if self.conn.execute("PRAGMA user_version").fetchone()[0] >= n:
+                    self.conn.execute("COMMIT")
+                    continue
+                for stmt in filter(str.strip, script.split(";")):
+                    self.conn.execute(stmt)
+                self.conn.execute(f"PRAGMA user_version = {n}")
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _grant_from_row(r: sqlite3.Row) -> Grant:
+    return Grant(
+        id=r["id"], username=r["username"], domain=r["domain"],
+        stack_ids=tuple(json.loads(r["stack_ids"])), vpc_id=r["vpc_id"],
+        level=Level(r["level"]), state=GrantState(r["state"]),
+        starts_at=datetime.fromisoformat(r["starts_at"]),
+        expires_at=datetime.fromisoformat(r["expires_at"]),
+        trigger=Trigger(r["trigger"]), ticket=r["ticket"], reason=r["reason"],
+        requested_by=r["requested_by"], approved_by=r["approved_by"],
+        created_at=_dt(r["created_at"]),
+    )
+
+
+class SqliteGrantStore:
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._c = db.conn
+
+    def _row(self, g: Grant) -> tuple[object, ...]:
+        return (
+            g.id, g.username, g.username.casefold(), g.domain, g.domain.casefold(),
+            json.dumps(list(g.stack_ids)), g.vpc_id, str(g.level), str(g.state),
+            _ts(g.starts_at), _ts(g.expires_at), str(g.trigger), g.ticket, g.reason,
+            g.requested_by, g.approved_by, _ts(g.created_at or g.starts_at),
+        )
+
+    async def add(self, grant: Grant) -> None:
+        try:
+            self._c.execute(
+                "INSERT INTO grants (id, username, username_key, domain, domain_key, stack_ids,"
+                " vpc_id, level, state, starts_at, expires_at, trigger, ticket, reason,"
+                " requested_by, approved_by, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                self._row(grant),
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot store grant: {exc}") from exc
+
+    async def replace(self, grant: Grant) -> None:
+        row = self._row(grant)
+        cur = self._c.execute(
+            "UPDATE grants SET username=?, username_key=?, domain=?, domain_key=?, stack_ids=?,"
+            " vpc_id=?, level=?, state=?, starts_at=?, expires_at=?, trigger=?, ticket=?,"
+            " reason=?, requested_by=?, approved_by=?, created_at=?, version=version+1"
+            " WHERE id=?",
+            (*row[1:], grant.id),
+        )
+        if cur.rowcount != 1:
+            raise StoreError(f"grant {grant.id} not found")
+
+    async def get(self, grant_id: str) -> Grant | None:
+        r = self._c.execute("SELECT * FROM grants WHERE id=?", (grant_id,)).fetchone()
+        return _grant_from_row(r) if r else None
+
+    async def for_user(self, username: str, domain: str) -> list[Grant]:
+        rows = self._c.execute(
+            "SELECT * FROM grants WHERE username_key=? AND domain_key=?",
+            (username.casefold(), domain.casefold()),
+        ).fetchall()
+        return [_grant_from_row(r) for r in rows]
+
+    async def list(self, *, username: str | None = None) -> list[Grant]:
+        if username:
+            rows = self._c.execute(
+                "SELECT * FROM grants WHERE username_key=? ORDER BY created_at",
+                (username.casefold(),),
+            ).fetchall()
+        else:
+            rows = self._c.execute("SELECT * FROM grants ORDER BY created_at").fetchall()
+        return [_grant_from_row(r) for r in rows]
+
+
+class SqliteTotpStore:
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._c = db.conn
+
+    async def get_secret(self, user_key: str) -> str | None:
+        r = self._c.execute("SELECT secret FROM totp WHERE user_key=?", (user_key,)).fetchone()
+        return str(r[0]) if r else None
+
+    async def set_secret(self, user_key: str, secret: str) -> None:
+        self._c.execute(
+            "INSERT INTO totp (user_key, secret, last_step) VALUES (?, ?, NULL)"
+            " ON CONFLICT (user_key) DO UPDATE SET secret=excluded.secret, last_step=NULL",
+            (user_key, secret),
+        )
+
+    async def last_step(self, user_key: str) -> int | None:
+        r = self._c.execute("SELECT last_step FROM totp WHERE user_key=?", (user_key,)).fetchone()
+        return int(r[0]) if r and r[0] is not None else None
+
+    async def advance_step(self, user_key: str, step: int) -> bool:
+        cur = self._c.execute(
+            "UPDATE totp SET last_step=? WHERE user_key=? AND (last_step IS NULL OR last_step<?)",
+            (step, user_key, step),
+        )
+        return cur.rowcount == 1
+
+
+def _session_from_row(r: sqlite3.Row) -> SessionRecord:
+    started = _dt(r["started_at"])
+    assert started is not None
+    return SessionRecord(
+        id=r["id"], user=r["user"], target=r["target"], login=r["login"],
+        grant_id=r["grant_id"], level=r["level"], kind=r["kind"], command=r["command"],
+        peer=r["peer"], started_at=started, ended_at=_dt(r["ended_at"]),
+        exit_status=r["exit_status"], bytes_in=r["bytes_in"], bytes_out=r["bytes_out"],
+        recording=r["recording"],
+    )
+
+
+class SqliteSessionIndex:
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._c = db.conn
+
+    async def started(self, rec: SessionRecord) -> None:
+        self._c.execute(
+            "INSERT INTO sessions (id, user, target, login, grant_id, level, kind, command, peer,"
+            " started_at, recording) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (rec.id, rec.user, rec.target, rec.login, rec.grant_id, rec.level, rec.kind,
+             rec.command, rec.peer, _ts(rec.started_at), rec.recording),
+        )
+
+    async def ended(
+        self, session_id: str, ended_at: datetime, exit_status: str | None,
+        bytes_in: int, bytes_out: int,
+    ) -> None:
+        self._c.execute(
+            "UPDATE sessions SET ended_at=?, exit_status=?, bytes_in=?, bytes_out=? WHERE id=?",
+            (_ts(ended_at), exit_status, bytes_in, bytes_out, session_id),
+        )
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        r = self._c.execute("SELECT * FROM sessions WHERE id=?", (session_id,)).fetchone()
+        if r is None and len(session_id) >= 6:
+            # accept a unique prefix, as git does for commits
+            rows = self._c.execute(
+                "SELECT * FROM sessions WHERE id LIKE ? LIMIT 2", (session_id + "%",)
+            ).fetchall()
+            r = rows[0] if len(rows) == 1 else None
+        return _session_from_row(r) if r else None
+
+    async def list(self, *, user: str | None = None, limit: int = 100) -> list[SessionRecord]:
+        if user:
+            rows = self._c.execute(
+                "SELECT * FROM sessions WHERE user LIKE ? ORDER BY started_at DESC LIMIT ?",
+                (user + "%", limit),
+            ).fetchall()
+        else:
+            rows = self._c.execute(
+                "SELECT * FROM sessions ORDER BY started_at DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [_session_from_row(r) for r in rows]
