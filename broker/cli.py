@@ -140,7 +140,7 @@ async def _sessions_list(args: argparse.Namespace) -> int:
 
     stores = open_stores(_config(args))
     recs = await stores.sessions.list(user=args.user, limit=args.limit)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for r in recs:
         dur = (r.ended_at - r.started_at).total_seconds() if r.ended_at else None
         rows.append({
@@ -186,7 +186,7 @@ async def _export(args: argparse.Namespace) -> int:
     parsed = await _load_recording(args)
     text = "".join(line + "\n" for line in fmt.to_asciicast(parsed))
     if args.output and args.output != "-":
-        Path(args.output).write_text(text, encoding="utf-8")
+        await asyncio.to_thread(Path(args.output).write_text, text, encoding="utf-8")
     else:
         sys.stdout.write(text)
     return 0
@@ -227,14 +227,12 @@ async def _totp_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_totp_code(args: argparse.Namespace) -> int:
-    import time
     from datetime import UTC, datetime
 
     try:
         _out(totp.code_at_step(args.secret, totp.current_step(datetime.now(UTC))))
     except (ValueError, TypeError):
         raise UsageError("--secret is not a base32 TOTP secret") from None
-    del time
     return 0
 
 
@@ -268,7 +266,8 @@ def _run(coro_fn: Any) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bastion-broker", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help=f"config file (default $BASTION_BROKER_CONFIG or {DEFAULT_CONFIG})")
+    p.add_argument("--config",
+                   help=f"config file (default: $BASTION_BROKER_CONFIG or {DEFAULT_CONFIG})")
     p.add_argument("--version", action="version", version=f"bastion-broker {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

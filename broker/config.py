@@ -148,8 +148,7 @@ def load_config(path: Path) -> BrokerConfig:
     except ValidationError as exc:
         raise ConfigError(_error_text(path, exc)) from None
     base = path.resolve().parent
-    state_dir = _resolve(base, cfg.state_dir)
-    assert state_dir is not None
+    state_dir = cfg.state_dir if cfg.state_dir.is_absolute() else (base / cfg.state_dir).resolve()
     return cfg.model_copy(
         update={
             "state_dir": state_dir,

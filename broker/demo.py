@@ -55,6 +55,13 @@ def find_sshd() -> str:
     return path
 
 
+def _tool(name: str) -> str:
+    path = shutil.which(name) or f"/usr/sbin/{name}"
+    if not os.access(path, os.X_OK):
+        raise ConfigError(f"{name} not found: the demo needs it to create its target accounts")
+    return path
+
+
 def ensure_logins() -> tuple[str, str]:
     """Target logins for admin and read-only grants.
 
@@ -68,10 +75,13 @@ def ensure_logins() -> tuple[str, str]:
         try:
             pwd.getpwnam(name)
         except KeyError:
-            subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name],
-                           check=True, capture_output=True)
+            subprocess.run(  # noqa: S603 - fixed arguments
+                [_tool("useradd"), "--create-home", "--shell", "/bin/bash", name],
+                check=True, capture_output=True,
+            )
         # useradd leaves the account locked ('!'), which sshd refuses without PAM
-        subprocess.run(["usermod", "-p", "*", name], check=True, capture_output=True)
+        subprocess.run([_tool("usermod"), "-p", "*", name],  # noqa: S603 - fixed arguments
+                       check=True, capture_output=True)
     return ADMIN_LOGIN, READ_ONLY_LOGIN
 
 
@@ -120,16 +130,20 @@ def start_target(t: Target, ca_pub: Path) -> None:
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     log = open(t.dir / "sshd.log", "ab")  # noqa: SIM115 - handed to the child process
-    t.proc = subprocess.Popen([find_sshd(), "-D", "-e", "-f", str(cfg)],
+    start = log.tell()
+    t.proc = subprocess.Popen([find_sshd(), "-D", "-e", "-f", str(cfg)],  # noqa: S603
                               stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     log.close()
-    for _ in range(200):
+    # Ready when sshd says so in its log: probing the port would show up as a connection.
+    log_path = t.dir / "sshd.log"
+    for _ in range(500):
         if t.proc.poll() is not None:
-            raise ConfigError(f"sshd for {t.name} exited; see {t.dir / 'sshd.log'}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", t.port)) == 0:
+            raise ConfigError(f"sshd for {t.name} exited; see {log_path}")
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            if f"Server listening on 127.0.0.1 port {t.port}".encode() in f.read():
                 return
-        time.sleep(0.02)
+        time.sleep(0.01)
     raise ConfigError(f"sshd for {t.name} did not start listening on port {t.port}")
 
 

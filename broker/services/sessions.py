@@ -106,17 +106,16 @@ class SessionService:
         now = self._clock.now()
         meta = {
             "session_id": sid, "user": str(req.principal), "target": req.instance.id,
-            "target_name": req.instance.name, "address": f"{req.instance.address}:{req.instance.port}",
+            "target_name": req.instance.name,
+            "address": f"{req.instance.address}:{req.instance.port}",
             "grant_id": req.grant.id, "level": str(req.grant.level), "login": req.login,
             "kind": req.kind, "command": req.command, "term": req.term_type,
             "width": req.width, "height": req.height, "peer": req.peer,
             "started_at": now.isoformat(), "started_at_epoch": int(now.timestamp()),
         }
-        writer: RecordingWriter
-        if self._recording_enabled:
-            writer = self._sink.open(sid, meta)
-        else:
-            writer = _NullWriter()
+        writer: RecordingWriter = (
+            self._sink.open(sid, meta) if self._recording_enabled else _NullWriter()
+        )
         try:
             self._audit.emit(
                 "session.start", session_id=sid, user=str(req.principal), target=req.instance.id,

@@ -8,12 +8,15 @@ propagates flow control by pausing the other side's reading when a send buffer f
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import asyncssh
 import structlog
+from asyncssh.channel import SSHChannel
 
 from broker.config import BrokerConfig
 from broker.domain.models import Instance, Principal
@@ -72,7 +75,7 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         self._instance = instance
         self._peer = peer
         self.chan: asyncssh.SSHServerChannel[bytes]
-        self._term: tuple[str, tuple[int, int, int, int], dict[int, int]] | None = None
+        self._term: tuple[str, tuple[int, int, int, int], Mapping[int, int]] | None = None
         self._kind = "shell"
         self._command: str | None = None
         self._up_chan: asyncssh.SSHClientChannel[bytes] | None = None
@@ -80,13 +83,16 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         self._live: LiveSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._finished = False
+        # client input that raced ahead of the upstream (bounded: reading pauses at once)
+        self._pending: list[bytes] = []
+        self._pending_eof = False
 
     # -- requests before the session starts --------------------------------------------------
-    def connection_made(self, chan: asyncssh.SSHChannel[bytes]) -> None:
-        self.chan = chan  # type: ignore[assignment]
+    def connection_made(self, chan: SSHChannel[bytes]) -> None:
+        self.chan = cast(asyncssh.SSHServerChannel[bytes], chan)
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
-                      term_modes: dict[int, int]) -> bool:
+                      term_modes: Mapping[int, int]) -> bool:
         self._term = (term_type, term_size, term_modes)
         return True
 
@@ -180,6 +186,12 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         if self.chan.is_closing():
             self._up_chan.close()
             return
+        for data in self._pending:
+            self._live.input(data)
+            self._up_chan.write(data)
+        self._pending.clear()
+        if self._pending_eof:
+            self._up_chan.write_eof()
         self.chan.resume_reading()
 
     def _refuse(self, message: str) -> None:
@@ -198,6 +210,8 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
     # -- client -> target -------------------------------------------------------------------
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         if self._up_chan is None or self._live is None:
+            self._pending.append(data)
+            self.chan.pause_reading()
             return
         self._live.input(data)
         self._up_chan.write(data)
@@ -205,6 +219,8 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
     def eof_received(self) -> bool:
         if self._up_chan is not None:
             self._up_chan.write_eof()
+        else:
+            self._pending_eof = True
         return True
 
     def pause_writing(self) -> None:
@@ -250,10 +266,8 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         if live is None:
             return
         live.output(data, datatype == asyncssh.EXTENDED_DATA_STDERR)
-        try:
+        with contextlib.suppress(OSError, asyncssh.Error):  # client gone: connection_lost cleans up
             self.chan.write(data, datatype)
-        except (OSError, asyncssh.Error):
-            pass  # client gone; connection_lost cleans up
 
     def target_eof(self) -> None:
         if not self.chan.is_closing():
@@ -262,24 +276,33 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
     def target_closed(self, exc: Exception | None) -> None:
         up = self._up_chan
         status: str | None = None
+        signal: tuple[str, bool, str, str] | None = None
+        code: int | None = None
         if up is not None:
             signal = up.get_exit_signal()
             code = up.get_exit_status()
-            try:
-                if signal is not None:
-                    name, core, msg, lang = signal
-                    status = f"signal:{name}"
-                    self.chan.exit_with_signal(name, core, msg, lang)
-                elif code is not None and code >= 0:
-                    status = str(code)
-                    self.chan.exit(code)
-                else:
-                    self.chan.close()
-            except (OSError, asyncssh.Error):
-                self.chan.close()
+            if signal is not None:
+                status = f"signal:{signal[0]}"
+            elif code is not None and code >= 0:
+                status = str(code)
         if self._up_conn is not None:
             self._up_conn.close()
-        asyncio.get_running_loop().create_task(self._finish(status))
+        asyncio.get_running_loop().create_task(self._end(status, signal, code))
+
+    async def _end(self, status: str | None, signal: tuple[str, bool, str, str] | None,
+                   code: int | None) -> None:
+        # Close the recording and write session.end first, so that when the client sees the
+        # exit status, the recording is complete and on disk.
+        await self._finish(status)
+        try:
+            if signal is not None:
+                self.chan.exit_with_signal(*signal)
+            elif code is not None and code >= 0:
+                self.chan.exit(code)
+            else:
+                self.chan.close()
+        except (OSError, asyncssh.Error):
+            self.chan.close()
 
     async def _finish(self, status: str | None) -> None:
         if self._finished or self._live is None:

@@ -12,6 +12,7 @@ import asyncio
 
 import asyncssh
 import structlog
+from asyncssh.auth import KbdIntChallenge, KbdIntResponse
 
 from broker.domain.models import Instance, Principal
 from broker.domain.selector import Selector, SelectorError, parse_selector
@@ -22,7 +23,7 @@ from broker.ssh.relay import ClientSession, RelayDeps
 log = structlog.get_logger("broker.ssh")
 
 MAX_AUTH_FAILURES = 3
-PASSWORD_PROMPT = "Password: "
+PASSWORD_PROMPT = "Password: "  # noqa: S105 - a prompt, not a password
 CODE_PROMPT = "Verification code: "
 
 
@@ -67,13 +68,13 @@ class BrokerConnection(asyncssh.SSHServer):
 
     def get_kbdint_challenge(
         self, username: str, lang: str, submethods: str
-    ) -> asyncssh.KbdIntChallenge:
+    ) -> KbdIntChallenge:
         self._password = None
         return "", "", "", [(PASSWORD_PROMPT, False)]
 
     async def validate_kbdint_response(
-        self, username: str, responses: asyncssh.KbdIntResponse
-    ) -> asyncssh.KbdIntChallenge:
+        self, username: str, responses: KbdIntResponse
+    ) -> KbdIntChallenge:
         if self._password is None:
             self._password = responses[0] if len(responses) == 1 else ""
             return "", "", "", [(CODE_PROMPT, False)]
@@ -111,11 +112,12 @@ class BrokerConnection(asyncssh.SSHServer):
                 )
         return True
 
-    def session_requested(self) -> asyncssh.SSHServerSession[bytes] | tuple[
-            asyncssh.SSHServerChannel[bytes], asyncssh.SSHServerSession[bytes]]:
-        assert self._conn is not None and self._principal is not None
+    def session_requested(self) -> MenuSession | tuple[
+            asyncssh.SSHServerChannel[bytes], ClientSession]:
         sel = self._selector
-        assert sel is not None
+        if self._conn is None or self._principal is None or sel is None:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "not authenticated")
         if sel.target is None:
             return MenuSession(self._deps.access, self._principal)
         if not self._allowed or self._instance is None:
@@ -148,6 +150,7 @@ async def start_server(
         agent_forwarding=False,
         x11_forwarding=False,
         allow_pty=True,
+        line_editor=False,  # the target's PTY does line editing; the broker relays raw bytes
         keepalive_interval=60,
         server_version="bastion-broker",
         reuse_address=True,

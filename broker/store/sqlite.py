@@ -209,8 +209,7 @@ class SqliteTotpStore:
 
 
 def _session_from_row(r: sqlite3.Row) -> SessionRecord:
-    started = _dt(r["started_at"])
-    assert started is not None
+    started = datetime.fromisoformat(r["started_at"])
     return SessionRecord(
         id=r["id"], user=r["user"], target=r["target"], login=r["login"],
         grant_id=r["grant_id"], level=r["level"], kind=r["kind"], command=r["command"],

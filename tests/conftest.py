@@ -1,0 +1,166 @@
+"""Shared fixtures: a real demo broker (subprocess) with real sshd targets, and an ssh client helper."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyotp
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent / "bastion-broker"
+
+ASKPASS = """#!/bin/sh
+case "$1" in
+  *Password*) printf '%s\\n' "$BB_PASSWORD";;
+  *Verification*) printf '%s\\n' "$BB_CODE";;
+  *) echo "unexpected prompt: $1" >&2; exit 1;;
+esac
+"""
+
+
+@dataclass
+class Demo:
+    """A running ``bastion-broker demo`` and an OpenSSH client configured for it."""
+
+    state_dir: Path
+    info: dict[str, Any]
+    proc: subprocess.Popen[bytes]
+    stderr_path: Path
+    askpass: Path
+    known_hosts: Path
+    _pool: list[str] = field(default_factory=list)
+    _last_step: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def port(self) -> int:
+        return int(self.info["ssh_port"])
+
+    @property
+    def config(self) -> str:
+        return str(self.info["config"])
+
+    def secret(self, user: str) -> str:
+        return next(u["totp_secret"] for u in self.info["users"] if u["user"] == user)
+
+    def take_user(self) -> str:
+        """A demo user no other test has used (each has a read-only grant on the web stack)."""
+        return self._pool.pop(0)
+
+    def next_code(self, user: str) -> str:
+        """A code for a step this user has not used yet (codes are single-use per user)."""
+        now_step = int(time.time()) // 30
+        step = max(now_step - 1, self._last_step.get(user, -1) + 1)
+        while step > int(time.time()) // 30 + 1:
+            time.sleep(0.5)
+        self._last_step[user] = step
+        return str(pyotp.TOTP(self.secret(user)).generate_otp(step))
+
+    def ssh_args(self, login: str, *extra: str) -> list[str]:
+        return [
+            "ssh", "-F", "/dev/null", "-p", str(self.port),
+            "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "PreferredAuthentications=keyboard-interactive", "-o", "BatchMode=no",
+            "-o", "NumberOfPasswordPrompts=1", "-o", "ConnectTimeout=10",
+            *extra, f"{login}@127.0.0.1",
+        ]
+
+    def env(self, user: str, *, password: str | None = None, code: str | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            SSH_ASKPASS=str(self.askpass), SSH_ASKPASS_REQUIRE="force", DISPLAY=":0",
+            BB_PASSWORD=self.info["password"] if password is None else password,
+            BB_CODE=self.next_code(user) if code is None else code,
+        )
+        return env
+
+    def ssh(
+        self, user: str, target: str | None, command: str | None = None, *,
+        stdin: bytes = b"", password: str | None = None, code: str | None = None,
+        extra: tuple[str, ...] = (), timeout: float = 60,
+    ) -> subprocess.CompletedProcess[bytes]:
+        login = f"{user}+{target}" if target else user
+        args = self.ssh_args(login, *extra)
+        if command is not None:
+            args.append(command)
+        return subprocess.run(
+            args, input=stdin, capture_output=True, timeout=timeout,
+            env=self.env(user, password=password, code=code),
+        )
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([str(BIN), "--config", self.config, *args],
+                           capture_output=True, text=True, timeout=60)
+        if check and r.returncode != 0:
+            raise AssertionError(f"bastion-broker {' '.join(args)} failed: {r.stderr}")
+        return r
+
+    def sessions(self) -> list[dict[str, Any]]:
+        return list(json.loads(self.cli("sessions", "list", "--json", "--limit", "1000").stdout))
+
+    def audit_lines(self) -> list[dict[str, Any]]:
+        path = self.state_dir / "audit" / "audit.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def broker_log(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+
+def start_demo(state_dir: Path, users: int = 60) -> Demo:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    stderr_path = state_dir.parent / f"{state_dir.name}.stderr"
+    err = open(stderr_path, "wb")  # noqa: SIM115 - owned by the child
+    proc = subprocess.Popen(
+        [str(BIN), "demo", "--state-dir", str(state_dir), "--users", str(users)],
+        stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
+    )
+    err.close()
+    demo_json = state_dir / "demo.json"
+    deadline = time.monotonic() + 60
+    while not demo_json.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"demo exited early: {stderr_path.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("demo did not become ready in 60 s")
+        time.sleep(0.05)
+    info = json.loads(demo_json.read_text())
+    host_pub = (state_dir / "ssh_host_ed25519_key.pub").read_text().split()
+    known_hosts = state_dir.parent / f"{state_dir.name}.known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{info['ssh_port']} {host_pub[0]} {host_pub[1]}\n")
+    askpass = state_dir.parent / f"{state_dir.name}.askpass"
+    askpass.write_text(ASKPASS)
+    askpass.chmod(0o700)
+    demo = Demo(state_dir, info, proc, stderr_path, askpass, known_hosts)
+    demo._pool = [u["user"] for u in info["users"] if u["user"] != "alice"]
+    return demo
+
+
+def stop_demo(demo: Demo) -> None:
+    if demo.proc.poll() is None:
+        demo.proc.send_signal(signal.SIGTERM)
+        try:
+            demo.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            demo.proc.kill()
+            demo.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
+    d = start_demo(tmp_path_factory.mktemp("demo") / "state")
+    try:
+        yield d
+    finally:
+        stop_demo(d)
+        log = d.broker_log()
+        assert "Traceback" not in log, f"the broker logged a traceback:\n{log[-4000:]}"
