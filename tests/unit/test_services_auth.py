@@ -1,0 +1,259 @@
+"""TotpSecondFactor over the real SqliteTotpStore, and Authenticator's audit events."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyotp
+import pytest
+
+from broker.domain import totp
+from broker.domain.models import Principal
+from broker.identity.passwords import hash_password
+from broker.identity.static import StaticDirectory, StaticUser, UsersFile
+from broker.services.auth import Authenticator, TotpSecondFactor
+from broker.store.sqlite import SqliteDatabase, SqliteTotpStore
+
+SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+T0 = datetime(2025, 3, 1, 12, 0, 10, tzinfo=UTC)
+ALICE = Principal("corp.example.com", "alice")
+PASSWORD = "correct horse battery staple"
+PASSWORD_HASH = hash_password(PASSWORD)
+
+
+class FakeClock:
+    def __init__(self, now: datetime) -> None:
+        self.t = now
+
+    def now(self) -> datetime:
+        return self.t
+
+
+class ListAudit:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def emit(self, event: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+
+
+def code_at(t: datetime) -> str:
+    return str(pyotp.TOTP(SECRET).at(t))
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[SqliteDatabase]:
+    d = SqliteDatabase(tmp_path / "state" / "broker.db")
+    yield d
+    d.close()
+
+
+@pytest.fixture
+async def store(db: SqliteDatabase) -> SqliteTotpStore:
+    s = SqliteTotpStore(db)
+    await s.set_secret(ALICE.key, SECRET)
+    return s
+
+
+async def test_code_accepted_once_then_refused_as_reuse(store: SqliteTotpStore) -> None:
+    clock = FakeClock(T0)
+    second = TotpSecondFactor(store, clock)
+    c = code_at(T0)
+    ok = await second.verify(ALICE, c)
+    assert ok.principal == ALICE
+    assert ok.reason == "totp ok"
+    assert await store.last_step(ALICE.key) == totp.current_step(T0)
+    again = await second.verify(ALICE, c)
+    assert again.principal is None
+    assert again.reason == "TOTP code reused"
+    # still refused 20 s later, while the code is inside the drift window
+    clock.t = T0 + timedelta(seconds=20)
+    assert (await second.verify(ALICE, c)).reason == "TOTP code reused"
+
+
+async def test_next_code_accepted_after_previous(store: SqliteTotpStore) -> None:
+    clock = FakeClock(T0)
+    second = TotpSecondFactor(store, clock)
+    assert (await second.verify(ALICE, code_at(T0))).ok
+    clock.t = T0 + timedelta(seconds=30)
+    assert (await second.verify(ALICE, code_at(clock.t))).ok
+    # the older code is now refused even though it is within drift
+    assert (await second.verify(ALICE, code_at(T0))).reason == "TOTP code reused"
+
+
+async def test_earlier_step_refused_after_later_step_used(store: SqliteTotpStore) -> None:
+    second = TotpSecondFactor(store, FakeClock(T0))
+    assert (await second.verify(ALICE, code_at(T0 + timedelta(seconds=30)))).ok
+    res = await second.verify(ALICE, code_at(T0))
+    assert res.principal is None
+    assert res.reason == "TOTP code reused"
+
+
+async def test_bad_code_and_stale_code(store: SqliteTotpStore) -> None:
+    second = TotpSecondFactor(store, FakeClock(T0))
+    stale = code_at(T0 - timedelta(seconds=90))
+    assert stale not in {code_at(T0 + timedelta(seconds=30 * k)) for k in (-1, 0, 1)}
+    assert (await second.verify(ALICE, stale)).reason == "bad TOTP code"
+    assert (await second.verify(ALICE, "abcdef")).reason == "bad TOTP code"
+    assert await store.last_step(ALICE.key) is None
+
+
+async def test_not_enrolled(store: SqliteTotpStore) -> None:
+    second = TotpSecondFactor(store, FakeClock(T0))
+    res = await second.verify(Principal("corp.example.com", "bob"), code_at(T0))
+    assert res.principal is None
+    assert res.reason == "no TOTP enrolled"
+
+
+async def test_principal_key_is_case_insensitive(store: SqliteTotpStore) -> None:
+    second = TotpSecondFactor(store, FakeClock(T0))
+    assert (await second.verify(Principal("CORP.example.com", "ALICE"), code_at(T0))).ok
+
+
+async def test_set_secret_resets_last_step(store: SqliteTotpStore) -> None:
+    assert await store.advance_step(ALICE.key, 100) is True
+    assert await store.last_step(ALICE.key) == 100
+    await store.set_secret(ALICE.key, SECRET)
+    assert await store.last_step(ALICE.key) is None
+    assert await store.get_secret(ALICE.key) == SECRET
+
+
+async def test_advance_step_is_compare_and_set(store: SqliteTotpStore) -> None:
+    assert await store.advance_step(ALICE.key, 10) is True
+    assert await store.advance_step(ALICE.key, 10) is False
+    assert await store.advance_step(ALICE.key, 9) is False
+    assert await store.advance_step(ALICE.key, 11) is True
+    assert await store.last_step(ALICE.key) == 11
+    assert await store.advance_step("nobody@x", 1) is False
+
+
+class YieldingTotpStore(SqliteTotpStore):
+    """Yields to the loop before every call so two verifies interleave like two processes."""
+
+    async def get_secret(self, user_key: str) -> str | None:
+        await asyncio.sleep(0)
+        return await super().get_secret(user_key)
+
+    async def last_step(self, user_key: str) -> int | None:
+        await asyncio.sleep(0)
+        return await super().last_step(user_key)
+
+    async def advance_step(self, user_key: str, step: int) -> bool:
+        await asyncio.sleep(0)
+        return await super().advance_step(user_key, step)
+
+
+async def test_concurrent_same_code_two_stores_exactly_one_wins(tmp_path: Path) -> None:
+    path = tmp_path / "broker.db"
+    db1, db2 = SqliteDatabase(path), SqliteDatabase(path)
+    try:
+        s1, s2 = YieldingTotpStore(db1), YieldingTotpStore(db2)
+        await s1.set_secret(ALICE.key, SECRET)
+        assert await s2.get_secret(ALICE.key) == SECRET
+        clock = FakeClock(T0)
+        c = code_at(T0)
+        r1, r2 = await asyncio.gather(
+            TotpSecondFactor(s1, clock).verify(ALICE, c),
+            TotpSecondFactor(s2, clock).verify(ALICE, c),
+        )
+        assert sorted([r1.ok, r2.ok]) == [False, True]
+        loser = r2 if r1.ok else r1
+        assert loser.reason == "TOTP code reused"
+        assert await s1.last_step(ALICE.key) == totp.current_step(T0)
+        assert await s2.last_step(ALICE.key) == totp.current_step(T0)
+    finally:
+        db1.close()
+        db2.close()
+
+
+def test_concurrent_same_code_two_threads_exactly_one_wins(tmp_path: Path) -> None:
+    """Same race across threads, each with its own connection and event loop."""
+    path = tmp_path / "broker.db"
+    setup = SqliteDatabase(path)
+    asyncio.run(SqliteTotpStore(setup).set_secret(ALICE.key, SECRET))
+    setup.close()
+    barrier = threading.Barrier(8)
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        db = SqliteDatabase(path)
+        try:
+            second = TotpSecondFactor(YieldingTotpStore(db), FakeClock(T0))
+            barrier.wait()
+            res = asyncio.run(second.verify(ALICE, code_at(T0)))
+            with lock:
+                results.append(res.ok)
+        finally:
+            db.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(results) == [False] * 7 + [True]
+
+
+# --- Authenticator -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def directory() -> StaticDirectory:
+    users = UsersFile(users=[StaticUser(name="alice", password_hash=PASSWORD_HASH, groups=["ops"])])
+    return StaticDirectory(users, "corp.example.com", {"CORP": "corp.example.com"})
+
+
+async def test_login_success(store: SqliteTotpStore, directory: StaticDirectory) -> None:
+    audit = ListAudit()
+    auth = Authenticator(directory, TotpSecondFactor(store, FakeClock(T0)), audit)
+    p = await auth.login("alice", None, PASSWORD, code_at(T0), "192.0.2.1:5000")
+    assert p == Principal("corp.example.com", "alice", frozenset({"ops"}))
+    assert audit.events == [
+        (
+            "auth.success",
+            {"user": "alice@corp.example.com", "peer": "192.0.2.1:5000", "method": "password+totp"},
+        ),
+    ]
+
+
+async def test_login_bad_password(store: SqliteTotpStore, directory: StaticDirectory) -> None:
+    audit = ListAudit()
+    auth = Authenticator(directory, TotpSecondFactor(store, FakeClock(T0)), audit)
+    assert await auth.login("alice", "CORP", "wrong", code_at(T0), "peer") is None
+    assert audit.events == [
+        ("auth.failure", {"user": "alice", "domain": "CORP", "peer": "peer", "reason": "bad password"}),
+    ]
+    # the code was not consumed by the failed login
+    assert await store.last_step(ALICE.key) is None
+
+
+async def test_login_unknown_user(store: SqliteTotpStore, directory: StaticDirectory) -> None:
+    audit = ListAudit()
+    auth = Authenticator(directory, TotpSecondFactor(store, FakeClock(T0)), audit)
+    assert await auth.login("mallory", None, PASSWORD, "123456", "peer") is None
+    assert audit.events == [
+        ("auth.failure", {"user": "mallory", "domain": None, "peer": "peer", "reason": "unknown user"}),
+    ]
+
+
+async def test_login_bad_code_then_replay(store: SqliteTotpStore, directory: StaticDirectory) -> None:
+    audit = ListAudit()
+    auth = Authenticator(directory, TotpSecondFactor(store, FakeClock(T0)), audit)
+    stale = code_at(T0 - timedelta(minutes=5))
+    assert await auth.login("alice", None, PASSWORD, stale, "peer") is None
+    assert await auth.login("alice", None, PASSWORD, code_at(T0), "peer") is not None
+    assert await auth.login("alice", None, PASSWORD, code_at(T0), "peer") is None
+    assert audit.events == [
+        ("auth.failure", {"user": "alice@corp.example.com", "peer": "peer", "reason": "bad TOTP code"}),
+        ("auth.success", {"user": "alice@corp.example.com", "peer": "peer", "method": "password+totp"}),
+        (
+            "auth.failure",
+            {"user": "alice@corp.example.com", "peer": "peer", "reason": "TOTP code reused"},
+        ),
+    ]
