@@ -164,3 +164,18 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
         stop_demo(d)
         log = d.broker_log()
         assert "Traceback" not in log, f"the broker logged a traceback:\n{log[-4000:]}"
+
+
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under scripts/test a skipped test is a failure: a missing component is an install bug."""
+    if _skipped and os.environ.get("BASTION_TEST_NO_SKIP"):
+        sys.stderr.write("\nskipped tests are not allowed here:\n  " + "\n  ".join(_skipped) + "\n")
+        session.exitstatus = 1

@@ -21,12 +21,19 @@ _TAIL = 1 << 16
 
 
 def _last_line(fd: int, size: int) -> bytes | None:
+    """The last complete line, reading backwards in blocks until its start is found."""
     if size == 0:
         return None
-    start = max(0, size - _TAIL)
-    data = os.pread(fd, size - start, start)
-    lines = data.rstrip(b"\n").rsplit(b"\n", 1)
-    return lines[-1] + b"\n"
+    end = size
+    data = b""
+    while True:
+        start = max(0, end - _TAIL)
+        data = os.pread(fd, end - start, start) + data
+        body = data.rstrip(b"\n") if data.endswith(b"\n") else data
+        nl = body.rfind(b"\n")
+        if nl >= 0 or start == 0:
+            return body[nl + 1 :] + b"\n"
+        end = start
 
 
 class JsonlAuditLog:
@@ -63,6 +70,11 @@ class JsonlAuditLog:
             try:
                 size = os.fstat(self._fd).st_size
                 if size != self._known_size:
+                    if size and os.pread(self._fd, 1, size - 1) != b"\n":
+                        # a torn last line (crash mid-write): end it, so the damage stays on
+                        # its own line and the chain continues from it
+                        os.write(self._fd, b"\n")
+                        size += 1
                     self._refresh_head(size)
                 line = encode_event(self._seq, self._prev, event, self._clock.now(), fields)
                 if os.write(self._fd, line) != len(line):

@@ -43,6 +43,16 @@ class UsersFile(BaseModel):
 
     users: list[StaticUser] = Field(default_factory=list)
 
+    @field_validator("users")
+    @classmethod
+    def _unique(cls, v: list[StaticUser]) -> list[StaticUser]:
+        seen: set[str] = set()
+        for u in v:
+            if u.name.casefold() in seen:
+                raise ValueError(f"user '{u.name}' appears twice (names are case-insensitive)")
+            seen.add(u.name.casefold())
+        return v
+
 
 def load_users(path: Path) -> UsersFile:
     try:
@@ -50,6 +60,10 @@ def load_users(path: Path) -> UsersFile:
         return UsersFile.model_validate(raw)
     except FileNotFoundError:
         raise ConfigError(f"{path}: users file not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read users file: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except ValidationError as exc:

@@ -82,7 +82,7 @@ class InventoryFile(BaseModel):
 class StaticInventory:
     """``Inventory`` over a TOML file, looked up by instance id or name, case-insensitively."""
 
-    def __init__(self, data: InventoryFile) -> None:
+    def __init__(self, data: InventoryFile, source: str = "inventory") -> None:
         self._all: list[Instance] = []
         self._by_key: dict[str, Instance] = {}
         for stack in data.stacks:
@@ -96,16 +96,20 @@ class StaticInventory:
                 self._all.append(inst)
                 for key in (e.id.casefold(), e.name.casefold()):
                     if key in self._by_key and self._by_key[key] != inst:
-                        raise ConfigError(f"inventory: instance id or name '{key}' is not unique")
+                        raise ConfigError(f"{source}: instance id or name '{key}' is not unique")
                     self._by_key[key] = inst
 
     @classmethod
     def from_file(cls, path: Path) -> StaticInventory:
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
-            return cls(InventoryFile.model_validate(raw))
+            return cls(InventoryFile.model_validate(raw), str(path))
         except FileNotFoundError:
             raise ConfigError(f"{path}: inventory file not found") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read inventory: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         except ValidationError as exc:

@@ -1,7 +1,8 @@
-"""Login: password (Directory) then one-time code (SecondFactor), both always checked.
+"""Login: password (Directory) then one-time code (SecondFactor).
 
-The code is asked for and checked even when the password was wrong, so the two prompts never
-reveal which factor failed, and unknown users cost the same as known ones.
+The SSH layer always asks for both before anything is checked, so the prompts never reveal which
+factor failed, and unknown users cost the same as known ones (a dummy hash is verified). A code is
+only consumed after a correct password, so a guesser cannot burn a user's codes.
 """
 
 from __future__ import annotations

@@ -219,6 +219,11 @@ def _session_from_row(r: sqlite3.Row) -> SessionRecord:
     )
 
 
+def _like_prefix(text: str) -> str:
+    """A LIKE pattern matching ``text`` literally as a prefix."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
 class SqliteSessionIndex:
     def __init__(self, db: SqliteDatabase) -> None:
         self._c = db.conn
@@ -245,16 +250,19 @@ class SqliteSessionIndex:
         if r is None and len(session_id) >= 6:
             # accept a unique prefix, as git does for commits
             rows = self._c.execute(
-                "SELECT * FROM sessions WHERE id LIKE ? LIMIT 2", (session_id + "%",)
+                "SELECT * FROM sessions WHERE id LIKE ? ESCAPE '\\' LIMIT 2",
+                (_like_prefix(session_id),),
             ).fetchall()
             r = rows[0] if len(rows) == 1 else None
         return _session_from_row(r) if r else None
 
     async def list(self, *, user: str | None = None, limit: int = 100) -> list[SessionRecord]:
         if user:
+            # "alice" matches alice@any-domain; "alice@corp.example.com" matches exactly
             rows = self._c.execute(
-                "SELECT * FROM sessions WHERE user LIKE ? ORDER BY started_at DESC LIMIT ?",
-                (user + "%", limit),
+                "SELECT * FROM sessions WHERE user = ? OR user LIKE ? ESCAPE '\\'"
+                " ORDER BY started_at DESC LIMIT ?",
+                (user, _like_prefix(user + "@"), limit),
             ).fetchall()
         else:
             rows = self._c.execute(

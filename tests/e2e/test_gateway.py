@@ -87,7 +87,8 @@ def test_menu_lists_reachable_targets_only(demo: Demo) -> None:
     r = demo.ssh(user, None)
     assert r.returncode == 0, r.stderr
     out = r.stdout.decode()
-    assert "web01" in out and "web02" in out
+    assert "web01" in out
+    assert "web02" in out
     assert demo.info["denied_target"] not in out
     assert "read-only" in out
 
@@ -100,7 +101,8 @@ def test_denied_target_opens_no_upstream_connection(demo: Demo) -> None:
     assert f"no access to {denied}".encode() in r.stderr
     assert b"Traceback" not in r.stderr
     log = open(demo.info["target_logs"][denied]).read()
-    assert "Connection from" not in log and "Accepted" not in log
+    assert "Connection from" not in log
+    assert "Accepted" not in log
     events = [e for e in demo.audit_lines() if e["event"] == "access.denied"]
     assert any(e["user"].startswith(user + "@") and e["target"] == denied for e in events)
 
@@ -126,7 +128,7 @@ def test_wrong_password_is_refused_without_detail(demo: Demo) -> None:
 def test_unknown_user_is_refused_like_a_wrong_password(demo: Demo) -> None:
     r = demo.ssh("alice", "web01", "true", password="x")  # alice exists: baseline
     r2 = subprocess.run(
-        demo.ssh_args("mallory+web01") + ["true"], capture_output=True, timeout=30,
+        [*demo.ssh_args("mallory+web01"), "true"], capture_output=True, timeout=30,
         env=demo.env("alice", password="x", code="000000"),
     )
     assert r.returncode == r2.returncode == 255
@@ -136,21 +138,24 @@ def test_unknown_user_is_refused_like_a_wrong_password(demo: Demo) -> None:
 def test_wrong_and_reused_totp_codes_are_refused(demo: Demo) -> None:
     user = demo.take_user()
     r = demo.ssh(user, "web01", "true", code="000000")
-    assert r.returncode == 255 and b"Permission denied" in r.stderr
+    assert r.returncode == 255
+    assert b"Permission denied" in r.stderr
     code = demo.next_code(user)
     ok = demo.ssh(user, "web01", "true", code=code)
     assert ok.returncode == 0, ok.stderr
     replay = demo.ssh(user, "web01", "true", code=code)
-    assert replay.returncode == 255 and b"Permission denied" in replay.stderr
+    assert replay.returncode == 255
+    assert b"Permission denied" in replay.stderr
     reasons = [e["reason"] for e in demo.audit_lines()
                if e["event"] == "auth.failure" and e.get("user", "").startswith(user + "@")]
-    assert "bad TOTP code" in reasons and "TOTP code reused" in reasons
+    assert "bad TOTP code" in reasons
+    assert "TOTP code reused" in reasons
 
 
 def test_malformed_user_names_are_refused(demo: Demo) -> None:
     for login in ("+web01", "alice+", "a*b+web01"):
         r = subprocess.run(
-            demo.ssh_args(login) + ["true"], capture_output=True, timeout=30,
+            [*demo.ssh_args(login), "true"], capture_output=True, timeout=30,
             env=demo.env("alice", code="000000"),
         )
         assert r.returncode == 255

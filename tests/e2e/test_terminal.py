@@ -91,7 +91,9 @@ def test_interactive_shell_with_pty_resize_and_replay(demo: Demo, tmp_path: Path
             term.proc.kill()
 
     rows = [s for s in demo.sessions() if s["user"].startswith(user + "@")]
-    assert rows and rows[0]["kind"] == "shell" and rows[0]["exit_status"] == "7"
+    assert rows
+    assert rows[0]["kind"] == "shell"
+    assert rows[0]["exit_status"] == "7"
     sid = rows[0]["id"]
 
     # asciicast v2 export: header, resize event, output, input, exit
@@ -108,7 +110,8 @@ def test_interactive_shell_with_pty_resize_and_replay(demo: Demo, tmp_path: Path
     assert ["r", "132x40"] in [e[1:] for e in events]
     assert events[-1][1:] == ["x", "7"]
     output = "".join(e[2] for e in events if e[1] == "o")
-    assert "40 132" in output and "été" in output
+    assert "40 132" in output
+    assert "été" in output
     times = [e[0] for e in events]
     assert times == sorted(times)
 
@@ -127,7 +130,8 @@ def test_interactive_shell_with_pty_resize_and_replay(demo: Demo, tmp_path: Path
 
     # and our own player replays it
     r2 = demo.cli("play", sid[:8], "--speed", "50", "--idle-limit", "0.05")
-    assert "40 132" in r2.stdout and "été" in r2.stdout
+    assert "40 132" in r2.stdout
+    assert "été" in r2.stdout
 
 
 def test_cli_errors_are_one_line_without_traceback(demo: Demo, tmp_path: Path) -> None:

@@ -162,12 +162,6 @@ def test_users_file_missing_and_bad_toml(tmp_path: Path) -> None:
     assert str(ei.value).startswith(f"{p}: ")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: load_users does not catch UnicodeDecodeError (nor other OSError such as a"
-    " directory), so a non-UTF-8 users file raises a bare exception instead of a ConfigError"
-    " naming the file (load_config handles both)",
-)
 def test_users_file_not_utf8_is_config_error(tmp_path: Path) -> None:
     p = tmp_path / "users.toml"
     p.write_bytes(b'[[users]]\nname = "\xe9lise"\n')

@@ -143,11 +143,6 @@ def test_duplicate_names_are_config_error(tmp_path: Path, text: str, dup: str) -
         StaticInventory.from_file(write(tmp_path, text))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the duplicate-name ConfigError is raised in StaticInventory.__init__ and passes"
-    " through from_file unchanged, so its message ('inventory: ...') does not name the file",
-)
 def test_duplicate_name_error_names_file(tmp_path: Path) -> None:
     p = write(tmp_path, _two("web01", "web01"))
     with pytest.raises(ConfigError, match=str(p)):
