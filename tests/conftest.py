@@ -65,10 +65,12 @@ class Demo:
         self._last_step[user] = step
         return str(pyotp.TOTP(self.secret(user)).generate_otp(step))
 
-    def ssh_args(self, login: str, *extra: str) -> list[str]:
+    def ssh_args(self, login: str, *extra: str, port: int | None = None,
+                 known_hosts: Path | None = None) -> list[str]:
         return [
-            "ssh", "-F", "/dev/null", "-p", str(self.port),
-            "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+            "ssh", "-F", "/dev/null", "-p", str(port or self.port),
+            "-o", f"UserKnownHostsFile={known_hosts or self.known_hosts}",
+            "-o", "StrictHostKeyChecking=yes",
             "-o", "PreferredAuthentications=keyboard-interactive", "-o", "BatchMode=no",
             "-o", "NumberOfPasswordPrompts=1", "-o", "ConnectTimeout=10",
             *extra, f"{login}@127.0.0.1",
@@ -118,7 +120,7 @@ class Demo:
 def start_demo(state_dir: Path, users: int = 60) -> Demo:
     state_dir.mkdir(parents=True, exist_ok=True)
     stderr_path = state_dir.parent / f"{state_dir.name}.stderr"
-    err = open(stderr_path, "wb")  # noqa: SIM115 - owned by the child
+    err = open(stderr_path, "wb")
     proc = subprocess.Popen(
         [str(BIN), "demo", "--state-dir", str(state_dir), "--users", str(users)],
         stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,

@@ -1,0 +1,184 @@
+"""Protocol hardening with the real OpenSSH client: algorithms, strict kex, forwarding refused,
+login grace timeout, target host key verification, systemd readiness, clean demo shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from broker.app import Broker
+from broker.config import load_config
+from tests.conftest import BIN, Demo, start_demo, stop_demo
+
+pytestmark = pytest.mark.e2e
+
+
+def test_strict_kex_and_modern_algorithms(demo: Demo) -> None:
+    user = demo.take_user()
+    r = demo.ssh(user, "web01", "true", extra=("-vvv",))
+    assert r.returncode == 0
+    log = r.stderr.decode()
+    assert "will use strict KEX ordering" in log  # Terrapin countermeasure negotiated
+    assert "cipher: aes128-gcm@openssh.com" in log
+    for opt in ("Ciphers=aes128-ctr", "Ciphers=aes256-cbc", "MACs=hmac-sha1",
+                "KexAlgorithms=diffie-hellman-group14-sha1"):
+        extra = ("-o", opt) if "MACs" not in opt else ("-o", opt, "-o", "Ciphers=aes128-ctr")
+        r = demo.ssh(user, "web01", "true", extra=extra, code="000000")
+        assert r.returncode == 255
+        assert b"no matching" in r.stderr, (opt, r.stderr)
+
+
+def test_agent_x11_and_port_forwarding_are_refused(demo: Demo) -> None:
+    user = demo.take_user()
+    agent = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, timeout=10)
+    env_lines = dict(
+        part.split("=", 1) for part in agent.stdout.replace(";", "\n").split()
+        if "=" in part
+    )
+    try:
+        env = demo.env(user)
+        env["SSH_AUTH_SOCK"] = env_lines["SSH_AUTH_SOCK"]
+        r = subprocess.run(
+            [*demo.ssh_args(f"{user}+web01", "-A", "-X"),
+             'echo "A=${SSH_AUTH_SOCK:-none} X=${DISPLAY:-none}"'],
+            capture_output=True, timeout=30, env=env,
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == b"A=none X=none\n"
+    finally:
+        os.kill(int(env_lines["SSH_AGENT_PID"]), signal.SIGTERM)
+    # -W (direct-tcpip) to the target's sshd port: refused by the broker, not relayed
+    port = demo.info["target_ports"]["web01"]
+    r = demo.ssh(user, "web01", None, extra=("-W", f"127.0.0.1:{port}"))
+    assert r.returncode == 255
+    assert b"administratively prohibited" in r.stderr or b"open failed" in r.stderr
+
+
+def _config_variant(demo: Demo, tmp: Path, ssh_extra: str, inventory: str | None) -> Path:
+    state = demo.state_dir
+    inv = state / "inventory.toml"
+    if inventory is not None:
+        inv = tmp / "inventory.toml"
+        inv.write_text(inventory)
+    cfg = tmp / "broker.toml"
+    cfg.write_text(
+        f'state_dir = "{state}"\n[ssh]\nlisten_host = "127.0.0.1"\nlisten_port = 0\n{ssh_extra}\n'
+        f'[upstream]\nadmin_login = "{demo.info["admin_login"]}"\n'
+        f'read_only_login = "{demo.info["read_only_login"]}"\n'
+        f'[identity]\nusers_file = "{state / "users.toml"}"\n'
+        f'default_domain = "{demo.info["domain"]}"\n'
+        f'[inventory]\nfile = "{inv}"\n'
+    )
+    return cfg
+
+
+async def test_login_grace_timeout_closes_idle_unauthenticated_connections(
+    demo: Demo, tmp_path: Path
+) -> None:
+    cfg = load_config(_config_variant(demo, tmp_path, "login_grace_seconds = 1", None))
+    broker = Broker(cfg)
+    port = await broker.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        banner = await reader.readline()
+        assert banner.startswith(b"SSH-2.0-bastion-broker")
+        t0 = time.monotonic()
+        rest = await asyncio.wait_for(reader.read(), timeout=10)  # until the broker closes
+        assert time.monotonic() - t0 < 5
+        del rest
+        writer.close()
+    finally:
+        await broker.stop()
+
+
+async def test_target_host_key_mismatch_refuses_the_session(demo: Demo, tmp_path: Path) -> None:
+    import asyncssh
+
+    wrong = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    inv_text = (demo.state_dir / "inventory.toml").read_text()
+    lines = inv_text.splitlines()
+    # replace the host key of the first instance (web01) with an unrelated key
+    idx = next(i for i, line in enumerate(lines) if line.startswith("host_keys"))
+    lines[idx] = f"host_keys = [{json.dumps(wrong)}]"
+    cfg = load_config(_config_variant(demo, tmp_path, "", "\n".join(lines) + "\n"))
+    broker = Broker(cfg)
+    port = await broker.start()
+    try:
+        user = demo.take_user()
+        known = tmp_path / "kh"
+        host_pub = (demo.state_dir / "ssh_host_ed25519_key.pub").read_text().split()
+        known.write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+        args = demo.ssh_args(f"{user}+web01", port=port, known_hosts=known)
+        proc = await asyncio.create_subprocess_exec(
+            *args, "echo reached", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=demo.env(user),
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 255
+        assert out == b""
+        assert b"target unavailable" in err
+    finally:
+        await broker.stop()
+
+
+def test_serve_notifies_systemd_and_stops_on_sigterm(demo: Demo, tmp_path: Path) -> None:
+    cfg = _config_variant(demo, tmp_path, "", None)
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(30)
+    proc = subprocess.Popen([str(BIN), "--config", str(cfg), "serve"],
+                            env={**os.environ, "NOTIFY_SOCKET": sock_path},
+                            stderr=subprocess.PIPE)
+    try:
+        assert sock.recv(1024) == b"READY=1"
+        proc.send_signal(signal.SIGTERM)
+        assert sock.recv(1024) == b"STOPPING=1"
+        assert proc.wait(20) == 0
+        assert b"Traceback" not in (proc.stderr.read() if proc.stderr else b"")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sock.close()
+
+
+def test_demo_stops_everything_it_started(tmp_path: Path) -> None:
+    d = start_demo(tmp_path / "state", users=1)
+    ports = [d.port, *d.info["target_ports"].values()]
+    for p in ports:
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", p)) == 0
+    stop_demo(d)
+    assert d.proc.returncode == 0
+    for p in ports:
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", p)) != 0, f"port {p} still open"
+    assert not (d.state_dir / "demo.json").exists()
+
+
+def test_totp_enroll_and_user_add(demo: Demo, tmp_path: Path) -> None:
+    r = demo.cli("totp", "enroll", "newbie")
+    assert "otpauth://totp/bastion-broker:newbie%40corp.example.com?secret=" in r.stdout
+    assert "█" in r.stdout or "▀" in r.stdout  # the QR code
+    cfg = _config_variant(demo, tmp_path, "", None)
+    users = tmp_path / "users.toml"
+    users.write_text((demo.state_dir / "users.toml").read_text())
+    cfg.write_text(cfg.read_text().replace(str(demo.state_dir / "users.toml"), str(users)))
+    add = subprocess.run([str(BIN), "--config", str(cfg), "user", "add", "newbie",
+                          "--password-stdin"], input="a-long-password\n", capture_output=True,
+                         text=True, timeout=30)
+    assert add.returncode == 0, add.stderr
+    assert 'name = "newbie"' in users.read_text() and "$argon2id$" in users.read_text()
+    dup = subprocess.run([str(BIN), "--config", str(cfg), "user", "add", "NEWBIE",
+                          "--password-stdin"], input="a-long-password\n", capture_output=True,
+                         text=True, timeout=30)
+    assert dup.returncode == 2
+    assert "already exists" in dup.stderr
