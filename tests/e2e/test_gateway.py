@@ -200,3 +200,14 @@ def test_audit_trail_is_hash_chained(demo: Demo) -> None:
     events = [e["event"] for e in demo.audit_lines()
               if str(e.get("user", "")).startswith(user)]
     assert events[-3:] == ["auth.success", "session.start", "session.end"]
+
+
+@pytest.mark.parametrize("form", ["upn", "netbios"])
+def test_upn_and_down_level_user_names(demo: Demo, form: str) -> None:
+    user = demo.take_user()
+    login = (f"{user}@{demo.info['domain']}+web01" if form == "upn" else f"CORP\\{user}+web01")
+    r = subprocess.run([*demo.ssh_args("x", "-l", login)[:-1], "127.0.0.1", "id -un"],
+                       capture_output=True, timeout=30, env=demo.env(user))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().strip() == demo.info["read_only_login"]
+    assert _session_for(demo, user)["user"] == f"{user}@{demo.info['domain']}"
