@@ -18,9 +18,10 @@ from broker.identity.static import StaticDirectory
 from broker.inventory.static import StaticInventory
 from broker.recordings.local import LocalRecordingSink
 from broker.services.access import AccessService
-from broker.services.auth import Authenticator, TotpSecondFactor
+from broker.services.auth import AccountPolicy, Authenticator, TotpSecondFactor
 from broker.services.clock import SystemClock
 from broker.services.sessions import SessionService
+from broker.services.totp_secrets import EncryptedTotpStore, load_key
 from broker.ssh.ca import UserCA
 from broker.ssh.keys import load_or_create_key
 from broker.ssh.relay import RelayDeps
@@ -29,6 +30,7 @@ from broker.store.sqlite import (
     SqliteDatabase,
     SqliteGrantStore,
     SqliteSessionIndex,
+    SqliteThrottleStore,
     SqliteTotpStore,
 )
 
@@ -41,7 +43,8 @@ class Stores:
 
     db: SqliteDatabase
     grants: SqliteGrantStore
-    totp: SqliteTotpStore
+    totp: EncryptedTotpStore
+    throttle: SqliteThrottleStore
     sessions: SqliteSessionIndex
     recordings: LocalRecordingSink
     audit: JsonlAuditLog
@@ -52,7 +55,12 @@ def open_stores(config: BrokerConfig) -> Stores:
     clock = SystemClock()
     db = SqliteDatabase(config.db_path)
     return Stores(
-        db=db, grants=SqliteGrantStore(db), totp=SqliteTotpStore(db),
+        db=db, grants=SqliteGrantStore(db),
+        totp=EncryptedTotpStore(
+            SqliteTotpStore(db),
+            load_key(config.totp.key_file, config.totp_key_default_path),
+        ),
+        throttle=SqliteThrottleStore(db),
         sessions=SqliteSessionIndex(db), recordings=LocalRecordingSink(config.recordings_dir),
         audit=JsonlAuditLog(config.audit_path, clock), clock=clock,
     )
@@ -92,7 +100,12 @@ class Broker:
             s.recordings, s.sessions, s.audit, s.clock,
             recording_enabled=config.recordings.enabled,
         )
-        self.authenticator = Authenticator(directory, TotpSecondFactor(s.totp, s.clock), s.audit)
+        limits = config.limits
+        self.authenticator = Authenticator(
+            directory, TotpSecondFactor(s.totp, s.clock), s.audit, s.throttle, s.clock,
+            AccountPolicy(limits.account_free_failures, limits.account_backoff_max_seconds,
+                          limits.account_lock_after),
+        )
         self.ca = UserCA(load_or_create_key(config.ca_key_path, "bastion-broker user CA"))
         self.host_key = load_or_create_key(config.host_key_path, "bastion-broker host key")
         self.deps = RelayDeps(config, self.access, self.sessions, self.ca, s.audit, s.clock)

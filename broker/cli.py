@@ -210,12 +210,11 @@ async def _totp_enroll(args: argparse.Namespace) -> int:
 
     config = _config(args)
     stores = open_stores(config)
-    user = args.user if "@" in args.user else f"{args.user}@{config.identity.default_domain}"
-    key = user.casefold()
+    key = _account(config, args.user)
+    user = key
     secret = totp.new_secret()
     await stores.totp.set_secret(key, secret)
-    stores.audit.emit("totp.enrolled", user=key, actor=os.environ.get("SUDO_USER")
-                      or getpass.getuser())
+    stores.audit.emit("totp.enrolled", user=key, actor=_actor())
     uri = totp.provisioning_uri(secret, user, config.totp.issuer)
     _out(f"TOTP enrolled for {user}. Scan this with an authenticator app, or enter the URI:")
     _out(uri)
@@ -224,6 +223,68 @@ async def _totp_enroll(args: argparse.Namespace) -> int:
     qr.make(fit=True)
     qr.print_ascii(out=sys.stdout, invert=True)
     return 0
+
+
+def _account(config: BrokerConfig, user: str) -> str:
+    """``alice`` or ``CORP\\alice`` or ``alice@corp.example.com`` -> ``alice@fqdn`` casefolded."""
+    domain = config.identity.default_domain
+    if "\\" in user:
+        netbios, _, user = user.partition("\\")
+        domain = config.identity.domain_aliases.get(netbios.upper(), netbios)
+    elif "@" in user:
+        user, _, domain = user.rpartition("@")
+    if not user:
+        raise UsageError("empty user name")
+    return f"{user}@{domain}".casefold()
+
+
+async def _totp_reset(args: argparse.Namespace) -> int:
+    from broker.app import open_stores
+
+    config = _config(args)
+    stores = open_stores(config)
+    key = _account(config, args.user)
+    if await stores.totp.get_secret(key) is None:
+        raise NotFoundError(f"no TOTP enrolled for {key}")
+    await _totp_enroll(args)
+    stores.audit.emit("totp.reset", user=key, actor=_actor())
+    return 0
+
+
+async def _auth_status(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from broker.app import open_stores
+
+    stores = open_stores(_config(args))
+    now = datetime.now(UTC).timestamp()
+    rows = [
+        {"account": st.account, "failures": st.failures, "locked": st.locked,
+         "wait_s": max(0.0, round(st.next_allowed - now, 1))}
+        for st in await stores.throttle.listing()
+    ]
+    if args.json:
+        _out(json.dumps(rows, indent=2))
+    else:
+        _table(rows, ["account", "failures", "locked", "wait_s"])
+    return 0
+
+
+async def _auth_unlock(args: argparse.Namespace) -> int:
+    from broker.app import open_stores
+
+    config = _config(args)
+    stores = open_stores(config)
+    key = _account(config, args.user)
+    if not await stores.throttle.unlock(key):
+        raise NotFoundError(f"{key} has no failed logins on record")
+    stores.audit.emit("account.unlocked", user=key, actor=_actor())
+    _out(f"{key} unlocked")
+    return 0
+
+
+def _actor() -> str:
+    return os.environ.get("SUDO_USER") or getpass.getuser()
 
 
 def cmd_totp_code(args: argparse.Namespace) -> int:
@@ -326,9 +387,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = t.add_parser("enroll", help="create a TOTP secret for USER; prints URI and QR code")
     s.add_argument("user")
     s.set_defaults(func=_run(_totp_enroll))
+    s = t.add_parser("reset", help="replace USER's TOTP secret (lost device); prints the new one")
+    s.add_argument("user")
+    s.set_defaults(func=_run(_totp_reset))
     s = t.add_parser("code", help="print the current code for a secret (like oathtool)")
     s.add_argument("--secret", required=True)
     s.set_defaults(func=cmd_totp_code)
+
+    a = sub.add_parser("auth", help="login throttling").add_subparsers(dest="sub", required=True)
+    s = a.add_parser("status", help="accounts with recent failed logins, locked first")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_run(_auth_status))
+    s = a.add_parser("unlock", help="clear the failures and the lock of an account")
+    s.add_argument("user", help="alice, CORP\\alice or alice@corp.example.com")
+    s.set_defaults(func=_run(_auth_unlock))
 
     u = sub.add_parser("user", help="static directory users").add_subparsers(dest="sub",
                                                                             required=True)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from broker.errors import ConfigError
 
@@ -61,6 +62,35 @@ class IdentitySettings(_Model):
 
 class TotpSettings(_Model):
     issuer: str = "bastion-broker"
+    # Encryption key for secrets at rest: $BASTION_BROKER_TOTP_KEY, the systemd credential
+    # "totp-key", this file, or (default) STATE_DIR/totp.key generated on first start.
+    key_file: Path | None = None
+
+
+class LimitsSettings(_Model):
+    """Flood and guessing limits (OpenSSH's MaxStartups and PerSourcePenalties, NIST 800-63B)."""
+
+    max_startups: int = Field(default=100, ge=1, le=100_000)
+    max_startups_per_source: int = Field(default=10, ge=1, le=10_000)
+    max_auth_failures_per_connection: int = Field(default=3, ge=1, le=10)
+    account_free_failures: int = Field(default=3, ge=0, le=50)
+    account_backoff_max_seconds: float = Field(default=60.0, ge=0, le=3600)
+    account_lock_after: int = Field(default=50, ge=1, le=100)  # NIST: at most 100
+    source_penalty_after: int = Field(default=10, ge=1, le=1000)
+    source_penalty_window_seconds: float = Field(default=60.0, gt=0, le=86400)
+    source_penalty_seconds: float = Field(default=30.0, gt=0, le=86400)
+    source_penalty_max_seconds: float = Field(default=600.0, gt=0, le=86400)
+    penalty_exempt: list[str] = Field(default_factory=list)  # CIDRs never penalised
+
+    @field_validator("penalty_exempt")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for n in v:
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError:
+                raise ValueError(f"not an IP network: {n!r}") from None
+        return v
 
 
 class InventorySettings(_Model):
@@ -90,6 +120,7 @@ class BrokerConfig(_Model):
     upstream: UpstreamSettings = UpstreamSettings()
     identity: IdentitySettings = IdentitySettings()
     totp: TotpSettings = TotpSettings()
+    limits: LimitsSettings = LimitsSettings()
     inventory: InventorySettings = InventorySettings()
     store: StoreSettings = StoreSettings()
     recordings: RecordingSettings = RecordingSettings()
@@ -111,6 +142,10 @@ class BrokerConfig(_Model):
     @property
     def recordings_dir(self) -> Path:
         return self.recordings.dir or self.state_dir / "recordings"
+
+    @property
+    def totp_key_default_path(self) -> Path:
+        return self.state_dir / "totp.key"
 
     @property
     def audit_path(self) -> Path:
@@ -167,5 +202,6 @@ def load_config(path: Path) -> BrokerConfig:
                 update={"dir": _resolve(base, cfg.recordings.dir)}
             ),
             "audit": cfg.audit.model_copy(update={"path": _resolve(base, cfg.audit.path)}),
+            "totp": cfg.totp.model_copy(update={"key_file": _resolve(base, cfg.totp.key_file)}),
         }
     )

@@ -202,7 +202,9 @@ def prepare(state_dir: Path, ssh_port: int, users: int) -> dict[str, Any]:
         f'[upstream]\nadmin_login = "{admin_login}"\nread_only_login = "{ro_login}"\n\n'
         f'[identity]\nbackend = "static"\nusers_file = "users.toml"\n'
         f'default_domain = "{DOMAIN}"\ndomain_aliases = {{ CORP = "{DOMAIN}" }}\n\n'
-        f'[inventory]\nbackend = "static"\nfile = "inventory.toml"\n'
+        f'[inventory]\nbackend = "static"\nfile = "inventory.toml"\n\n'
+        "# Every demo client comes from loopback: never penalise it for failed logins\n"
+        '[limits]\npenalty_exempt = ["127.0.0.0/8", "::1/128"]\n'
     )
     return {"targets": targets, "password": password, "names": names,
             "ca_pub": ca_pub, "logins": (admin_login, ro_login)}

@@ -64,6 +64,33 @@ class TotpStore(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class ThrottleState:
+    """Consecutive failures of one account (as typed: unknown names are throttled alike)."""
+
+    account: str
+    failures: int
+    next_allowed: float  # epoch seconds
+    locked: bool
+
+
+class ThrottleStore(Protocol):
+    async def state(self, account: str) -> ThrottleState: ...
+
+    async def failed(self, account: str, now: float, free: int, max_backoff: float,
+                     lock_after: int) -> ThrottleState:
+        """Count one more failure atomically; locks at ``lock_after`` consecutive failures."""
+        ...
+
+    async def succeeded(self, account: str) -> None:
+        """Reset the counter of an account that is not locked."""
+        ...
+
+    async def unlock(self, account: str) -> bool: ...
+
+    async def listing(self) -> list[ThrottleState]: ...
+
+
 class Inventory(Protocol):
     async def resolve(self, name: str) -> Instance | None:
         """Find an instance by id or name (case-insensitive)."""

@@ -113,6 +113,31 @@ class Demo:
         path = self.state_dir / "audit" / "audit.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()]
 
+    def variant_config(self, tmp: Path, *, ssh: str = "", limits: str = "",
+                       inventory: str | None = None) -> Path:
+        """A config for a second broker sharing this demo's state (store, CA, keys, audit)."""
+        state = self.state_dir
+        inv = state / "inventory.toml"
+        if inventory is not None:
+            inv = tmp / "inventory.toml"
+            inv.write_text(inventory)
+        cfg = tmp / "broker.toml"
+        cfg.write_text(
+            f'state_dir = "{state}"\n[ssh]\nlisten_host = "127.0.0.1"\nlisten_port = 0\n{ssh}\n'
+            f'[upstream]\nadmin_login = "{self.info["admin_login"]}"\n'
+            f'read_only_login = "{self.info["read_only_login"]}"\n'
+            f'[identity]\nusers_file = "{state / "users.toml"}"\n'
+            f'default_domain = "{self.info["domain"]}"\n'
+            f'[inventory]\nfile = "{inv}"\n[limits]\n{limits}\n'
+        )
+        return cfg
+
+    def known_hosts_for(self, tmp: Path, port: int) -> Path:
+        host_pub = (self.state_dir / "ssh_host_ed25519_key.pub").read_text().split()
+        path = tmp / f"known_hosts_{port}"
+        path.write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+        return path
+
     def broker_log(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 

@@ -9,12 +9,15 @@ session starts, and no upstream connection is opened without a live grant.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import asyncssh
 import structlog
 from asyncssh.auth import KbdIntChallenge, KbdIntResponse
 
+from broker.config import LimitsSettings
 from broker.domain.models import Instance, Principal
+from broker.domain.ratelimit import SourceGuard
 from broker.domain.selector import Selector, SelectorError, parse_selector
 from broker.services.auth import Authenticator
 from broker.ssh.menu import MenuSession
@@ -22,30 +25,49 @@ from broker.ssh.relay import ClientSession, RelayDeps
 
 log = structlog.get_logger("broker.ssh")
 
-MAX_AUTH_FAILURES = 3
 PASSWORD_PROMPT = "Password: "  # noqa: S105 - a prompt, not a password
 CODE_PROMPT = "Verification code: "
 
 
 class BrokerConnection(asyncssh.SSHServer):
-    def __init__(self, deps: RelayDeps, authenticator: Authenticator) -> None:
+    def __init__(self, deps: RelayDeps, authenticator: Authenticator, guard: SourceGuard) -> None:
         self._deps = deps
         self._auth = authenticator
+        self._guard = guard
+        self._counted = False  # admitted and still unauthenticated in the guard's books
         self._conn: asyncssh.SSHServerConnection | None = None
         self._peer = "?"
+        self._ip = "?"
         self._selector: Selector | None = None
         self._password: str | None = None
         self._principal: Principal | None = None
         self._instance: Instance | None = None
         self._allowed = False
         self._failures = 0
+        self._max_failures = deps.config.limits.max_auth_failures_per_connection
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
         peer = conn.get_extra_info("peername")
+        self._ip = str(peer[0]) if peer else "?"
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        admission = self._guard.admit(self._ip, time.monotonic())
+        if not admission.allowed:
+            log.info("connection.refused", peer=self._peer, reason=admission.reason)
+            conn.abort()
+            return
+        self._counted = True
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._guard.left_unauthenticated(self._ip)
+
+    def auth_completed(self) -> None:
+        self._uncount()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._uncount()
         if exc is not None and self._principal is None:
             log.info("connection.closed_before_auth", peer=self._peer, error=str(exc))
 
@@ -83,7 +105,10 @@ class BrokerConnection(asyncssh.SSHServer):
         ok = await self._login(password, code)
         if not ok:
             self._failures += 1
-            if self._failures >= MAX_AUTH_FAILURES and self._conn is not None:
+            verdict = self._guard.failed(self._ip, time.monotonic())
+            if verdict.penalty_started:
+                self._deps.audit.emit("source.penalised", peer=self._ip, reason=verdict.reason)
+            if self._failures >= self._max_failures and self._conn is not None:
                 conn = self._conn
                 asyncio.get_running_loop().call_later(
                     0.05, conn.disconnect, asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
@@ -132,13 +157,26 @@ class BrokerConnection(asyncssh.SSHServer):
         return chan, ClientSession(self._deps, self._principal, self._instance, self._peer)
 
 
+def source_guard(limits: LimitsSettings) -> SourceGuard:
+    return SourceGuard(
+        max_startups=limits.max_startups,
+        max_startups_per_source=limits.max_startups_per_source,
+        penalty_after=limits.source_penalty_after,
+        penalty_window=limits.source_penalty_window_seconds,
+        penalty_seconds=limits.source_penalty_seconds,
+        penalty_max_seconds=limits.source_penalty_max_seconds,
+        exempt=limits.penalty_exempt,
+    )
+
+
 async def start_server(
     deps: RelayDeps, authenticator: Authenticator, host_key: asyncssh.SSHKey,
     host: str, port: int,
 ) -> asyncssh.SSHAcceptor:
     ssh = deps.config.ssh
+    guard = source_guard(deps.config.limits)
     return await asyncssh.create_server(
-        lambda: BrokerConnection(deps, authenticator),
+        lambda: BrokerConnection(deps, authenticator, guard),
         host,
         port,
         server_host_keys=[host_key],

@@ -13,8 +13,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from broker.domain.models import Grant, GrantState, Level, Trigger
+from broker.domain.ratelimit import account_backoff
 from broker.errors import StoreError
-from broker.ports import SessionRecord
+from broker.ports import SessionRecord, ThrottleState
 
 MIGRATIONS: list[str] = [
     """
@@ -62,6 +63,15 @@ MIGRATIONS: list[str] = [
         recording TEXT NOT NULL
     );
     CREATE INDEX sessions_started ON sessions (started_at);
+    """,
+    """
+    CREATE TABLE auth_throttle (
+        account TEXT PRIMARY KEY,
+        failures INTEGER NOT NULL DEFAULT 0,
+        next_allowed REAL NOT NULL DEFAULT 0,
+        locked INTEGER NOT NULL DEFAULT 0,
+        last_failure REAL
+    );
     """,
 ]
 
@@ -206,6 +216,58 @@ class SqliteTotpStore:
             (step, user_key, step),
         )
         return cur.rowcount == 1
+
+
+class SqliteThrottleStore:
+    """Per-account failure counters; each update is one atomic statement, shared by processes."""
+
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._c = db.conn
+
+    async def state(self, account: str) -> ThrottleState:
+        r = self._c.execute(
+            "SELECT failures, next_allowed, locked FROM auth_throttle WHERE account=?", (account,)
+        ).fetchone()
+        if r is None:
+            return ThrottleState(account, 0, 0.0, False)
+        return ThrottleState(account, int(r[0]), float(r[1]), bool(r[2]))
+
+    async def failed(self, account: str, now: float, free: int, max_backoff: float,
+                     lock_after: int) -> ThrottleState:
+        self._c.execute("BEGIN IMMEDIATE")
+        try:
+            r = self._c.execute(
+                "SELECT failures FROM auth_throttle WHERE account=?", (account,)
+            ).fetchone()
+            failures = (int(r[0]) if r else 0) + 1
+            wait = account_backoff(failures, free, max_backoff)
+            locked = failures >= lock_after
+            self._c.execute(
+                "INSERT INTO auth_throttle (account, failures, next_allowed, locked, last_failure)"
+                " VALUES (?,?,?,?,?) ON CONFLICT (account) DO UPDATE SET"
+                " failures=excluded.failures, next_allowed=excluded.next_allowed,"
+                " locked=excluded.locked, last_failure=excluded.last_failure",
+                (account, failures, now + wait, int(locked), now),
+            )
+            self._c.execute("COMMIT")
+        except BaseException:
+            self._c.execute("ROLLBACK")
+            raise
+        return ThrottleState(account, failures, now + wait, locked)
+
+    async def succeeded(self, account: str) -> None:
+        self._c.execute("DELETE FROM auth_throttle WHERE account=? AND locked=0", (account,))
+
+    async def unlock(self, account: str) -> bool:
+        cur = self._c.execute("DELETE FROM auth_throttle WHERE account=?", (account,))
+        return cur.rowcount == 1
+
+    async def listing(self) -> list[ThrottleState]:
+        rows = self._c.execute(
+            "SELECT account, failures, next_allowed, locked FROM auth_throttle"
+            " ORDER BY locked DESC, failures DESC"
+        ).fetchall()
+        return [ThrottleState(r[0], int(r[1]), float(r[2]), bool(r[3])) for r in rows]
 
 
 def _session_from_row(r: sqlite3.Row) -> SessionRecord:

@@ -122,7 +122,8 @@ def test_wrong_password_is_refused_without_detail(demo: Demo) -> None:
     assert r.returncode == 255
     assert b"Permission denied" in r.stderr
     fails = [e for e in demo.audit_lines() if e["event"] == "auth.failure"]
-    assert any(e.get("user") == user and e["reason"] == "bad password" for e in fails)
+    assert any(e.get("user") == f"{user}@{demo.info['domain']}" and e["reason"] == "bad password"
+               for e in fails)
 
 
 def test_unknown_user_is_refused_like_a_wrong_password(demo: Demo) -> None:

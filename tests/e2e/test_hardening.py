@@ -62,28 +62,10 @@ def test_agent_x11_and_port_forwarding_are_refused(demo: Demo) -> None:
     assert b"administratively prohibited" in r.stderr or b"open failed" in r.stderr
 
 
-def _config_variant(demo: Demo, tmp: Path, ssh_extra: str, inventory: str | None) -> Path:
-    state = demo.state_dir
-    inv = state / "inventory.toml"
-    if inventory is not None:
-        inv = tmp / "inventory.toml"
-        inv.write_text(inventory)
-    cfg = tmp / "broker.toml"
-    cfg.write_text(
-        f'state_dir = "{state}"\n[ssh]\nlisten_host = "127.0.0.1"\nlisten_port = 0\n{ssh_extra}\n'
-        f'[upstream]\nadmin_login = "{demo.info["admin_login"]}"\n'
-        f'read_only_login = "{demo.info["read_only_login"]}"\n'
-        f'[identity]\nusers_file = "{state / "users.toml"}"\n'
-        f'default_domain = "{demo.info["domain"]}"\n'
-        f'[inventory]\nfile = "{inv}"\n'
-    )
-    return cfg
-
-
 async def test_login_grace_timeout_closes_idle_unauthenticated_connections(
     demo: Demo, tmp_path: Path
 ) -> None:
-    cfg = load_config(_config_variant(demo, tmp_path, "login_grace_seconds = 1", None))
+    cfg = load_config(demo.variant_config(tmp_path, ssh="login_grace_seconds = 1"))
     broker = Broker(cfg)
     port = await broker.start()
     try:
@@ -108,14 +90,12 @@ async def test_target_host_key_mismatch_refuses_the_session(demo: Demo, tmp_path
     # replace the host key of the first instance (web01) with an unrelated key
     idx = next(i for i, line in enumerate(lines) if line.startswith("host_keys"))
     lines[idx] = f"host_keys = [{json.dumps(wrong)}]"
-    cfg = load_config(_config_variant(demo, tmp_path, "", "\n".join(lines) + "\n"))
+    cfg = load_config(demo.variant_config(tmp_path, inventory="\n".join(lines) + "\n"))
     broker = Broker(cfg)
     port = await broker.start()
     try:
         user = demo.take_user()
-        known = tmp_path / "kh"
-        host_pub = (demo.state_dir / "ssh_host_ed25519_key.pub").read_text().split()
-        known.write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+        known = demo.known_hosts_for(tmp_path, port)
         args = demo.ssh_args(f"{user}+web01", port=port, known_hosts=known)
         proc = await asyncio.create_subprocess_exec(
             *args, "echo reached", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -130,7 +110,7 @@ async def test_target_host_key_mismatch_refuses_the_session(demo: Demo, tmp_path
 
 
 def test_serve_notifies_systemd_and_stops_on_sigterm(demo: Demo, tmp_path: Path) -> None:
-    cfg = _config_variant(demo, tmp_path, "", None)
+    cfg = demo.variant_config(tmp_path)
     sock_path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(sock_path)
@@ -168,7 +148,7 @@ def test_totp_enroll_and_user_add(demo: Demo, tmp_path: Path) -> None:
     r = demo.cli("totp", "enroll", "newbie")
     assert "otpauth://totp/bastion-broker:newbie%40corp.example.com?secret=" in r.stdout
     assert "█" in r.stdout or "▀" in r.stdout  # the QR code
-    cfg = _config_variant(demo, tmp_path, "", None)
+    cfg = demo.variant_config(tmp_path)
     users = tmp_path / "users.toml"
     users.write_text((demo.state_dir / "users.toml").read_text())
     cfg.write_text(cfg.read_text().replace(str(demo.state_dir / "users.toml"), str(users)))

@@ -16,8 +16,8 @@ from broker.domain import totp
 from broker.domain.models import Principal
 from broker.identity.passwords import hash_password
 from broker.identity.static import StaticDirectory, StaticUser, UsersFile
-from broker.services.auth import Authenticator, TotpSecondFactor
-from broker.store.sqlite import SqliteDatabase, SqliteTotpStore
+from broker.services.auth import AccountPolicy, Authenticator, TotpSecondFactor
+from broker.store.sqlite import SqliteDatabase, SqliteThrottleStore, SqliteTotpStore
 
 SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
 T0 = datetime(2025, 3, 1, 12, 0, 10, tzinfo=UTC)
@@ -209,9 +209,19 @@ def directory() -> StaticDirectory:
     return StaticDirectory(users, "corp.example.com", {"CORP": "corp.example.com"})
 
 
-async def test_login_success(store: SqliteTotpStore, directory: StaticDirectory) -> None:
+def _auth(db: SqliteDatabase, store: SqliteTotpStore, directory: StaticDirectory,
+          audit: ListAudit, clock: FakeClock | None = None,
+          policy: AccountPolicy = AccountPolicy()) -> Authenticator:
+    clock = clock or FakeClock(T0)
+    return Authenticator(directory, TotpSecondFactor(store, clock), audit,
+                         SqliteThrottleStore(db), clock, policy)
+
+
+async def test_login_success(
+    db: SqliteDatabase, store: SqliteTotpStore, directory: StaticDirectory
+) -> None:
     audit = ListAudit()
-    auth = Authenticator(directory, TotpSecondFactor(store, FakeClock(T0)), audit)
+    auth = _auth(db, store, directory, audit)
     p = await auth.login("alice", None, PASSWORD, code_at(T0), "192.0.2.1:5000")
     assert p == Principal("corp.example.com", "alice", frozenset({"ops"}))
     assert audit.events == [
@@ -222,29 +232,35 @@ async def test_login_success(store: SqliteTotpStore, directory: StaticDirectory)
     ]
 
 
-async def test_login_bad_password(store: SqliteTotpStore, directory: StaticDirectory) -> None:
+async def test_login_bad_password(
+    db: SqliteDatabase, store: SqliteTotpStore, directory: StaticDirectory
+) -> None:
     audit = ListAudit()
-    auth = Authenticator(directory, TotpSecondFactor(store, FakeClock(T0)), audit)
+    auth = _auth(db, store, directory, audit)
     assert await auth.login("alice", "CORP", "wrong", code_at(T0), "peer") is None
     assert audit.events == [
-        ("auth.failure", {"user": "alice", "domain": "CORP", "peer": "peer", "reason": "bad password"}),
+        ("auth.failure", {"user": "alice@corp.example.com", "peer": "peer", "reason": "bad password"}),
     ]
     # the code was not consumed by the failed login
     assert await store.last_step(ALICE.key) is None
 
 
-async def test_login_unknown_user(store: SqliteTotpStore, directory: StaticDirectory) -> None:
+async def test_login_unknown_user(
+    db: SqliteDatabase, store: SqliteTotpStore, directory: StaticDirectory
+) -> None:
     audit = ListAudit()
-    auth = Authenticator(directory, TotpSecondFactor(store, FakeClock(T0)), audit)
+    auth = _auth(db, store, directory, audit)
     assert await auth.login("mallory", None, PASSWORD, "123456", "peer") is None
     assert audit.events == [
-        ("auth.failure", {"user": "mallory", "domain": None, "peer": "peer", "reason": "unknown user"}),
+        ("auth.failure", {"user": "mallory@corp.example.com", "peer": "peer", "reason": "unknown user"}),
     ]
 
 
-async def test_login_bad_code_then_replay(store: SqliteTotpStore, directory: StaticDirectory) -> None:
+async def test_login_bad_code_then_replay(
+    db: SqliteDatabase, store: SqliteTotpStore, directory: StaticDirectory
+) -> None:
     audit = ListAudit()
-    auth = Authenticator(directory, TotpSecondFactor(store, FakeClock(T0)), audit)
+    auth = _auth(db, store, directory, audit)
     stale = code_at(T0 - timedelta(minutes=5))
     assert await auth.login("alice", None, PASSWORD, stale, "peer") is None
     assert await auth.login("alice", None, PASSWORD, code_at(T0), "peer") is not None
@@ -257,3 +273,76 @@ async def test_login_bad_code_then_replay(store: SqliteTotpStore, directory: Sta
             {"user": "alice@corp.example.com", "peer": "peer", "reason": "TOTP code reused"},
         ),
     ]
+
+
+async def test_account_backoff_then_lock_then_unlock(
+    db: SqliteDatabase, store: SqliteTotpStore, directory: StaticDirectory
+) -> None:
+    audit = ListAudit()
+    clock = FakeClock(T0)
+    policy = AccountPolicy(free_failures=2, backoff_max_seconds=8, lock_after=5)
+    auth = _auth(db, store, directory, audit, clock, policy)
+    throttle = SqliteThrottleStore(db)
+    for _ in range(2):  # free failures: no waiting
+        assert await auth.login("alice", None, "wrong", "000000", "p") is None
+    st = await throttle.state("alice@corp.example.com")
+    assert st.failures == 2
+    assert st.next_allowed == T0.timestamp() + 1  # third failure onwards waits 1, 2, 4 ... s
+    # during the backoff even the right credentials are refused, and not counted
+    assert await auth.login("alice", None, PASSWORD, code_at(T0), "p") is None
+    assert audit.events[-1][1]["reason"].startswith("throttled")
+    assert (await throttle.state("alice@corp.example.com")).failures == 2
+    for _ in range(3):
+        clock.t += timedelta(seconds=10)
+        assert await auth.login("alice", None, "wrong", "000000", "p") is None
+    st = await throttle.state("alice@corp.example.com")
+    assert st.locked
+    assert ("account.locked", {"user": "alice@corp.example.com", "failures": 5, "peer": "p"}) in (
+        audit.events
+    )
+    clock.t += timedelta(hours=1)
+    assert await auth.login("alice", None, PASSWORD, code_at(clock.t), "p") is None
+    assert audit.events[-1][1]["reason"] == "account locked after 5 failures"
+    assert await throttle.unlock("alice@corp.example.com")
+    assert await auth.login("alice", None, PASSWORD, code_at(clock.t), "p") is not None
+
+
+async def test_unknown_names_are_throttled_like_known_ones(
+    db: SqliteDatabase, store: SqliteTotpStore, directory: StaticDirectory
+) -> None:
+    policy = AccountPolicy(free_failures=0, backoff_max_seconds=8, lock_after=3)
+    auth = _auth(db, store, directory, ListAudit(), FakeClock(T0), policy)
+    assert await auth.login("mallory", "CORP", "x", "000000", "p") is None
+    st = await SqliteThrottleStore(db).state("mallory@corp.example.com")
+    assert st.failures == 1
+    assert st.next_allowed > T0.timestamp()
+
+
+async def test_success_resets_the_counter(
+    db: SqliteDatabase, store: SqliteTotpStore, directory: StaticDirectory
+) -> None:
+    auth = _auth(db, store, directory, ListAudit())
+    assert await auth.login("alice", None, "wrong", "000000", "p") is None
+    assert await auth.login("alice", None, PASSWORD, code_at(T0), "p") is not None
+    assert (await SqliteThrottleStore(db).state("alice@corp.example.com")).failures == 0
+
+
+async def test_unknown_user_and_wrong_password_take_the_same_time(
+    db: SqliteDatabase, store: SqliteTotpStore, directory: StaticDirectory
+) -> None:
+    import statistics
+    import time
+
+    policy = AccountPolicy(free_failures=100, backoff_max_seconds=0, lock_after=100)
+    auth = _auth(db, store, directory, ListAudit(), policy=policy)
+    known: list[float] = []
+    unknown: list[float] = []
+    for i in range(15):  # interleaved, so drift in machine load hits both alike
+        t0 = time.perf_counter()
+        await auth.login("alice", None, f"wrong-{i}", "000000", "p")
+        known.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        await auth.login(f"nobody{i}", None, f"wrong-{i}", "000000", "p")
+        unknown.append(time.perf_counter() - t0)
+    diff_ms = abs(statistics.median(known) - statistics.median(unknown)) * 1000
+    assert diff_ms < 5, (statistics.median(known), statistics.median(unknown))
