@@ -85,7 +85,7 @@ async def test_source_penalty_after_repeated_failures(demo: Demo, tmp_path: Path
         assert rc == 255
         assert b"Permission denied" not in err
         # another address is not affected
-        rc, out, err = await _ssh(demo, user, port, known, source="127.0.0.1")
+        rc, _, err = await _ssh(demo, user, port, known, source="127.0.0.1")
         assert rc == 0, err
         assert any(e["event"] == "source.penalised" and e["peer"] == "127.0.0.3"
                    for e in demo.audit_lines())
@@ -134,7 +134,7 @@ async def test_account_lock_is_shared_by_two_broker_processes(
                    if e["event"] == "auth.failure" and e.get("user", "").startswith(user + "@")]
         assert reasons[-1] == "account locked after 3 failures"
         demo.cli("auth", "unlock", f"CORP\\{user}")
-        rc, out, err = await _ssh(demo, user, demo.port, demo.known_hosts)
+        rc, _, err = await _ssh(demo, user, demo.port, demo.known_hosts)
         assert rc == 0, err
     finally:
         proc.send_signal(signal.SIGTERM)

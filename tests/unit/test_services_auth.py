@@ -211,10 +211,10 @@ def directory() -> StaticDirectory:
 
 def _auth(db: SqliteDatabase, store: SqliteTotpStore, directory: StaticDirectory,
           audit: ListAudit, clock: FakeClock | None = None,
-          policy: AccountPolicy = AccountPolicy()) -> Authenticator:
+          policy: AccountPolicy | None = None) -> Authenticator:
     clock = clock or FakeClock(T0)
     return Authenticator(directory, TotpSecondFactor(store, clock), audit,
-                         SqliteThrottleStore(db), clock, policy)
+                         SqliteThrottleStore(db), clock, policy or AccountPolicy())
 
 
 async def test_login_success(
