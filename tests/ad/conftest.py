@@ -367,7 +367,7 @@ def ad_settings(dc: SambaDC, **overrides: Any) -> Any:
         "approver_groups": [f"CN=bastion-approvers,CN=Users,{BASE_DN}"],
         "auditor_groups": ["bastion-auditors"],
     }
-    top: dict[str, Any] = {"connect_timeout_seconds": 2, "operation_timeout_seconds": 6}
+    top: dict[str, Any] = {"connect_timeout_seconds": 5, "operation_timeout_seconds": 10}
     for k, v in overrides.items():
         (top if k in ("connect_timeout_seconds", "operation_timeout_seconds", "max_concurrency",
                       "default_domain", "dc_retry_seconds") else domain)[k] = v
