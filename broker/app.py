@@ -18,7 +18,7 @@ from broker.identity.static import StaticDirectory
 from broker.inventory.static import StaticInventory
 from broker.recordings.local import LocalRecordingSink
 from broker.services.access import AccessService
-from broker.services.auth import AccountPolicy, Authenticator, TotpSecondFactor
+from broker.services.auth import AccountPolicy, Authenticator, TotpPolicy, TotpSecondFactor
 from broker.services.clock import SystemClock
 from broker.services.sessions import SessionService
 from broker.services.totp_secrets import EncryptedTotpStore, load_key
@@ -29,6 +29,8 @@ from broker.ssh.server import start_server
 from broker.store.sqlite import (
     SqliteDatabase,
     SqliteGrantStore,
+    SqliteKeyStore,
+    SqliteReauthStore,
     SqliteSessionIndex,
     SqliteThrottleStore,
     SqliteTotpStore,
@@ -45,6 +47,8 @@ class Stores:
     grants: SqliteGrantStore
     totp: EncryptedTotpStore
     throttle: SqliteThrottleStore
+    keys: SqliteKeyStore
+    reauth: SqliteReauthStore
     sessions: SqliteSessionIndex
     recordings: LocalRecordingSink
     audit: JsonlAuditLog
@@ -60,7 +64,7 @@ def open_stores(config: BrokerConfig) -> Stores:
             SqliteTotpStore(db),
             load_key(config.totp.key_file, config.totp_key_default_path),
         ),
-        throttle=SqliteThrottleStore(db),
+        throttle=SqliteThrottleStore(db), keys=SqliteKeyStore(db), reauth=SqliteReauthStore(db),
         sessions=SqliteSessionIndex(db), recordings=LocalRecordingSink(config.recordings_dir),
         audit=JsonlAuditLog(config.audit_path, clock), clock=clock,
     )
@@ -105,6 +109,10 @@ class Broker:
             directory, TotpSecondFactor(s.totp, s.clock), s.audit, s.throttle, s.clock,
             AccountPolicy(limits.account_free_failures, limits.account_backoff_max_seconds,
                           limits.account_lock_after),
+            totp_store=s.totp,
+            totp_policy=TotpPolicy(config.totp.self_enroll, config.totp.reauth_window_seconds,
+                                   config.totp.issuer),
+            reauth=s.reauth,
         )
         self.ca = UserCA(load_or_create_key(config.ca_key_path, "bastion-broker user CA"))
         self.host_key = load_or_create_key(config.host_key_path, "bastion-broker host key")
@@ -115,7 +123,8 @@ class Broker:
         """Start listening; returns the bound port (useful with port 0)."""
         ssh = self.config.ssh
         self._acceptor = await start_server(
-            self.deps, self.authenticator, self.host_key, ssh.listen_host, ssh.listen_port
+            self.deps, self.authenticator, self.stores.keys, self.host_key, ssh.listen_host,
+            ssh.listen_port,
         )
         port = int(self._acceptor.get_port())
         self.stores.audit.emit("broker.start", listen=f"{ssh.listen_host}:{port}")

@@ -283,6 +283,55 @@ async def _auth_unlock(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _key_add(args: argparse.Namespace) -> int:
+    from broker.app import open_stores
+
+    config = _config(args)
+    stores = open_stores(config)
+    account = _account(config, args.user)
+    import asyncssh
+
+    line = sys.stdin.readline().strip() if args.public_key == "-" else args.public_key
+    try:
+        asyncssh.import_public_key(line)
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        raise UsageError(f"not an SSH public key: {exc}") from None
+    fp = await stores.keys.add(account, line, args.comment or "")
+    stores.audit.emit("key.added", user=account, fingerprint=fp, actor=_actor())
+    _out(f"{fp} registered for {account}")
+    if not config.identity.public_keys:
+        _out("note: [identity] public_keys = false in the config: keys are not accepted yet")
+    return 0
+
+
+async def _key_list(args: argparse.Namespace) -> int:
+    from broker.app import open_stores
+
+    config = _config(args)
+    stores = open_stores(config)
+    account = _account(config, args.user) if args.user else None
+    rows = [{"account": a, "fingerprint": f, "comment": c}
+            for a, f, c in await stores.keys.listing(account)]
+    if args.json:
+        _out(json.dumps(rows, indent=2))
+    else:
+        _table(rows, ["account", "fingerprint", "comment"])
+    return 0
+
+
+async def _key_remove(args: argparse.Namespace) -> int:
+    from broker.app import open_stores
+
+    config = _config(args)
+    stores = open_stores(config)
+    account = _account(config, args.user)
+    if not await stores.keys.remove(account, args.fingerprint):
+        raise NotFoundError(f"no key {args.fingerprint} registered for {account}")
+    stores.audit.emit("key.removed", user=account, fingerprint=args.fingerprint, actor=_actor())
+    _out(f"{args.fingerprint} removed from {account}")
+    return 0
+
+
 def _actor() -> str:
     return os.environ.get("SUDO_USER") or getpass.getuser()
 
@@ -401,6 +450,22 @@ def build_parser() -> argparse.ArgumentParser:
     s = a.add_parser("unlock", help="clear the failures and the lock of an account")
     s.add_argument("user", help="alice, CORP\\alice or alice@corp.example.com")
     s.set_defaults(func=_run(_auth_unlock))
+
+    k = sub.add_parser("key", help="SSH keys that may replace the password (never the code)"
+                       ).add_subparsers(dest="sub", required=True)
+    s = k.add_parser("add", help="register a public key for USER")
+    s.add_argument("user")
+    s.add_argument("public_key", help="an OpenSSH public key line, or - to read it from stdin")
+    s.add_argument("--comment")
+    s.set_defaults(func=_run(_key_add))
+    s = k.add_parser("list", help="registered keys")
+    s.add_argument("user", nargs="?")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_run(_key_list))
+    s = k.add_parser("remove", help="unregister a key by its SHA256 fingerprint")
+    s.add_argument("user")
+    s.add_argument("fingerprint")
+    s.set_defaults(func=_run(_key_remove))
 
     u = sub.add_parser("user", help="static directory users").add_subparsers(dest="sub",
                                                                             required=True)

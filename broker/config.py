@@ -58,6 +58,8 @@ class IdentitySettings(_Model):
     users_file: Path = Path("users.toml")
     default_domain: str = "corp.example.com"
     domain_aliases: dict[str, str] = Field(default_factory=dict)  # NetBIOS name -> FQDN
+    # A registered SSH key (bastion-broker key add) may replace the password, never the code.
+    public_keys: bool = False
 
 
 class TotpSettings(_Model):
@@ -65,6 +67,12 @@ class TotpSettings(_Model):
     # Encryption key for secrets at rest: $BASTION_BROKER_TOTP_KEY, the systemd credential
     # "totp-key", this file, or (default) STATE_DIR/totp.key generated on first start.
     key_file: Path | None = None
+    # After a correct password, a user without TOTP may enrol by scanning the QR code shown in
+    # the login prompt and answering with the first code (audited). Off: an operator enrols.
+    self_enroll: bool = False
+    # Opt-in: within this many seconds of a full login, the same account from the same address
+    # (with the same SSH key, if one was used) is not asked for a code again. 0 = off.
+    reauth_window_seconds: int = Field(default=0, ge=0, le=3600)
 
 
 class LimitsSettings(_Model):

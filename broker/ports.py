@@ -39,6 +39,11 @@ class Directory(Protocol):
         """Verify ``password``; must take about the same time for unknown users and bad passwords."""
         ...
 
+    async def lookup(self, username: str, domain: str | None) -> AuthOutcome:
+        """Who the user is without a password (used after a registered SSH key was proven):
+        the account must exist, be enabled and belong to the required groups."""
+        ...
+
     def canonical_domain(self, domain: str | None) -> str | None:
         """The FQDN for ``domain`` (NetBIOS name, FQDN or None for the default), None if untrusted."""
         ...
@@ -89,6 +94,28 @@ class ThrottleStore(Protocol):
     async def unlock(self, account: str) -> bool: ...
 
     async def listing(self) -> list[ThrottleState]: ...
+
+
+class KeyStore(Protocol):
+    """SSH public keys registered for accounts; a key may replace the password, never the code."""
+
+    async def add(self, account: str, public_key: str, comment: str) -> str:
+        """Register a key; returns its SHA256 fingerprint."""
+        ...
+
+    async def has(self, account: str, fingerprint: str) -> bool: ...
+
+    async def remove(self, account: str, fingerprint: str) -> bool: ...
+
+    async def listing(self, account: str | None = None) -> list[tuple[str, str, str]]:
+        """(account, fingerprint, comment) rows."""
+        ...
+
+
+class ReauthStore(Protocol):
+    async def remember(self, account: str, ip: str, key_fp: str, until: float) -> None: ...
+
+    async def valid(self, account: str, ip: str, key_fp: str, now: float) -> bool: ...
 
 
 class Inventory(Protocol):

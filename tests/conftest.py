@@ -22,6 +22,10 @@ BIN = Path(sys.executable).parent / "bastion-broker"
 ASKPASS = """#!/bin/sh
 case "$1" in
   *Password*) printf '%s\\n' "$BB_PASSWORD";;
+  *"new authenticator"*)
+    i=0; while [ $i -lt 150 ]; do
+      if [ -s "$BB_CODE_FILE" ]; then cat "$BB_CODE_FILE"; exit 0; fi
+      sleep 0.1; i=$((i+1)); done; exit 1;;
   *Verification*) printf '%s\\n' "$BB_CODE";;
   *) echo "unexpected prompt: $1" >&2; exit 1;;
 esac
@@ -67,13 +71,14 @@ class Demo:
 
     def ssh_args(self, login: str, *extra: str, port: int | None = None,
                  known_hosts: Path | None = None) -> list[str]:
+        # options given first win in OpenSSH, so ``extra`` can override the defaults below
         return [
-            "ssh", "-F", "/dev/null", "-p", str(port or self.port),
+            "ssh", *extra, "-F", "/dev/null", "-p", str(port or self.port),
             "-o", f"UserKnownHostsFile={known_hosts or self.known_hosts}",
             "-o", "StrictHostKeyChecking=yes",
             "-o", "PreferredAuthentications=keyboard-interactive", "-o", "BatchMode=no",
             "-o", "NumberOfPasswordPrompts=1", "-o", "ConnectTimeout=10",
-            *extra, f"{login}@127.0.0.1",
+            f"{login}@127.0.0.1",
         ]
 
     def env(self, user: str, *, password: str | None = None, code: str | None = None) -> dict[str, str]:
@@ -99,6 +104,9 @@ class Demo:
             env=self.env(user, password=password, code=code),
         )
 
+    def cli_args(self, config: Path) -> list[str]:
+        return [str(BIN), "--config", str(config)]
+
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         r = subprocess.run([str(BIN), "--config", self.config, *args],
                            capture_output=True, text=True, timeout=60)
@@ -114,7 +122,8 @@ class Demo:
         return [json.loads(line) for line in path.read_text().splitlines()]
 
     def variant_config(self, tmp: Path, *, ssh: str = "", limits: str = "",
-                       inventory: str | None = None) -> Path:
+                       inventory: str | None = None, identity: str = "", totp: str = "",
+                       users_file: Path | None = None) -> Path:
         """A config for a second broker sharing this demo's state (store, CA, keys, audit)."""
         state = self.state_dir
         inv = state / "inventory.toml"
@@ -126,9 +135,9 @@ class Demo:
             f'state_dir = "{state}"\n[ssh]\nlisten_host = "127.0.0.1"\nlisten_port = 0\n{ssh}\n'
             f'[upstream]\nadmin_login = "{self.info["admin_login"]}"\n'
             f'read_only_login = "{self.info["read_only_login"]}"\n'
-            f'[identity]\nusers_file = "{state / "users.toml"}"\n'
-            f'default_domain = "{self.info["domain"]}"\n'
-            f'[inventory]\nfile = "{inv}"\n[limits]\n{limits}\n'
+            f'[identity]\nusers_file = "{users_file or state / "users.toml"}"\n'
+            f'default_domain = "{self.info["domain"]}"\n{identity}\n'
+            f'[inventory]\nfile = "{inv}"\n[limits]\n{limits}\n[totp]\n{totp}\n'
         )
         return cfg
 

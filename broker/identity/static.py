@@ -93,6 +93,15 @@ class StaticDirectory:
             return self._domain
         return None
 
+    async def lookup(self, username: str, domain: str | None) -> AuthOutcome:
+        fqdn = self.canonical_domain(domain)
+        user = self._users.get(username.casefold()) if fqdn else None
+        if user is None or fqdn is None:
+            return AuthOutcome(None, "unknown user" if fqdn else "untrusted domain")
+        if user.disabled:
+            return AuthOutcome(None, "account disabled")
+        return AuthOutcome(Principal(fqdn, user.name, frozenset(user.groups)), "account ok")
+
     async def authenticate(self, username: str, domain: str | None, password: str) -> AuthOutcome:
         fqdn = self.canonical_domain(domain)
         user = self._users.get(username.casefold()) if fqdn else None

@@ -1,8 +1,10 @@
-"""Login: password (Directory) then one-time code (SecondFactor).
+"""Login: password (Directory) or a registered key, then a one-time code (SecondFactor).
 
 The SSH layer always asks for both before anything is checked, so the prompts never reveal which
 factor failed, and unknown users cost the same as known ones (a dummy hash is verified). A code is
-only consumed after a correct password, so a guesser cannot burn a user's codes.
+only consumed after a correct first factor, so a guesser cannot burn a user's codes. A registered
+SSH key may replace the password, never the code. Opt-in: self-enrolment of TOTP after a correct
+password, and a short re-authentication window (same account, address and key) that skips the code.
 """
 
 from __future__ import annotations
@@ -11,7 +13,15 @@ from dataclasses import dataclass
 
 from broker.domain import totp
 from broker.domain.models import Principal
-from broker.ports import AuditSink, AuthOutcome, Clock, Directory, ThrottleStore, TotpStore
+from broker.ports import (
+    AuditSink,
+    AuthOutcome,
+    Clock,
+    Directory,
+    ReauthStore,
+    ThrottleStore,
+    TotpStore,
+)
 
 
 class TotpSecondFactor:
@@ -43,6 +53,22 @@ class AccountPolicy:
     lock_after: int = 50
 
 
+@dataclass(frozen=True, slots=True)
+class LoginResult:
+    """A principal, or None; ``enrol_secret`` when self-enrolment of TOTP should be offered."""
+
+    principal: Principal | None
+    enrol_secret: str | None = None
+    enrol_uri: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TotpPolicy:
+    self_enroll: bool = False
+    reauth_window_seconds: int = 0
+    issuer: str = "bastion-broker"
+
+
 class Authenticator:
     def __init__(
         self,
@@ -51,46 +77,126 @@ class Authenticator:
         audit: AuditSink,
         throttle: ThrottleStore,
         clock: Clock,
-        policy: AccountPolicy = AccountPolicy(),
+        policy: AccountPolicy | None = None,
+        *,
+        totp_store: TotpStore | None = None,
+        totp_policy: TotpPolicy | None = None,
+        reauth: ReauthStore | None = None,
     ) -> None:
         self._directory = directory
         self._second = second
         self._audit = audit
         self._throttle = throttle
         self._clock = clock
-        self._policy = policy
+        self._policy = policy or AccountPolicy()
+        self._totp_store = totp_store
+        self._totp_policy = totp_policy or TotpPolicy()
+        self._reauth = reauth
 
     def account_of(self, username: str, domain: str | None) -> str:
         """The throttling key: the name as typed (so unknown names are throttled alike)."""
         fqdn = self._directory.canonical_domain(domain) or domain or "?"
         return f"{username.casefold()}@{fqdn.casefold()}"
 
-    async def login(
-        self, username: str, domain: str | None, password: str, code: str, peer: str
-    ) -> Principal | None:
-        """Both factors; audits the precise reason, returns the principal or None."""
-        account = self.account_of(username, domain)
+    async def _throttled(self, account: str, peer: str) -> bool:
         now = self._clock.now().timestamp()
         state = await self._throttle.state(account)
         if state.locked:
             self._fail(account, peer, f"account locked after {state.failures} failures")
-            return None
+            return True
         if now < state.next_allowed:
             # not counted: the credentials were not even checked
             self._fail(account, peer, f"throttled for {state.next_allowed - now:.1f} s more")
+            return True
+        return False
+
+    async def _first_factor(self, username: str, domain: str | None, password: str | None,
+                            key_fp: str | None) -> AuthOutcome:
+        if key_fp is not None:
+            # the key was proven by the SSH layer; the directory still decides if the account
+            # exists, is enabled and belongs to the required groups
+            return await self._directory.lookup(username, domain)
+        return await self._directory.authenticate(username, domain, password or "")
+
+    async def login(
+        self, username: str, domain: str | None, password: str | None, code: str, peer: str,
+        *, key_fp: str | None = None,
+    ) -> LoginResult:
+        """Password (or a proven registered key) and a TOTP code; audits the precise reason."""
+        account = self.account_of(username, domain)
+        if await self._throttled(account, peer):
+            return LoginResult(None)
+        first = await self._first_factor(username, domain, password, key_fp)
+        if first.principal is None:
+            await self._count_failure(account, peer, first.reason)
+            return LoginResult(None)
+        principal = first.principal
+        second = await self._second.verify(principal, code)
+        if second.principal is None:
+            if second.reason == "no TOTP enrolled" and self._totp_policy.self_enroll:
+                secret = totp.new_secret()
+                uri = totp.provisioning_uri(secret, str(principal), self._totp_policy.issuer)
+                self._audit.emit("totp.self_enrolment_offered", user=str(principal), peer=peer)
+                return LoginResult(principal, enrol_secret=secret, enrol_uri=uri)
+            await self._count_failure(account, peer, second.reason)
+            return LoginResult(None)
+        await self._succeeded(account, principal, peer, key_fp,
+                              "publickey+totp" if key_fp else "password+totp")
+        return LoginResult(principal)
+
+    async def complete_enrolment(self, principal: Principal, secret: str, code: str,
+                                 peer: str) -> Principal | None:
+        """Self-enrolment: the first code from the new authenticator proves it was set up."""
+        account = principal.key
+        step = totp.match_step(secret, code, self._clock.now(), None)
+        if step is None or self._totp_store is None:
+            await self._count_failure(account, peer, "self-enrolment: bad TOTP code")
             return None
-        first = await self._directory.authenticate(username, domain, password)
+        if await self._totp_store.get_secret(account) is not None:
+            await self._count_failure(account, peer, "self-enrolment: already enrolled")
+            return None
+        await self._totp_store.set_secret(account, secret)
+        await self._totp_store.advance_step(account, step)
+        self._audit.emit("totp.self_enrolled", user=str(principal), peer=peer)
+        await self._succeeded(account, principal, peer, None, "password+totp-enrolment")
+        return principal
+
+    async def reauth_allowed(self, username: str, domain: str | None, ip: str,
+                             key_fp: str | None) -> bool:
+        """Whether a recent full login of this account, from this address (and key, if any)
+        lets this one skip the code. Off unless ``reauth_window_seconds`` is set."""
+        if self._reauth is None or self._totp_policy.reauth_window_seconds <= 0:
+            return False
+        account = self.account_of(username, domain)
+        return await self._reauth.valid(account, ip, key_fp or "", self._clock.now().timestamp())
+
+    async def login_within_window(self, username: str, domain: str | None,
+                                  password: str | None, peer: str,
+                                  key_fp: str | None) -> Principal | None:
+        """The first factor only, inside a re-authentication window (audited as such)."""
+        account = self.account_of(username, domain)
+        if await self._throttled(account, peer):
+            return None
+        first = await self._first_factor(username, domain, password, key_fp)
         if first.principal is None:
             await self._count_failure(account, peer, first.reason)
             return None
-        second = await self._second.verify(first.principal, code)
-        if second.principal is None:
-            await self._count_failure(account, peer, second.reason)
-            return None
         await self._throttle.succeeded(account)
-        self._audit.emit("auth.success", user=str(first.principal), peer=peer,
-                         method="password+totp")
+        method = ("publickey" if key_fp else "password") + "+reauth-window"
+        self._audit.emit("auth.success", user=str(first.principal), peer=peer, method=method,
+                         **({"key": key_fp} if key_fp else {}))
         return first.principal
+
+    async def _succeeded(self, account: str, principal: Principal, peer: str,
+                         key_fp: str | None, method: str) -> None:
+        await self._throttle.succeeded(account)
+        self._audit.emit("auth.success", user=str(principal), peer=peer, method=method,
+                         **({"key": key_fp} if key_fp else {}))
+        window = self._totp_policy.reauth_window_seconds
+        if self._reauth is not None and window > 0:
+            ip = peer.rsplit(":", 1)[0]
+            await self._reauth.remember(account, ip, key_fp or "",
+                                        self._clock.now().timestamp() + window)
 
     def _fail(self, account: str, peer: str, reason: str) -> None:
         self._audit.emit("auth.failure", user=account, peer=peer, reason=reason)

@@ -14,11 +14,13 @@ import time
 import asyncssh
 import structlog
 from asyncssh.auth import KbdIntChallenge, KbdIntResponse
+from asyncssh.public_key import decode_ssh_public_key
 
 from broker.config import LimitsSettings
 from broker.domain.models import Instance, Principal
 from broker.domain.ratelimit import SourceGuard
 from broker.domain.selector import Selector, SelectorError, parse_selector
+from broker.ports import KeyStore
 from broker.services.auth import Authenticator
 from broker.ssh.menu import MenuSession
 from broker.ssh.relay import ClientSession, RelayDeps
@@ -27,10 +29,19 @@ log = structlog.get_logger("broker.ssh")
 
 PASSWORD_PROMPT = "Password: "  # noqa: S105 - a prompt, not a password
 CODE_PROMPT = "Verification code: "
+ENROL_PROMPT = "Verification code from the new authenticator: "
+
+
+def enrolment_text(secret: str, uri: str) -> str:
+    """Self-enrolment instructions. OpenSSH shows them escaped to ASCII and cut at about 1 KB,
+    so they carry the secret and the otpauth URI, not a QR code."""
+    return (f"No authenticator is enrolled for you yet. Add this key to your authenticator "
+            f"app, then type the code it shows.\nKey: {secret}\n{uri}\n")
 
 
 class BrokerConnection(asyncssh.SSHServer):
-    def __init__(self, deps: RelayDeps, authenticator: Authenticator, guard: SourceGuard) -> None:
+    def __init__(self, deps: RelayDeps, authenticator: Authenticator, guard: SourceGuard,
+                 keys: KeyStore) -> None:
         self._deps = deps
         self._auth = authenticator
         self._guard = guard
@@ -40,6 +51,10 @@ class BrokerConnection(asyncssh.SSHServer):
         self._ip = "?"
         self._selector: Selector | None = None
         self._password: str | None = None
+        self._phase = "password"
+        self._key_fp: str | None = None  # SHA256 fingerprint of a proven registered key
+        self._enrol: tuple[Principal, str] | None = None
+        self._keys = keys
         self._principal: Principal | None = None
         self._instance: Instance | None = None
         self._allowed = False
@@ -57,6 +72,8 @@ class BrokerConnection(asyncssh.SSHServer):
             conn.abort()
             return
         self._counted = True
+        if self._deps.config.identity.public_keys:
+            self._wrap_key_check(conn)
 
     def _uncount(self) -> None:
         if self._counted:
@@ -79,11 +96,42 @@ class BrokerConnection(asyncssh.SSHServer):
             log.info("auth.bad_selector", peer=self._peer, reason=str(exc))
         return True  # always authenticate: a bad name must look like a bad password
 
+    # -- public key: proves possession of a registered key, then keyboard-interactive asks
+    #    only for the code (asyncssh cannot send partial success, so the key "fails" once proven)
     def password_auth_supported(self) -> bool:
         return False
 
     def public_key_auth_supported(self) -> bool:
-        return False
+        return self._deps.config.identity.public_keys
+
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        sel = self._selector
+        if sel is None or self._key_fp is not None:
+            return False
+        account = self._auth.account_of(sel.username, sel.domain)
+        return await self._keys.has(account, key.get_fingerprint("sha256"))
+
+    def _wrap_key_check(self, conn: asyncssh.SSHServerConnection) -> None:
+        original = conn.validate_public_key
+
+        async def checked(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
+            ok = await original(username, key_data, msg, signature)
+            if not (ok and msg):
+                return ok  # a query (no signature) or a key we do not accept
+            try:
+                fp = decode_ssh_public_key(key_data).get_fingerprint("sha256")
+            except asyncssh.KeyImportError:
+                return False  # e.g. a certificate: only plain registered keys count
+            sel = self._selector
+            if sel is not None and await self._auth.reauth_allowed(
+                    sel.username, sel.domain, self._ip, fp):
+                return await self._finish_login(
+                    await self._auth.login_within_window(
+                        sel.username, sel.domain, None, self._peer, fp))
+            self._key_fp = fp  # proven: keyboard-interactive will ask for the code only
+            return False
+
+        setattr(conn, "validate_public_key", checked)  # noqa: B010 - instance override
 
     def kbdint_auth_supported(self) -> bool:
         return True
@@ -92,18 +140,49 @@ class BrokerConnection(asyncssh.SSHServer):
         self, username: str, lang: str, submethods: str
     ) -> KbdIntChallenge:
         self._password = None
+        self._enrol = None
+        if self._key_fp is not None:
+            self._phase = "code-only"
+            return "", "", "", [(CODE_PROMPT, False)]
+        self._phase = "password"
         return "", "", "", [(PASSWORD_PROMPT, False)]
 
     async def validate_kbdint_response(
         self, username: str, responses: KbdIntResponse
     ) -> KbdIntChallenge:
-        if self._password is None:
-            self._password = responses[0] if len(responses) == 1 else ""
+        answer = responses[0] if len(responses) == 1 else ""
+        sel = self._selector
+        if self._phase == "password":
+            self._password = answer
+            if sel is not None and await self._auth.reauth_allowed(
+                    sel.username, sel.domain, self._ip, None):
+                return await self._finish_login(await self._auth.login_within_window(
+                    sel.username, sel.domain, answer, self._peer, None))
+            self._phase = "code"
             return "", "", "", [(CODE_PROMPT, False)]
-        code = responses[0] if len(responses) == 1 else ""
+        if self._phase == "enrol" and self._enrol is not None:
+            principal, secret = self._enrol
+            self._enrol = None
+            return await self._finish_login(
+                await self._auth.complete_enrolment(principal, secret, answer, self._peer))
         password, self._password = self._password, None
-        ok = await self._login(password, code)
-        if not ok:
+        if sel is None:
+            # malformed user name: same work as a real attempt, then refuse
+            await self._auth.login("\x00invalid", None, password or "x", answer, self._peer)
+            return await self._finish_login(None)
+        key_fp = self._key_fp if self._phase == "code-only" else None
+        result = await self._auth.login(sel.username, sel.domain, password, answer,
+                                        self._peer, key_fp=key_fp)
+        if result.enrol_secret is not None and result.principal is not None:
+            self._enrol = (result.principal, result.enrol_secret)
+            self._phase = "enrol"
+            text = enrolment_text(result.enrol_secret, result.enrol_uri or "")
+            return "Set up your authenticator", text, "", [(ENROL_PROMPT, False)]
+        return await self._finish_login(result.principal)
+
+    async def _finish_login(self, principal: Principal | None) -> bool:
+        """Count a failure (and maybe end the connection), or decide the target once."""
+        if principal is None:
             self._failures += 1
             verdict = self._guard.failed(self._ip, time.monotonic())
             if verdict.penalty_started:
@@ -114,19 +193,10 @@ class BrokerConnection(asyncssh.SSHServer):
                     0.05, conn.disconnect, asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
                     "Too many authentication failures",
                 )
-        return ok
-
-    async def _login(self, password: str, code: str) -> bool:
-        sel = self._selector
-        if sel is None:
-            # malformed user name: same work as a real attempt, then refuse
-            await self._auth.login("\x00invalid", None, password or "x", code, self._peer)
-            return False
-        principal = await self._auth.login(sel.username, sel.domain, password, code, self._peer)
-        if principal is None:
             return False
         self._principal = principal
-        if sel.target is not None:
+        sel = self._selector
+        if sel is not None and sel.target is not None:
             result = await self._deps.access.decide(principal, sel.target)
             self._instance = result.instance
             self._allowed = result.decision.allowed
@@ -170,13 +240,13 @@ def source_guard(limits: LimitsSettings) -> SourceGuard:
 
 
 async def start_server(
-    deps: RelayDeps, authenticator: Authenticator, host_key: asyncssh.SSHKey,
+    deps: RelayDeps, authenticator: Authenticator, keys: KeyStore, host_key: asyncssh.SSHKey,
     host: str, port: int,
 ) -> asyncssh.SSHAcceptor:
     ssh = deps.config.ssh
     guard = source_guard(deps.config.limits)
     return await asyncssh.create_server(
-        lambda: BrokerConnection(deps, authenticator, guard),
+        lambda: BrokerConnection(deps, authenticator, guard, keys),
         host,
         port,
         server_host_keys=[host_key],

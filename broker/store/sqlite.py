@@ -73,6 +73,23 @@ MIGRATIONS: list[str] = [
         last_failure REAL
     );
     """,
+    """
+    CREATE TABLE user_keys (
+        account TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        public_key TEXT NOT NULL,
+        comment TEXT NOT NULL,
+        added_at TEXT NOT NULL,
+        PRIMARY KEY (account, fingerprint)
+    );
+    CREATE TABLE reauth_windows (
+        account TEXT NOT NULL,
+        ip TEXT NOT NULL,
+        key_fp TEXT NOT NULL,
+        until REAL NOT NULL,
+        PRIMARY KEY (account, ip, key_fp)
+    );
+    """,
 ]
 
 
@@ -268,6 +285,66 @@ class SqliteThrottleStore:
             " ORDER BY locked DESC, failures DESC"
         ).fetchall()
         return [ThrottleState(r[0], int(r[1]), float(r[2]), bool(r[3])) for r in rows]
+
+
+class SqliteKeyStore:
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._c = db.conn
+
+    async def add(self, account: str, public_key: str, comment: str) -> str:
+        import asyncssh
+
+        try:
+            key = asyncssh.import_public_key(public_key)
+        except (asyncssh.KeyImportError, ValueError) as exc:
+            raise StoreError(f"not an SSH public key: {exc}") from None
+        fp = key.get_fingerprint("sha256")
+        self._c.execute(
+            "INSERT OR REPLACE INTO user_keys (account, fingerprint, public_key, comment,"
+            " added_at) VALUES (?,?,?,?,?)",
+            (account, fp, key.export_public_key().decode().strip(), comment,
+             _ts(datetime.now(UTC))),
+        )
+        return fp
+
+    async def has(self, account: str, fingerprint: str) -> bool:
+        r = self._c.execute("SELECT 1 FROM user_keys WHERE account=? AND fingerprint=?",
+                            (account, fingerprint)).fetchone()
+        return r is not None
+
+    async def remove(self, account: str, fingerprint: str) -> bool:
+        cur = self._c.execute("DELETE FROM user_keys WHERE account=? AND fingerprint=?",
+                              (account, fingerprint))
+        return cur.rowcount == 1
+
+    async def listing(self, account: str | None = None) -> list[tuple[str, str, str]]:
+        if account:
+            rows = self._c.execute("SELECT account, fingerprint, comment FROM user_keys"
+                                   " WHERE account=? ORDER BY added_at", (account,)).fetchall()
+        else:
+            rows = self._c.execute("SELECT account, fingerprint, comment FROM user_keys"
+                                   " ORDER BY account, added_at").fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+
+class SqliteReauthStore:
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._c = db.conn
+
+    async def remember(self, account: str, ip: str, key_fp: str, until: float) -> None:
+        self._c.execute(
+            "INSERT INTO reauth_windows (account, ip, key_fp, until) VALUES (?,?,?,?)"
+            " ON CONFLICT (account, ip, key_fp) DO UPDATE SET until=excluded.until",
+            (account, ip, key_fp, until),
+        )
+        self._c.execute("DELETE FROM reauth_windows WHERE until < ?", (until - 86400,))
+
+    async def valid(self, account: str, ip: str, key_fp: str, now: float) -> bool:
+        r = self._c.execute(
+            "SELECT 1 FROM reauth_windows WHERE account=? AND ip=? AND key_fp=? AND until>?",
+            (account, ip, key_fp, now),
+        ).fetchone()
+        return r is not None
 
 
 def _session_from_row(r: sqlite3.Row) -> SessionRecord:

@@ -222,7 +222,7 @@ async def test_login_success(
 ) -> None:
     audit = ListAudit()
     auth = _auth(db, store, directory, audit)
-    p = await auth.login("alice", None, PASSWORD, code_at(T0), "192.0.2.1:5000")
+    p = (await auth.login("alice", None, PASSWORD, code_at(T0), "192.0.2.1:5000")).principal
     assert p == Principal("corp.example.com", "alice", frozenset({"ops"}))
     assert audit.events == [
         (
@@ -237,7 +237,7 @@ async def test_login_bad_password(
 ) -> None:
     audit = ListAudit()
     auth = _auth(db, store, directory, audit)
-    assert await auth.login("alice", "CORP", "wrong", code_at(T0), "peer") is None
+    assert (await auth.login("alice", "CORP", "wrong", code_at(T0), "peer")).principal is None
     assert audit.events == [
         ("auth.failure", {"user": "alice@corp.example.com", "peer": "peer", "reason": "bad password"}),
     ]
@@ -250,7 +250,7 @@ async def test_login_unknown_user(
 ) -> None:
     audit = ListAudit()
     auth = _auth(db, store, directory, audit)
-    assert await auth.login("mallory", None, PASSWORD, "123456", "peer") is None
+    assert (await auth.login("mallory", None, PASSWORD, "123456", "peer")).principal is None
     assert audit.events == [
         ("auth.failure", {"user": "mallory@corp.example.com", "peer": "peer", "reason": "unknown user"}),
     ]
@@ -262,9 +262,9 @@ async def test_login_bad_code_then_replay(
     audit = ListAudit()
     auth = _auth(db, store, directory, audit)
     stale = code_at(T0 - timedelta(minutes=5))
-    assert await auth.login("alice", None, PASSWORD, stale, "peer") is None
-    assert await auth.login("alice", None, PASSWORD, code_at(T0), "peer") is not None
-    assert await auth.login("alice", None, PASSWORD, code_at(T0), "peer") is None
+    assert (await auth.login("alice", None, PASSWORD, stale, "peer")).principal is None
+    assert (await auth.login("alice", None, PASSWORD, code_at(T0), "peer")).principal is not None
+    assert (await auth.login("alice", None, PASSWORD, code_at(T0), "peer")).principal is None
     assert audit.events == [
         ("auth.failure", {"user": "alice@corp.example.com", "peer": "peer", "reason": "bad TOTP code"}),
         ("auth.success", {"user": "alice@corp.example.com", "peer": "peer", "method": "password+totp"}),
@@ -284,27 +284,27 @@ async def test_account_backoff_then_lock_then_unlock(
     auth = _auth(db, store, directory, audit, clock, policy)
     throttle = SqliteThrottleStore(db)
     for _ in range(2):  # free failures: no waiting
-        assert await auth.login("alice", None, "wrong", "000000", "p") is None
+        assert (await auth.login("alice", None, "wrong", "000000", "p")).principal is None
     st = await throttle.state("alice@corp.example.com")
     assert st.failures == 2
     assert st.next_allowed == T0.timestamp() + 1  # third failure onwards waits 1, 2, 4 ... s
     # during the backoff even the right credentials are refused, and not counted
-    assert await auth.login("alice", None, PASSWORD, code_at(T0), "p") is None
+    assert (await auth.login("alice", None, PASSWORD, code_at(T0), "p")).principal is None
     assert audit.events[-1][1]["reason"].startswith("throttled")
     assert (await throttle.state("alice@corp.example.com")).failures == 2
     for _ in range(3):
         clock.t += timedelta(seconds=10)
-        assert await auth.login("alice", None, "wrong", "000000", "p") is None
+        assert (await auth.login("alice", None, "wrong", "000000", "p")).principal is None
     st = await throttle.state("alice@corp.example.com")
     assert st.locked
     assert ("account.locked", {"user": "alice@corp.example.com", "failures": 5, "peer": "p"}) in (
         audit.events
     )
     clock.t += timedelta(hours=1)
-    assert await auth.login("alice", None, PASSWORD, code_at(clock.t), "p") is None
+    assert (await auth.login("alice", None, PASSWORD, code_at(clock.t), "p")).principal is None
     assert audit.events[-1][1]["reason"] == "account locked after 5 failures"
     assert await throttle.unlock("alice@corp.example.com")
-    assert await auth.login("alice", None, PASSWORD, code_at(clock.t), "p") is not None
+    assert (await auth.login("alice", None, PASSWORD, code_at(clock.t), "p")).principal is not None
 
 
 async def test_unknown_names_are_throttled_like_known_ones(
@@ -312,7 +312,7 @@ async def test_unknown_names_are_throttled_like_known_ones(
 ) -> None:
     policy = AccountPolicy(free_failures=0, backoff_max_seconds=8, lock_after=3)
     auth = _auth(db, store, directory, ListAudit(), FakeClock(T0), policy)
-    assert await auth.login("mallory", "CORP", "x", "000000", "p") is None
+    assert (await auth.login("mallory", "CORP", "x", "000000", "p")).principal is None
     st = await SqliteThrottleStore(db).state("mallory@corp.example.com")
     assert st.failures == 1
     assert st.next_allowed > T0.timestamp()
@@ -322,8 +322,8 @@ async def test_success_resets_the_counter(
     db: SqliteDatabase, store: SqliteTotpStore, directory: StaticDirectory
 ) -> None:
     auth = _auth(db, store, directory, ListAudit())
-    assert await auth.login("alice", None, "wrong", "000000", "p") is None
-    assert await auth.login("alice", None, PASSWORD, code_at(T0), "p") is not None
+    assert (await auth.login("alice", None, "wrong", "000000", "p")).principal is None
+    assert (await auth.login("alice", None, PASSWORD, code_at(T0), "p")).principal is not None
     assert (await SqliteThrottleStore(db).state("alice@corp.example.com")).failures == 0
 
 
