@@ -150,7 +150,8 @@ class SessionService:
         except RecordingError as exc:
             log.error("recording.write_failed", session_id=live.id, error=str(exc))
         finally:
-            live.writer.close()
+            # close fsyncs: a large recording can take seconds, so keep it off the event loop
+            await asyncio.to_thread(live.writer.close)
         duration = (now - live.started_at).total_seconds()
         try:
             await self._index.ended(live.id, now, exit_status, live.bytes_in, live.bytes_out)

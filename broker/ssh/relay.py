@@ -86,6 +86,7 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         # client input that raced ahead of the upstream (bounded: reading pauses at once)
         self._pending: list[bytes] = []
         self._pending_eof = False
+        self._target_eof = False
 
     # -- requests before the session starts --------------------------------------------------
     def connection_made(self, chan: SSHChannel[bytes]) -> None:
@@ -270,8 +271,9 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
             self.chan.write(data, datatype)
 
     def target_eof(self) -> None:
-        if not self.chan.is_closing():
-            self.chan.write_eof()
+        # Held until the target closes: a client that already sent EOF (an OpenSSH mux client)
+        # closes the channel on our EOF, and the exit status would then be lost.
+        self._target_eof = True
 
     def target_closed(self, exc: Exception | None) -> None:
         up = self._up_chan
@@ -295,6 +297,8 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         # exit status, the recording is complete and on disk.
         await self._finish(status)
         try:
+            if self._target_eof and not self.chan.is_closing():
+                self.chan.write_eof()
             if signal is not None:
                 self.chan.exit_with_signal(*signal)
             elif code is not None and code >= 0:

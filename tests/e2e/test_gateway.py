@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -212,3 +214,28 @@ def test_upn_and_down_level_user_names(demo: Demo, form: str) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode().strip() == demo.info["read_only_login"]
     assert _session_for(demo, user)["user"] == f"{user}@{demo.info['domain']}"
+
+
+def test_connection_sharing_keeps_exit_status_and_needs_one_code(
+    demo: Demo, tmp_path: Path
+) -> None:
+    """OpenSSH ControlMaster: one login, many sessions; each session's exit status arrives."""
+    user = demo.take_user()
+    ctl = tmp_path / "ctl"
+    master = subprocess.Popen(
+        demo.ssh_args(f"{user}+web01", "-M", "-S", str(ctl), "-N", "-o", "ControlPersist=no"),
+        env=demo.env(user), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            if ctl.exists():
+                break
+            time.sleep(0.05)
+        for status in (3, 0, 7):
+            r = subprocess.run(["ssh", "-S", str(ctl), "-F", "/dev/null", "x",
+                                f"echo s{status}; exit {status}"],
+                               stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+            assert r.returncode == status, r.stderr
+            assert r.stdout == f"s{status}\n".encode()
+    finally:
+        master.terminate()
+        master.wait(10)
