@@ -39,6 +39,14 @@ class StoreError(BrokerError):
     user_message = "service temporarily unavailable"
 
 
+class ConflictError(BrokerError):
+    """A concurrent change won (optimistic concurrency); the caller may reload and retry."""
+
+    @property
+    def user_message(self) -> str:  # type: ignore[override]
+        return str(self)
+
+
 class RecordingError(BrokerError):
     """A recording could not be opened or written; the session must not run unrecorded."""
 

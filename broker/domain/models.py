@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 DEFAULT_GRANT_DURATION = timedelta(hours=8)
@@ -98,7 +98,7 @@ class Grant:
     requested_by: str = ""
     approved_by: str = ""
     created_at: datetime | None = None
-    history: tuple[str, ...] = field(default=())
+    version: int = 1  # optimistic concurrency: a store update must name the version it read
 
     def live_at(self, now: datetime) -> bool:
         """Whether the grant admits sessions at ``now``: approved and inside its window."""

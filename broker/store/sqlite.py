@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from broker.domain.models import Grant, GrantState, Level, Trigger
 from broker.domain.ratelimit import account_backoff
-from broker.errors import StoreError
+from broker.domain.workflow import HistoryEntry
+from broker.errors import ConflictError, StoreError
 from broker.ports import SessionRecord, ThrottleState
 
 MIGRATIONS: list[str] = [
@@ -82,6 +84,18 @@ MIGRATIONS: list[str] = [
         added_at TEXT NOT NULL,
         PRIMARY KEY (account, fingerprint)
     );
+    CREATE TABLE grant_history (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        grant_id TEXT NOT NULL,
+        at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        comment TEXT NOT NULL,
+        state TEXT NOT NULL,
+        details TEXT NOT NULL
+    );
+    CREATE INDEX grant_history_grant ON grant_history (grant_id, seq);
+    CREATE INDEX grants_state ON grants (state, expires_at);
     CREATE TABLE reauth_windows (
         account TEXT NOT NULL,
         ip TEXT NOT NULL,
@@ -146,7 +160,7 @@ def _grant_from_row(r: sqlite3.Row) -> Grant:
         expires_at=datetime.fromisoformat(r["expires_at"]),
         trigger=Trigger(r["trigger"]), ticket=r["ticket"], reason=r["reason"],
         requested_by=r["requested_by"], approved_by=r["approved_by"],
-        created_at=_dt(r["created_at"]),
+        created_at=_dt(r["created_at"]), version=int(r["version"]),
     )
 
 
@@ -189,6 +203,97 @@ class SqliteGrantStore:
     async def get(self, grant_id: str) -> Grant | None:
         r = self._c.execute("SELECT * FROM grants WHERE id=?", (grant_id,)).fetchone()
         return _grant_from_row(r) if r else None
+
+    async def get_many(self, grant_ids: list[str]) -> dict[str, Grant]:
+        out: dict[str, Grant] = {}
+        for i in range(0, len(grant_ids), 500):
+            chunk = grant_ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            for r in self._c.execute(f"SELECT * FROM grants WHERE id IN ({marks})",  # noqa: S608
+                                     chunk):
+                out[r["id"]] = _grant_from_row(r)
+        return out
+
+    def _history(self, e: HistoryEntry) -> None:
+        self._c.execute(
+            "INSERT INTO grant_history (grant_id, at, actor, action, comment, state, details)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (e.grant_id, _ts(e.at), e.actor, e.action, e.comment, e.state,
+             json.dumps(e.details, sort_keys=True)),
+        )
+
+    async def create(self, grant: Grant, entry: HistoryEntry) -> None:
+        """A new grant and its first history entry, atomically."""
+        self._c.execute("BEGIN IMMEDIATE")
+        try:
+            self._c.execute(
+                "INSERT INTO grants (id, username, username_key, domain, domain_key, stack_ids,"
+                " vpc_id, level, state, starts_at, expires_at, trigger, ticket, reason,"
+                " requested_by, approved_by, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                self._row(grant),
+            )
+            self._history(entry)
+            self._c.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._c.execute("ROLLBACK")
+            raise StoreError(f"cannot store grant: {exc}") from exc
+
+    async def update(self, grant: Grant, entry: HistoryEntry) -> Grant:
+        """Store ``grant`` if the stored version is still ``grant.version`` (compare-and-set);
+        returns it with the new version, or raises ConflictError."""
+        row = self._row(grant)
+        self._c.execute("BEGIN IMMEDIATE")
+        try:
+            cur = self._c.execute(
+                "UPDATE grants SET username=?, username_key=?, domain=?, domain_key=?,"
+                " stack_ids=?, vpc_id=?, level=?, state=?, starts_at=?, expires_at=?, trigger=?,"
+                " ticket=?, reason=?, requested_by=?, approved_by=?, created_at=?,"
+                " version=version+1 WHERE id=? AND version=?",
+                (*row[1:], grant.id, grant.version),
+            )
+            if cur.rowcount != 1:
+                self._c.execute("ROLLBACK")
+                raise ConflictError(
+                    f"grant {grant.id} was changed by someone else meanwhile; reload and retry")
+            self._history(entry)
+            self._c.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._c.execute("ROLLBACK")
+            raise StoreError(f"cannot update grant: {exc}") from exc
+        return replace(grant, version=grant.version + 1)
+
+    async def history(self, grant_id: str) -> list[HistoryEntry]:
+        rows = self._c.execute(
+            "SELECT * FROM grant_history WHERE grant_id=? ORDER BY seq", (grant_id,)
+        ).fetchall()
+        return [HistoryEntry(r["grant_id"], datetime.fromisoformat(r["at"]), r["actor"],
+                             r["action"], r["comment"], r["state"], json.loads(r["details"]))
+                for r in rows]
+
+    async def search(self, *, username: str | None = None, stack: str | None = None,
+                     states: list[str] | None = None, since: datetime | None = None,
+                     until: datetime | None = None, limit: int = 500) -> list[Grant]:
+        """Filtered listing, newest first. ``states`` are stored states (expired is derived)."""
+        sql = ["SELECT * FROM grants WHERE 1=1"]
+        args: list[object] = []
+        if username:
+            sql.append("AND username_key=?")
+            args.append(username.casefold())
+        if stack:
+            sql.append("AND EXISTS (SELECT 1 FROM json_each(grants.stack_ids) WHERE value=?)")
+            args.append(stack)
+        if states:
+            sql.append(f"AND state IN ({','.join('?' * len(states))})")
+            args.extend(states)
+        if since:
+            sql.append("AND expires_at >= ?")
+            args.append(_ts(since))
+        if until:
+            sql.append("AND starts_at <= ?")
+            args.append(_ts(until))
+        sql.append("ORDER BY created_at DESC LIMIT ?")
+        args.append(limit)
+        return [_grant_from_row(r) for r in self._c.execute(" ".join(sql), args)]
 
     async def for_user(self, username: str, domain: str) -> list[Grant]:
         rows = self._c.execute(
