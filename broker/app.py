@@ -16,10 +16,13 @@ from broker.config import BrokerConfig
 from broker.errors import ConfigError
 from broker.identity.static import StaticDirectory
 from broker.inventory.static import StaticInventory
+from broker.ports import Directory
 from broker.recordings.local import LocalRecordingSink
 from broker.services.access import AccessService
 from broker.services.auth import AccountPolicy, Authenticator, TotpPolicy, TotpSecondFactor
 from broker.services.clock import SystemClock
+from broker.services.grants import GrantService
+from broker.services.roles import grant_policy
 from broker.services.sessions import SessionService
 from broker.services.totp_secrets import EncryptedTotpStore, load_key
 from broker.ssh.ca import UserCA
@@ -82,6 +85,16 @@ def _sd_notify(message: str) -> None:
         s.sendall(message.encode())
 
 
+def build_directory(config: BrokerConfig) -> Directory:
+    ident = config.identity
+    if ident.backend == "ad" and ident.ad is not None:
+        from broker.identity.ldap import ADDirectory
+
+        return ADDirectory(ident.ad)
+    return StaticDirectory.from_file(ident.users_file, ident.default_domain,
+                                     ident.domain_aliases)
+
+
 class Broker:
     """A running broker: stores, services and the SSH listener."""
 
@@ -94,10 +107,8 @@ class Broker:
         self.config = config
         self.stores = open_stores(config)
         s = self.stores
-        directory = StaticDirectory.from_file(
-            config.identity.users_file, config.identity.default_domain,
-            config.identity.domain_aliases,
-        )
+        directory = build_directory(config)
+        self._directory = directory
         inventory = StaticInventory.from_file(config.inventory.file)
         self.access = AccessService(inventory, s.grants, s.clock)
         self.sessions = SessionService(
@@ -116,6 +127,7 @@ class Broker:
         )
         self.ca = UserCA(load_or_create_key(config.ca_key_path, "bastion-broker user CA"))
         self.host_key = load_or_create_key(config.host_key_path, "bastion-broker host key")
+        self.grants = GrantService(s.grants, s.audit, s.clock, grant_policy(config.grants))
         self.deps = RelayDeps(config, self.access, self.sessions, self.ca, s.audit, s.clock)
         self._acceptor: asyncssh.SSHAcceptor | None = None
 
@@ -138,6 +150,9 @@ class Broker:
             self._acceptor = None
         await self.sessions.drain()
         self.stores.audit.emit("broker.stop", live_sessions=len(self.sessions.live))
+        close = getattr(self._directory, "close", None)
+        if close is not None:
+            close()
 
 
 async def serve(config: BrokerConfig, on_ready: Callable[[int], None] | None = None) -> None:

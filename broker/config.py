@@ -7,9 +7,18 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from broker.domain.models import Trigger
 from broker.errors import ConfigError
+from broker.identity.ldap import ADSettings
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 
@@ -54,12 +63,39 @@ class UpstreamSettings(_Model):
 
 
 class IdentitySettings(_Model):
-    backend: Literal["static"] = "static"
+    backend: Literal["static", "ad"] = "static"
+    # static: users and password hashes in a TOML file, one domain (plus NetBIOS aliases)
     users_file: Path = Path("users.toml")
     default_domain: str = "corp.example.com"
     domain_aliases: dict[str, str] = Field(default_factory=dict)  # NetBIOS name -> FQDN
+    # ad: Active Directory over LDAPS/StartTLS, one or more trusted domains
+    ad: ADSettings | None = None
     # A registered SSH key (bastion-broker key add) may replace the password, never the code.
     public_keys: bool = False
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> IdentitySettings:
+        if self.backend == "ad" and self.ad is None:
+            raise ValueError("backend = 'ad' needs an [identity.ad] section")
+        return self
+
+    @property
+    def effective_default_domain(self) -> str:
+        """The FQDN a bare user name belongs to, for either backend."""
+        if self.backend == "ad" and self.ad is not None:
+            wanted = (self.ad.default_domain or self.ad.domains[0].fqdn).casefold()
+            for d in self.ad.domains:
+                if wanted in (d.fqdn.casefold(), d.netbios.casefold()):
+                    return d.fqdn
+            return self.ad.domains[0].fqdn
+        return self.default_domain
+
+    @property
+    def effective_aliases(self) -> dict[str, str]:
+        """NetBIOS name (upper case) -> FQDN, for ``CORP\\alice`` forms."""
+        if self.backend == "ad" and self.ad is not None:
+            return {d.netbios.upper(): d.fqdn for d in self.ad.domains}
+        return {k.upper(): v for k, v in self.domain_aliases.items()}
 
 
 class TotpSettings(_Model):
@@ -101,6 +137,27 @@ class LimitsSettings(_Model):
         return v
 
 
+class RoleSettings(_Model):
+    """Directory groups that carry roles (AD groups can also be marked in [identity.ad])."""
+
+    approver_groups: list[str] = Field(default_factory=list)
+    auditor_groups: list[str] = Field(default_factory=list)
+    admin_groups: list[str] = Field(default_factory=list)
+
+
+class GrantSettings(_Model):
+    default_hours: float = Field(default=8.0, gt=0, le=24 * 30)
+    max_hours_admin: float = Field(default=12.0, gt=0, le=24 * 30)
+    max_hours_read_only: float = Field(default=24.0, gt=0, le=24 * 30)
+    two_approvers_for_admin: bool = False
+    # read-only requests are approved at once for members of these groups or with these triggers
+    auto_approve_read_only_groups: list[str] = Field(default_factory=list)
+    auto_approve_read_only_triggers: list[Trigger] = Field(default_factory=list)
+    # live sessions: how often grants are re-checked, and how long before expiry users are warned
+    enforce_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+    warn_before_seconds: float = Field(default=300.0, ge=0, le=3600)
+
+
 class InventorySettings(_Model):
     backend: Literal["static"] = "static"
     file: Path = Path("inventory.toml")
@@ -129,6 +186,8 @@ class BrokerConfig(_Model):
     identity: IdentitySettings = IdentitySettings()
     totp: TotpSettings = TotpSettings()
     limits: LimitsSettings = LimitsSettings()
+    roles: RoleSettings = RoleSettings()
+    grants: GrantSettings = GrantSettings()
     inventory: InventorySettings = InventorySettings()
     store: StoreSettings = StoreSettings()
     recordings: RecordingSettings = RecordingSettings()
@@ -166,6 +225,17 @@ def _resolve(base: Path, p: Path | None) -> Path | None:
     return p if p.is_absolute() else (base / p).resolve()
 
 
+def _resolve_ad(base: Path, ad: ADSettings | None) -> ADSettings | None:
+    if ad is None:
+        return None
+    domains = [
+        d.model_copy(update={"ca_file": _resolve(base, d.ca_file),
+                             "bind_password_file": _resolve(base, d.bind_password_file)})
+        for d in ad.domains
+    ]
+    return ad.model_copy(update={"domains": domains})
+
+
 def _error_text(path: Path, exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -200,7 +270,8 @@ def load_config(path: Path) -> BrokerConfig:
                 update={"ca_key": _resolve(base, cfg.upstream.ca_key)}
             ),
             "identity": cfg.identity.model_copy(
-                update={"users_file": _resolve(base, cfg.identity.users_file)}
+                update={"users_file": _resolve(base, cfg.identity.users_file),
+                        "ad": _resolve_ad(base, cfg.identity.ad)}
             ),
             "inventory": cfg.inventory.model_copy(
                 update={"file": _resolve(base, cfg.inventory.file)}
