@@ -1,0 +1,107 @@
+"""PostgreSQL schema, as numbered migrations: entry ``n - 1`` is version ``n``.
+
+A Python list rather than ``.sql`` files so the migrations ship inside the wheel without package
+data settings. Never edit an applied entry: append a new one. Tables mirror the SQLite store
+(``broker/store/sqlite.py``) with native types: ``timestamptz`` for datetimes, ``text[]`` for
+stack ids, ``boolean`` for flags. Epoch-second floats of the Protocols (throttle, re-auth window)
+stay ``double precision`` so both backends compute identical values.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[str] = [
+    # 1: grants and their history, TOTP, session index, account throttle, registered keys,
+    # re-auth windows.
+    # ``seq`` columns keep insertion order as the tie-break that SQLite's rowid gives.
+    # ``sessions.user_name``: ``user`` is a reserved word (CURRENT_USER) in PostgreSQL.
+    """
+    CREATE TABLE grants (
+        id text PRIMARY KEY,
+        username text NOT NULL,
+        username_key text NOT NULL,
+        domain text NOT NULL,
+        domain_key text NOT NULL,
+        stack_ids text[] NOT NULL,
+        vpc_id text NOT NULL,
+        level text NOT NULL,
+        state text NOT NULL,
+        starts_at timestamptz NOT NULL,
+        expires_at timestamptz NOT NULL,
+        trigger text NOT NULL,
+        ticket text NOT NULL,
+        reason text NOT NULL,
+        requested_by text NOT NULL,
+        approved_by text NOT NULL,
+        created_at timestamptz NOT NULL,
+        version integer NOT NULL DEFAULT 1,
+        seq bigint GENERATED ALWAYS AS IDENTITY
+    );
+    CREATE INDEX grants_user ON grants (username_key, domain_key);
+    CREATE INDEX grants_created ON grants (created_at, seq);
+    CREATE INDEX grants_state ON grants (state, expires_at);
+
+    CREATE TABLE grant_history (
+        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        grant_id text NOT NULL,
+        at timestamptz NOT NULL,
+        actor text NOT NULL,
+        action text NOT NULL,
+        comment text NOT NULL,
+        state text NOT NULL,
+        details jsonb NOT NULL
+    );
+    CREATE INDEX grant_history_grant ON grant_history (grant_id, seq);
+
+    CREATE TABLE totp (
+        user_key text PRIMARY KEY,
+        secret text NOT NULL,
+        last_step bigint
+    );
+
+    CREATE TABLE sessions (
+        id text PRIMARY KEY,
+        user_name text NOT NULL,
+        target text NOT NULL,
+        login text NOT NULL,
+        grant_id text NOT NULL,
+        level text NOT NULL,
+        kind text NOT NULL,
+        command text,
+        peer text NOT NULL,
+        started_at timestamptz NOT NULL,
+        ended_at timestamptz,
+        exit_status text,
+        bytes_in bigint NOT NULL DEFAULT 0,
+        bytes_out bigint NOT NULL DEFAULT 0,
+        recording text NOT NULL,
+        seq bigint GENERATED ALWAYS AS IDENTITY
+    );
+    CREATE INDEX sessions_started ON sessions (started_at DESC, seq DESC);
+
+    CREATE TABLE auth_throttle (
+        account text PRIMARY KEY,
+        failures integer NOT NULL DEFAULT 0,
+        next_allowed double precision NOT NULL DEFAULT 0,
+        locked boolean NOT NULL DEFAULT false,
+        last_failure double precision
+    );
+
+    CREATE TABLE user_keys (
+        account text NOT NULL,
+        fingerprint text NOT NULL,
+        public_key text NOT NULL,
+        comment text NOT NULL,
+        added_at timestamptz NOT NULL,
+        PRIMARY KEY (account, fingerprint)
+    );
+
+    CREATE TABLE reauth_windows (
+        account text NOT NULL,
+        ip text NOT NULL,
+        key_fp text NOT NULL,
+        valid_until double precision NOT NULL,
+        PRIMARY KEY (account, ip, key_fp)
+    );
+    CREATE INDEX reauth_windows_until ON reauth_windows (valid_until);
+    """,
+]

@@ -1,0 +1,536 @@
+"""The shared store: PostgreSQL through an asyncpg pool, for several broker hosts behind one VIP.
+
+Each class implements the same Protocol as its SQLite twin in ``broker/store/sqlite.py`` with the
+same observable behaviour; ``tests/contract`` runs one suite against both. Every driver or socket
+failure leaves as ``StoreError`` so callers fail closed without knowing the backend. Schema
+changes are the numbered ``pg_migrations``, applied at connect under an advisory lock so brokers
+starting together migrate once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import asyncssh
+
+from broker.domain.models import Grant, GrantState, Level, Trigger
+from broker.domain.ratelimit import account_backoff
+from broker.domain.workflow import HistoryEntry
+from broker.errors import ConflictError, StoreError
+from broker.ports import SessionRecord, ThrottleState
+from broker.store.pg_migrations import MIGRATIONS
+
+# pg_advisory_xact_lock key owned by the migrator ("bb-migr" in ASCII): one constant, so every
+# broker version serialises on the same lock.
+MIGRATION_LOCK_KEY = 0x62622D6D69677200
+
+# What asyncpg raises for a dead server, a refused or lost connection, a closed pool, a timeout
+# or a failed statement. ClientConfigurationError (bad DSN) is an InterfaceError.
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+# connect also meets a malformed DSN (bad port: ValueError or OverflowError)
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (*_DRIVER_ERRORS, ValueError, OverflowError)
+
+
+def load_dsn(dsn: str | None, dsn_file: Path | None) -> str:
+    """The DSN from config or from a root-only file, so the password stays out of the config."""
+    if dsn_file is not None:
+        try:
+            text = dsn_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise StoreError(f"cannot read store DSN file {dsn_file}: {exc}") from exc
+        if not text:
+            raise StoreError(f"store DSN file {dsn_file} is empty")
+        return text
+    if not dsn:
+        raise StoreError("store backend postgres needs dsn or dsn_file")
+    return dsn
+
+
+def _utc(dt: datetime) -> datetime:
+    """Same normalisation as SQLite's ``_ts``: a naive datetime is local time."""
+    return dt.astimezone(UTC)
+
+
+def _like_prefix(text: str) -> str:
+    """A LIKE pattern matching ``text`` literally as a prefix (same escaping as SQLite)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+# SQLite's LIKE ignores case for ASCII letters only; ILIKE under the "C" collation lowercases
+# ASCII only, so prefix lookups match the same rows on both backends whatever the DB locale.
+_SESSION_BY_PREFIX = (
+    "SELECT * FROM sessions WHERE id ILIKE $1 COLLATE \"C\" ESCAPE '\\' LIMIT 2"
+)
+_SESSIONS_OF_USER = (
+    "SELECT * FROM sessions WHERE user_name = $1 OR user_name ILIKE $2 COLLATE \"C\" ESCAPE '\\'"
+    " ORDER BY started_at DESC, seq DESC LIMIT $3"
+)
+
+
+class PostgresDatabase:
+    """Owns the asyncpg pool; ``connect`` also brings the schema up to date."""
+
+    def __init__(self, pool: Any, acquire_timeout: float) -> None:
+        self._pool = pool
+        self._acquire_timeout = acquire_timeout
+
+    @classmethod
+    async def connect(
+        cls, dsn: str, min_size: int = 1, max_size: int = 10, *,
+        connect_timeout: float = 10.0, command_timeout: float = 30.0,
+        acquire_timeout: float = 30.0,
+    ) -> PostgresDatabase:
+        """Open the pool and migrate. Timeouts are finite so a hung server fails closed."""
+        try:
+            pool = await asyncpg.create_pool(
+                dsn, min_size=min_size, max_size=max_size, timeout=connect_timeout,
+                command_timeout=command_timeout,
+            )
+        except _CONNECT_ERRORS as exc:
+            raise StoreError(f"cannot connect to the PostgreSQL store: {exc}") from exc
+        db = cls(pool, acquire_timeout)
+        try:
+            await db.migrate()
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
+    @contextlib.asynccontextmanager
+    async def acquire(self, what: str) -> AsyncIterator[Any]:
+        """A pooled connection; driver errors inside the block become ``StoreError(what: ...)``."""
+        try:
+            async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+                yield conn
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(f"{what}: {exc}") from exc
+
+    async def migrate(self) -> list[int]:
+        """Apply the missing migrations in one transaction; returns the versions applied.
+
+        The transaction-scoped advisory lock is taken before anything else, including creating
+        ``schema_migrations``, so concurrent starters queue and the later ones find nothing to do.
+        """
+        applied: list[int] = []
+        async with (
+            self.acquire("cannot migrate the PostgreSQL store") as conn,
+            conn.transaction(),
+        ):
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for n, script in enumerate(MIGRATIONS, start=1):
+                if n in done:
+                    continue
+                await conn.execute(script)
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", n)
+                applied.append(n)
+        return applied
+
+    async def versions(self) -> builtins.list[int]:
+        """Applied migration versions, ascending (for ``doctor``-style checks and tests)."""
+        async with self.acquire("cannot read schema version") as conn:
+            rows = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
+        return [int(r["version"]) for r in rows]
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Close the pool; connections still busy after ``grace`` seconds are terminated."""
+        try:
+            await asyncio.wait_for(self._pool.close(), grace)
+        except _DRIVER_ERRORS:
+            self._pool.terminate()
+
+
+def _grant_from_row(r: Any) -> Grant:
+    return Grant(
+        id=r["id"], username=r["username"], domain=r["domain"],
+        stack_ids=tuple(r["stack_ids"]), vpc_id=r["vpc_id"],
+        level=Level(r["level"]), state=GrantState(r["state"]),
+        starts_at=r["starts_at"], expires_at=r["expires_at"],
+        trigger=Trigger(r["trigger"]), ticket=r["ticket"], reason=r["reason"],
+        requested_by=r["requested_by"], approved_by=r["approved_by"],
+        created_at=r["created_at"], version=int(r["version"]),
+    )
+
+
+# Values for both: $1 id, then the columns in PostgresGrantStore._row order.
+_GRANT_INSERT = (
+    "INSERT INTO grants (id, username, username_key, domain, domain_key, stack_ids, vpc_id,"
+    " level, state, starts_at, expires_at, trigger, ticket, reason, requested_by, approved_by,"
+    " created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)"
+)
+_GRANT_UPDATE = (
+    "UPDATE grants SET (username, username_key, domain, domain_key, stack_ids, vpc_id, level,"
+    " state, starts_at, expires_at, trigger, ticket, reason, requested_by, approved_by,"
+    " created_at) = ($2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17),"
+    " version = version + 1 WHERE id = $1"
+)
+
+
+class PostgresGrantStore:
+    def __init__(self, db: PostgresDatabase) -> None:
+        self._db = db
+
+    @staticmethod
+    def _row(g: Grant) -> tuple[object, ...]:
+        """Parameters $2.. of the grant statements; keys are casefolded here, as in SQLite."""
+        return (
+            g.username, g.username.casefold(), g.domain, g.domain.casefold(),
+            list(g.stack_ids), g.vpc_id, str(g.level), str(g.state),
+            _utc(g.starts_at), _utc(g.expires_at), str(g.trigger), g.ticket, g.reason,
+            g.requested_by, g.approved_by, _utc(g.created_at or g.starts_at),
+        )
+
+    async def add(self, grant: Grant) -> None:
+        async with self._db.acquire("cannot store grant") as conn:
+            await conn.execute(
+                _GRANT_INSERT, grant.id, *self._row(grant),
+            )
+
+    async def replace(self, grant: Grant) -> None:
+        async with self._db.acquire("cannot update grant") as conn:
+            status = await conn.execute(
+                _GRANT_UPDATE, grant.id, *self._row(grant),
+            )
+        if status != "UPDATE 1":
+            raise StoreError(f"grant {grant.id} not found")
+
+    async def get(self, grant_id: str) -> Grant | None:
+        async with self._db.acquire("cannot read grant") as conn:
+            r = await conn.fetchrow("SELECT * FROM grants WHERE id = $1", grant_id)
+        return _grant_from_row(r) if r else None
+
+    async def get_many(self, grant_ids: builtins.list[str]) -> dict[str, Grant]:
+        async with self._db.acquire("cannot read grants") as conn:
+            rows = await conn.fetch("SELECT * FROM grants WHERE id = ANY($1::text[])", grant_ids)
+        return {r["id"]: _grant_from_row(r) for r in rows}
+
+    @staticmethod
+    async def _history(conn: Any, e: HistoryEntry) -> None:
+        await conn.execute(
+            "INSERT INTO grant_history (grant_id, at, actor, action, comment, state, details)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)",
+            e.grant_id, _utc(e.at), e.actor, e.action, e.comment, e.state,
+            json.dumps(e.details, sort_keys=True),
+        )
+
+    async def create(self, grant: Grant, entry: HistoryEntry) -> None:
+        """A new grant and its first history entry, atomically."""
+        async with self._db.acquire("cannot store grant") as conn, conn.transaction():
+            await conn.execute(
+                _GRANT_INSERT, grant.id, *self._row(grant),
+            )
+            await self._history(conn, entry)
+
+    async def update(self, grant: Grant, entry: HistoryEntry) -> Grant:
+        """Store ``grant`` if the stored version is still ``grant.version`` (compare-and-set);
+        returns it with the new version, or raises ConflictError (also for an unknown id)."""
+        async with self._db.acquire("cannot update grant") as conn, conn.transaction():
+            status = await conn.execute(
+                _GRANT_UPDATE + " AND version = $18", grant.id, *self._row(grant), grant.version,
+            )
+            if status != "UPDATE 1":
+                raise ConflictError(
+                    f"grant {grant.id} was changed by someone else meanwhile; reload and retry")
+            await self._history(conn, entry)
+        return replace(grant, version=grant.version + 1)
+
+    async def history(self, grant_id: str) -> builtins.list[HistoryEntry]:
+        async with self._db.acquire("cannot read grant history") as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM grant_history WHERE grant_id = $1 ORDER BY seq", grant_id
+            )
+        return [HistoryEntry(r["grant_id"], r["at"], r["actor"], r["action"], r["comment"],
+                             r["state"], json.loads(r["details"]))
+                for r in rows]
+
+    async def search(self, *, username: str | None = None, stack: str | None = None,
+                     states: builtins.list[str] | None = None, since: datetime | None = None,
+                     until: datetime | None = None,
+                     limit: int = 500) -> builtins.list[Grant]:
+        """Filtered listing, newest first. ``states`` are stored states (expired is derived).
+
+        One static statement: an unset filter is a NULL parameter that disables its condition.
+        """
+        async with self._db.acquire("cannot search grants") as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM grants WHERE ($1::text IS NULL OR username_key = $1)"
+                " AND ($2::text IS NULL OR $2 = ANY(stack_ids))"
+                " AND ($3::text[] IS NULL OR state = ANY($3))"
+                " AND ($4::timestamptz IS NULL OR expires_at >= $4)"
+                " AND ($5::timestamptz IS NULL OR starts_at <= $5)"
+                " ORDER BY created_at DESC, seq DESC LIMIT $6",
+                username.casefold() if username else None, stack or None, states or None,
+                _utc(since) if since else None, _utc(until) if until else None,
+                limit if limit >= 0 else None,
+            )
+        return [_grant_from_row(r) for r in rows]
+
+    async def for_user(self, username: str, domain: str) -> list[Grant]:
+        async with self._db.acquire("cannot read grants") as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM grants WHERE username_key = $1 AND domain_key = $2 ORDER BY seq",
+                username.casefold(), domain.casefold(),
+            )
+        return [_grant_from_row(r) for r in rows]
+
+    async def list(self, *, username: str | None = None) -> builtins.list[Grant]:
+        async with self._db.acquire("cannot read grants") as conn:
+            if username:
+                rows = await conn.fetch(
+                    "SELECT * FROM grants WHERE username_key = $1 ORDER BY created_at, seq",
+                    username.casefold(),
+                )
+            else:
+                rows = await conn.fetch("SELECT * FROM grants ORDER BY created_at, seq")
+        return [_grant_from_row(r) for r in rows]
+
+
+class PostgresTotpStore:
+    def __init__(self, db: PostgresDatabase) -> None:
+        self._db = db
+
+    async def get_secret(self, user_key: str) -> str | None:
+        async with self._db.acquire("cannot read TOTP secret") as conn:
+            v = await conn.fetchval("SELECT secret FROM totp WHERE user_key = $1", user_key)
+        return str(v) if v is not None else None
+
+    async def set_secret(self, user_key: str, secret: str) -> None:
+        async with self._db.acquire("cannot store TOTP secret") as conn:
+            await conn.execute(
+                "INSERT INTO totp (user_key, secret, last_step) VALUES ($1, $2, NULL)"
+                " ON CONFLICT (user_key) DO UPDATE SET secret = excluded.secret, last_step = NULL",
+                user_key, secret,
+            )
+
+    async def last_step(self, user_key: str) -> int | None:
+        async with self._db.acquire("cannot read TOTP step") as conn:
+            v = await conn.fetchval("SELECT last_step FROM totp WHERE user_key = $1", user_key)
+        return int(v) if v is not None else None
+
+    async def advance_step(self, user_key: str, step: int) -> bool:
+        """One conditional UPDATE: under READ COMMITTED, racers re-check the WHERE after the
+        winner commits, so a code is accepted once across all brokers."""
+        async with self._db.acquire("cannot record TOTP step") as conn:
+            status = await conn.execute(
+                "UPDATE totp SET last_step = $2"
+                " WHERE user_key = $1 AND (last_step IS NULL OR last_step < $2)",
+                user_key, step,
+            )
+        return bool(status == "UPDATE 1")
+
+
+class PostgresThrottleStore:
+    """Per-account failure counters shared by every broker host."""
+
+    def __init__(self, db: PostgresDatabase) -> None:
+        self._db = db
+
+    async def state(self, account: str) -> ThrottleState:
+        async with self._db.acquire("cannot read throttle state") as conn:
+            r = await conn.fetchrow(
+                "SELECT failures, next_allowed, locked FROM auth_throttle WHERE account = $1",
+                account,
+            )
+        if r is None:
+            return ThrottleState(account, 0, 0.0, False)
+        return ThrottleState(account, int(r[0]), float(r[1]), bool(r[2]))
+
+    async def failed(self, account: str, now: float, free: int, max_backoff: float,
+                     lock_after: int) -> ThrottleState:
+        """The upsert increments and row-locks in one statement, so concurrent failures get
+        distinct counts; the backoff is then set in the same transaction with the domain's
+        ``account_backoff`` (one rule for both backends, not a copy of it in SQL)."""
+        async with self._db.acquire("cannot record failed login") as conn, conn.transaction():
+            failures = int(await conn.fetchval(
+                "INSERT INTO auth_throttle AS t (account, failures, next_allowed, locked,"
+                " last_failure) VALUES ($1, 1, $2, false, $2)"
+                " ON CONFLICT (account) DO UPDATE SET failures = t.failures + 1"
+                " RETURNING failures",
+                account, now,
+            ))
+            wait = account_backoff(failures, free, max_backoff)
+            locked = failures >= lock_after
+            await conn.execute(
+                "UPDATE auth_throttle SET next_allowed = $2, locked = $3, last_failure = $4"
+                " WHERE account = $1",
+                account, now + wait, locked, now,
+            )
+        return ThrottleState(account, failures, now + wait, locked)
+
+    async def succeeded(self, account: str) -> None:
+        async with self._db.acquire("cannot reset throttle") as conn:
+            await conn.execute(
+                "DELETE FROM auth_throttle WHERE account = $1 AND NOT locked", account
+            )
+
+    async def unlock(self, account: str) -> bool:
+        async with self._db.acquire("cannot unlock account") as conn:
+            status = await conn.execute("DELETE FROM auth_throttle WHERE account = $1", account)
+        return bool(status == "DELETE 1")
+
+    async def listing(self) -> list[ThrottleState]:
+        async with self._db.acquire("cannot list throttle state") as conn:
+            rows = await conn.fetch(
+                "SELECT account, failures, next_allowed, locked FROM auth_throttle"
+                " ORDER BY locked DESC, failures DESC, account"
+            )
+        return [ThrottleState(r[0], int(r[1]), float(r[2]), bool(r[3])) for r in rows]
+
+
+class PostgresKeyStore:
+    def __init__(self, db: PostgresDatabase) -> None:
+        self._db = db
+
+    async def add(self, account: str, public_key: str, comment: str) -> str:
+        try:
+            key = asyncssh.import_public_key(public_key)
+        except (asyncssh.KeyImportError, ValueError) as exc:
+            raise StoreError(f"not an SSH public key: {exc}") from None
+        fp = key.get_fingerprint("sha256")
+        async with self._db.acquire("cannot store SSH key") as conn:
+            # re-adding a key refreshes comment and date, like SQLite's INSERT OR REPLACE
+            await conn.execute(
+                "INSERT INTO user_keys (account, fingerprint, public_key, comment, added_at)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (account, fingerprint) DO UPDATE SET"
+                " public_key = excluded.public_key, comment = excluded.comment,"
+                " added_at = excluded.added_at",
+                account, fp, key.export_public_key().decode().strip(), comment,
+                datetime.now(UTC),
+            )
+        return fp
+
+    async def has(self, account: str, fingerprint: str) -> bool:
+        async with self._db.acquire("cannot read SSH keys") as conn:
+            v = await conn.fetchval(
+                "SELECT 1 FROM user_keys WHERE account = $1 AND fingerprint = $2",
+                account, fingerprint,
+            )
+        return v is not None
+
+    async def remove(self, account: str, fingerprint: str) -> bool:
+        async with self._db.acquire("cannot remove SSH key") as conn:
+            status = await conn.execute(
+                "DELETE FROM user_keys WHERE account = $1 AND fingerprint = $2",
+                account, fingerprint,
+            )
+        return bool(status == "DELETE 1")
+
+    async def listing(self, account: str | None = None) -> list[tuple[str, str, str]]:
+        async with self._db.acquire("cannot list SSH keys") as conn:
+            if account:
+                rows = await conn.fetch(
+                    "SELECT account, fingerprint, comment FROM user_keys WHERE account = $1"
+                    " ORDER BY added_at", account,
+                )
+            else:
+                rows = await conn.fetch(
+                    "SELECT account, fingerprint, comment FROM user_keys"
+                    " ORDER BY account, added_at"
+                )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+
+class PostgresReauthStore:
+    def __init__(self, db: PostgresDatabase) -> None:
+        self._db = db
+
+    async def remember(self, account: str, ip: str, key_fp: str, until: float) -> None:
+        """Upsert the window and prune windows over a day old, as SQLite does."""
+        async with self._db.acquire("cannot store re-auth window") as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO reauth_windows (account, ip, key_fp, valid_until)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (account, ip, key_fp)"
+                " DO UPDATE SET valid_until = excluded.valid_until",
+                account, ip, key_fp, until,
+            )
+            await conn.execute(
+                "DELETE FROM reauth_windows WHERE valid_until < $1", until - 86400
+            )
+
+    async def valid(self, account: str, ip: str, key_fp: str, now: float) -> bool:
+        async with self._db.acquire("cannot read re-auth window") as conn:
+            v = await conn.fetchval(
+                "SELECT 1 FROM reauth_windows WHERE account = $1 AND ip = $2 AND key_fp = $3"
+                " AND valid_until > $4",
+                account, ip, key_fp, now,
+            )
+        return v is not None
+
+
+def _session_from_row(r: Any) -> SessionRecord:
+    return SessionRecord(
+        id=r["id"], user=r["user_name"], target=r["target"], login=r["login"],
+        grant_id=r["grant_id"], level=r["level"], kind=r["kind"], command=r["command"],
+        peer=r["peer"], started_at=r["started_at"], ended_at=r["ended_at"],
+        exit_status=r["exit_status"], bytes_in=int(r["bytes_in"]), bytes_out=int(r["bytes_out"]),
+        recording=r["recording"],
+    )
+
+
+class PostgresSessionIndex:
+    def __init__(self, db: PostgresDatabase) -> None:
+        self._db = db
+
+    async def started(self, rec: SessionRecord) -> None:
+        async with self._db.acquire("cannot index session") as conn:
+            await conn.execute(
+                "INSERT INTO sessions (id, user_name, target, login, grant_id, level, kind,"
+                " command, peer, started_at, recording)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
+                rec.id, rec.user, rec.target, rec.login, rec.grant_id, rec.level, rec.kind,
+                rec.command, rec.peer, _utc(rec.started_at), rec.recording,
+            )
+
+    async def ended(
+        self, session_id: str, ended_at: datetime, exit_status: str | None,
+        bytes_in: int, bytes_out: int,
+    ) -> None:
+        async with self._db.acquire("cannot update session") as conn:
+            await conn.execute(
+                "UPDATE sessions SET ended_at = $2, exit_status = $3, bytes_in = $4,"
+                " bytes_out = $5 WHERE id = $1",
+                session_id, _utc(ended_at), exit_status, bytes_in, bytes_out,
+            )
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        async with self._db.acquire("cannot read session") as conn:
+            r = await conn.fetchrow("SELECT * FROM sessions WHERE id = $1", session_id)
+            if r is None and len(session_id) >= 6:
+                # accept a unique prefix, as git does for commits
+                rows = await conn.fetch(_SESSION_BY_PREFIX, _like_prefix(session_id))
+                r = rows[0] if len(rows) == 1 else None
+        return _session_from_row(r) if r else None
+
+    async def list(self, *, user: str | None = None,
+                   limit: int = 100) -> builtins.list[SessionRecord]:
+        rows: Sequence[Any]
+        cap = limit if limit >= 0 else None  # SQLite reads a negative LIMIT as no limit
+        async with self._db.acquire("cannot list sessions") as conn:
+            if user:
+                # "alice" matches alice@any-domain; "alice@corp.example.com" matches exactly
+                rows = await conn.fetch(_SESSIONS_OF_USER, user, _like_prefix(user + "@"), cap)
+            else:
+                rows = await conn.fetch(
+                    "SELECT * FROM sessions ORDER BY started_at DESC, seq DESC LIMIT $1", cap
+                )
+        return [_session_from_row(r) for r in rows]
