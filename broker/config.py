@@ -158,6 +158,20 @@ class GrantSettings(_Model):
     warn_before_seconds: float = Field(default=300.0, ge=0, le=3600)
 
 
+class WebSettings(_Model):
+    """The HTTPS/HTTP API and UI (grant workflow, sessions). Behind TLS in production: put a
+    reverse proxy in front, or give cert_file/key_file."""
+
+    enabled: bool = True
+    listen_host: str = "127.0.0.1"
+    listen_port: Port = 8443
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    public_url: str | None = None  # as users reach it (for links and CLI defaults)
+    session_minutes: int = Field(default=480, ge=5, le=24 * 60)
+    secure_cookies: bool = True  # False only for the loopback demo over plain HTTP
+
+
 class InventorySettings(_Model):
     backend: Literal["static"] = "static"
     file: Path = Path("inventory.toml")
@@ -187,6 +201,7 @@ class BrokerConfig(_Model):
     totp: TotpSettings = TotpSettings()
     limits: LimitsSettings = LimitsSettings()
     roles: RoleSettings = RoleSettings()
+    web: WebSettings = WebSettings()
     grants: GrantSettings = GrantSettings()
     inventory: InventorySettings = InventorySettings()
     store: StoreSettings = StoreSettings()
@@ -282,5 +297,7 @@ def load_config(path: Path) -> BrokerConfig:
             ),
             "audit": cfg.audit.model_copy(update={"path": _resolve(base, cfg.audit.path)}),
             "totp": cfg.totp.model_copy(update={"key_file": _resolve(base, cfg.totp.key_file)}),
+            "web": cfg.web.model_copy(update={"cert_file": _resolve(base, cfg.web.cert_file),
+                                              "key_file": _resolve(base, cfg.web.key_file)}),
         }
     )
