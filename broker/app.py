@@ -16,7 +16,7 @@ from broker.config import BrokerConfig
 from broker.errors import ConfigError
 from broker.identity.static import StaticDirectory
 from broker.inventory.static import StaticInventory
-from broker.ports import Directory
+from broker.ports import Directory, Inventory
 from broker.recordings.local import LocalRecordingSink
 from broker.services.access import AccessService
 from broker.services.auth import AccountPolicy, Authenticator, TotpPolicy, TotpSecondFactor
@@ -95,6 +95,14 @@ def build_directory(config: BrokerConfig) -> Directory:
                                      ident.domain_aliases)
 
 
+def build_inventory(config: BrokerConfig) -> Inventory:
+    if config.inventory.backend == "aws" and config.inventory.aws is not None:
+        from broker.inventory.aws import AwsInventory
+
+        return AwsInventory(config.inventory.aws)
+    return StaticInventory.from_file(config.inventory.file)
+
+
 class Broker:
     """A running broker: stores, services and the SSH listener."""
 
@@ -109,7 +117,7 @@ class Broker:
         s = self.stores
         directory = build_directory(config)
         self._directory = directory
-        inventory = StaticInventory.from_file(config.inventory.file)
+        inventory = build_inventory(config)
         self.access = AccessService(inventory, s.grants, s.clock)
         self.sessions = SessionService(
             s.recordings, s.sessions, s.audit, s.clock,

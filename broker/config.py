@@ -19,6 +19,7 @@ from pydantic import (
 from broker.domain.models import Trigger
 from broker.errors import ConfigError
 from broker.identity.ldap import ADSettings
+from broker.inventory.aws import AwsInventorySettings
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 
@@ -173,8 +174,15 @@ class WebSettings(_Model):
 
 
 class InventorySettings(_Model):
-    backend: Literal["static"] = "static"
-    file: Path = Path("inventory.toml")
+    backend: Literal["static", "aws"] = "static"
+    file: Path = Path("inventory.toml")  # static
+    aws: AwsInventorySettings | None = None  # aws: CloudFormation stacks -> EC2 instances
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> InventorySettings:
+        if self.backend == "aws" and self.aws is None:
+            raise ValueError("backend = 'aws' needs an [inventory.aws] section")
+        return self
 
 
 class StoreSettings(_Model):
