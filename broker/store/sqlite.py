@@ -84,6 +84,15 @@ MIGRATIONS: list[str] = [
         added_at TEXT NOT NULL,
         PRIMARY KEY (account, fingerprint)
     );
+    CREATE TABLE reauth_windows (
+        account TEXT NOT NULL,
+        ip TEXT NOT NULL,
+        key_fp TEXT NOT NULL,
+        until REAL NOT NULL,
+        PRIMARY KEY (account, ip, key_fp)
+    );
+    """,
+    """
     CREATE TABLE grant_history (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         grant_id TEXT NOT NULL,
@@ -96,13 +105,6 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX grant_history_grant ON grant_history (grant_id, seq);
     CREATE INDEX grants_state ON grants (state, expires_at);
-    CREATE TABLE reauth_windows (
-        account TEXT NOT NULL,
-        ip TEXT NOT NULL,
-        key_fp TEXT NOT NULL,
-        until REAL NOT NULL,
-        PRIMARY KEY (account, ip, key_fp)
-    );
     """,
 ]
 
