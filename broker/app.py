@@ -7,6 +7,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import asyncssh
 import structlog
@@ -21,6 +22,7 @@ from broker.recordings.local import LocalRecordingSink
 from broker.services.access import AccessService
 from broker.services.auth import AccountPolicy, Authenticator, TotpPolicy, TotpSecondFactor
 from broker.services.clock import SystemClock
+from broker.services.enforcement import GrantEnforcer
 from broker.services.grants import GrantService
 from broker.services.roles import grant_policy
 from broker.services.sessions import SessionService
@@ -138,6 +140,11 @@ class Broker:
         self.grants = GrantService(s.grants, s.audit, s.clock, grant_policy(config.grants))
         self.deps = RelayDeps(config, self.access, self.sessions, self.ca, s.audit, s.clock)
         self._acceptor: asyncssh.SSHAcceptor | None = None
+        self.enforcer = GrantEnforcer(
+            self.sessions, s.grants, s.audit, s.clock,
+            interval=config.grants.enforce_interval_seconds,
+            warn_before=timedelta(seconds=config.grants.warn_before_seconds),
+        )
 
     async def start(self) -> int:
         """Start listening; returns the bound port (useful with port 0)."""
@@ -147,11 +154,13 @@ class Broker:
             ssh.listen_port,
         )
         port = int(self._acceptor.get_port())
+        self.enforcer.start()
         self.stores.audit.emit("broker.start", listen=f"{ssh.listen_host}:{port}")
         log.info("broker.listening", host=ssh.listen_host, port=port)
         return port
 
     async def stop(self) -> None:
+        await self.enforcer.stop()
         if self._acceptor is not None:
             self._acceptor.close()
             await self._acceptor.wait_closed()

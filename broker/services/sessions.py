@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
@@ -58,6 +59,18 @@ class _NullWriter:
         return None
 
 
+class SessionControl(Protocol):
+    """What the enforcer may do to a live session (implemented by the SSH relay)."""
+
+    def notify(self, text: str) -> None:
+        """Show a line to the user (recorded like any output)."""
+        ...
+
+    def terminate(self, reason: str) -> None:
+        """End the session now, telling the user why."""
+        ...
+
+
 class LiveSession:
     """One relayed session; counters and the recording writer, nothing asynchronous."""
 
@@ -70,6 +83,9 @@ class LiveSession:
         self.bytes_in = 0
         self.bytes_out = 0
         self.closed = False
+        self.deadline = req.grant.expires_at  # moves when the grant is extended
+        self.warned = False
+        self.control: SessionControl | None = None
 
     def output(self, data: bytes, stderr: bool) -> None:
         self.writer.write(fmt.ERROR if stderr else fmt.OUTPUT, data)

@@ -87,6 +87,7 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         self._pending: list[bytes] = []
         self._pending_eof = False
         self._target_eof = False
+        self._terminating: str | None = None  # reason, once the enforcer ended the session
 
     # -- requests before the session starts --------------------------------------------------
     def connection_made(self, chan: SSHChannel[bytes]) -> None:
@@ -193,6 +194,7 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         self._pending.clear()
         if self._pending_eof:
             self._up_chan.write_eof()
+        self._live.control = self  # from now on the enforcer may warn or end this session
         self.chan.resume_reading()
 
     def _refuse(self, message: str) -> None:
@@ -207,6 +209,34 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         await self._finish("255")
         if self._up_conn is not None:
             self._up_conn.close()
+
+    # -- enforcement (SessionControl) -------------------------------------------------------
+    def notify(self, text: str) -> None:
+        """A line for the user: on the terminal in a PTY, on stderr otherwise (so a command's
+        stdout stays clean). Recorded like any output."""
+        data = f"\r\n{text}\r\n".encode()
+        on_stderr = self._term is None
+        if self._live is not None:
+            self._live.output(data, on_stderr)
+        with contextlib.suppress(OSError, asyncssh.Error):
+            if on_stderr:
+                self.chan.write_stderr(data)
+            else:
+                self.chan.write(data)
+
+    def terminate(self, reason: str) -> None:
+        if self._terminating is not None:
+            return
+        self._terminating = reason
+        self.notify(f"bastion-broker: access ended ({reason})")
+        if self._up_chan is not None and self._up_conn is not None:
+            # Closing only the channel would wait for a non-PTY command to finish; closing the
+            # connection makes sshd hang up the session (SIGHUP). -> target_closed -> _end
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self._up_chan.send_signal("HUP")
+            self._up_conn.close()
+        else:
+            asyncio.get_running_loop().create_task(self._end(None, None, None))
 
     # -- client -> target -------------------------------------------------------------------
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
@@ -295,6 +325,8 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
                    code: int | None) -> None:
         # Close the recording and write session.end first, so that when the client sees the
         # exit status, the recording is complete and on disk.
+        if self._terminating is not None:
+            status, signal, code = f"terminated:{self._terminating}", None, 255
         await self._finish(status)
         try:
             if self._target_eof and not self.chan.is_closing():

@@ -1,0 +1,104 @@
+"""Live enforcement: sessions end when their grant stops being live, and users are warned first.
+
+Every broker process re-reads the grants of its live sessions every ``interval`` seconds (one
+batched query), so a revoke or an expiry ends sessions within that interval on every bastion that
+shares the store, and an extension moves the deadline of live sessions without reconnecting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import datetime, timedelta
+from typing import Protocol
+
+import structlog
+
+from broker.domain.models import Grant, GrantState
+from broker.errors import BrokerError
+from broker.ports import AuditSink, Clock
+from broker.services.sessions import LiveSession, SessionService
+
+log = structlog.get_logger("broker.enforcement")
+
+
+class GrantReader(Protocol):
+    async def get_many(self, grant_ids: list[str]) -> dict[str, Grant]: ...
+
+
+def _why_not_live(g: Grant | None, now: datetime) -> str:
+    if g is None:
+        return "grant deleted"
+    state = g.effective_state(now)
+    if state is GrantState.APPROVED and now < g.starts_at:
+        return "grant not started"
+    return f"grant {state}"
+
+
+class GrantEnforcer:
+    def __init__(self, sessions: SessionService, grants: GrantReader, audit: AuditSink,
+                 clock: Clock, *, interval: float, warn_before: timedelta) -> None:
+        self._sessions = sessions
+        self._grants = grants
+        self._audit = audit
+        self._clock = clock
+        self._interval = interval
+        self._warn_before = warn_before
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.check_once()
+            except BrokerError as exc:
+                # the store is down: keep sessions (their grants were live), retry next tick
+                log.error("enforcement.check_failed", error=str(exc))
+            await asyncio.sleep(self._interval)
+
+    async def check_once(self) -> None:
+        live = [s for s in self._sessions.live.values() if s.control is not None]
+        if not live:
+            return
+        grants = await self._grants.get_many(sorted({s.request.grant.id for s in live}))
+        now = self._clock.now()
+        for s in live:
+            self._check(s, grants.get(s.request.grant.id), now)
+
+    def _check(self, s: LiveSession, g: Grant | None, now: datetime) -> None:
+        control = s.control
+        if control is None or s.closed:
+            return
+        if g is None or not g.live_at(now):
+            reason = _why_not_live(g, now)
+            self._audit.emit("session.terminated", session_id=s.id, user=str(s.request.principal),
+                             target=s.request.instance.id, grant_id=s.request.grant.id,
+                             reason=reason)
+            control.terminate(reason)
+            return
+        if g.expires_at != s.deadline:
+            if g.expires_at > s.deadline:
+                s.warned = False  # extended: warn again before the new end
+            self._audit.emit("session.deadline_moved", session_id=s.id,
+                             grant_id=g.id, deadline=g.expires_at.isoformat(),
+                             previous=s.deadline.isoformat())
+            s.deadline = g.expires_at
+        left = s.deadline - now
+        if not s.warned and left <= self._warn_before:
+            s.warned = True
+            minutes = max(1, round(left.total_seconds() / 60))
+            control.notify(
+                f"bastion-broker: your access to {s.request.instance.name} ends at "
+                f"{s.deadline:%H:%M} UTC (in about {minutes} min); ask an approver to extend "
+                f"grant {g.id} if you need longer")
+            self._audit.emit("session.warned", session_id=s.id, grant_id=g.id,
+                             deadline=s.deadline.isoformat())
