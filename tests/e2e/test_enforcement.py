@@ -3,6 +3,7 @@ users are warned before expiry, and an extension keeps sessions going without re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import time
@@ -68,12 +69,12 @@ def test_expiry_warns_then_ends_an_exec_session(demo: Demo) -> None:
 async def test_extension_moves_the_deadline_of_live_sessions(demo: Demo, tmp_path: Path) -> None:
     user = demo.take_user()
     grant_id = _short_grant(demo, user, hours=6 / 3600)  # 6 seconds
-    proc = subprocess.Popen(
-        [*demo.ssh_args(f"{user}+db01"), "echo started; sleep 12; echo finished"],
+    proc = await asyncio.create_subprocess_exec(
+        *demo.ssh_args(f"{user}+db01"), "echo started; sleep 12; echo finished",
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env=demo.env(user))
     try:
-        time.sleep(2)
+        await asyncio.sleep(2)
         # an approver extends the grant through the workflow service on the shared store
         config = load_config(Path(demo.config))
         stores = open_stores(config)
@@ -83,12 +84,12 @@ async def test_extension_moves_the_deadline_of_live_sessions(demo: Demo, tmp_pat
         g = await service.load(approver, grant_id)
         await service.extend(approver, grant_id, g.expires_at + timedelta(minutes=30),
                              "needs longer")
-        out, err = proc.communicate(timeout=30)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, err
         assert out == b"started\nfinished\n"
         moved = [e for e in demo.audit_lines() if e["event"] == "session.deadline_moved"
                  and e["grant_id"] == grant_id]
         assert moved
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.kill()
