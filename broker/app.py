@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -17,7 +17,16 @@ from broker.config import BrokerConfig
 from broker.errors import ConfigError
 from broker.identity.static import StaticDirectory
 from broker.inventory.static import StaticInventory
-from broker.ports import Directory, Inventory
+from broker.ports import (
+    Directory,
+    GrantStore,
+    Inventory,
+    KeyStore,
+    ReauthStore,
+    SessionIndex,
+    ThrottleStore,
+    TotpStore,
+)
 from broker.recordings.local import LocalRecordingSink
 from broker.services.access import AccessService
 from broker.services.auth import AccountPolicy, Authenticator, TotpPolicy, TotpSecondFactor
@@ -46,32 +55,69 @@ log = structlog.get_logger("broker.app")
 
 @dataclass
 class Stores:
-    """What the CLI needs without starting a server."""
+    """The state a broker or the CLI works on, whichever backend holds it."""
 
-    db: SqliteDatabase
-    grants: SqliteGrantStore
-    totp: EncryptedTotpStore
-    throttle: SqliteThrottleStore
-    keys: SqliteKeyStore
-    reauth: SqliteReauthStore
-    sessions: SqliteSessionIndex
+    grants: GrantStore
+    totp: TotpStore
+    throttle: ThrottleStore
+    keys: KeyStore
+    reauth: ReauthStore
+    sessions: SessionIndex
     recordings: LocalRecordingSink
     audit: JsonlAuditLog
     clock: SystemClock
+    closer: Callable[[], Awaitable[None]]
+
+    async def close(self) -> None:
+        await self.closer()
+        self.audit.close()
+
+
+def _local(config: BrokerConfig, clock: SystemClock) -> tuple[LocalRecordingSink, JsonlAuditLog]:
+    return LocalRecordingSink(config.recordings_dir), JsonlAuditLog(config.audit_path, clock)
 
 
 def open_stores(config: BrokerConfig) -> Stores:
+    """The embedded SQLite store (synchronous open); see ``connect_stores`` for any backend."""
+    if config.store.backend != "sqlite":
+        raise ConfigError("this command opens the SQLite store only; the config names "
+                          f"store backend '{config.store.backend}'")
     clock = SystemClock()
     db = SqliteDatabase(config.db_path)
+    recordings, audit = _local(config, clock)
+
+    async def close() -> None:
+        db.close()
+
     return Stores(
-        db=db, grants=SqliteGrantStore(db),
+        grants=SqliteGrantStore(db),
         totp=EncryptedTotpStore(
-            SqliteTotpStore(db),
-            load_key(config.totp.key_file, config.totp_key_default_path),
-        ),
+            SqliteTotpStore(db), load_key(config.totp.key_file, config.totp_key_default_path)),
         throttle=SqliteThrottleStore(db), keys=SqliteKeyStore(db), reauth=SqliteReauthStore(db),
-        sessions=SqliteSessionIndex(db), recordings=LocalRecordingSink(config.recordings_dir),
-        audit=JsonlAuditLog(config.audit_path, clock), clock=clock,
+        sessions=SqliteSessionIndex(db), recordings=recordings, audit=audit, clock=clock,
+        closer=close,
+    )
+
+
+async def connect_stores(config: BrokerConfig) -> Stores:
+    """Open the configured store: SQLite, or a PostgreSQL pool shared by a fleet of bastions."""
+    if config.store.backend == "sqlite":
+        return open_stores(config)
+    from broker.store import postgres as pg
+
+    st = config.store
+    db = await pg.PostgresDatabase.connect(pg.load_dsn(st.dsn, st.dsn_file), st.pool_min,
+                                           st.pool_max)
+    clock = SystemClock()
+    recordings, audit = _local(config, clock)
+    return Stores(
+        grants=pg.PostgresGrantStore(db),
+        totp=EncryptedTotpStore(
+            pg.PostgresTotpStore(db),
+            load_key(config.totp.key_file, config.totp_key_default_path)),
+        throttle=pg.PostgresThrottleStore(db), keys=pg.PostgresKeyStore(db),
+        reauth=pg.PostgresReauthStore(db), sessions=pg.PostgresSessionIndex(db),
+        recordings=recordings, audit=audit, clock=clock, closer=db.close,
     )
 
 
@@ -108,14 +154,14 @@ def build_inventory(config: BrokerConfig) -> Inventory:
 class Broker:
     """A running broker: stores, services and the SSH listener."""
 
-    def __init__(self, config: BrokerConfig) -> None:
+    def __init__(self, config: BrokerConfig, stores: Stores | None = None) -> None:
         if not config.recordings.enabled and not config.recordings.allow_unrecorded:
             raise ConfigError(
                 "recordings.enabled = false requires recordings.allow_unrecorded = true "
                 "(benchmarks only: sessions would not be recorded)"
             )
         self.config = config
-        self.stores = open_stores(config)
+        self.stores = stores or open_stores(config)
         s = self.stores
         directory = build_directory(config)
         self._directory = directory
@@ -140,6 +186,10 @@ class Broker:
         self.grants = GrantService(s.grants, s.audit, s.clock, grant_policy(config.grants))
         self.deps = RelayDeps(config, self.access, self.sessions, self.ca, s.audit, s.clock)
         self._acceptor: asyncssh.SSHAcceptor | None = None
+        from broker.web.server import web_server_for  # aiohttp only where a server runs
+
+        self.web = web_server_for(config, self.grants, self.authenticator, s.audit, s.clock)
+        self.web_url: str | None = None  # the API's base URL once started
         self.enforcer = GrantEnforcer(
             self.sessions, s.grants, s.audit, s.clock,
             interval=config.grants.enforce_interval_seconds,
@@ -154,12 +204,16 @@ class Broker:
             ssh.listen_port,
         )
         port = int(self._acceptor.get_port())
+        if self.web is not None:
+            self.web_url = await self.web.start_or_warn()
         self.enforcer.start()
         self.stores.audit.emit("broker.start", listen=f"{ssh.listen_host}:{port}")
         log.info("broker.listening", host=ssh.listen_host, port=port)
         return port
 
     async def stop(self) -> None:
+        if self.web is not None:
+            await self.web.stop()
         await self.enforcer.stop()
         if self._acceptor is not None:
             self._acceptor.close()
@@ -170,13 +224,14 @@ class Broker:
         close = getattr(self._directory, "close", None)
         if close is not None:
             close()
+        await self.stores.close()
 
 
 async def serve(config: BrokerConfig, on_ready: Callable[[int], None] | None = None) -> None:
     """Run until SIGINT/SIGTERM."""
     import signal
 
-    broker = Broker(config)
+    broker = Broker(config, await connect_stores(config))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

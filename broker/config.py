@@ -186,8 +186,21 @@ class InventorySettings(_Model):
 
 
 class StoreSettings(_Model):
-    backend: Literal["sqlite"] = "sqlite"
-    path: Path | None = None  # default: STATE_DIR/broker.db
+    """SQLite for one bastion; PostgreSQL for a fleet sharing grants, codes and sessions."""
+
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    path: Path | None = None  # sqlite; default: STATE_DIR/broker.db
+    # postgres: postgresql://broker:PASSWORD@db:5432/broker?sslmode=verify-full, or from a file
+    dsn: str | None = Field(default=None, repr=False)
+    dsn_file: Path | None = None
+    pool_min: int = Field(default=1, ge=1, le=100)
+    pool_max: int = Field(default=10, ge=1, le=500)
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> StoreSettings:
+        if self.backend == "postgres" and not (self.dsn or self.dsn_file):
+            raise ValueError("backend = 'postgres' needs dsn or dsn_file")
+        return self
 
 
 class RecordingSettings(_Model):
@@ -299,7 +312,8 @@ def load_config(path: Path) -> BrokerConfig:
             "inventory": cfg.inventory.model_copy(
                 update={"file": _resolve(base, cfg.inventory.file)}
             ),
-            "store": cfg.store.model_copy(update={"path": _resolve(base, cfg.store.path)}),
+            "store": cfg.store.model_copy(update={"path": _resolve(base, cfg.store.path),
+                                                  "dsn_file": _resolve(base, cfg.store.dsn_file)}),
             "recordings": cfg.recordings.model_copy(
                 update={"dir": _resolve(base, cfg.recordings.dir)}
             ),

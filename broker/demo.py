@@ -193,6 +193,7 @@ def prepare(state_dir: Path, ssh_port: int, users: int) -> dict[str, Any]:
     password = secrets.token_urlsafe(12)
     pw_hash = hash_password(password)  # one hash shared by all demo users: the demo is one person
     names = ["alice"] + [f"user{n:03d}" for n in range(2, users + 1)]
+    web_port = free_port()
     (state_dir / "users.toml").write_text("".join(
         f'[[users]]\nname = "{n}"\npassword_hash = {_toml_str(pw_hash)}\ngroups = ["ops"]\n\n'
         for n in names
@@ -204,10 +205,13 @@ def prepare(state_dir: Path, ssh_port: int, users: int) -> dict[str, Any]:
         f'default_domain = "{DOMAIN}"\ndomain_aliases = {{ CORP = "{DOMAIN}" }}\n\n'
         f'[inventory]\nbackend = "static"\nfile = "inventory.toml"\n\n'
         "# Every demo client comes from loopback: never penalise it for failed logins\n"
-        '[limits]\npenalty_exempt = ["127.0.0.0/8", "::1/128"]\n'
+        '[limits]\npenalty_exempt = ["127.0.0.0/8", "::1/128"]\n\n'
+        "# The grant API over plain HTTP on loopback: cookies without the Secure flag\n"
+        f'[web]\nlisten_host = "127.0.0.1"\nlisten_port = {web_port}\nsecure_cookies = false\n'
     )
     return {"targets": targets, "password": password, "names": names,
-            "ca_pub": ca_pub, "logins": (admin_login, ro_login)}
+            "ca_pub": ca_pub, "logins": (admin_login, ro_login),
+            "web_url": f"http://127.0.0.1:{web_port}"}
 
 
 async def _seed(config_path: Path, names: list[str]) -> dict[str, str]:
@@ -238,8 +242,7 @@ async def _seed(config_path: Path, names: list[str]) -> dict[str, str]:
             stores.audit.emit("grant.added", grant_id=grant.id, user=key, actor="demo",
                               level=str(grant.level), expires_at=grant.expires_at.isoformat())
     finally:
-        stores.db.close()
-        stores.audit.close()
+        await stores.close()
     return secrets_by_user
 
 
@@ -273,7 +276,7 @@ def run_demo(state_dir: Path, ssh_port: int, users: int) -> int:
                 "admin_login": info["logins"][0], "read_only_login": info["logins"][1],
                 "target_ports": {t.name: t.port for t in targets},
                 "target_logs": {t.name: str(t.dir / "sshd.log") for t in targets},
-                "users": users_out, "pid": os.getpid(),
+                "users": users_out, "pid": os.getpid(), "web_url": info["web_url"],
             }
             out = state_dir / "demo.json"
             tmp = state_dir / "demo.json.tmp"
@@ -290,6 +293,8 @@ def run_demo(state_dir: Path, ssh_port: int, users: int) -> int:
                 f"(code now: bastion-broker totp code --secret {secrets_by_user['alice']})\n"
                 f"  denied:    ssh -p {port} alice+{desc['denied_target']}@127.0.0.1\n"
                 f"  sessions:  bastion-broker --config {config_path} sessions list\n"
+                f"  API:       {info['web_url']}/api/openapi.json "
+                f"(bastion-broker --api {info['web_url']} login)\n"
                 f"  details:   {out}\n",
                 flush=True,
             )

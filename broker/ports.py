@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from broker.domain.models import Grant, Instance, Principal
+from broker.domain.workflow import HistoryEntry
 
 
 class Clock(Protocol):
@@ -131,14 +132,32 @@ class GrantStore(Protocol):
 
     async def get(self, grant_id: str) -> Grant | None: ...
 
+    async def get_many(self, grant_ids: list[str]) -> dict[str, Grant]: ...
+
     async def for_user(self, username: str, domain: str) -> list[Grant]:
         """Grants naming this AD user in this domain, any state."""
         ...
 
-    async def list(self, *, username: str | None = None) -> list[Grant]: ...
-
     async def replace(self, grant: Grant) -> None:
-        """Overwrite a stored grant (state transitions)."""
+        """Overwrite a stored grant (operator shortcut; the workflow uses ``update``)."""
+        ...
+
+    async def create(self, grant: Grant, entry: HistoryEntry) -> None:
+        """A new grant and its first history entry, atomically."""
+        ...
+
+    async def update(self, grant: Grant, entry: HistoryEntry) -> Grant:
+        """Compare-and-set on ``grant.version``; raises ConflictError if someone else won."""
+        ...
+
+    async def history(self, grant_id: str) -> list[HistoryEntry]: ...
+
+    async def search(self, *, username: str | None = None, stack: str | None = None,
+                     states: list[str] | None = None, since: datetime | None = None,
+                     until: datetime | None = None, limit: int = 500) -> list[Grant]: ...
+
+    async def list(self, *, username: str | None = None) -> list[Grant]:
+        """All grants (of one user), oldest first. Last: its name shadows ``list`` below it."""
         ...
 
 

@@ -12,27 +12,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from broker.domain import workflow as wf
 from broker.domain.models import Grant, GrantState
 from broker.domain.workflow import Actor, GrantPolicy, GrantRequest, HistoryEntry, Role
 from broker.errors import AuditError, NotFoundError
-from broker.ports import AuditSink, Clock
-
-
-class WorkflowGrantStore(Protocol):
-    async def get(self, grant_id: str) -> Grant | None: ...
-
-    async def create(self, grant: Grant, entry: HistoryEntry) -> None: ...
-
-    async def update(self, grant: Grant, entry: HistoryEntry) -> Grant: ...
-
-    async def history(self, grant_id: str) -> list[HistoryEntry]: ...
-
-    async def search(self, *, username: str | None = None, stack: str | None = None,
-                     states: list[str] | None = None, since: datetime | None = None,
-                     until: datetime | None = None, limit: int = 500) -> list[Grant]: ...
+from broker.ports import AuditSink, Clock, GrantStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +41,7 @@ def _visible(actor: Actor, g: Grant) -> bool:
 
 
 class GrantService:
-    def __init__(self, store: WorkflowGrantStore, audit: AuditSink, clock: Clock,
+    def __init__(self, store: GrantStore, audit: AuditSink, clock: Clock,
                  policy: GrantPolicy) -> None:
         self._store = store
         self._audit = audit

@@ -114,7 +114,8 @@ async def test_self_enrolment_after_a_correct_password(demo: Demo, tmp_path: Pat
     users = tmp_path / "users.toml"
     users.write_text((demo.state_dir / "users.toml").read_text())
     cfg = demo.variant_config(tmp_path, totp="self_enroll = true", users_file=users)
-    add = subprocess.run(  # noqa: ASYNC221 - set-up before the broker starts[*demo.cli_args(cfg), "user", "add", "newcomer", "--password-stdin"],
+    add = subprocess.run(  # noqa: ASYNC221 - set-up before the broker starts
+        [*demo.cli_args(cfg), "user", "add", "newcomer", "--password-stdin"],
                          input=demo.info["password"] + "\n", capture_output=True, text=True,
                          timeout=30)
     assert add.returncode == 0, add.stderr
