@@ -12,16 +12,13 @@ import getpass
 import json
 import os
 import sys
-import uuid
 from collections.abc import Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from broker import __version__
 from broker.config import BrokerConfig, load_config
 from broker.domain import totp
-from broker.domain.models import DEFAULT_GRANT_DURATION, Grant, GrantState, Level, Trigger
 from broker.errors import BrokerError, NotFoundError, UsageError
 
 DEFAULT_CONFIG = "/etc/bastion-broker/broker.toml"
@@ -65,80 +62,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.state_dir), args.ssh_port, args.users)
 
 
-# -- grants ------------------------------------------------------------------------------------
-def _grant_dict(g: Grant, now: Any) -> dict[str, Any]:
-    return {
-        "id": g.id, "user": g.username, "domain": g.domain, "stacks": ",".join(g.stack_ids),
-        "vpc": g.vpc_id, "level": str(g.level), "state": str(g.effective_state(now)),
-        "starts_at": g.starts_at.isoformat(), "expires_at": g.expires_at.isoformat(),
-        "trigger": str(g.trigger), "ticket": g.ticket, "reason": g.reason,
-        "requested_by": g.requested_by, "approved_by": g.approved_by,
-    }
-
-
-async def _grant_add(args: argparse.Namespace) -> int:
-    from broker.app import open_stores
-
-    stores = open_stores(_config(args))
-    now = stores.clock.now()
-    if not 0 < args.hours <= 24 * 30:
-        raise UsageError("--hours must be more than 0 and at most 720")
-    actor = os.environ.get("SUDO_USER") or getpass.getuser()
-    grant = Grant(
-        id="g-" + uuid.uuid4().hex[:12], username=args.user, domain=args.domain,
-        stack_ids=tuple(args.stack), vpc_id=args.vpc, level=Level(args.level),
-        state=GrantState.APPROVED, starts_at=now,
-        expires_at=now + (timedelta(hours=args.hours) if args.hours else DEFAULT_GRANT_DURATION),
-        trigger=Trigger(args.trigger), ticket=args.ticket, reason=args.reason,
-        requested_by=actor, approved_by=actor, created_at=now,
-    )
-    stores.audit.emit("grant.added", grant_id=grant.id, user=f"{grant.username}@{grant.domain}",
-                      stacks=list(grant.stack_ids), vpc=grant.vpc_id, level=str(grant.level),
-                      expires_at=grant.expires_at.isoformat(), actor=actor, ticket=grant.ticket)
-    await stores.grants.add(grant)
-    if args.json:
-        _out(json.dumps(_grant_dict(grant, now)))
-    else:
-        _out(f"grant {grant.id}: {grant.level} for {grant.username}@{grant.domain} on "
-             f"{','.join(grant.stack_ids)} ({grant.vpc_id}) until {grant.expires_at:%Y-%m-%d %H:%M} UTC")
-    return 0
-
-
-async def _grant_list(args: argparse.Namespace) -> int:
-    from broker.app import open_stores
-
-    stores = open_stores(_config(args))
-    now = stores.clock.now()
-    rows = [_grant_dict(g, now) for g in await stores.grants.list(username=args.user)]
-    if args.json:
-        _out(json.dumps(rows, indent=2))
-    else:
-        _table(rows, ["id", "user", "domain", "stacks", "vpc", "level", "state", "expires_at",
-                      "ticket"])
-    return 0
-
-
-async def _grant_revoke(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from broker.app import open_stores
-
-    stores = open_stores(_config(args))
-    g = await stores.grants.get(args.grant_id)
-    if g is None:
-        raise NotFoundError(f"no grant {args.grant_id}")
-    actor = os.environ.get("SUDO_USER") or getpass.getuser()
-    stores.audit.emit("grant.revoked", grant_id=g.id, actor=actor)
-    await stores.grants.replace(replace(g, state=GrantState.REVOKED))
-    _out(f"grant {g.id} revoked")
-    return 0
-
-
 # -- sessions / play / export ------------------------------------------------------------------
 async def _sessions_list(args: argparse.Namespace) -> int:
-    from broker.app import open_stores
+    from broker.app import connect_stores
 
-    stores = open_stores(_config(args))
+    stores = await connect_stores(_config(args))
     recs = await stores.sessions.list(user=args.user, limit=args.limit)
     rows: list[dict[str, Any]] = []
     for r in recs:
@@ -165,10 +93,10 @@ async def _sessions_list(args: argparse.Namespace) -> int:
 
 
 async def _load_recording(args: argparse.Namespace) -> Any:
-    from broker.app import open_stores
+    from broker.app import connect_stores
     from broker.domain import recording as fmt
 
-    stores = open_stores(_config(args))
+    stores = await connect_stores(_config(args))
     rec = await stores.sessions.get(args.session_id)
     if rec is None:
         raise NotFoundError(f"no session {args.session_id}")
@@ -206,10 +134,10 @@ async def _play(args: argparse.Namespace) -> int:
 async def _totp_enroll(args: argparse.Namespace) -> int:
     import qrcode
 
-    from broker.app import open_stores
+    from broker.app import connect_stores
 
     config = _config(args)
-    stores = open_stores(config)
+    stores = await connect_stores(config)
     key = _account(config, args.user)
     user = key
     secret = totp.new_secret()
@@ -239,10 +167,10 @@ def _account(config: BrokerConfig, user: str) -> str:
 
 
 async def _totp_reset(args: argparse.Namespace) -> int:
-    from broker.app import open_stores
+    from broker.app import connect_stores
 
     config = _config(args)
-    stores = open_stores(config)
+    stores = await connect_stores(config)
     key = _account(config, args.user)
     if await stores.totp.get_secret(key) is None:
         raise NotFoundError(f"no TOTP enrolled for {key}")
@@ -254,9 +182,9 @@ async def _totp_reset(args: argparse.Namespace) -> int:
 async def _auth_status(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from broker.app import open_stores
+    from broker.app import connect_stores
 
-    stores = open_stores(_config(args))
+    stores = await connect_stores(_config(args))
     now = datetime.now(UTC).timestamp()
     rows = [
         {"account": st.account, "failures": st.failures, "locked": st.locked,
@@ -271,10 +199,10 @@ async def _auth_status(args: argparse.Namespace) -> int:
 
 
 async def _auth_unlock(args: argparse.Namespace) -> int:
-    from broker.app import open_stores
+    from broker.app import connect_stores
 
     config = _config(args)
-    stores = open_stores(config)
+    stores = await connect_stores(config)
     key = _account(config, args.user)
     if not await stores.throttle.unlock(key):
         raise NotFoundError(f"{key} has no failed logins on record")
@@ -284,10 +212,10 @@ async def _auth_unlock(args: argparse.Namespace) -> int:
 
 
 async def _key_add(args: argparse.Namespace) -> int:
-    from broker.app import open_stores
+    from broker.app import connect_stores
 
     config = _config(args)
-    stores = open_stores(config)
+    stores = await connect_stores(config)
     account = _account(config, args.user)
     import asyncssh
 
@@ -305,10 +233,10 @@ async def _key_add(args: argparse.Namespace) -> int:
 
 
 async def _key_list(args: argparse.Namespace) -> int:
-    from broker.app import open_stores
+    from broker.app import connect_stores
 
     config = _config(args)
-    stores = open_stores(config)
+    stores = await connect_stores(config)
     account = _account(config, args.user) if args.user else None
     rows = [{"account": a, "fingerprint": f, "comment": c}
             for a, f, c in await stores.keys.listing(account)]
@@ -320,10 +248,10 @@ async def _key_list(args: argparse.Namespace) -> int:
 
 
 async def _key_remove(args: argparse.Namespace) -> int:
-    from broker.app import open_stores
+    from broker.app import connect_stores
 
     config = _config(args)
-    stores = open_stores(config)
+    stores = await connect_stores(config)
     account = _account(config, args.user)
     if not await stores.keys.remove(account, args.fingerprint):
         raise NotFoundError(f"no key {args.fingerprint} registered for {account}")
@@ -391,27 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="demo users: alice plus user002..userN (for trying concurrency)")
     s.set_defaults(func=cmd_demo)
 
-    g = sub.add_parser("grant", help="access grants").add_subparsers(dest="sub", required=True)
-    s = g.add_parser("add", help="add an approved grant (operator)")
-    s.add_argument("--user", required=True, help="AD username (sAMAccountName)")
-    s.add_argument("--domain", required=True, help="FQDN of the trusted AD domain")
-    s.add_argument("--stack", required=True, action="append", help="stack ID (repeatable)")
-    s.add_argument("--vpc", required=True, help="VPC ID of the stacks")
-    s.add_argument("--level", required=True, choices=[lv.value for lv in Level])
-    s.add_argument("--hours", type=float, default=8.0, help="duration (default 8)")
-    s.add_argument("--trigger", default=Trigger.SERVICE_REQUEST.value,
-                   choices=[t.value for t in Trigger])
-    s.add_argument("--ticket", required=True, help="ticket reference")
-    s.add_argument("--reason", required=True)
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=_run(_grant_add))
-    s = g.add_parser("list", help="list grants")
-    s.add_argument("--user")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=_run(_grant_list))
-    s = g.add_parser("revoke", help="revoke a grant")
-    s.add_argument("grant_id")
-    s.set_defaults(func=_run(_grant_revoke))
+    from broker.cli_grants import register as register_grants
+
+    register_grants(sub)  # grant request|approve|...|list|show|add, login, logout
 
     ss = sub.add_parser("sessions", help="recorded sessions").add_subparsers(dest="sub",
                                                                             required=True)

@@ -1,0 +1,117 @@
+"""Two bastions sharing PostgreSQL, with the real OpenSSH client: a grant approved through one
+admits a session on the other, a code used on one is spent on both, and a revoke through one
+ends the session on the other within 10 s."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyotp
+import pytest
+
+from tests.conftest import BIN, Demo
+from tests.contract.pgserver import PgServer
+
+pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgServer]:
+    server = PgServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+def _serve(cfg: Path) -> tuple[subprocess.Popen[bytes], int]:
+    proc = subprocess.Popen([str(BIN), "--config", str(cfg), "serve"], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL)
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        if b'"broker.listening"' in line:
+            return proc, int(json.loads(line)["port"])
+    proc.kill()
+    raise AssertionError("broker did not start")
+
+
+def _cli(cfg: Path, *args: str) -> str:
+    r = subprocess.run([str(BIN), "--config", str(cfg), *args], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_two_bastions_share_grants_codes_and_revocations(
+    demo: Demo, pg: PgServer, tmp_path: Path
+) -> None:
+    cfgs = []
+    for name in ("a", "b"):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = demo.variant_config(d, limits="penalty_exempt = ['127.0.0.0/8']")
+        cfg.write_text(cfg.read_text() + f'[store]\nbackend = "postgres"\ndsn = "{pg.dsn()}"\n'
+                       "[grants]\nenforce_interval_seconds = 2\n")
+        cfgs.append(cfg)
+    a_cfg, b_cfg = cfgs
+    procs = []
+    try:
+        (pa, port_a), (pb, port_b) = _serve(a_cfg), _serve(b_cfg)
+        procs = [pa, pb]
+        user = demo.take_user()
+        secret = re.search(r"secret=([A-Z2-7]+)", _cli(a_cfg, "totp", "enroll", user))
+        assert secret is not None
+        totp = pyotp.TOTP(secret.group(1))
+        step = int(time.time()) // 30
+        known_b = demo.known_hosts_for(tmp_path, port_b)
+        known_a = demo.known_hosts_for(tmp_path, port_a)
+
+        def ssh(port: int, known: Path, code: str, command: str,
+                **kw: object) -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                [*demo.ssh_args(f"{user}+web01", port=port, known_hosts=known), command],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=demo.env(user, code=code))
+
+        # no grant in PostgreSQL yet: B refuses
+        p = ssh(port_b, known_b, totp.generate_otp(step - 1), "true")
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 255
+        assert b"no access to web01" in err
+        # a grant approved through A admits a session on B
+        grant = json.loads(_cli(a_cfg, "grant", "add", "--user", user, "--domain",
+                                demo.info["domain"], "--stack", "stack-web", "--vpc",
+                                "vpc-0demo", "--level", "read-only", "--ticket", "CHG-7",
+                                "--reason", "fleet", "--json"))
+        code = totp.generate_otp(step)
+        p = ssh(port_b, known_b, code, "echo on-b; sleep 60; echo never")
+        assert p.stdout is not None
+        assert p.stdout.readline() == b"on-b\n"
+        # the code B accepted is spent on A too
+        q = ssh(port_a, known_a, code, "true")
+        _, qerr = q.communicate(timeout=30)
+        assert q.returncode == 255
+        assert b"Permission denied" in qerr
+        # a revoke through A ends the session on B within 10 s
+        t0 = time.monotonic()
+        _cli(a_cfg, "grant", "revoke", grant["id"])
+        out, err = p.communicate(timeout=20)
+        assert time.monotonic() - t0 < 10
+        assert p.returncode == 255
+        assert b"access ended (grant revoked)" in err
+        assert b"never" not in out
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(20)
