@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker.domain.models import Grant, GrantState, Instance, Level, Principal, Trigger  # noqa: E402
-from broker.ports import GrantStore  # noqa: E402
-from broker.services.access import AccessService  # noqa: E402
-from broker.services.clock import SystemClock  # noqa: E402
+from broker.domain.models import Grant, GrantState, Instance, Level, Principal, Trigger
+from broker.ports import GrantStore
+from broker.services.access import AccessService
+from broker.services.clock import SystemClock
 
 USERS = 500
 STACKS = 200
