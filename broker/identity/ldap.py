@@ -3,11 +3,19 @@
 One login runs in a worker thread (the event loop never waits on a socket), under a semaphore and
 one deadline:
 
-1. a service-account connection finds the user by sAMAccountName or UPN (filter values escaped);
+1. a service-account connection finds the user by sAMAccountName or UPN (filter values escaped),
+   with the user's direct groups (``memberOf``) and, for a ``lookup``, the account state;
 2. a second connection binds as the user's DN with the password. An unknown user binds a dummy DN
-   instead, so it costs the same round trips as a wrong password and looks the same outside;
-3. the service connection lists the user's groups, nested ones included (IN_CHAIN matching rule);
-   the user must be in at least one required group.
+   instead, so it costs the same round trips as a wrong password, and is padded to look the same;
+3. the service connection follows ``memberOf`` upwards, one search per nesting level, for the
+   nested groups (the same set as the LDAP_MATCHING_RULE_IN_CHAIN filter, at a fraction of the
+   DC's work); the user must be in at least one required group.
+
+Connections are pooled per DC (``pool_size``), already TLS-protected: service-account ones (the
+only ones that search) and password-bind ones (bound as whichever user bound last, used for
+nothing but binds) in separate pools, so a login usually costs no TLS handshake and no service
+bind. A connection goes back to its pool only if everything on it succeeded; a pooled one the DC
+closed while idle is replaced once by a fresh one; a DC failure empties that DC's pools.
 
 DCs of a domain are tried in order (or round robin); a DC that fails (refused, silent, bad
 certificate) is tried last for ``dc_retry_seconds``, so a dead DC costs one timeout, not one per
@@ -19,14 +27,18 @@ lives per connection, so it would not remember a dead DC between logins.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import itertools
+import random
 import re
 import secrets
 import ssl
+import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +66,14 @@ log = structlog.get_logger("broker.identity.ad")
 IN_CHAIN = "1.2.840.113556.1.4.1941"  # LDAP_MATCHING_RULE_IN_CHAIN: nested group membership
 ROLE_PREFIX = "role:"
 MAX_USERNAME = 256
+UF_ACCOUNTDISABLE = 0x2
+UF_LOCKOUT = 0x10  # in msDS-User-Account-Control-Computed (AD computes it from lockoutTime)
+_FILETIME_NEVER = (0, 0x7FFFFFFFFFFFFFFF)
+_FILETIME_EPOCH = 116444736000000000  # 1970-01-01 in 100 ns steps since 1601-01-01
+_STATE_ATTRS = ("userAccountControl", "accountExpires", "lockoutTime",
+                "msDS-User-Account-Control-Computed")
+_MAX_NESTING = 64  # group nesting levels followed (cycles stop earlier: groups are seen once)
+_DN_CHUNK = 100  # group DNs per search filter
 
 # AD's "data" code in a result-49 bind message -> reason for the audit log.
 AD_BIND_CODES: dict[str, str] = {
@@ -148,6 +168,38 @@ def group_matches(configured: list[str], group_dns: set[str], group_cns: set[str
     return False
 
 
+def _int(value: Any) -> int | None:
+    v = _first(value)
+    try:
+        return int(v) if v != "" else None
+    except ValueError:
+        return None
+
+
+def account_state_problem(attrs: dict[str, Any], now: float) -> str | None:
+    """Why the account in ``attrs`` (from a search, see _STATE_ATTRS) may not log in without a
+    password check; None if it may. ``now`` is epoch seconds. Fails closed: an unreadable
+    userAccountControl is a refusal."""
+    uac = _int(attrs.get("userAccountControl"))
+    if uac is None:
+        return "account state unreadable"
+    if uac & UF_ACCOUNTDISABLE:
+        return "account disabled"
+    expires = _int(attrs.get("accountExpires"))
+    if expires is not None and expires not in _FILETIME_NEVER and \
+            (expires - _FILETIME_EPOCH) / 10_000_000 <= now:
+        return "account expired"
+    computed = _int(attrs.get("msDS-User-Account-Control-Computed"))
+    if computed is not None:
+        if computed & UF_LOCKOUT:
+            return "account locked out"
+    elif _int(attrs.get("lockoutTime")):
+        # No computed flag (not AD?): a lockout time that was never reset counts, even if its
+        # duration may have passed; the next successful password login resets it.
+        return "account locked out"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class DCAddress:
     """One domain controller: ``ldaps://host:636`` (TLS from the start) or ``ldap://`` + StartTLS."""
@@ -234,6 +286,12 @@ class ADSettings(BaseModel):
     max_concurrency: int = Field(16, ge=1, le=512)
     # How long a failed DC is tried only after the others.
     dc_retry_seconds: float = Field(30.0, ge=0)
+    # Idle TLS connections kept per DC and kind (service-account searches; users' password
+    # binds), so a login needs no TLS handshake and no service bind. 0: a new connection each time.
+    pool_size: int = Field(8, ge=0, le=512)
+    # An idle connection older than this is closed instead of reused (DCs drop idle ones: AD's
+    # MaxConnIdleTime is 900 s).
+    pool_max_idle_seconds: float = Field(120.0, gt=0, le=3600)
 
     @model_validator(mode="after")
     def _consistent(self) -> ADSettings:
@@ -320,6 +378,8 @@ class _Domain:
     approvers: list[str]
     auditors: list[str]
     dummy_dn: str
+    domain_dn: str  # where group searches look: the domain, or base_dn if it is not under it
+    base_key: str  # normalize_dn(base_dn)
 
 
 class _DCHealth:
@@ -351,26 +411,170 @@ class _DCHealth:
 
 
 class _FailureCost:
-    """Running mean of how long a wrong password takes, so "unknown user" can take as long.
+    """Recent durations of the bind step of a wrong password, so an unknown user's dummy bind
+    can take as long.
 
-    A DC answers a bind for a missing DN faster than a wrong password for a real account (which
-    writes badPwdCount): ~45 ms against ~140 ms on Samba, a clean user-enumeration oracle. The
-    dummy bind alone does not close it, so unknown users are padded to this mean.
+    A DC answers a bind for a missing DN much faster than a wrong password for a real account
+    (which writes badPwdCount): ~1 ms against ~15 ms on Samba, a clean user-enumeration oracle.
+    The dummy bind alone does not close it, so it is padded by (a duration drawn from recent
+    wrong passwords) - (the median recent dummy bind): the same distribution, measured under the
+    same load. Padding each answer up to one target (``target - took``) would not do: under load
+    it yields max(took, target), slower than a wrong password by tens of ms at the median.
     """
 
-    def __init__(self) -> None:
-        self._mean: float | None = None
+    def __init__(self, keep: int = 64) -> None:
+        self._wrong: collections.deque[float] = collections.deque(maxlen=keep)
+        self._dummy: collections.deque[float] = collections.deque(maxlen=keep)
         self._lock = threading.Lock()
+        self._rng = random.SystemRandom()
 
     def record(self, seconds: float) -> None:
+        """A wrong password's bind took ``seconds``."""
         with self._lock:
-            self._mean = seconds if self._mean is None else 0.8 * self._mean + 0.2 * seconds
+            self._wrong.append(seconds)
 
     def pad(self, seconds: float) -> float:
-        """How long to wait so an answer that took ``seconds`` matches a wrong password."""
+        """How long an unknown user's dummy bind that took ``seconds`` must still wait."""
         with self._lock:
-            mean = self._mean
-        return 0.0 if mean is None else max(0.0, mean - seconds)
+            if not self._wrong:
+                self._dummy.append(seconds)
+                return 0.0
+            target = self._rng.choice(self._wrong)
+            base = statistics.median(self._dummy) if self._dummy else seconds
+            self._dummy.append(seconds)
+        return max(0.0, target - base)
+
+
+class _Pool:
+    """Idle connections to one DC, all of one kind, already connected, TLS-protected and bound.
+
+    ``svc`` pools hold connections bound as the service account: the only ones that search.
+    ``bind`` pools hold connections used for nothing but users' password binds; after one they
+    are bound as that user (or anonymous after a refused bind), so they never join a ``svc``
+    pool. A connection goes back only after everything on it succeeded; any error discards it.
+    """
+
+    def __init__(self, size: int, max_idle: float) -> None:
+        self._size = size
+        self._max_idle = max_idle
+        self._idle: collections.deque[tuple[Any, float]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def get(self) -> Any | None:
+        now = time.monotonic()
+        stale: list[Any] = []
+        conn = None
+        with self._lock:
+            while self._idle:
+                c, since = self._idle.pop()  # most recently used first: least likely closed
+                if now - since <= self._max_idle:
+                    conn = c
+                    break
+                stale.append(c)
+            # everything left is older still
+            while self._idle and now - self._idle[0][1] > self._max_idle:
+                stale.append(self._idle.popleft()[0])
+        for c in stale:
+            _quiet_unbind(c)
+        return conn
+
+    def put(self, conn: Any) -> None:
+        with self._lock:
+            if len(self._idle) < self._size:
+                self._idle.append((conn, time.monotonic()))
+                return
+        _quiet_unbind(conn)
+
+    def close(self) -> None:
+        """Close the idle connections and keep none from now on."""
+        self._size = 0
+        self.clear()
+
+    def clear(self) -> None:
+        with self._lock:
+            idle, self._idle = list(self._idle), collections.deque()
+        for c, _ in idle:
+            _quiet_unbind(c)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._idle)
+
+
+@dataclass(frozen=True, slots=True)
+class _UserEntry:
+    dn: str
+    sam: str
+    member_of: tuple[str, ...]
+    attrs: dict[str, Any]
+
+
+class _Session:
+    """The connections one login uses on one DC: checked out of the pools, given back at the end
+    only if nothing failed on them. A pooled connection that fails before answering anything (the
+    DC closed it while idle) is replaced by a fresh one once; a fresh one failing is the DC's
+    failure."""
+
+    def __init__(self, owner: ADDirectory, dom: _Domain, dc: DCAddress, deadline: float) -> None:
+        self._o = owner
+        self._dom = dom
+        self._dc = dc
+        self._deadline = deadline
+        self._conns: dict[str, tuple[Any, bool]] = {}  # kind -> (connection, reused)
+        self.failed = False
+
+    def conn(self, kind: Literal["svc", "bind"]) -> tuple[Any, bool]:
+        if kind not in self._conns:
+            pooled = self._o._pool(self._dom, self._dc, kind).get()
+            if pooled is not None:
+                self._conns[kind] = (pooled, True)
+            else:
+                self._conns[kind] = (self._fresh(kind), False)
+        return self._conns[kind]
+
+    def _fresh(self, kind: str) -> Any:
+        if kind == "svc":
+            return self._o._connect(self._dom, self._dc, self._dom.bind_user,
+                                    self._dom.bind_password, self._deadline)
+        return self._o._connect(self._dom, self._dc, None, None, self._deadline)
+
+    def run(self, kind: Literal["svc", "bind"], op: Callable[[Any], Any]) -> Any:
+        """``op(conn)``; on a transport error of a reused connection, once more on a fresh one."""
+        conn, reused = self.conn(kind)
+        try:
+            return op(conn)
+        except (LDAPException, OSError, _DCFailure) as exc:
+            del self._conns[kind]
+            _quiet_unbind(conn)
+            if not reused or not _stale(exc):
+                raise
+            log.info("ad_pooled_connection_stale", dc=self._dc.uri, kind=kind, error=_short(exc))
+        conn = self._fresh(kind)
+        self._conns[kind] = (conn, False)
+        return op(conn)
+
+    def close(self) -> None:
+        for kind, (conn, _) in self._conns.items():
+            if self.failed:
+                _quiet_unbind(conn)
+            else:
+                self._o._pool(self._dom, self._dc, kind).put(conn)
+        self._conns.clear()
+
+
+def _stale(exc: BaseException) -> bool:
+    """Whether a failure on a reused connection looks like the DC closed it while idle (worth one
+    retry on a fresh connection) rather than the DC being slow or refusing (not worth it)."""
+    text = str(exc)
+    if "timed out" in text or isinstance(exc, TimeoutError):
+        return False
+    return not isinstance(exc, _DCFailure) or text.startswith("closed:")
+
+
+def _domain_dn(fqdn: str, base_dn: str) -> str:
+    dn = ",".join(f"DC={label}" for label in fqdn.split("."))
+    key, base = normalize_dn(dn), normalize_dn(base_dn)
+    return dn if base == key or base.endswith("," + key) else base_dn
 
 
 class ADDirectory:
@@ -395,6 +599,7 @@ class ADDirectory:
                 required=list(d.required_groups), approvers=list(d.approver_groups),
                 auditors=list(d.auditor_groups),
                 dummy_dn=f"CN=bastion-broker-no-such-user-{secrets.token_hex(8)},{d.base_dn}",
+                domain_dn=_domain_dn(d.fqdn, d.base_dn), base_key=normalize_dn(d.base_dn),
             )
             self._domains[d.fqdn.casefold()] = dom
             self._names[d.fqdn.casefold()] = d.fqdn.casefold()
@@ -403,6 +608,9 @@ class ADDirectory:
         self._default = self._domains[self._names[default.casefold()]]
         self._health = _DCHealth(settings.dc_retry_seconds)
         self._fail_cost = {fqdn: _FailureCost() for fqdn in self._domains}
+        self._pools: dict[tuple[str, str, str], _Pool] = {}
+        self._pools_lock = threading.Lock()
+        self._closed = False
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.max_concurrency, thread_name_prefix="bb-ad")
         self._sem: asyncio.Semaphore | None = None
@@ -411,8 +619,28 @@ class ADDirectory:
         self._dummy_password = secrets.token_urlsafe(24).encode()
 
     def close(self) -> None:
-        """Stop the worker threads; logins still running finish on their own timeouts."""
+        """Stop the worker threads and close idle connections; logins still running finish on
+        their own timeouts (their connections are closed, not pooled)."""
+        self._closed = True
         self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._pools_lock:
+            pools = list(self._pools.values())
+        for p in pools:
+            p.close()
+
+    def _pool(self, dom: _Domain, dc: DCAddress, kind: str) -> _Pool:
+        key = (dom.fqdn, dc.uri, kind)
+        with self._pools_lock:
+            pool = self._pools.get(key)
+            if pool is None:
+                size = 0 if self._closed else self._s.pool_size
+                pool = self._pools[key] = _Pool(size, self._s.pool_max_idle_seconds)
+            return pool
+
+    def _drop_pools(self, dom: _Domain, dc: DCAddress) -> None:
+        """A DC failed: its idle connections are likely dead too."""
+        for kind in ("svc", "bind"):
+            self._pool(dom, dc, kind).clear()
 
     def canonical_domain(self, domain: str | None) -> str | None:
         if domain is None:
@@ -427,37 +655,52 @@ class ADDirectory:
             log.error("ad_login_error", error=repr(exc)[:300])
             return AuthOutcome(None, f"directory error: {type(exc).__name__}")
 
-    async def _authenticate(self, username: str, domain: str | None, password: str) -> AuthOutcome:
+    async def lookup(self, username: str, domain: str | None) -> AuthOutcome:
+        """The account behind ``username`` without a password (a registered SSH key was proven):
+        it must exist, be enabled, not expired, not locked out, and be in a required group."""
+        try:
+            return await self._lookup(username, domain)
+        except Exception as exc:  # fail closed, as authenticate
+            log.error("ad_lookup_error", error=repr(exc)[:300])
+            return AuthOutcome(None, f"directory error: {type(exc).__name__}")
+
+    def _resolve(self, username: str, domain: str | None) -> tuple[str, _Domain | AuthOutcome]:
         if domain is None:
             username, domain = split_login(username)
-        problem = username_problem(username) or password_problem(password)
+        problem = username_problem(username)
         if problem:
-            return AuthOutcome(None, problem)
+            return username, AuthOutcome(None, problem)
         fqdn = self.canonical_domain(domain)
         if fqdn is None:
-            return AuthOutcome(None, "untrusted domain")
-        dom = self._domains[fqdn.casefold()]
+            return username, AuthOutcome(None, "untrusted domain")
+        return username, self._domains[fqdn.casefold()]
+
+    async def _authenticate(self, username: str, domain: str | None, password: str) -> AuthOutcome:
+        username, dom = self._resolve(username, domain)
+        if isinstance(dom, AuthOutcome):
+            return dom
+        problem = password_problem(password)
+        if problem:
+            return AuthOutcome(None, problem)
+        return await self._run(self._login, dom, username, password)
+
+    async def _lookup(self, username: str, domain: str | None) -> AuthOutcome:
+        username, dom = self._resolve(username, domain)
+        if isinstance(dom, AuthOutcome):
+            return dom
+        return await self._run(self._login, dom, username, None)
+
+    async def _run(self, fn: Callable[..., AuthOutcome], dom: _Domain, username: str,
+                   password: str | None) -> AuthOutcome:
         budget = self._s.operation_timeout_seconds
         deadline = time.monotonic() + budget
-        started = time.monotonic()
-        outcome = await self._run(dom, username, password, deadline, budget)
-        took = time.monotonic() - started
-        cost = self._fail_cost[fqdn.casefold()]
-        if outcome.reason == AD_BIND_CODES["52e"]:
-            cost.record(took)
-        elif outcome.reason in ("unknown user", "ambiguous user name"):
-            await asyncio.sleep(min(cost.pad(took), max(0.0, deadline - time.monotonic())))
-        return outcome
-
-    async def _run(self, dom: _Domain, username: str, password: str, deadline: float,
-                   budget: float) -> AuthOutcome:
         loop = asyncio.get_running_loop()
         sem = self._semaphore(loop)
         try:
             async with asyncio.timeout(budget):
                 await sem.acquire()
                 try:
-                    fut = self._executor.submit(self._login, dom, username, password, deadline)
+                    fut = self._executor.submit(fn, dom, username, password, deadline)
                 except BaseException:
                     sem.release()
                     raise
@@ -475,54 +718,76 @@ class ADDirectory:
 
     # -- worker thread ------------------------------------------------------------------------
 
-    def _login(self, dom: _Domain, username: str, password: str, deadline: float) -> AuthOutcome:
+    def _login(self, dom: _Domain, username: str, password: str | None,
+               deadline: float) -> AuthOutcome:
+        """One login (``password``) or lookup (None), DC after DC until one answers."""
         failures: list[str] = []
         for dc in self._health.order(dom.dcs, dom.round_robin):
             if time.monotonic() >= deadline:
                 break
+            session = _Session(self, dom, dc, deadline)
             try:
-                outcome = self._attempt(dom, dc, username, password, deadline)
+                outcome = self._attempt(session, dom, username, password, deadline)
             except _DCFailure as exc:
+                session.failed = True
                 self._health.mark(dc.uri, ok=False)
+                self._drop_pools(dom, dc)
                 log.warning("ad_dc_failed", dc=dc.uri, error=str(exc))
                 failures.append(f"{dc.uri}: {exc}")
                 continue
+            except BaseException:
+                session.failed = True
+                raise
+            finally:
+                session.close()
             self._health.mark(dc.uri, ok=True)
             return outcome
         detail = "; ".join(failures) or "login deadline passed"
         return AuthOutcome(None, f"directory unavailable: {detail}")
 
-    def _attempt(
-        self, dom: _Domain, dc: DCAddress, username: str, password: str, deadline: float,
-    ) -> AuthOutcome:
+    def _attempt(self, session: _Session, dom: _Domain, username: str, password: str | None,
+                 deadline: float) -> AuthOutcome:
         try:
-            svc = self._connect(dom, dc, dom.bind_user, dom.bind_password, deadline)
-        except _BindRefused as exc:
+            return self._steps(session, dom, username, password, deadline)
+        except _BindRefused as exc:  # only the service account's binds raise it
+            session.failed = True
             return AuthOutcome(None, f"directory unavailable: service account bind refused ({exc})")
-        try:
-            entry, ambiguous = self._find_user(svc, dom, username, deadline)
-            dn = entry[0] if entry else dom.dummy_dn
-            pw = password.encode() if entry else self._dummy_password
-            try:
-                self._connect(dom, dc, dn, pw, deadline).unbind()
-                bound, reason = True, ""
-            except _BindRefused as exc:
-                bound, reason = False, str(exc)
+        except (LDAPException, OSError) as exc:
+            raise _DCFailure(f"search: {_short(exc)}") from None
+
+    def _steps(self, session: _Session, dom: _Domain, username: str, password: str | None,
+               deadline: float) -> AuthOutcome:
+        entry, ambiguous = session.run(
+            "svc", lambda c: self._find_user(c, dom, username, deadline,
+                                             state=password is None))
+        if password is None:
             if ambiguous:
                 return AuthOutcome(None, "ambiguous user name")
             if entry is None:
                 return AuthOutcome(None, "unknown user")
-            if not bound:
-                return AuthOutcome(None, reason)
-            return self._authorise(svc, dom, entry, deadline)
-        except (LDAPException, OSError) as exc:
-            raise _DCFailure(f"search: {_short(exc)}") from None
-        finally:
-            _quiet_unbind(svc)
+            refusal = account_state_problem(entry.attrs, time.time())
+            if refusal:
+                return AuthOutcome(None, refusal)
+            return self._authorise(session, dom, entry, deadline, "account ok")
+        dn = entry.dn if entry else dom.dummy_dn
+        pw = password.encode() if entry else self._dummy_password
+        started = time.monotonic()
+        reason = session.run("bind", lambda c: self._user_bind(c, dn, pw, deadline))
+        took = time.monotonic() - started
+        cost = self._fail_cost[dom.fqdn.casefold()]
+        if entry is None or ambiguous:
+            time.sleep(min(cost.pad(took), max(0.0, deadline - time.monotonic())))
+            return AuthOutcome(None, "ambiguous user name" if ambiguous else "unknown user")
+        if reason == AD_BIND_CODES["52e"]:
+            cost.record(took)
+        if reason is not None:
+            return AuthOutcome(None, reason)
+        return self._authorise(session, dom, entry, deadline, "password ok")
 
-    def _connect(self, dom: _Domain, dc: DCAddress, user: str, password: bytes,
+    def _connect(self, dom: _Domain, dc: DCAddress, user: str | None, password: bytes | None,
                  deadline: float) -> Any:
-        """An open, TLS-protected connection bound as ``user``; _BindRefused on a bind "no"."""
+        """An open, TLS-protected connection, bound as ``user`` (None: not bound, for the bind
+        pool); _BindRefused on a bind "no"."""
         timeout = self._timeout(deadline)
         server = Server(dc.host, port=dc.port, use_ssl=dc.ldaps, tls=dom.tls, get_info=NONE,
                         connect_timeout=timeout)
@@ -538,23 +803,46 @@ class ADDirectory:
                 raise _DCFailure(f"StartTLS refused: {conn.result.get('description')}")
             if not (conn.server.ssl or conn.tls_started):  # never a simple bind in clear text
                 raise _DCFailure("no TLS on the connection; refusing to bind")
+            if user is None:
+                return conn
             self._arm(conn, deadline)
             stage = "bind"
-            if conn.bind(read_server_info=False):
-                return conn
-            result = conn.result or {}
-            code = int(result.get("result", -1))
-            if code in _DC_TROUBLE:
-                raise _DCFailure(f"bind answered {_DC_TROUBLE[code]}")
-            if code == 49:
-                raise _BindRefused(parse_ad_bind_error(result.get("message")))
-            raise _BindRefused(f"bind refused: {result.get('description')}")
+            reason = self._bind(conn, user, password or b"")
+            if reason is not None:
+                raise _BindRefused(reason)
+            return conn
         except (LDAPException, OSError) as exc:
             _quiet_unbind(conn)
             raise _DCFailure(f"{stage}: {_short(exc)}") from None
         except BaseException:
             _quiet_unbind(conn)
             raise
+
+    def _bind(self, conn: Any, user: str, password: bytes) -> str | None:
+        """Simple bind on an open TLS connection: None if accepted, else the AD reason.
+        _DCFailure if the DC cannot serve it, or closed the connection."""
+        if not (conn.server.ssl or conn.tls_started):  # never a simple bind in clear text
+            raise _DCFailure("no TLS on the connection; refusing to bind")
+        conn.user, conn.password, conn.authentication = user, password, SIMPLE
+        try:
+            ok = conn.bind(read_server_info=False)
+        finally:
+            conn.password = None  # do not keep a user's password on a pooled connection
+        if ok:
+            return None
+        result = conn.result or {}
+        code = int(result.get("result", -1))
+        if code == 49:
+            return parse_ad_bind_error(result.get("message"))
+        if conn.closed or code == -1 or result.get("type") is None:
+            raise _DCFailure(f"closed: bind got no answer ({conn.last_error or 'connection lost'})")
+        if code in _DC_TROUBLE:
+            raise _DCFailure(f"bind answered {_DC_TROUBLE[code]}")
+        return f"bind refused: {result.get('description')}"
+
+    def _user_bind(self, conn: Any, dn: str, password: bytes, deadline: float) -> str | None:
+        self._arm(conn, deadline)
+        return self._bind(conn, dn, password)
 
     def _timeout(self, deadline: float) -> float:
         left = deadline - time.monotonic()
@@ -564,50 +852,91 @@ class ADDirectory:
 
     def _arm(self, conn: Any, deadline: float) -> None:
         """Bound the next answer by the per-DC timeout and by what is left of the login's budget."""
+        if conn.socket is None or conn.closed:
+            raise _DCFailure("closed: connection is not open")
         conn.socket.settimeout(self._timeout(deadline))
 
-    def _find_user(self, conn: Any, dom: _Domain, username: str,
-                   deadline: float) -> tuple[tuple[str, str] | None, bool]:
-        """(DN, sAMAccountName) of the user, or None; and whether the name was ambiguous."""
+    def _find_user(self, conn: Any, dom: _Domain, username: str, deadline: float,
+                   state: bool) -> tuple[_UserEntry | None, bool]:
+        """The user's entry (with direct groups, and account state for a lookup), or None; and
+        whether the name was ambiguous."""
         name = escape_filter_chars(username)
         upn = escape_filter_chars(f"{username}@{dom.fqdn}")
         flt = (f"(&(objectCategory=person)(objectClass=user)"
                f"(|(sAMAccountName={name})(userPrincipalName={upn})))")
-        self._arm(conn, deadline)
-        conn.search(dom.base_dn, flt, SUBTREE, attributes=["sAMAccountName"], size_limit=3)
-        self._check(conn, "user search")
-        found = [(str(r["dn"]), _first(r["attributes"].get("sAMAccountName")))
-                 for r in conn.response or [] if r.get("type") == "searchResEntry"]
-        exact = [f for f in found if f[1].casefold() == username.casefold()]
+        attrs = ["sAMAccountName", "memberOf", *(_STATE_ATTRS if state else ())]
+        self._search(conn, deadline, "user search", dom.base_dn, flt, attributes=attrs,
+                     size_limit=3)
+        found = [
+            _UserEntry(str(r["dn"]), _first(r["attributes"].get("sAMAccountName")),
+                       tuple(str(g) for g in _all(r["attributes"].get("memberOf"))),
+                       dict(r["attributes"]))
+            for r in conn.response or [] if r.get("type") == "searchResEntry"]
+        exact = [f for f in found if f.sam.casefold() == username.casefold()]
         if len(exact) == 1:
             return exact[0], False
         if len(found) == 1:
             return found[0], False
         return None, len(found) > 1
 
-    def _authorise(self, conn: Any, dom: _Domain, entry: tuple[str, str],
-                   deadline: float) -> AuthOutcome:
-        dn, sam = entry
-        flt = f"(&(objectClass=group)(member:{IN_CHAIN}:={escape_filter_chars(dn)}))"
-        dns: set[str] = set()
-        cns: dict[str, str] = {}
-        cookie: Any = None
-        while True:
-            self._arm(conn, deadline)
-            conn.search(dom.base_dn, flt, SUBTREE, attributes=["cn"], paged_size=500,
-                        paged_cookie=cookie)
-            self._check(conn, "group search")
-            for r in conn.response or []:
-                if r.get("type") != "searchResEntry":
-                    continue
-                dns.add(normalize_dn(str(r["dn"])))
-                cn = _first(r["attributes"].get("cn"))
-                if cn:
-                    cns[cn.casefold()] = cn
-            ctrl = (conn.result.get("controls") or {}).get("1.2.840.113556.1.4.319") or {}
-            cookie = (ctrl.get("value") or {}).get("cookie")
-            if not cookie:
-                break
+    def _search(self, conn: Any, deadline: float, what: str, base: str, flt: str,
+                **kwargs: Any) -> None:
+        self._arm(conn, deadline)
+        ok = conn.search(base, flt, SUBTREE, **kwargs)
+        result = conn.result or {}
+        if not ok and (conn.closed or result.get("type") is None):
+            raise _DCFailure(f"closed: {what} got no answer ({conn.last_error or 'connection lost'})")
+        self._check(conn, what)
+
+    def _groups(self, session: _Session, dom: _Domain, entry: _UserEntry,
+                deadline: float) -> dict[str, str]:
+        """The user's groups, nested ones included: normalised DN -> CN.
+
+        Walks memberOf upwards, one search per nesting level for all groups of that level
+        (the user's direct groups came with the user search). Same answer as the
+        LDAP_MATCHING_RULE_IN_CHAIN filter ``(member:1.2.840.113556.1.4.1941:=DN)``, which
+        Samba answers by expanding every group of the domain (~20-40 ms a login against
+        ~2 ms a level here). Groups outside ``base_dn`` are followed but not reported, as the
+        IN_CHAIN search under ``base_dn`` would not return them.
+        """
+        found: dict[str, str] = {}
+        seen: set[str] = set()
+        frontier = {normalize_dn(g): g for g in entry.member_of}
+        levels = 0
+        while frontier:
+            levels += 1
+            if levels > _MAX_NESTING:
+                raise _DCFailure(f"group nesting deeper than {_MAX_NESTING} levels")
+            seen.update(frontier)
+            parents: dict[str, str] = {}
+            todo = list(frontier.values())
+            for i in range(0, len(todo), _DN_CHUNK):
+                chunk = todo[i:i + _DN_CHUNK]
+                flt = "(&(objectClass=group)(|" + "".join(
+                    f"(distinguishedName={escape_filter_chars(g)})" for g in chunk) + "))"
+
+                def search(c: Any, flt: str = flt) -> list[dict[str, Any]]:
+                    self._search(c, deadline, "group search", dom.domain_dn, flt,
+                                 attributes=["cn", "memberOf"])
+                    return [r for r in c.response or [] if r.get("type") == "searchResEntry"]
+
+                for r in session.run("svc", search):
+                    key = normalize_dn(str(r["dn"]))
+                    cn = _first(r["attributes"].get("cn"))
+                    if cn and (key == dom.base_key or key.endswith("," + dom.base_key)):
+                        found[key] = cn
+                    for p in _all(r["attributes"].get("memberOf")):
+                        pk = normalize_dn(str(p))
+                        if pk not in seen:
+                            parents[pk] = str(p)
+            frontier = parents
+        return found
+
+    def _authorise(self, session: _Session, dom: _Domain, entry: _UserEntry, deadline: float,
+                   ok_reason: str) -> AuthOutcome:
+        groups_by_dn = self._groups(session, dom, entry, deadline)
+        dns = set(groups_by_dn)
+        cns = {cn.casefold(): cn for cn in groups_by_dn.values()}
         if not group_matches(dom.required, dns, set(cns)):
             return AuthOutcome(None, "not in a required group")
         # A group whose CN looks like a role marker must not grant the role.
@@ -616,7 +945,7 @@ class ADDirectory:
             groups.add(f"{ROLE_PREFIX}approver")
         if group_matches(dom.auditors, dns, set(cns)):
             groups.add(f"{ROLE_PREFIX}auditor")
-        return AuthOutcome(Principal(dom.fqdn, sam, frozenset(groups)), "password ok")
+        return AuthOutcome(Principal(dom.fqdn, entry.sam, frozenset(groups)), ok_reason)
 
     @staticmethod
     def _check(conn: Any, what: str) -> None:
@@ -625,6 +954,12 @@ class ADDirectory:
         if code not in (0, 4):  # 4: sizeLimitExceeded still returns the entries
             raise _DCFailure(f"{what} failed: {result.get('description')} {result.get('message', '')}"
                              .strip()[:200])
+
+
+def _all(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def _first(value: Any) -> str:

@@ -203,7 +203,112 @@ async def test_overall_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 def test_failure_cost_pads_unknown_users() -> None:
     c = adl._FailureCost()
-    assert c.pad(0.01) == 0.0
+    assert c.pad(0.01) == 0.0  # nothing known about wrong passwords yet
     c.record(0.2)
-    assert c.pad(0.05) == pytest.approx(0.15)
-    assert c.pad(0.5) == 0.0
+    # padded by (a wrong password's bind) - (the median dummy bind so far: 0.01)
+    assert c.pad(0.05) == pytest.approx(0.19)
+    assert c.pad(0.05) == pytest.approx(0.17)  # median of 0.01, 0.05 is 0.03
+    for _ in range(10):
+        c.record(0.01)
+        c.pad(0.5)
+    assert c.pad(0.5) == 0.0  # a dummy bind never waits less than it took
+
+
+def _ft(epoch: float) -> str:
+    return str(int(epoch * 10_000_000) + 116444736000000000)
+
+
+@pytest.mark.parametrize(("attrs", "reason"), [
+    ({"userAccountControl": ["512"], "accountExpires": ["9223372036854775807"],
+      "msDS-User-Account-Control-Computed": ["0"], "lockoutTime": []}, None),
+    ({"userAccountControl": ["512"], "accountExpires": ["0"]}, None),
+    ({"userAccountControl": ["514"]}, "account disabled"),
+    ({"userAccountControl": ["66050"]}, "account disabled"),  # 0x10202
+    ({"userAccountControl": []}, "account state unreadable"),
+    ({}, "account state unreadable"),
+    ({"userAccountControl": ["x"]}, "account state unreadable"),
+    ({"userAccountControl": ["512"], "accountExpires": [_ft(1_000_000 - 1)]}, "account expired"),
+    ({"userAccountControl": ["512"], "accountExpires": [_ft(1_000_000 + 60)]}, None),
+    ({"userAccountControl": ["512"], "msDS-User-Account-Control-Computed": ["16"]},
+     "account locked out"),
+    # the computed flag wins over a stale lockoutTime (the lockout duration has passed)
+    ({"userAccountControl": ["512"], "msDS-User-Account-Control-Computed": ["0"],
+      "lockoutTime": ["133000000000000000"]}, None),
+    # without it (not AD?), a lockoutTime that is set fails closed
+    ({"userAccountControl": ["512"], "lockoutTime": ["133000000000000000"]}, "account locked out"),
+    ({"userAccountControl": ["512"], "lockoutTime": ["0"]}, None),
+    ({"userAccountControl": 512, "accountExpires": 0}, None),  # scalars, not lists
+])
+def test_account_state(attrs: dict[str, Any], reason: str | None) -> None:
+    assert adl.account_state_problem(attrs, 1_000_000) == reason
+
+
+class _FakeConn:
+    def __init__(self) -> None:
+        self.unbound = False
+
+    def unbind(self) -> None:
+        self.unbound = True
+
+
+def test_pool_bounds_and_idle_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(adl.time, "monotonic", lambda: now[0])
+    p = adl._Pool(size=2, max_idle=60)
+    assert p.get() is None
+    a, b, c = _FakeConn(), _FakeConn(), _FakeConn()
+    p.put(a)
+    p.put(b)
+    p.put(c)  # over the bound: closed, not kept
+    assert c.unbound and len(p) == 2
+    assert p.get() is b  # most recently used first
+    p.put(b)
+    now[0] += 61
+    assert p.get() is None  # both idle too long: closed
+    assert a.unbound and b.unbound and len(p) == 0
+    d = _FakeConn()
+    p.put(d)
+    p.clear()
+    assert d.unbound and p.get() is None
+
+
+def test_stale_connection_detection() -> None:
+    assert adl._stale(adl._DCFailure("closed: bind got no answer"))
+    assert not adl._stale(adl._DCFailure("bind answered busy"))
+    assert not adl._stale(OSError("timed out"))
+    assert not adl._stale(TimeoutError())
+    assert adl._stale(OSError("connection reset by peer"))
+
+
+def test_group_search_base() -> None:
+    assert adl._domain_dn("corp.example.test", "DC=corp,DC=example,DC=test") == \
+        "DC=corp,DC=example,DC=test"
+    assert adl._domain_dn("corp.example.test", "OU=People, DC=Corp,DC=example,DC=test") == \
+        "DC=corp,DC=example,DC=test"
+    assert adl._domain_dn("corp.example.test", "DC=other,DC=test") == "DC=other,DC=test"
+
+
+async def test_lookup_refusals_need_no_dc(tmp_path: Path) -> None:
+    d = ADDirectory(ADSettings.model_validate(_settings(tmp_path)))
+    try:
+        assert (await d.lookup("", None)).reason == "empty user name"
+        assert (await d.lookup("a*", None)).reason == "invalid character in user name"
+        assert (await d.lookup("alice", "EVIL")).reason == "untrusted domain"
+        assert (await d.lookup("alice@evil.test", None)).reason == "untrusted domain"
+    finally:
+        d.close()
+
+
+async def test_lookup_worker_exception_fails_closed(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    d = ADDirectory(ADSettings.model_validate(_settings(tmp_path)))
+
+    def boom(*_a: Any) -> Any:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(d, "_login", boom)
+    try:
+        out = await d.lookup("alice", None)
+        assert (out.principal, out.reason) == (None, "directory error: RuntimeError")
+    finally:
+        d.close()
