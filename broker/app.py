@@ -196,12 +196,12 @@ class Broker:
             warn_before=timedelta(seconds=config.grants.warn_before_seconds),
         )
 
-    async def start(self) -> int:
+    async def start(self, *, reuse_port: bool = False) -> int:
         """Start listening; returns the bound port (useful with port 0)."""
         ssh = self.config.ssh
         self._acceptor = await start_server(
             self.deps, self.authenticator, self.stores.keys, self.host_key, ssh.listen_host,
-            ssh.listen_port,
+            ssh.listen_port, reuse_port=reuse_port,
         )
         port = int(self._acceptor.get_port())
         if self.web is not None:
@@ -227,8 +227,9 @@ class Broker:
         await self.stores.close()
 
 
-async def serve(config: BrokerConfig, on_ready: Callable[[int], None] | None = None) -> None:
-    """Run until SIGINT/SIGTERM."""
+async def serve(config: BrokerConfig, on_ready: Callable[[int], None] | None = None, *,
+                reuse_port: bool = False, notify: bool = True) -> None:
+    """Run one broker process until SIGINT/SIGTERM (see ``broker.workers`` for several)."""
     import signal
 
     broker = Broker(config, await connect_stores(config))
@@ -236,10 +237,22 @@ async def serve(config: BrokerConfig, on_ready: Callable[[int], None] | None = N
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    port = await broker.start()
+    port = await broker.start(reuse_port=reuse_port)
     if on_ready:
         on_ready(port)
-    _sd_notify("READY=1")
+    if notify:
+        _sd_notify("READY=1")
     await stop.wait()
-    _sd_notify("STOPPING=1")
+    if notify:
+        _sd_notify("STOPPING=1")
     await broker.stop()
+
+
+def run(config: BrokerConfig, on_ready: Callable[[int], None] | None = None) -> int:
+    """The broker with ``[ssh] workers`` processes (one per core with 0)."""
+    from broker.workers import run_workers, worker_count
+
+    if worker_count(config) == 1:
+        asyncio.run(serve(config, on_ready))
+        return 0
+    return run_workers(config, on_ready)

@@ -46,12 +46,11 @@ def _config(args: argparse.Namespace) -> BrokerConfig:
 # -- serve / demo ------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from broker import logs
-    from broker.app import serve
+    from broker.app import run
 
     config = _config(args)
     logs.configure(config.log_level)
-    asyncio.run(serve(config))
-    return 0
+    return run(config)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -59,7 +58,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.users < 1 or args.users > 5000:
         raise UsageError("--users must be between 1 and 5000")
-    return run_demo(Path(args.state_dir), args.ssh_port, args.users)
+    if not 0 <= args.workers <= 64:
+        raise UsageError("--workers must be between 0 (one per core) and 64")
+    return run_demo(Path(args.state_dir), args.ssh_port, args.users, args.workers)
 
 
 # -- sessions / play / export ------------------------------------------------------------------
@@ -317,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ssh-port", type=int, default=0, help="broker SSH port (default: a free one)")
     s.add_argument("--users", type=int, default=1,
                    help="demo users: alice plus user002..userN (for trying concurrency)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="broker processes sharing the port (0: one per core)")
     s.set_defaults(func=cmd_demo)
 
     from broker.cli_grants import register as register_grants

@@ -48,6 +48,8 @@ class SSHSettings(_Model):
     listen_port: Port = 2222
     host_key: Path | None = None  # default: STATE_DIR/ssh_host_ed25519_key
     login_grace_seconds: float = Field(default=30.0, gt=0, le=600)
+    # broker processes sharing the port (SO_REUSEPORT); 0 = one per core
+    workers: int = Field(default=1, ge=0, le=64)
     kex_algs: list[str] = Field(default_factory=lambda: list(DEFAULT_KEX))
     ciphers: list[str] = Field(default_factory=lambda: list(DEFAULT_CIPHERS))
     macs: list[str] = Field(default_factory=lambda: list(DEFAULT_MACS))

@@ -161,7 +161,7 @@ def _toml_str(s: str) -> str:
     return json.dumps(s)  # a JSON string is a valid TOML basic string
 
 
-def prepare(state_dir: Path, ssh_port: int, users: int) -> dict[str, Any]:
+def prepare(state_dir: Path, ssh_port: int, users: int, workers: int = 1) -> dict[str, Any]:
     """Write config, keys, users, inventory and grants; return the demo description."""
     state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
@@ -199,7 +199,8 @@ def prepare(state_dir: Path, ssh_port: int, users: int) -> dict[str, Any]:
         for n in names
     ))
     (state_dir / "broker.toml").write_text(
-        f'state_dir = "."\n\n[ssh]\nlisten_host = "127.0.0.1"\nlisten_port = {ssh_port}\n\n'
+        f'state_dir = "."\n\n[ssh]\nlisten_host = "127.0.0.1"\nlisten_port = {ssh_port}\n'
+        f"workers = {workers}\n\n"
         f'[upstream]\nadmin_login = "{admin_login}"\nread_only_login = "{ro_login}"\n\n'
         f'[identity]\nbackend = "static"\nusers_file = "users.toml"\n'
         f'default_domain = "{DOMAIN}"\ndomain_aliases = {{ CORP = "{DOMAIN}" }}\n\n'
@@ -246,12 +247,12 @@ async def _seed(config_path: Path, names: list[str]) -> dict[str, str]:
     return secrets_by_user
 
 
-def run_demo(state_dir: Path, ssh_port: int, users: int) -> int:
+def run_demo(state_dir: Path, ssh_port: int, users: int, workers: int = 1) -> int:
     from broker import logs
-    from broker.app import serve
+    from broker.app import run
 
     state_dir = state_dir.resolve()
-    info = prepare(state_dir, ssh_port, users)
+    info = prepare(state_dir, ssh_port, users, workers)
     config_path = state_dir / "broker.toml"
     config = load_config(config_path)
     logs.configure(config.log_level)
@@ -299,7 +300,7 @@ def run_demo(state_dir: Path, ssh_port: int, users: int) -> int:
                 flush=True,
             )
 
-        asyncio.run(serve(config, on_ready=ready))
+        status = run(config, on_ready=ready)
     except BrokerError as exc:
         print(f"bastion-broker: error: {exc.user_message}", file=sys.stderr)  # noqa: T201
         return 2
@@ -308,5 +309,5 @@ def run_demo(state_dir: Path, ssh_port: int, users: int) -> int:
             stop_target(t)
         with contextlib.suppress(FileNotFoundError):
             (state_dir / "demo.json").unlink()
-    return 0
+    return status
 

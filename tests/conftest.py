@@ -151,12 +151,13 @@ class Demo:
         return self.stderr_path.read_text(errors="replace")
 
 
-def start_demo(state_dir: Path, users: int = 60) -> Demo:
+def start_demo(state_dir: Path, users: int = 60, workers: int = 1) -> Demo:
     state_dir.mkdir(parents=True, exist_ok=True)
     stderr_path = state_dir.parent / f"{state_dir.name}.stderr"
     err = open(stderr_path, "wb")
     proc = subprocess.Popen(
-        [str(BIN), "demo", "--state-dir", str(state_dir), "--users", str(users)],
+        [str(BIN), "demo", "--state-dir", str(state_dir), "--users", str(users),
+         "--workers", str(workers)],
         stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
     )
     err.close()

@@ -241,7 +241,7 @@ def source_guard(limits: LimitsSettings) -> SourceGuard:
 
 async def start_server(
     deps: RelayDeps, authenticator: Authenticator, keys: KeyStore, host_key: asyncssh.SSHKey,
-    host: str, port: int,
+    host: str, port: int, *, reuse_port: bool = False,
 ) -> asyncssh.SSHAcceptor:
     ssh = deps.config.ssh
     guard = source_guard(deps.config.limits)
@@ -262,4 +262,5 @@ async def start_server(
         keepalive_interval=60,
         server_version="bastion-broker",
         reuse_address=True,
+        reuse_port=reuse_port,
     )

@@ -162,3 +162,26 @@ def test_totp_enroll_and_user_add(demo: Demo, tmp_path: Path) -> None:
                          text=True, timeout=30)
     assert dup.returncode == 2
     assert "already exists" in dup.stderr
+
+
+def test_worker_processes_share_port_store_and_audit_chain(tmp_path: Path) -> None:
+    from broker.domain.audit import verify_chain
+
+    d = start_demo(tmp_path / "state", users=8, workers=2)
+    try:
+        users = [u["user"] for u in d.info["users"] if u["user"] != "alice"]
+        procs = [subprocess.Popen([*d.ssh_args(f"{u}+web01"), "echo $PPID"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  stdin=subprocess.DEVNULL, env=d.env(u)) for u in users]
+        for p in procs:
+            _out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+        starts = [e for e in d.audit_lines() if e["event"] == "session.start"]
+        assert len(starts) == len(users)
+        raw = (d.state_dir / "audit" / "audit.jsonl").read_bytes().splitlines(keepends=True)
+        assert verify_chain(raw) == []
+    finally:
+        stop_demo(d)
+    assert d.proc.returncode == 0
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", d.port)) != 0
