@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -105,6 +105,25 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX grant_history_grant ON grant_history (grant_id, seq);
     CREATE INDEX grants_state ON grants (state, expires_at);
+    """,
+    """
+    CREATE TABLE api_tokens (
+        id TEXT PRIMARY KEY,
+        token_hash TEXT NOT NULL UNIQUE,
+        owner TEXT NOT NULL,
+        name TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        roles TEXT NOT NULL,
+        groups TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    CREATE INDEX api_tokens_owner ON api_tokens (owner);
+    CREATE TABLE web_sessions_revoked (
+        sid TEXT PRIMARY KEY,
+        expires REAL NOT NULL
+    );
     """,
 ]
 
@@ -515,3 +534,70 @@ class SqliteSessionIndex:
                 "SELECT * FROM sessions ORDER BY started_at DESC LIMIT ?", (limit,)
             ).fetchall()
         return [_session_from_row(r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiTokenRecord:
+    """A stored API token: only the SHA-256 of the secret is kept, never the secret."""
+
+    id: str
+    owner: str  # user@domain, casefolded
+    name: str
+    scopes: tuple[str, ...]
+    roles: tuple[str, ...]  # the owner's roles when the token was made: its ceiling
+    groups: tuple[str, ...]
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None = None
+
+
+def _token_from_row(r: sqlite3.Row) -> ApiTokenRecord:
+    return ApiTokenRecord(
+        id=r["id"], owner=r["owner"], name=r["name"], scopes=tuple(json.loads(r["scopes"])),
+        roles=tuple(json.loads(r["roles"])), groups=tuple(json.loads(r["groups"])),
+        created_at=datetime.fromisoformat(r["created_at"]),
+        expires_at=datetime.fromisoformat(r["expires_at"]), revoked_at=_dt(r["revoked_at"]),
+    )
+
+
+class SqliteApiTokenStore:
+    """API tokens (hashed) and logged-out web sessions, shared by every broker on this store."""
+
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._c = db.conn
+
+    async def add(self, rec: ApiTokenRecord, token_hash: str) -> None:
+        self._c.execute(
+            "INSERT INTO api_tokens (id, token_hash, owner, name, scopes, roles, groups,"
+            " created_at, expires_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            (rec.id, token_hash, rec.owner, rec.name, json.dumps(list(rec.scopes)),
+             json.dumps(list(rec.roles)), json.dumps(list(rec.groups)), _ts(rec.created_at),
+             _ts(rec.expires_at)),
+        )
+
+    async def by_hash(self, token_hash: str) -> ApiTokenRecord | None:
+        r = self._c.execute("SELECT * FROM api_tokens WHERE token_hash=?",
+                            (token_hash,)).fetchone()
+        return _token_from_row(r) if r else None
+
+    async def listing(self, owner: str) -> list[ApiTokenRecord]:
+        rows = self._c.execute("SELECT * FROM api_tokens WHERE owner=? ORDER BY created_at",
+                               (owner,)).fetchall()
+        return [_token_from_row(r) for r in rows]
+
+    async def revoke(self, token_id: str, owner: str, now: datetime) -> bool:
+        cur = self._c.execute(
+            "UPDATE api_tokens SET revoked_at=? WHERE id=? AND owner=? AND revoked_at IS NULL",
+            (_ts(now), token_id, owner))
+        return cur.rowcount == 1
+
+    async def end_session(self, sid: str, expires: float) -> None:
+        """Remember a logged-out session until its cookie would have expired anyway."""
+        self._c.execute("INSERT OR IGNORE INTO web_sessions_revoked (sid, expires) VALUES (?,?)",
+                        (sid, expires))
+        self._c.execute("DELETE FROM web_sessions_revoked WHERE expires < ?",
+                        (expires - 2 * 86400,))
+
+    async def session_ended(self, sid: str) -> bool:
+        r = self._c.execute("SELECT 1 FROM web_sessions_revoked WHERE sid=?", (sid,)).fetchone()
+        return r is not None

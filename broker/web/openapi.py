@@ -1,0 +1,164 @@
+"""The OpenAPI 3.1 document, generated from the same route table as the router so that every
+served route is documented (a test checks it)."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from broker.domain.models import Level, Trigger
+from broker.web.schema import SCOPES, STATES
+
+if TYPE_CHECKING:
+    from broker.web.api import Route
+
+_TIME = {"type": "string", "format": "date-time"}
+_TEXT = {"type": "string", "maxLength": 2000}
+_REQUEST_PROPS: dict[str, Any] = {
+    "user": {"type": "string", "description": "AD user (default: the caller; others need the"
+             " approver role)"},
+    "domain": {"type": "string", "description": "FQDN of the AD domain (default: the caller's)"},
+    "stacks": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 50},
+    "vpc": {"type": "string", "pattern": "^vpc-[0-9a-zA-Z]{1,32}$"},
+    "level": {"enum": [lv.value for lv in Level]},
+    "trigger": {"enum": [t.value for t in Trigger], "default": Trigger.SERVICE_REQUEST.value},
+    "ticket": _TEXT,
+    "reason": _TEXT,
+    "hours": {"type": "number", "exclusiveMinimum": 0, "maximum": 720,
+              "description": "duration (default 8 h; at most the policy maximum per level)"},
+    "starts_at": _TIME,
+}
+_GRANT: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"}, "user": {"type": "string"}, "domain": {"type": "string"},
+        "stacks": {"type": "array", "items": {"type": "string"}}, "vpc": {"type": "string"},
+        "level": {"enum": [lv.value for lv in Level]},
+        "state": {"enum": [s for s in STATES if s != "active"]},
+        "starts_at": _TIME, "expires_at": _TIME,
+        "trigger": {"enum": [t.value for t in Trigger]}, "ticket": {"type": "string"},
+        "reason": {"type": "string"}, "requested_by": {"type": "string"},
+        "approved_by": {"type": "array", "items": {"type": "string"}},
+        "created_at": _TIME, "version": {"type": "integer"},
+    },
+}
+_COMMENT = {"type": "object", "additionalProperties": False,
+            "properties": {"comment": _TEXT}}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {"type": "object", "required": ["error"], "properties": {
+        "error": {"type": "string"},
+        "detail": {"oneOf": [{"type": "null"}, {"type": "object", "properties": {
+            "message": {"type": "string"}, "field": {"type": "string"}}}]}}},
+    "Login": {"type": "object", "additionalProperties": False,
+              "required": ["user", "password", "code"], "properties": {
+                  "user": {"type": "string", "description": "alice, alice@corp.example.com or"
+                           " CORP\\alice"},
+                  "password": {"type": "string", "format": "password"},
+                  "code": {"type": "string", "pattern": "^[0-9]{6,8}$"}}},
+    "Session": {"type": "object", "properties": {
+        "user": {"type": "string"}, "roles": {"type": "array", "items": {"type": "string"}},
+        "expires_at": _TIME, "csrf": {"type": "string",
+                                      "description": "send as X-CSRF-Token on unsafe methods"}}},
+    "TokenCreate": {"type": "object", "additionalProperties": False,
+                    "required": ["name", "scopes"], "properties": {
+                        "name": {"type": "string", "maxLength": 100},
+                        "scopes": {"type": "array", "items": {"enum": list(SCOPES)},
+                                   "minItems": 1, "uniqueItems": True},
+                        "ttl_days": {"type": "integer", "minimum": 1, "maximum": 365,
+                                     "default": 30}}},
+    "TokenCreated": {"type": "object", "properties": {
+        "id": {"type": "string"}, "name": {"type": "string"},
+        "scopes": {"type": "array", "items": {"type": "string"}}, "created_at": _TIME,
+        "expires_at": _TIME, "revoked": {"type": "boolean"},
+        "token": {"type": "string", "description": "shown once; send as Bearer"}}},
+    "GrantRequest": {"type": "object", "additionalProperties": False,
+                     "required": ["stacks", "vpc", "level", "ticket", "reason"],
+                     "properties": _REQUEST_PROPS},
+    "GrantPatch": {"type": "object", "additionalProperties": False,
+                   "properties": _REQUEST_PROPS},
+    "Comment": _COMMENT,
+    "RequiredComment": {**_COMMENT, "required": ["comment"]},
+    "Extend": {"type": "object", "additionalProperties": False,
+               "description": "exactly one of until and hours", "properties": {
+                   "until": _TIME, "comment": _TEXT,
+                   "hours": {"type": "number", "exclusiveMinimum": 0,
+                             "description": "added to the current end"}}},
+    "Grant": _GRANT,
+    "GrantList": {"type": "array", "items": {"$ref": "#/components/schemas/Grant"}},
+    "GrantWithHistory": {"allOf": [{"$ref": "#/components/schemas/Grant"}, {
+        "type": "object", "properties": {"history": {"type": "array", "items": {
+            "type": "object", "properties": {
+                "at": _TIME, "actor": {"type": "string"}, "action": {"type": "string"},
+                "comment": {"type": "string"}, "state": {"type": "string"},
+                "details": {"type": "object"}}}}}}]},
+}
+
+_STATUS_TEXT = {200: "OK", 201: "Created", 400: "Invalid input", 401: "Not logged in",
+                403: "Forbidden (role, scope or CSRF)", 404: "Not found (or not visible)",
+                409: "Conflict (state or a concurrent change)", 413: "Body over 64 KiB",
+                415: "Body is not application/json"}
+
+
+def _operation(route: Route) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "operationId": str(getattr(route.handler, "__name__", route.path)),
+        "summary": route.summary,
+        "responses": {},
+    }
+    if route.auth == "public":
+        op["security"] = []
+    elif route.auth == "session":
+        op["security"] = [{"session": []}]
+    else:
+        op["security"] = [{"session": []}, {"token": list(route.scopes)}]
+    if route.scopes:
+        op["x-scopes"] = list(route.scopes)
+    params: list[dict[str, Any]] = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in re.findall(r"{(\w+)}", route.path)
+    ]
+    params += [{"name": n, "in": "query", "required": False, "description": d,
+                "schema": {"type": "string"}} for n, d in route.query]
+    if route.auth != "public" and route.method not in ("GET", "HEAD"):
+        params.append({"name": "X-CSRF-Token", "in": "header", "required": False,
+                       "description": "required with a session cookie (the bb_csrf cookie's"
+                       " value); not with a bearer token", "schema": {"type": "string"}})
+    if params:
+        op["parameters"] = params
+    if route.body:
+        op["requestBody"] = {"required": False, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{route.body}"}}}}
+    for status in route.responses:
+        resp: dict[str, Any] = {"description": _STATUS_TEXT.get(status, "")}
+        schema = route.ok_schema if status < 300 else "Error"
+        if schema:
+            resp["content"] = {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{schema}"}}}
+        op["responses"][str(status)] = resp
+    return op
+
+
+def document(routes: list[Route]) -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
+    from broker import __version__
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "bastion-broker grant API", "version": __version__,
+                 "description": "Request, approve and manage access grants. Log in with "
+                 "POST /api/login (session cookie + X-CSRF-Token on unsafe methods) or send "
+                 "an API token as 'Authorization: Bearer ...'."},
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "session": {"type": "apiKey", "in": "cookie", "name": "__Host-bb_session",
+                            "description": "bb_session when secure_cookies = false"},
+                "token": {"type": "http", "scheme": "bearer",
+                          "description": "scopes: " + ", ".join(SCOPES)},
+            },
+        },
+    }

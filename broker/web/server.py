@@ -1,0 +1,96 @@
+"""Run the API on its own listener next to the SSH server (TLS when cert and key are given)."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+
+import structlog
+from aiohttp import web
+
+from broker.config import BrokerConfig, WebSettings
+from broker.ports import AuditSink, Clock
+from broker.services.auth import Authenticator
+from broker.services.grants import GrantService
+from broker.store.sqlite import SqliteApiTokenStore, SqliteDatabase
+from broker.web.api import WebContext, create_app
+from broker.web.signing import SessionSigner, load_or_create_key
+
+log = structlog.get_logger("broker.web")
+
+
+class WebServer:
+    def __init__(self, ctx: WebContext, settings: WebSettings,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self._ctx = ctx
+        self._settings = settings
+        self._on_close = on_close
+        self._runner: web.AppRunner | None = None
+        self.url: str | None = None
+
+    async def start(self) -> str:
+        """Listen; returns the base URL actually bound (port 0 picks a free one)."""
+        s = self._settings
+        tls: ssl.SSLContext | None = None
+        if s.cert_file and s.key_file:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.minimum_version = ssl.TLSVersion.TLSv1_2
+            tls.load_cert_chain(s.cert_file, s.key_file)
+        runner = web.AppRunner(create_app(self._ctx), access_log=None,
+                               handle_signals=False, shutdown_timeout=2.0)
+        await runner.setup()
+        site = web.TCPSite(runner, s.listen_host, s.listen_port, ssl_context=tls)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        port = 0
+        for addr in runner.addresses:
+            if isinstance(addr, tuple) and len(addr) >= 2:
+                port = int(addr[1])
+                break
+        host = s.listen_host if ":" not in s.listen_host else f"[{s.listen_host}]"
+        self.url = f"{'https' if tls else 'http'}://{host}:{port}"
+        log.info("web.listening", url=self.url)
+        return self.url
+
+    async def start_or_warn(self) -> str | None:
+        """Start, but keep the SSH service up if the API cannot listen (port taken, bad TLS
+        files): SSH access matters more, and the failure is logged and audited loudly."""
+        try:
+            return await self.start()
+        except (OSError, ssl.SSLError) as exc:
+            s = self._settings
+            log.error("web.unavailable", host=s.listen_host, port=s.listen_port, error=str(exc))
+            self._ctx.audit.emit("web.unavailable", listen=f"{s.listen_host}:{s.listen_port}",
+                                 error=str(exc))
+            return None
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+
+
+def web_server_for(config: BrokerConfig, grants: GrantService, authenticator: Authenticator,
+                   audit: AuditSink, clock: Clock) -> WebServer | None:
+    """The API server for a broker, or None when ``[web] enabled = false``.
+
+    API tokens and logged-out sessions live in the SQLite file under STATE_DIR (``store.path``),
+    next to ``web.key``; brokers sharing STATE_DIR share both.
+    """
+    if not config.web.enabled:
+        return None
+    db = SqliteDatabase(config.db_path)
+    ctx = WebContext(
+        grants=grants, authenticator=authenticator, tokens=SqliteApiTokenStore(db),
+        audit=audit, clock=clock, roles=config.roles, settings=config.web,
+        signer=SessionSigner(load_or_create_key(config.state_dir / "web.key")),
+        auto_approve_groups=tuple(config.grants.auto_approve_read_only_groups),
+    )
+    return WebServer(ctx, config.web, on_close=db.close)
