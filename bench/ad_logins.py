@@ -16,7 +16,7 @@ Each scenario runs ``--runs`` times; the table shows the best and the median run
 Usage (from the repository root, as root, with the project's virtualenv)::
 
     .venv/bin/python bench/ad_logins.py                       # writes bench/ad_logins.md
-    .venv/bin/python bench/ad_logins.py --compare HEAD~1 --runs 5
+    .venv/bin/python bench/ad_logins.py --compare 99c70c4 --runs 3   # 99c70c4: before the pool
     .venv/bin/python bench/ad_logins.py --quick --no-write
 
 Everything listens on loopback; the DC is stopped and its temp dir removed at the end.
