@@ -18,9 +18,7 @@ from typing import Any, Protocol
 import asyncpg
 import pytest
 
-from broker.domain.models import Grant
 from broker.ports import GrantStore, KeyStore, ReauthStore, SessionIndex, ThrottleStore, TotpStore
-from broker.services.grants import WorkflowGrantStore
 from broker.store.postgres import (
     PostgresDatabase,
     PostgresGrantStore,
@@ -45,10 +43,8 @@ TEMPLATE_DB = "bb_template"
 _db_names = itertools.count(1)
 
 
-class ContractGrantStore(GrantStore, WorkflowGrantStore, Protocol):
-    """Everything both grant stores offer: the port, the workflow's needs and ``get_many``."""
-
-    async def get_many(self, grant_ids: list[str]) -> dict[str, Grant]: ...
+class ContractGrantStore(GrantStore, Protocol):
+    """Everything both grant stores offer (the port now includes the workflow's needs)."""
 
 
 @dataclass
