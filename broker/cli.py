@@ -156,10 +156,10 @@ async def _totp_enroll(args: argparse.Namespace) -> int:
 
 def _account(config: BrokerConfig, user: str) -> str:
     """``alice`` or ``CORP\\alice`` or ``alice@corp.example.com`` -> ``alice@fqdn`` casefolded."""
-    domain = config.identity.default_domain
+    domain = config.identity.effective_default_domain
     if "\\" in user:
         netbios, _, user = user.partition("\\")
-        domain = config.identity.domain_aliases.get(netbios.upper(), netbios)
+        domain = config.identity.effective_aliases.get(netbios.upper(), netbios)
     elif "@" in user:
         user, _, domain = user.rpartition("@")
     if not user:
