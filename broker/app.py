@@ -25,6 +25,7 @@ from broker.ports import (
     ReauthStore,
     SessionIndex,
     ThrottleStore,
+    TokenStore,
     TotpStore,
 )
 from broker.recordings.local import LocalRecordingSink
@@ -41,6 +42,7 @@ from broker.ssh.keys import load_or_create_key
 from broker.ssh.relay import RelayDeps
 from broker.ssh.server import start_server
 from broker.store.sqlite import (
+    SqliteApiTokenStore,
     SqliteDatabase,
     SqliteGrantStore,
     SqliteKeyStore,
@@ -62,6 +64,7 @@ class Stores:
     throttle: ThrottleStore
     keys: KeyStore
     reauth: ReauthStore
+    tokens: TokenStore
     sessions: SessionIndex
     recordings: LocalRecordingSink
     audit: JsonlAuditLog
@@ -94,6 +97,7 @@ def open_stores(config: BrokerConfig) -> Stores:
         totp=EncryptedTotpStore(
             SqliteTotpStore(db), load_key(config.totp.key_file, config.totp_key_default_path)),
         throttle=SqliteThrottleStore(db), keys=SqliteKeyStore(db), reauth=SqliteReauthStore(db),
+        tokens=SqliteApiTokenStore(db),
         sessions=SqliteSessionIndex(db), recordings=recordings, audit=audit, clock=clock,
         closer=close,
     )
@@ -116,7 +120,8 @@ async def connect_stores(config: BrokerConfig) -> Stores:
             pg.PostgresTotpStore(db),
             load_key(config.totp.key_file, config.totp_key_default_path)),
         throttle=pg.PostgresThrottleStore(db), keys=pg.PostgresKeyStore(db),
-        reauth=pg.PostgresReauthStore(db), sessions=pg.PostgresSessionIndex(db),
+        reauth=pg.PostgresReauthStore(db), tokens=pg.PostgresApiTokenStore(db),
+        sessions=pg.PostgresSessionIndex(db),
         recordings=recordings, audit=audit, clock=clock, closer=db.close,
     )
 
@@ -188,7 +193,8 @@ class Broker:
         self._acceptor: asyncssh.SSHAcceptor | None = None
         from broker.web.server import web_server_for  # aiohttp only where a server runs
 
-        self.web = web_server_for(config, self.grants, self.authenticator, s.audit, s.clock)
+        self.web = web_server_for(config, self.grants, self.authenticator, s.audit, s.clock,
+                                  s.tokens)
         self.web_url: str | None = None  # the API's base URL once started
         self.enforcer = GrantEnforcer(
             self.sessions, s.grants, s.audit, s.clock,

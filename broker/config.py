@@ -172,6 +172,8 @@ class WebSettings(_Model):
     key_file: Path | None = None
     public_url: str | None = None  # as users reach it (for links and CLI defaults)
     session_minutes: int = Field(default=480, ge=5, le=24 * 60)
+    # cookie signing key; default STATE_DIR/web.key (every bastion of a fleet needs the same)
+    signing_key_file: Path | None = None
     secure_cookies: bool = True  # False only for the loopback demo over plain HTTP
 
 
@@ -322,6 +324,8 @@ def load_config(path: Path) -> BrokerConfig:
             "audit": cfg.audit.model_copy(update={"path": _resolve(base, cfg.audit.path)}),
             "totp": cfg.totp.model_copy(update={"key_file": _resolve(base, cfg.totp.key_file)}),
             "web": cfg.web.model_copy(update={"cert_file": _resolve(base, cfg.web.cert_file),
-                                              "key_file": _resolve(base, cfg.web.key_file)}),
+                                              "key_file": _resolve(base, cfg.web.key_file),
+                                              "signing_key_file": _resolve(
+                                                  base, cfg.web.signing_key_file)}),
         }
     )

@@ -113,6 +113,37 @@ class KeyStore(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class ApiTokenRecord:
+    """A stored API token: only the SHA-256 of the secret is kept, never the secret."""
+
+    id: str
+    owner: str  # user@domain, casefolded
+    name: str
+    scopes: tuple[str, ...]
+    roles: tuple[str, ...]  # the owner's roles when the token was made: its ceiling
+    groups: tuple[str, ...]
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None = None
+
+
+class TokenStore(Protocol):
+    """API tokens and logged-out web sessions, in the store every bastion shares."""
+
+    async def add(self, rec: ApiTokenRecord, token_hash: str) -> None: ...
+
+    async def by_hash(self, token_hash: str) -> ApiTokenRecord | None: ...
+
+    async def listing(self, owner: str) -> list[ApiTokenRecord]: ...
+
+    async def revoke(self, token_id: str, owner: str, now: datetime) -> bool: ...
+
+    async def end_session(self, sid: str, expires: float) -> None: ...
+
+    async def session_ended(self, sid: str) -> bool: ...
+
+
 class ReauthStore(Protocol):
     async def remember(self, account: str, ip: str, key_fp: str, until: float) -> None: ...
 

@@ -26,7 +26,7 @@ from broker.domain.models import Grant, GrantState, Level, Trigger
 from broker.domain.ratelimit import account_backoff
 from broker.domain.workflow import HistoryEntry
 from broker.errors import ConflictError, StoreError
-from broker.ports import SessionRecord, ThrottleState
+from broker.ports import ApiTokenRecord, SessionRecord, ThrottleState
 from broker.store.pg_migrations import MIGRATIONS
 
 # pg_advisory_xact_lock key owned by the migrator ("bb-migr" in ASCII): one constant, so every
@@ -534,3 +534,59 @@ class PostgresSessionIndex:
                     "SELECT * FROM sessions ORDER BY started_at DESC, seq DESC LIMIT $1", cap
                 )
         return [_session_from_row(r) for r in rows]
+
+
+def _token_from_row(r: Any) -> ApiTokenRecord:
+    return ApiTokenRecord(
+        id=r["id"], owner=r["owner"], name=r["name"], scopes=tuple(json.loads(r["scopes"])),
+        roles=tuple(json.loads(r["roles"])), groups=tuple(json.loads(r["groups"])),
+        created_at=r["created_at"], expires_at=r["expires_at"], revoked_at=r["revoked_at"],
+    )
+
+
+class PostgresApiTokenStore:
+    """API tokens (hashed) and logged-out web sessions, shared by every bastion of a fleet."""
+
+    def __init__(self, db: PostgresDatabase) -> None:
+        self._db = db
+
+    async def add(self, rec: ApiTokenRecord, token_hash: str) -> None:
+        async with self._db.acquire("cannot store API token") as conn:
+            await conn.execute(
+                "INSERT INTO api_tokens (id, token_hash, owner, name, scopes, roles, groups,"
+                " created_at, expires_at) VALUES ($1,$2,$3,$4,$5::jsonb,$6::jsonb,$7::jsonb,$8,$9)",
+                rec.id, token_hash, rec.owner, rec.name, json.dumps(list(rec.scopes)),
+                json.dumps(list(rec.roles)), json.dumps(list(rec.groups)), rec.created_at,
+                rec.expires_at,
+            )
+
+    async def by_hash(self, token_hash: str) -> ApiTokenRecord | None:
+        async with self._db.acquire("cannot read API token") as conn:
+            r = await conn.fetchrow("SELECT * FROM api_tokens WHERE token_hash = $1", token_hash)
+        return _token_from_row(r) if r else None
+
+    async def listing(self, owner: str) -> builtins.list[ApiTokenRecord]:
+        async with self._db.acquire("cannot list API tokens") as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM api_tokens WHERE owner = $1 ORDER BY created_at", owner)
+        return [_token_from_row(r) for r in rows]
+
+    async def revoke(self, token_id: str, owner: str, now: datetime) -> bool:
+        async with self._db.acquire("cannot revoke API token") as conn:
+            status = await conn.execute(
+                "UPDATE api_tokens SET revoked_at = $1 WHERE id = $2 AND owner = $3"
+                " AND revoked_at IS NULL", now, token_id, owner)
+        return bool(status.endswith(" 1"))
+
+    async def end_session(self, sid: str, expires: float) -> None:
+        async with self._db.acquire("cannot end web session") as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO web_sessions_revoked (sid, expires) VALUES ($1, $2)"
+                " ON CONFLICT (sid) DO NOTHING", sid, expires)
+            await conn.execute("DELETE FROM web_sessions_revoked WHERE expires < $1",
+                               expires - 2 * 86400)
+
+    async def session_ended(self, sid: str) -> bool:
+        async with self._db.acquire("cannot read web session") as conn:
+            v = await conn.fetchval("SELECT 1 FROM web_sessions_revoked WHERE sid = $1", sid)
+        return v is not None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from broker.domain.models import Grant, GrantState, Level, Trigger
 from broker.domain.ratelimit import account_backoff
 from broker.domain.workflow import HistoryEntry
 from broker.errors import ConflictError, StoreError
-from broker.ports import SessionRecord, ThrottleState
+from broker.ports import ApiTokenRecord, SessionRecord, ThrottleState
 
 MIGRATIONS: list[str] = [
     """
@@ -534,21 +534,6 @@ class SqliteSessionIndex:
                 "SELECT * FROM sessions ORDER BY started_at DESC LIMIT ?", (limit,)
             ).fetchall()
         return [_session_from_row(r) for r in rows]
-
-
-@dataclass(frozen=True, slots=True)
-class ApiTokenRecord:
-    """A stored API token: only the SHA-256 of the secret is kept, never the secret."""
-
-    id: str
-    owner: str  # user@domain, casefolded
-    name: str
-    scopes: tuple[str, ...]
-    roles: tuple[str, ...]  # the owner's roles when the token was made: its ceiling
-    groups: tuple[str, ...]
-    created_at: datetime
-    expires_at: datetime
-    revoked_at: datetime | None = None
 
 
 def _token_from_row(r: sqlite3.Row) -> ApiTokenRecord:

@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
@@ -27,11 +27,10 @@ from broker.domain.models import Grant, GrantState
 from broker.domain.selector import SelectorError, parse_selector
 from broker.domain.workflow import Actor, GrantRequest, Role, WorkflowError
 from broker.errors import AuditError, ConflictError, NotFoundError, StoreError
-from broker.ports import AuditSink, Clock
+from broker.ports import ApiTokenRecord, AuditSink, Clock, TokenStore
 from broker.services.auth import Authenticator
 from broker.services.grants import GrantFilter, GrantService
 from broker.services.roles import roles_of
-from broker.store.sqlite import ApiTokenRecord
 from broker.web import schema as S
 from broker.web.schema import ApiError
 from broker.web.signing import SessionSigner
@@ -52,20 +51,6 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Cross-Origin-Resource-Policy": "same-origin",
 }
-
-
-class TokenStore(Protocol):
-    async def add(self, rec: ApiTokenRecord, token_hash: str) -> None: ...
-
-    async def by_hash(self, token_hash: str) -> ApiTokenRecord | None: ...
-
-    async def listing(self, owner: str) -> list[ApiTokenRecord]: ...
-
-    async def revoke(self, token_id: str, owner: str, now: datetime) -> bool: ...
-
-    async def end_session(self, sid: str, expires: float) -> None: ...
-
-    async def session_ended(self, sid: str) -> bool: ...
 
 
 @dataclass

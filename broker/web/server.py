@@ -9,10 +9,9 @@ import structlog
 from aiohttp import web
 
 from broker.config import BrokerConfig, WebSettings
-from broker.ports import AuditSink, Clock
+from broker.ports import AuditSink, Clock, TokenStore
 from broker.services.auth import Authenticator
 from broker.services.grants import GrantService
-from broker.store.sqlite import SqliteApiTokenStore, SqliteDatabase
 from broker.web.api import WebContext, create_app
 from broker.web.signing import SessionSigner, load_or_create_key
 
@@ -78,19 +77,20 @@ class WebServer:
 
 
 def web_server_for(config: BrokerConfig, grants: GrantService, authenticator: Authenticator,
-                   audit: AuditSink, clock: Clock) -> WebServer | None:
+                   audit: AuditSink, clock: Clock, tokens: TokenStore) -> WebServer | None:
     """The API server for a broker, or None when ``[web] enabled = false``.
 
-    API tokens and logged-out sessions live in the SQLite file under STATE_DIR (``store.path``),
-    next to ``web.key``; brokers sharing STATE_DIR share both.
+    API tokens and logged-out sessions live in the broker's store (shared by a fleet on
+    PostgreSQL); cookies are signed with ``[web] signing_key_file`` (default STATE_DIR/web.key), which
+    every bastion of a fleet must share.
     """
     if not config.web.enabled:
         return None
-    db = SqliteDatabase(config.db_path)
     ctx = WebContext(
-        grants=grants, authenticator=authenticator, tokens=SqliteApiTokenStore(db),
+        grants=grants, authenticator=authenticator, tokens=tokens,
         audit=audit, clock=clock, roles=config.roles, settings=config.web,
-        signer=SessionSigner(load_or_create_key(config.state_dir / "web.key")),
+        signer=SessionSigner(load_or_create_key(config.web.signing_key_file
+                                                or config.state_dir / "web.key")),
         auto_approve_groups=tuple(config.grants.auto_approve_read_only_groups),
     )
-    return WebServer(ctx, config.web, on_close=db.close)
+    return WebServer(ctx, config.web)

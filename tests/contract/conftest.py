@@ -18,8 +18,17 @@ from typing import Any, Protocol
 import asyncpg
 import pytest
 
-from broker.ports import GrantStore, KeyStore, ReauthStore, SessionIndex, ThrottleStore, TotpStore
+from broker.ports import (
+    GrantStore,
+    KeyStore,
+    ReauthStore,
+    SessionIndex,
+    ThrottleStore,
+    TokenStore,
+    TotpStore,
+)
 from broker.store.postgres import (
+    PostgresApiTokenStore,
     PostgresDatabase,
     PostgresGrantStore,
     PostgresKeyStore,
@@ -29,6 +38,7 @@ from broker.store.postgres import (
     PostgresTotpStore,
 )
 from broker.store.sqlite import (
+    SqliteApiTokenStore,
     SqliteDatabase,
     SqliteGrantStore,
     SqliteKeyStore,
@@ -59,6 +69,7 @@ class StoreBundle:
     sessions: SessionIndex
     keys: KeyStore
     reauth: ReauthStore
+    tokens: TokenStore
     twin: Callable[[], Awaitable[StoreBundle]] = field(repr=False)
 
 
@@ -74,7 +85,8 @@ def _sqlite_bundle(path: Path, closers: list[Callable[[], Awaitable[None]]]) -> 
     closers.append(close)
     return StoreBundle(
         "sqlite", db, SqliteGrantStore(db), SqliteTotpStore(db), SqliteThrottleStore(db),
-        SqliteSessionIndex(db), SqliteKeyStore(db), SqliteReauthStore(db), twin,
+        SqliteSessionIndex(db), SqliteKeyStore(db), SqliteReauthStore(db),
+        SqliteApiTokenStore(db), twin,
     )
 
 
@@ -87,7 +99,8 @@ async def _postgres_bundle(dsn: str, closers: list[Callable[[], Awaitable[None]]
     closers.append(db.close)
     return StoreBundle(
         "postgres", db, PostgresGrantStore(db), PostgresTotpStore(db), PostgresThrottleStore(db),
-        PostgresSessionIndex(db), PostgresKeyStore(db), PostgresReauthStore(db), twin,
+        PostgresSessionIndex(db), PostgresKeyStore(db), PostgresReauthStore(db),
+        PostgresApiTokenStore(db), twin,
     )
 
 

@@ -463,3 +463,26 @@ async def test_reauth_prunes_windows_over_a_day_old(stores: StoreBundle) -> None
     # pruned rows are gone even for a caller that asks with an old clock
     assert not await r.valid("old", "10.0.0.1", "k", 0.0)
     assert await r.valid("new", "10.0.0.1", "k", 0.0)
+
+
+async def test_api_tokens_and_ended_web_sessions(stores: StoreBundle) -> None:
+    from broker.ports import ApiTokenRecord
+
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    rec = ApiTokenRecord("t1", "alice@corp", "ci", ("grants:read",), ("requester",), ("ops",),
+                         now, now + timedelta(days=30))
+    await stores.tokens.add(rec, "h" * 64)
+    assert await stores.tokens.by_hash("h" * 64) == rec
+    assert await stores.tokens.by_hash("x" * 64) is None
+    assert [t.id for t in await stores.tokens.listing("alice@corp")] == ["t1"]
+    assert await stores.tokens.listing("bob@corp") == []
+    assert not await stores.tokens.revoke("t1", "bob@corp", now)  # only the owner
+    assert await stores.tokens.revoke("t1", "alice@corp", now)
+    assert not await stores.tokens.revoke("t1", "alice@corp", now)
+    got = await stores.tokens.by_hash("h" * 64)
+    assert got is not None
+    assert got.revoked_at == now
+    assert not await stores.tokens.session_ended("s1")
+    await stores.tokens.end_session("s1", now.timestamp() + 3600)
+    await stores.tokens.end_session("s1", now.timestamp() + 3600)  # idempotent
+    assert await stores.tokens.session_ended("s1")

@@ -104,4 +104,23 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX reauth_windows_until ON reauth_windows (valid_until);
     """,
+    """
+    CREATE TABLE api_tokens (
+        id text PRIMARY KEY,
+        token_hash text NOT NULL UNIQUE,
+        owner text NOT NULL,
+        name text NOT NULL,
+        scopes jsonb NOT NULL,
+        roles jsonb NOT NULL,
+        groups jsonb NOT NULL,
+        created_at timestamptz NOT NULL,
+        expires_at timestamptz NOT NULL,
+        revoked_at timestamptz
+    );
+    CREATE INDEX api_tokens_owner ON api_tokens (owner);
+    CREATE TABLE web_sessions_revoked (
+        sid text PRIMARY KEY,
+        expires double precision NOT NULL
+    );
+    """,
 ]
