@@ -135,7 +135,7 @@ def validate_request(req: GrantRequest, now: datetime, policy: GrantPolicy) -> t
         raise WorkflowError("invalid", "VPC ID must look like vpc-0abc123")
     _check_text("ticket", req.ticket)
     _check_text("reason", req.reason)
-    duration = req.duration or policy.default_duration
+    duration = req.duration if req.duration is not None else policy.default_duration
     if duration <= timedelta(0):
         raise WorkflowError("invalid", "duration must be positive")
     limit = policy.max_duration[req.level]
