@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from broker import __version__
+from broker.cli_output import out as _out
+from broker.cli_output import table as _table
 from broker.config import BrokerConfig, load_config
 from broker.domain import totp
 from broker.errors import BrokerError, NotFoundError, UsageError
@@ -24,18 +26,7 @@ from broker.errors import BrokerError, NotFoundError, UsageError
 DEFAULT_CONFIG = "/etc/bastion-broker/broker.toml"
 
 
-def _out(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
 
-
-def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
-    if not rows:
-        _out("(none)")
-        return
-    widths = {c: max(len(c), *(len(str(r.get(c, "") or "")) for r in rows)) for c in columns}
-    _out("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
-    for r in rows:
-        _out("  ".join(str(r.get(c, "") or "").ljust(widths[c]) for c in columns).rstrip())
 
 
 def _config(args: argparse.Namespace) -> BrokerConfig:

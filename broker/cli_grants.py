@@ -25,6 +25,8 @@ from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 
+from broker.cli_output import out as _out
+from broker.cli_output import table as _table
 from broker.domain.models import Level, Trigger
 from broker.domain.workflow import WorkflowError
 from broker.errors import BrokerError, UsageError
@@ -40,18 +42,7 @@ class RemoteError(BrokerError):
         return str(self)
 
 
-def _out(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
 
-
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    if not rows:
-        _out("(none)")
-        return
-    widths = {c: max(len(c), *(len(str(r.get(c, "") or "")) for r in rows)) for c in columns}
-    _out("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
-    for r in rows:
-        _out("  ".join(str(r.get(c, "") or "").ljust(widths[c]) for c in columns).rstrip())
 
 
 def _unix_user() -> str:

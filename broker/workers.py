@@ -29,6 +29,19 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def _prepare_state(config: BrokerConfig) -> None:
+    """Create keys and migrate the embedded store once, before the workers race to do it."""
+    from broker.app import open_stores
+    from broker.services.totp_secrets import load_key
+    from broker.ssh.keys import load_or_create_key
+
+    load_or_create_key(config.host_key_path, "bastion-broker host key")
+    load_or_create_key(config.ca_key_path, "bastion-broker user CA")
+    load_key(config.totp.key_file, config.totp_key_default_path)
+    if config.store.backend == "sqlite":
+        asyncio.run(open_stores(config).close())
+
+
 def worker_count(config: BrokerConfig) -> int:
     return config.ssh.workers or os.cpu_count() or 1
 
@@ -58,6 +71,7 @@ def run_workers(config: BrokerConfig, on_ready: Callable[[int], None] | None = N
 
     n = worker_count(config)
     port = config.ssh.listen_port or _free_port(config.ssh.listen_host)
+    _prepare_state(config)
     config = config.model_copy(update={"ssh": config.ssh.model_copy(update={"listen_port": port})})
     stopping = False
     children: dict[int, int] = {}  # pid -> worker index

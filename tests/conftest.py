@@ -182,6 +182,22 @@ def start_demo(state_dir: Path, users: int = 60, workers: int = 1) -> Demo:
     return demo
 
 
+def serve_broker(cfg: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """``bastion-broker serve`` as a second broker process; its port is read from its log."""
+    proc = subprocess.Popen([str(BIN), "--config", str(cfg), "serve"], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL)
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        if b'"broker.listening"' in line:
+            return proc, int(json.loads(line)["port"])
+    proc.kill()
+    raise RuntimeError("second broker did not start")
+
+
 def stop_demo(demo: Demo) -> None:
     if demo.proc.poll() is None:
         demo.proc.send_signal(signal.SIGTERM)

@@ -51,9 +51,16 @@ def load_key(key_file: Path | None, default_path: Path) -> bytes:
     if key_file is not None:
         raise ConfigError(f"{key_file}: TOTP key file not found")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+    try:
+        os.link(tmp, path)  # complete file or nothing; never replaces a key another process made
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
     return _decode_key(path.read_text(), str(path))
 
 

@@ -19,11 +19,18 @@ def load_or_create_key(path: Path, comment: str) -> asyncssh.SSHKey:
             raise ConfigError(f"{path}: cannot read private key: {exc}") from None
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(key.export_private_key())
-    tmp.replace(path)
+    try:
+        os.link(tmp, path)  # never replaces: two processes starting at once keep one key
+    except FileExistsError:
+        return load_or_create_key(path, comment)
+    finally:
+        tmp.unlink()
     pub = path.with_name(path.name + ".pub")
-    pub.write_bytes(key.export_public_key())
+    pub_tmp = pub.with_name(f"{pub.name}.{os.getpid()}.tmp")
+    pub_tmp.write_bytes(key.export_public_key())
+    pub_tmp.replace(pub)
     return key

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyotp
 import pytest
 
-from tests.conftest import BIN, Demo
+from tests.conftest import BIN, Demo, serve_broker
 from tests.contract.pgserver import PgServer
 
 pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
@@ -29,21 +29,6 @@ def pg() -> Iterator[PgServer]:
         yield server
     finally:
         server.destroy()
-
-
-def _serve(cfg: Path) -> tuple[subprocess.Popen[bytes], int]:
-    proc = subprocess.Popen([str(BIN), "--config", str(cfg), "serve"], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL)
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        if b'"broker.listening"' in line:
-            return proc, int(json.loads(line)["port"])
-    proc.kill()
-    raise AssertionError("broker did not start")
 
 
 def _cli(cfg: Path, *args: str) -> str:
@@ -67,7 +52,7 @@ def test_two_bastions_share_grants_codes_and_revocations(
     a_cfg, b_cfg = cfgs
     procs = []
     try:
-        (pa, port_a), (pb, port_b) = _serve(a_cfg), _serve(b_cfg)
+        (pa, port_a), (pb, port_b) = serve_broker(a_cfg), serve_broker(b_cfg)
         procs = [pa, pb]
         user = demo.take_user()
         secret = re.search(r"secret=([A-Z2-7]+)", _cli(a_cfg, "totp", "enroll", user))

@@ -15,7 +15,7 @@ import pytest
 
 from broker.app import Broker
 from broker.config import load_config
-from tests.conftest import BIN, Demo
+from tests.conftest import Demo, serve_broker
 
 pytestmark = pytest.mark.e2e
 
@@ -93,29 +93,12 @@ async def test_source_penalty_after_repeated_failures(demo: Demo, tmp_path: Path
         await broker.stop()
 
 
-def _serve(cfg: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """A second broker process; its port is read from its log line."""
-    proc = subprocess.Popen([str(BIN), "--config", str(cfg), "serve"], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL)
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        event = json.loads(line)
-        if event.get("event") == "broker.listening":
-            return proc, int(event["port"])
-    proc.kill()
-    raise AssertionError("second broker did not start")
-
-
 async def test_account_lock_is_shared_by_two_broker_processes(
     demo: Demo, tmp_path: Path
 ) -> None:
     cfg = demo.variant_config(tmp_path, limits="account_free_failures = 5\n"
                               "account_lock_after = 3\npenalty_exempt = ['127.0.0.0/8']")
-    proc, port = _serve(cfg)
+    proc, port = serve_broker(cfg)
     try:
         user = demo.take_user()
         known = demo.known_hosts_for(tmp_path, port)
@@ -145,7 +128,7 @@ async def test_same_code_on_two_processes_at_once_is_accepted_once(
     demo: Demo, tmp_path: Path
 ) -> None:
     cfg = demo.variant_config(tmp_path, limits="penalty_exempt = ['127.0.0.0/8']")
-    proc, port = _serve(cfg)
+    proc, port = serve_broker(cfg)
     try:
         user = demo.take_user()
         code = demo.next_code(user)
