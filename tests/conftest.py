@@ -62,8 +62,10 @@ class Demo:
 
     def next_code(self, user: str) -> str:
         """A code for a step this user has not used yet (codes are single-use per user)."""
+        # never the previous step: a step boundary between here and the check would make it
+        # two steps old; the current and the next step stay valid for the next 30 s
         now_step = int(time.time()) // 30
-        step = max(now_step - 1, self._last_step.get(user, -1) + 1)
+        step = max(now_step, self._last_step.get(user, -1) + 1)
         while step > int(time.time()) // 30 + 1:
             time.sleep(0.5)
         self._last_step[user] = step

@@ -69,8 +69,8 @@ def test_two_bastions_share_grants_codes_and_revocations(
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 env=demo.env(user, code=code))
 
-        # no grant in PostgreSQL yet: B refuses
-        p = ssh(port_b, known_b, totp.generate_otp(step - 1), "true")
+        # no grant in PostgreSQL yet: B refuses (steps step and step + 1 stay valid for 30 s)
+        p = ssh(port_b, known_b, totp.generate_otp(step), "true")
         _, err = p.communicate(timeout=30)
         assert p.returncode == 255
         assert b"no access to web01" in err
@@ -79,7 +79,7 @@ def test_two_bastions_share_grants_codes_and_revocations(
                                 demo.info["domain"], "--stack", "stack-web", "--vpc",
                                 "vpc-0demo", "--level", "read-only", "--ticket", "CHG-7",
                                 "--reason", "fleet", "--json"))
-        code = totp.generate_otp(step)
+        code = totp.generate_otp(step + 1)
         p = ssh(port_b, known_b, code, "echo on-b; sleep 60; echo never")
         assert p.stdout is not None
         assert p.stdout.readline() == b"on-b\n"
