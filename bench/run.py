@@ -364,7 +364,7 @@ def setup(args: argparse.Namespace, procs: Procs) -> Env:
     broker_bin = Path(sys.executable).parent / "bastion-broker"
     demo = procs.start("broker demo",
                        [str(broker_bin), "demo", "--state-dir", str(state),
-                        "--users", str(args.users)],
+                        "--users", str(args.users), "--workers", str(args.workers)],
                        work / "demo.log", stop_signal=signal.SIGINT)
     for _ in range(1200):
         if demo_json.exists() or demo.poll() is not None:
@@ -1085,6 +1085,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--echo-samples", type=int, help="echo samples per path and round (1000; 200)")
     p.add_argument("--echo-gap", type=float, default=0.002, help="seconds between keystrokes")
     p.add_argument("--users", type=int, default=2000, help="demo users (TOTP is single use)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="broker worker processes (memory is then the parent's only: use 1)")
     p.add_argument("--docs", action=argparse.BooleanOptionalAction, default=None,
                    help="update docs/benchmarks.md (default: yes, except with --quick)")
     p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
