@@ -20,7 +20,7 @@ from asyncssh.channel import SSHChannel
 
 from broker.config import BrokerConfig
 from broker.domain.models import Instance, Principal
-from broker.errors import BrokerError
+from broker.errors import BrokerError, RecordingError
 from broker.ports import AuditSink, Clock
 from broker.services.access import AccessService
 from broker.services.sessions import LiveSession, SessionRequest, SessionService
@@ -217,7 +217,8 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         data = f"\r\n{text}\r\n".encode()
         on_stderr = self._term is None
         if self._live is not None:
-            self._live.output(data, on_stderr)
+            with contextlib.suppress(RecordingError):  # the notice itself may not be recordable
+                self._live.output(data, on_stderr)
         with contextlib.suppress(OSError, asyncssh.Error):
             if on_stderr:
                 self.chan.write_stderr(data)
@@ -244,8 +245,21 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
             self._pending.append(data)
             self.chan.pause_reading()
             return
-        self._live.input(data)
+        if self._terminating is not None:
+            return
+        try:
+            self._live.input(data)
+        except RecordingError as exc:
+            self._recording_failed(exc)  # fail closed: nothing unrecorded reaches the target
+            return
         self._up_chan.write(data)
+
+    def _recording_failed(self, exc: RecordingError) -> None:
+        log.error("recording.failed", session_id=self._live.id if self._live else None,
+                  error=str(exc))
+        self._deps.audit.emit("session.recording_failed",
+                              session_id=self._live.id if self._live else None, error=str(exc))
+        self.terminate("recording unavailable")
 
     def eof_received(self) -> bool:
         if self._up_chan is not None:
@@ -294,9 +308,13 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
     # -- target -> client -------------------------------------------------------------------
     def from_target(self, data: bytes, datatype: asyncssh.DataType) -> None:
         live = self._live
-        if live is None:
+        if live is None or self._terminating is not None:
             return
-        live.output(data, datatype == asyncssh.EXTENDED_DATA_STDERR)
+        try:
+            live.output(data, datatype == asyncssh.EXTENDED_DATA_STDERR)
+        except RecordingError as exc:
+            self._recording_failed(exc)  # fail closed: nothing unrecorded reaches the client
+            return
         with contextlib.suppress(OSError, asyncssh.Error):  # client gone: connection_lost cleans up
             self.chan.write(data, datatype)
 

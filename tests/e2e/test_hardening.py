@@ -185,3 +185,41 @@ def test_worker_processes_share_port_store_and_audit_chain(tmp_path: Path) -> No
     assert d.proc.returncode == 0
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", d.port)) != 0
+
+
+async def test_full_recording_disk_ends_the_session_and_nothing_unrecorded_leaks(
+    demo: Demo, tmp_path: Path
+) -> None:
+    from broker.domain import recording as fmt
+
+    rec_dir = tmp_path / "small"
+    rec_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(rec_dir)], check=True,
+                   timeout=30)
+    try:
+        cfg = demo.variant_config(tmp_path)
+        cfg.write_text(cfg.read_text() + f'[recordings]\ndir = "{rec_dir}"\n[web]\nenabled = false\n')
+        broker = Broker(load_config(cfg))
+        port = await broker.start()
+        try:
+            user = demo.take_user()
+            proc = await asyncio.create_subprocess_exec(
+                *demo.ssh_args(f"{user}+web01", port=port,
+                               known_hosts=demo.known_hosts_for(tmp_path, port)),
+                "head -c 4000000 /dev/urandom; sleep 5", stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=demo.env(user))
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 255
+            assert b"access ended (recording unavailable)" in err
+            assert len(out) < 1_100_000
+            files = list(rec_dir.rglob("*.rec"))
+            assert len(files) == 1
+            parsed = fmt.parse(files[0].read_bytes())
+            recorded = fmt.output_bytes(parsed.frames)
+            assert recorded[: len(out)] == out  # everything the client got is in the recording
+            events = [e["event"] for e in demo.audit_lines()]
+            assert "session.recording_failed" in events
+        finally:
+            await broker.stop()
+    finally:
+        subprocess.run(["umount", str(rec_dir)], check=False, timeout=30)
