@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -187,39 +188,46 @@ def test_worker_processes_share_port_store_and_audit_chain(tmp_path: Path) -> No
         assert s.connect_ex(("127.0.0.1", d.port)) != 0
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs, so that a recording fills it within the first megabyte."""
+    d = tmp_path / "small"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], check=True,
+                   timeout=30)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=False, timeout=30)
+
+
 async def test_full_recording_disk_ends_the_session_and_nothing_unrecorded_leaks(
-    demo: Demo, tmp_path: Path
+    demo: Demo, tmp_path: Path, small_tmpfs: Path
 ) -> None:
     from broker.domain import recording as fmt
 
-    rec_dir = tmp_path / "small"
-    rec_dir.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(rec_dir)], check=True,
-                   timeout=30)
+    rec_dir = small_tmpfs
+    cfg = demo.variant_config(tmp_path)
+    cfg.write_text(cfg.read_text() + f'[recordings]\ndir = "{rec_dir}"\n[web]\nenabled = false\n')
+    broker = Broker(load_config(cfg))
+    port = await broker.start()
     try:
-        cfg = demo.variant_config(tmp_path)
-        cfg.write_text(cfg.read_text() + f'[recordings]\ndir = "{rec_dir}"\n[web]\nenabled = false\n')
-        broker = Broker(load_config(cfg))
-        port = await broker.start()
-        try:
-            user = demo.take_user()
-            proc = await asyncio.create_subprocess_exec(
-                *demo.ssh_args(f"{user}+web01", port=port,
-                               known_hosts=demo.known_hosts_for(tmp_path, port)),
-                "head -c 4000000 /dev/urandom; sleep 5", stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=demo.env(user))
-            out, err = await asyncio.wait_for(proc.communicate(), 60)
-            assert proc.returncode == 255
-            assert b"access ended (recording unavailable)" in err
-            assert len(out) < 1_100_000
-            files = list(rec_dir.rglob("*.rec"))
-            assert len(files) == 1
-            parsed = fmt.parse(files[0].read_bytes())
-            recorded = fmt.output_bytes(parsed.frames)
-            assert recorded[: len(out)] == out  # everything the client got is in the recording
-            events = [e["event"] for e in demo.audit_lines()]
-            assert "session.recording_failed" in events
-        finally:
-            await broker.stop()
+        user = demo.take_user()
+        proc = await asyncio.create_subprocess_exec(
+            *demo.ssh_args(f"{user}+web01", port=port,
+                           known_hosts=demo.known_hosts_for(tmp_path, port)),
+            "head -c 4000000 /dev/urandom; sleep 5", stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=demo.env(user))
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 255
+        assert b"access ended (recording unavailable)" in err
+        assert len(out) < 1_100_000
+        files = list(rec_dir.rglob("*.rec"))
+        assert len(files) == 1
+        parsed = fmt.parse(files[0].read_bytes())
+        recorded = fmt.output_bytes(parsed.frames)
+        assert recorded[: len(out)] == out  # everything the client got is in the recording
+        events = [e["event"] for e in demo.audit_lines()]
+        assert "session.recording_failed" in events
     finally:
-        subprocess.run(["umount", str(rec_dir)], check=False, timeout=30)
+        await broker.stop()
