@@ -1,0 +1,128 @@
+"""GrantEnforcer decisions with a fake clock, a fake grant reader and a recording fake control."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+from broker.domain.models import Grant, GrantState, Instance, Level, Principal, Trigger
+from broker.services.enforcement import GrantEnforcer
+from broker.services.sessions import LiveSession, SessionRequest
+
+T0 = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = T0
+
+    def now(self) -> datetime:
+        return self.t
+
+
+class Audit:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, object]]] = []
+
+    def emit(self, event: str, **fields: object) -> None:
+        self.events.append((event, fields))
+
+
+class Control:
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+        self.ended: list[str] = []
+
+    def notify(self, text: str) -> None:
+        self.notes.append(text)
+
+    def terminate(self, reason: str) -> None:
+        self.ended.append(reason)
+
+
+class Grants:
+    def __init__(self, g: Grant | None) -> None:
+        self.g = g
+
+    async def get_many(self, grant_ids: list[str]) -> dict[str, Grant]:
+        return {self.g.id: self.g} if self.g and self.g.id in grant_ids else {}
+
+
+class Sessions:
+    def __init__(self, live: LiveSession) -> None:
+        self.live = {live.id: live}
+
+
+class NullWriter:
+    location = ""
+
+    def write(self, kind: bytes, data: bytes) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def setup(hours: float = 1.0) -> tuple[GrantEnforcer, Grants, Control, Clock, Audit, LiveSession]:
+    g = Grant("g-1", "alice", "corp.example.com", ("stack-a",), "vpc-0a", Level.READ_ONLY,
+              GrantState.APPROVED, T0, T0 + timedelta(hours=hours), Trigger.INCIDENT)
+    inst = Instance("i-1", "web01", "stack-a", "vpc-0a", "10.0.0.1")
+    req = SessionRequest(Principal("corp.example.com", "alice"), inst, g, "ro", "shell", None,
+                         "xterm", 80, 24, "peer")
+    live = LiveSession("s-1", req, NullWriter(), T0)
+    control = Control()
+    live.control = control
+    clock, audit, grants = Clock(), Audit(), Grants(g)
+    enf = GrantEnforcer(Sessions(live), grants, audit, clock,  # type: ignore[arg-type]
+                        interval=1.0, warn_before=timedelta(minutes=5))
+    return enf, grants, control, clock, audit, live
+
+
+async def test_nothing_happens_while_the_grant_is_live_and_far_from_its_end() -> None:
+    enf, _, control, _, audit, _ = setup()
+    await enf.check_once()
+    assert control.notes == []
+    assert control.ended == []
+    assert audit.events == []
+
+
+async def test_warning_once_before_the_end_then_terminated_at_expiry() -> None:
+    enf, _, control, clock, audit, _ = setup()
+    clock.t = T0 + timedelta(minutes=56)
+    await enf.check_once()
+    await enf.check_once()
+    assert len(control.notes) == 1
+    assert "ends at 10:00 UTC (in about 4 min)" in control.notes[0]
+    clock.t = T0 + timedelta(hours=1)
+    await enf.check_once()
+    assert control.ended == ["grant expired"]
+    assert [e for e, _ in audit.events] == ["session.warned", "session.terminated"]
+
+
+async def test_revoked_or_deleted_grant_ends_the_session() -> None:
+    enf, grants, control, _, _, _ = setup()
+    assert grants.g is not None
+    grants.g = replace(grants.g, state=GrantState.REVOKED)
+    await enf.check_once()
+    assert control.ended == ["grant revoked"]
+    enf2, grants2, control2, _, _, _ = setup()
+    grants2.g = None
+    await enf2.check_once()
+    assert control2.ended == ["grant deleted"]
+
+
+async def test_extension_moves_the_deadline_and_rearms_the_warning() -> None:
+    enf, grants, control, clock, audit, live = setup()
+    clock.t = T0 + timedelta(minutes=57)
+    await enf.check_once()
+    assert len(control.notes) == 1
+    assert grants.g is not None
+    grants.g = replace(grants.g, expires_at=T0 + timedelta(hours=3))
+    await enf.check_once()
+    assert live.deadline == T0 + timedelta(hours=3)
+    assert not live.warned
+    assert ("session.deadline_moved" in [e for e, _ in audit.events])
+    clock.t = T0 + timedelta(hours=2, minutes=58)
+    await enf.check_once()
+    assert len(control.notes) == 2
+    assert control.ended == []
