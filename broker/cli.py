@@ -209,13 +209,13 @@ async def _key_add(args: argparse.Namespace) -> int:
     config = _config(args)
     stores = await connect_stores(config)
     account = _account(config, args.user)
-    import asyncssh
+    from broker.ssh.keys import parse_public_key
 
     line = sys.stdin.readline().strip() if args.public_key == "-" else args.public_key
     try:
-        asyncssh.import_public_key(line)
-    except (asyncssh.KeyImportError, ValueError) as exc:
-        raise UsageError(f"not an SSH public key: {exc}") from None
+        parse_public_key(line)
+    except BrokerError as exc:
+        raise UsageError(str(exc)) from None
     fp = await stores.keys.add(account, line, args.comment or "")
     stores.audit.emit("key.added", user=account, fingerprint=fp, actor=_actor())
     _out(f"{fp} registered for {account}")

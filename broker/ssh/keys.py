@@ -34,3 +34,15 @@ def load_or_create_key(path: Path, comment: str) -> asyncssh.SSHKey:
     pub_tmp.write_bytes(key.export_public_key())
     pub_tmp.replace(pub)
     return key
+
+
+def parse_public_key(line: str) -> tuple[str, str]:
+    """An OpenSSH public key line as (normalised line, SHA256 fingerprint); StoreError if it is
+    not a key (raised here so every store and the CLI refuse the same input the same way)."""
+    from broker.errors import StoreError
+
+    try:
+        key = asyncssh.import_public_key(line)
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        raise StoreError(f"not an SSH public key: {exc}") from None
+    return key.export_public_key().decode().strip(), key.get_fingerprint("sha256")

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import asyncssh
 
 from broker.domain.models import Grant, GrantState, Level, Trigger
 from broker.domain.ratelimit import account_backoff
 from broker.domain.workflow import HistoryEntry
 from broker.errors import ConflictError, StoreError
 from broker.ports import ApiTokenRecord, SessionRecord, ThrottleState
+from broker.ssh.keys import parse_public_key
 from broker.store.pg_migrations import MIGRATIONS
 
 # pg_advisory_xact_lock key owned by the migrator ("bb-migr" in ASCII): one constant, so every
@@ -402,11 +402,7 @@ class PostgresKeyStore:
         self._db = db
 
     async def add(self, account: str, public_key: str, comment: str) -> str:
-        try:
-            key = asyncssh.import_public_key(public_key)
-        except (asyncssh.KeyImportError, ValueError) as exc:
-            raise StoreError(f"not an SSH public key: {exc}") from None
-        fp = key.get_fingerprint("sha256")
+        line, fp = parse_public_key(public_key)
         async with self._db.acquire("cannot store SSH key") as conn:
             # re-adding a key refreshes comment and date, like SQLite's INSERT OR REPLACE
             await conn.execute(
@@ -414,8 +410,7 @@ class PostgresKeyStore:
                 " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (account, fingerprint) DO UPDATE SET"
                 " public_key = excluded.public_key, comment = excluded.comment,"
                 " added_at = excluded.added_at",
-                account, fp, key.export_public_key().decode().strip(), comment,
-                datetime.now(UTC),
+                account, fp, line, comment, datetime.now(UTC),
             )
         return fp
 

@@ -418,17 +418,13 @@ class SqliteKeyStore:
         self._c = db.conn
 
     async def add(self, account: str, public_key: str, comment: str) -> str:
-        import asyncssh
+        from broker.ssh.keys import parse_public_key
 
-        try:
-            key = asyncssh.import_public_key(public_key)
-        except (asyncssh.KeyImportError, ValueError) as exc:
-            raise StoreError(f"not an SSH public key: {exc}") from None
-        fp = key.get_fingerprint("sha256")
+        line, fp = parse_public_key(public_key)
         self._c.execute(
             "INSERT OR REPLACE INTO user_keys (account, fingerprint, public_key, comment,"
             " added_at) VALUES (?,?,?,?,?)",
-            (account, fp, key.export_public_key().decode().strip(), comment,
+            (account, fp, line, comment,
              _ts(datetime.now(UTC))),
         )
         return fp
