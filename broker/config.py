@@ -18,7 +18,7 @@ from pydantic import (
 
 from broker.domain.models import Trigger
 from broker.errors import ConfigError
-from broker.identity.ldap import ADSettings
+from broker.identity.ad_settings import ADSettings
 from broker.inventory.aws import AwsInventorySettings
 
 Port = Annotated[int, Field(ge=0, le=65535)]

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import asyncssh
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -57,6 +56,8 @@ Clock = Callable[[], float]
 
 def _valid_ssh_key(key: str) -> str | None:
     """Why ``key`` is not an OpenSSH public key, or None if it is one."""
+    import asyncssh  # here: reading a config (every CLI command does) needs no SSH stack
+
     try:
         asyncssh.import_public_key(key)
     except (asyncssh.KeyImportError, ValueError) as exc:
