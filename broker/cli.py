@@ -253,7 +253,9 @@ async def _key_remove(args: argparse.Namespace) -> int:
 
 
 def _actor() -> str:
-    return os.environ.get("SUDO_USER") or getpass.getuser()
+    from broker.cli_grants import unix_user
+
+    return unix_user()
 
 
 def cmd_totp_code(args: argparse.Namespace) -> int:

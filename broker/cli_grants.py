@@ -45,7 +45,8 @@ class RemoteError(BrokerError):
 
 
 
-def _unix_user() -> str:
+def unix_user() -> str:
+    """Who runs the CLI on the bastion (the sudo caller, not root), for operator actions."""
     return os.environ.get("SUDO_USER") or getpass.getuser()
 
 
@@ -155,7 +156,7 @@ async def _run_local(config_arg: str | None, op: Op) -> Any:
     stores = await connect_stores(config)
     try:
         svc = GrantService(stores.grants, stores.audit, stores.clock, grant_policy(config.grants))
-        actor = Actor(f"operator:{_unix_user()}", frozenset({Role.ADMIN, Role.REQUESTER}))
+        actor = Actor(f"operator:{unix_user()}", frozenset({Role.ADMIN, Role.REQUESTER}))
         now = stores.clock.now()
         name, a = op
         gid = str(a.get("grant_id", ""))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -21,12 +20,6 @@ import structlog
 from broker.config import BrokerConfig
 
 log = structlog.get_logger("broker.workers")
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _prepare_state(config: BrokerConfig) -> None:
@@ -68,9 +61,10 @@ def _child(config: BrokerConfig, index: int, ready_fd: int) -> None:
 def run_workers(config: BrokerConfig, on_ready: Callable[[int], None] | None = None) -> int:
     """Fork the workers and supervise them until SIGINT/SIGTERM; returns an exit status."""
     from broker.app import _sd_notify
+    from broker.demo import free_port
 
     n = worker_count(config)
-    port = config.ssh.listen_port or _free_port(config.ssh.listen_host)
+    port = config.ssh.listen_port or free_port(config.ssh.listen_host)
     _prepare_state(config)
     config = config.model_copy(update={"ssh": config.ssh.model_copy(update={"listen_port": port})})
     stopping = False

@@ -185,6 +185,18 @@ def _grant_from_row(r: sqlite3.Row) -> Grant:
     )
 
 
+_INSERT_GRANT = (
+    "INSERT INTO grants (id, username, username_key, domain, domain_key, stack_ids, vpc_id, level,"
+    " state, starts_at, expires_at, trigger, ticket, reason, requested_by, approved_by, created_at)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_UPDATE_GRANT = (
+    "UPDATE grants SET username=?, username_key=?, domain=?, domain_key=?, stack_ids=?, vpc_id=?,"
+    " level=?, state=?, starts_at=?, expires_at=?, trigger=?, ticket=?, reason=?, requested_by=?,"
+    " approved_by=?, created_at=?, version=version+1 WHERE id=?"
+)
+
+
 class SqliteGrantStore:
     def __init__(self, db: SqliteDatabase) -> None:
         self._c = db.conn
@@ -199,25 +211,13 @@ class SqliteGrantStore:
 
     async def add(self, grant: Grant) -> None:
         try:
-            self._c.execute(
-                "INSERT INTO grants (id, username, username_key, domain, domain_key, stack_ids,"
-                " vpc_id, level, state, starts_at, expires_at, trigger, ticket, reason,"
-                " requested_by, approved_by, created_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                self._row(grant),
-            )
+            self._c.execute(_INSERT_GRANT, self._row(grant))
         except sqlite3.Error as exc:
             raise StoreError(f"cannot store grant: {exc}") from exc
 
     async def replace(self, grant: Grant) -> None:
         row = self._row(grant)
-        cur = self._c.execute(
-            "UPDATE grants SET username=?, username_key=?, domain=?, domain_key=?, stack_ids=?,"
-            " vpc_id=?, level=?, state=?, starts_at=?, expires_at=?, trigger=?, ticket=?,"
-            " reason=?, requested_by=?, approved_by=?, created_at=?, version=version+1"
-            " WHERE id=?",
-            (*row[1:], grant.id),
-        )
+        cur = self._c.execute(_UPDATE_GRANT, (*row[1:], grant.id))
         if cur.rowcount != 1:
             raise StoreError(f"grant {grant.id} not found")
 
@@ -247,12 +247,7 @@ class SqliteGrantStore:
         """A new grant and its first history entry, atomically."""
         self._c.execute("BEGIN IMMEDIATE")
         try:
-            self._c.execute(
-                "INSERT INTO grants (id, username, username_key, domain, domain_key, stack_ids,"
-                " vpc_id, level, state, starts_at, expires_at, trigger, ticket, reason,"
-                " requested_by, approved_by, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                self._row(grant),
-            )
+            self._c.execute(_INSERT_GRANT, self._row(grant))
             self._history(entry)
             self._c.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -265,13 +260,8 @@ class SqliteGrantStore:
         row = self._row(grant)
         self._c.execute("BEGIN IMMEDIATE")
         try:
-            cur = self._c.execute(
-                "UPDATE grants SET username=?, username_key=?, domain=?, domain_key=?,"
-                " stack_ids=?, vpc_id=?, level=?, state=?, starts_at=?, expires_at=?, trigger=?,"
-                " ticket=?, reason=?, requested_by=?, approved_by=?, created_at=?,"
-                " version=version+1 WHERE id=? AND version=?",
-                (*row[1:], grant.id, grant.version),
-            )
+            cur = self._c.execute(_UPDATE_GRANT + " AND version=?",
+                                  (*row[1:], grant.id, grant.version))
             if cur.rowcount != 1:
                 self._c.execute("ROLLBACK")
                 raise ConflictError(
