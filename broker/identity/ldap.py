@@ -664,9 +664,19 @@ class ADDirectory:
             return self._authorise(session, dom, entry, deadline, "account ok")
         dn = entry.dn if entry else dom.dummy_dn
         pw = password.encode() if entry else self._dummy_password
-        started = time.monotonic()
-        reason = session.run("bind", lambda c: self._user_bind(c, dn, pw, deadline))
-        took = time.monotonic() - started
+        # Time the bind alone: a fresh connection's TLS handshake (same for both paths) must not
+        # enter the wrong-password samples, or an unknown user would sometimes pay for it twice.
+        timed: list[float] = []
+
+        def bind(c: Any) -> str | None:
+            started = time.monotonic()
+            try:
+                return self._user_bind(c, dn, pw, deadline)
+            finally:
+                timed.append(time.monotonic() - started)
+
+        reason = session.run("bind", bind)
+        took = timed[-1]
         cost = self._fail_cost[dom.fqdn.casefold()]
         if entry is None or ambiguous:
             time.sleep(min(cost.pad(took), max(0.0, deadline - time.monotonic())))
