@@ -37,6 +37,7 @@ from broker.services.grants import GrantService
 from broker.services.roles import grant_policy
 from broker.services.sessions import SessionService
 from broker.services.totp_secrets import EncryptedTotpStore, load_key
+from broker.ssh import wire
 from broker.ssh.ca import UserCA
 from broker.ssh.keys import load_or_create_key
 from broker.ssh.relay import RelayDeps
@@ -205,6 +206,7 @@ class Broker:
     async def start(self, *, reuse_port: bool = False) -> int:
         """Start listening; returns the bound port (useful with port 0)."""
         ssh = self.config.ssh
+        wire.install()
         self._acceptor = await start_server(
             self.deps, self.authenticator, self.stores.keys, self.host_key, ssh.listen_host,
             ssh.listen_port, reuse_port=reuse_port,
