@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -108,12 +109,14 @@ class SessionService:
         clock: Clock,
         *,
         recording_enabled: bool = True,
+        on_recorded: Callable[[LiveSession, datetime, str | None], Awaitable[None]] | None = None,
     ) -> None:
         self._sink = sink
         self._index = index
         self._audit = audit
         self._clock = clock
         self._recording_enabled = recording_enabled
+        self._on_recorded = on_recorded  # seals a closed recording (signed manifest), see integrity
         self.live: dict[str, LiveSession] = {}
         self._bg: set[asyncio.Task[None]] = set()
 
@@ -168,6 +171,8 @@ class SessionService:
         finally:
             # close fsyncs: a large recording can take seconds, so keep it off the event loop
             await asyncio.to_thread(live.writer.close)
+        if self._on_recorded is not None and live.writer.location:
+            await self._on_recorded(live, now, exit_status)
         duration = (now - live.started_at).total_seconds()
         try:
             await self._index.ended(live.id, now, exit_status, live.bytes_in, live.bytes_out)
