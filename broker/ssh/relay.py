@@ -20,10 +20,11 @@ from asyncssh.channel import SSHChannel
 
 from broker.config import BrokerConfig
 from broker.domain.models import Instance, Principal
-from broker.errors import BrokerError, RecordingError
+from broker.errors import AuditError, BrokerError, RecordingError
 from broker.ports import AuditSink, Clock
 from broker.services.access import AccessService
 from broker.services.sessions import LiveSession, SessionRequest, SessionService
+from broker.sftp.audit import SftpAudit
 from broker.ssh import upstream
 from broker.ssh.ca import UserCA
 
@@ -88,6 +89,7 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         self._pending_eof = False
         self._target_eof = False
         self._terminating: str | None = None  # reason, once the enforcer ended the session
+        self._sftp: SftpAudit | None = None  # file operations of an sftp subsystem, audited
 
     # -- requests before the session starts --------------------------------------------------
     def connection_made(self, chan: SSHChannel[bytes]) -> None:
@@ -170,6 +172,7 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
             if self._kind == "subsystem":
                 kwargs["subsystem"] = self._command
                 command = None
+                self._sftp = SftpAudit(self._sftp_event)
             else:
                 command = self._command
             self._up_chan, _ = await self._up_conn.create_session(
@@ -190,6 +193,8 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
             return
         for data in self._pending:
             self._live.input(data)
+            if self._sftp is not None:
+                self._sftp.from_client(data)
             self._up_chan.write(data)
         self._pending.clear()
         if self._pending_eof:
@@ -252,7 +257,20 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         except RecordingError as exc:
             self._recording_failed(exc)  # fail closed: nothing unrecorded reaches the target
             return
+        if self._sftp is not None:
+            self._sftp.from_client(data)
         self._up_chan.write(data)
+
+    def _sftp_event(self, event: str, fields: dict[str, Any]) -> None:
+        """One file operation into the audit log; if that fails, the session ends (fail closed)."""
+        if self._live is None:
+            return
+        try:
+            self._deps.audit.emit(event, session_id=self._live.id, user=str(self._principal),
+                                  target=self._instance.id, **fields)
+        except AuditError as exc:
+            log.error("audit.failed", session_id=self._live.id, error=str(exc))
+            self.terminate("audit log unavailable")
 
     def _recording_failed(self, exc: RecordingError) -> None:
         log.error("recording.failed", session_id=self._live.id if self._live else None,
@@ -315,6 +333,11 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         except RecordingError as exc:
             self._recording_failed(exc)  # fail closed: nothing unrecorded reaches the client
             return
+        if self._sftp is not None:
+            # responses are audited before the client sees them
+            self._sftp.from_target(data)
+            if self._terminating is not None:
+                return
         with contextlib.suppress(OSError, asyncssh.Error):  # client gone: connection_lost cleans up
             self.chan.write(data, datatype)
 
@@ -362,6 +385,9 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         if self._finished or self._live is None:
             return
         self._finished = True
+        if self._sftp is not None:
+            stats = self._sftp.finish()  # close events for handles never closed, then totals
+            self._sftp_event("sftp.summary", dict(stats))
         try:
             await self._deps.sessions.finish(self._live, status)
         except BrokerError as exc:
