@@ -1,0 +1,1 @@
+"""Copies off the bastion: recordings to S3 and audit events to CloudWatch Logs, from a spool."""

@@ -1,0 +1,1 @@
+"""S3 shipping against a real moto server (marker ``s3``)."""
