@@ -1,13 +1,23 @@
 """Recordings on local disk: one framed file per session, appended with one ``writev`` per chunk.
 
 Each chunk reaches the kernel before the broker forwards it to the client, so a broker crash loses
-nothing the client saw (power loss: what the OS had not flushed; issue-level fsync comes later).
+nothing the client saw. Against power loss, ``sync`` (called at least every second by the
+session service, in a thread, never per chunk) and ``close`` flush to the disk.
+
+While a session is live its writer holds an exclusive ``flock`` on the file and a marker
+``DIR/.open/SESSION_ID`` names it; the marker goes only once the session's end is recorded
+everywhere. After a crash, markers whose file nobody locks are the recordings to repair
+(``broker.recordings.repair``): the lock tells them apart from live sessions of another broker
+process sharing the directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,19 +28,48 @@ from broker.errors import NotFoundError, RecordingError
 _SESSION_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-")
 
 
-class LocalRecordingWriter:
-    """Appends frames for one session. Not thread-safe; used from the event loop only."""
+OPEN_DIR = ".open"  # markers of recordings whose session has not ended (see module docstring)
 
-    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+
+class LocalRecordingWriter:
+    """Appends frames for one session from the event loop; ``sync``/``close`` may run in a thread."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], marker: Path | None = None) -> None:
         self._path = path
+        self._marker = marker
+        self._marker_made = False
+        self._fd = -1
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if marker is not None:
+                marker.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+                self._marker_made = True
+                marker.write_text(str(path))
         except OSError as exc:
+            self._abandon()
             raise RecordingError(f"cannot create recording {path}: {exc.strerror}") from exc
         self._t0 = time.monotonic_ns()
         self.bytes = 0
-        self._write([fmt.encode_header(meta)])
+        self._synced = 0
+        self._dirs_synced = False
+        self._lock = threading.Lock()  # sync (thread) against close (thread)
+        try:
+            self._write([fmt.encode_header(meta)])
+        except RecordingError:
+            self._abandon()
+            raise
+
+    def _abandon(self) -> None:
+        """Undo a half-made start (no session ran): no file, no marker, nothing to repair."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self._path.unlink(missing_ok=True)
+        if self._marker is not None and self._marker_made:
+            with contextlib.suppress(OSError):
+                self._marker.unlink(missing_ok=True)
 
     @property
     def location(self) -> str:
@@ -52,13 +91,48 @@ class LocalRecordingWriter:
         t_us = (time.monotonic_ns() - self._t0) // 1000
         self._write([fmt.frame_header(t_us, kind, len(data)), data])
 
-    def close(self) -> None:
-        if self._fd >= 0:
+    @property
+    def dirty(self) -> bool:
+        """Bytes written since the last flush to disk."""
+        return self.bytes != self._synced
+
+    def sync(self) -> None:
+        """Flush what was written so far to the disk (blocking: call it in a thread).
+
+        The first call also syncs the directories, so that the file and its marker survive a
+        power loss. Errors are raised as ``RecordingError``.
+        """
+        with self._lock:
+            if self._fd < 0:
+                return
+            upto = self.bytes
             try:
-                os.fsync(self._fd)
-            finally:
-                os.close(self._fd)
-                self._fd = -1
+                os.fdatasync(self._fd)
+                if not self._dirs_synced:
+                    dirs = {self._path.parent}
+                    if self._marker is not None:
+                        dirs.add(self._marker.parent)
+                    for d in dirs:
+                        _fsync_dir(d)
+                    self._dirs_synced = True
+            except OSError as exc:
+                raise RecordingError(f"cannot sync recording {self._path}: {exc.strerror}") from exc
+            self._synced = upto
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                try:
+                    os.fsync(self._fd)
+                    self._synced = self.bytes
+                finally:
+                    os.close(self._fd)  # also releases the flock
+                    self._fd = -1
+
+    def release(self) -> None:
+        """Drop the live marker: the session's end is recorded in the index and the audit."""
+        if self._marker is not None:
+            self._marker.unlink(missing_ok=True)
 
 
 class LocalRecordingSink:
@@ -71,7 +145,12 @@ class LocalRecordingSink:
         if not session_id or not set(session_id) <= _SESSION_ID_CHARS:
             raise RecordingError("invalid session id")
         day = time.strftime("%Y-%m-%d", time.gmtime())
-        return LocalRecordingWriter(self._root / day / f"{session_id}.rec", meta)
+        return LocalRecordingWriter(self._root / day / f"{session_id}.rec", meta,
+                                    self._root / OPEN_DIR / session_id)
+
+    @property
+    def root(self) -> Path:
+        return self._root
 
     def path_of(self, location: str) -> Path:
         """Resolve a stored location, refusing anything outside the recordings directory."""
@@ -85,6 +164,14 @@ class LocalRecordingSink:
             return self.path_of(location).read_bytes()
         except FileNotFoundError:
             raise NotFoundError(f"recording file {location} is missing") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def render_cast(rec_path: Path) -> Path:

@@ -1,12 +1,19 @@
 """Recorded sessions: open the recording and the index row before any byte flows, close them after.
 
-``start`` fails closed: if the recording or the audit line cannot be written, the session does
-not start. ``LiveSession`` is what the relay calls on the hot path; it only appends frames.
+``start`` fails closed: if the recording or the audit line cannot be written, or the recordings
+disk is below its free-space threshold, the session does not start. ``LiveSession`` is what the
+relay calls on the hot path; it only appends frames.
+
+Off the hot path, one task per broker flushes every live recording to disk at least every
+``sync_interval`` seconds (in a thread) and watches free space: below the critical threshold live
+sessions end (policy ``strict``) or continue unrecorded with an audit event (``best-effort``).
+``shutdown`` drains live sessions on SIGTERM within a grace period.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,7 +25,7 @@ import structlog
 
 from broker.domain import recording as fmt
 from broker.domain.models import Grant, Instance, Principal
-from broker.errors import BrokerError, RecordingError
+from broker.errors import AuditError, BrokerError, RecordingError
 from broker.ports import (
     AuditSink,
     Clock,
@@ -27,7 +34,8 @@ from broker.ports import (
     SessionIndex,
     SessionRecord,
 )
-from broker.recordings.local import render_cast
+from broker.recordings.diskguard import DiskGuard, DiskLevel, RecordingDiskFull
+from broker.recordings.local import LocalRecordingWriter, render_cast
 
 log = structlog.get_logger("broker.sessions")
 
@@ -72,11 +80,14 @@ class SessionControl(Protocol):
         ...
 
 
+WriteErrorHandler = Callable[["LiveSession", RecordingError], None]
+
+
 class LiveSession:
     """One relayed session; counters and the recording writer, nothing asynchronous."""
 
     def __init__(self, sid: str, req: SessionRequest, writer: RecordingWriter,
-                 started_at: datetime) -> None:
+                 started_at: datetime, on_write_error: WriteErrorHandler | None = None) -> None:
         self.id = sid
         self.request = req
         self.writer = writer
@@ -87,17 +98,30 @@ class LiveSession:
         self.deadline = req.grant.expires_at  # moves when the grant is extended
         self.warned = False
         self.control: SessionControl | None = None
+        # why recording stopped while the session goes on (policy best-effort only), else None
+        self.recording_suspended: str | None = None
+        self._on_write_error = on_write_error
+
+    def _record(self, kind: bytes, data: bytes) -> None:
+        if self.recording_suspended is not None:
+            return
+        try:
+            self.writer.write(kind, data)
+        except RecordingError as exc:
+            if self._on_write_error is None:
+                raise
+            self._on_write_error(self, exc)  # raises again (strict) or suspends (best-effort)
 
     def output(self, data: bytes, stderr: bool) -> None:
-        self.writer.write(fmt.ERROR if stderr else fmt.OUTPUT, data)
+        self._record(fmt.ERROR if stderr else fmt.OUTPUT, data)
         self.bytes_out += len(data)
 
     def input(self, data: bytes) -> None:
-        self.writer.write(fmt.INPUT, data)
+        self._record(fmt.INPUT, data)
         self.bytes_in += len(data)
 
     def resize(self, width: int, height: int) -> None:
-        self.writer.write(fmt.RESIZE, f"{width}x{height}".encode())
+        self._record(fmt.RESIZE, f"{width}x{height}".encode())
 
 
 class SessionService:
@@ -110,6 +134,10 @@ class SessionService:
         *,
         recording_enabled: bool = True,
         on_recorded: Callable[[LiveSession, datetime, str | None], Awaitable[None]] | None = None,
+        guard: DiskGuard | None = None,
+        disk_policy: str = "strict",
+        sync_interval: float = 1.0,
+        disk_check_interval: float = 1.0,
     ) -> None:
         self._sink = sink
         self._index = index
@@ -117,10 +145,33 @@ class SessionService:
         self._clock = clock
         self._recording_enabled = recording_enabled
         self._on_recorded = on_recorded  # seals a closed recording (signed manifest), see integrity
+        self._guard = guard
+        self._best_effort = disk_policy == "best-effort"
+        self._sync_interval = sync_interval
+        self._disk_check_interval = disk_check_interval
         self.live: dict[str, LiveSession] = {}
         self._bg: set[asyncio.Task[None]] = set()
+        self._maintenance: asyncio.Task[None] | None = None
+        self._idle: asyncio.Event | None = None  # set when the last live session ends (shutdown)
+        self._ending: set[str] = set()
+
+    def _check_disk_for_start(self, req: SessionRequest) -> None:
+        if not self._recording_enabled or self._guard is None:
+            return
+        st = self._guard.status()
+        if st.level is DiskLevel.OK:
+            return
+        self._audit.emit(
+            "session.refused", reason="recording_disk_low", user=str(req.principal),
+            target=req.instance.id, peer=req.peer, free_bytes=st.free_bytes,
+            total_bytes=st.total_bytes,
+        )
+        log.error("session.refused_disk_low", user=str(req.principal), free_bytes=st.free_bytes)
+        raise RecordingDiskFull(f"recordings disk below its free-space threshold "
+                                f"({st.free_bytes} bytes free)")
 
     async def start(self, req: SessionRequest) -> LiveSession:
+        self._check_disk_for_start(req)
         sid = str(uuid.uuid4())
         now = self._clock.now()
         meta = {
@@ -151,7 +202,7 @@ class SessionService:
         except BaseException:
             writer.close()
             raise
-        live = LiveSession(sid, req, writer, now)
+        live = LiveSession(sid, req, writer, now, self._write_failed)
         self.live[sid] = live
         log.info("session.start", session_id=sid, user=str(req.principal),
                  target=req.instance.id, kind=req.kind)
@@ -162,9 +213,10 @@ class SessionService:
             return
         live.closed = True
         self.live.pop(live.id, None)
+        self._ending.add(live.id)  # shutdown waits for these too (index, audit still to write)
         now = self._clock.now()
         try:
-            if exit_status is not None:
+            if exit_status is not None and live.recording_suspended is None:
                 live.writer.write(fmt.EXIT, exit_status.encode())
         except RecordingError as exc:
             log.error("recording.write_failed", session_id=live.id, error=str(exc))
@@ -178,11 +230,18 @@ class SessionService:
             await self._index.ended(live.id, now, exit_status, live.bytes_in, live.bytes_out)
         except BrokerError as exc:
             log.error("index.write_failed", session_id=live.id, error=str(exc))
+        extra = ({"recording_suspended": live.recording_suspended}
+                 if live.recording_suspended is not None else {})
         self._audit.emit(
             "session.end", session_id=live.id, user=str(live.request.principal),
             target=live.request.instance.id, exit_status=exit_status, bytes_in=live.bytes_in,
-            bytes_out=live.bytes_out, duration_s=round(duration, 3),
+            bytes_out=live.bytes_out, duration_s=round(duration, 3), **extra,
         )
+        local = local_writer(live.writer)
+        if local is not None:
+            # the end is in the index and the audit: nothing left for a crash repair to do
+            with contextlib.suppress(OSError):
+                local.release()
         log.info("session.end", session_id=live.id, exit_status=exit_status,
                  bytes_in=live.bytes_in, bytes_out=live.bytes_out)
         if live.request.term_type and live.writer.location:
@@ -190,6 +249,9 @@ class SessionService:
             task = asyncio.create_task(self._render(Path(live.writer.location)))
             self._bg.add(task)
             task.add_done_callback(self._bg.discard)
+        self._ending.discard(live.id)
+        if not self.live and not self._ending and self._idle is not None:
+            self._idle.set()
 
     async def _render(self, path: Path) -> None:
         try:
@@ -201,3 +263,180 @@ class SessionService:
         """Wait for background renders (at shutdown)."""
         if self._bg:
             await asyncio.gather(*self._bg, return_exceptions=True)
+
+    # -- recording failures ------------------------------------------------------------------
+    def _write_failed(self, live: LiveSession, exc: RecordingError) -> None:
+        """A write to a live recording failed: strict re-raises (the relay ends the session)."""
+        if not self._best_effort:
+            raise exc
+        self._suspend(live, str(exc))
+
+    def _suspend(self, live: LiveSession, reason: str) -> None:
+        """Policy best-effort: the session goes on unrecorded, and the audit says so first."""
+        if live.recording_suspended is not None:
+            return
+        try:
+            self._audit.emit(
+                "session.recording_suspended", session_id=live.id,
+                user=str(live.request.principal), target=live.request.instance.id,
+                reason=reason, policy="best-effort", bytes_in=live.bytes_in,
+                bytes_out=live.bytes_out,
+            )
+        except AuditError as exc:  # not even the audit: fail closed after all
+            raise RecordingError(f"recording and audit unavailable: {exc}") from exc
+        live.recording_suspended = reason
+        log.error("recording.suspended", session_id=live.id, reason=reason)
+        if live.control is not None:
+            live.control.notify("bastion-broker: recording storage is full; "
+                                "this session continues unrecorded")
+
+    def _suspend_safely(self, live: LiveSession, reason: str) -> None:
+        try:
+            self._suspend(live, reason)
+        except RecordingError:
+            self._end_unrecordable(live, "recording and audit unavailable")
+
+    def _end_unrecordable(self, live: LiveSession, reason: str) -> None:
+        """Policy strict: end a session whose recording cannot go on (disk critical, sync error)."""
+        if live.control is None:  # still starting: its first byte ends it
+            if not isinstance(live.writer, _FailingWriter):
+                live.writer = _FailingWriter(reason, live.writer)
+            return
+        with contextlib.suppress(AuditError):
+            self._audit.emit("session.recording_failed", session_id=live.id, error=reason)
+        log.error("recording.failed", session_id=live.id, error=reason)
+        live.control.notify(f"bastion-broker: {reason}")
+        live.control.terminate("recording unavailable")
+
+    # -- periodic flush and disk watch --------------------------------------------------------
+    def start_maintenance(self) -> None:
+        """Start the broker-wide flush/disk task (idempotent)."""
+        if self._recording_enabled and self._maintenance is None:
+            self._maintenance = asyncio.create_task(self._maintain())
+
+    async def stop_maintenance(self) -> None:
+        task, self._maintenance = self._maintenance, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _maintain(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_sync = loop.time() + self._sync_interval
+        next_disk = loop.time()
+        while True:
+            await asyncio.sleep(max(0.0, min(next_sync, next_disk) - loop.time()))
+            now = loop.time()
+            try:
+                if now >= next_sync:
+                    next_sync = now + self._sync_interval
+                    await self.sync_all()
+                if now >= next_disk:
+                    next_disk = now + self._disk_check_interval
+                    await self.check_disk()
+            except BrokerError as exc:  # e.g. the audit is full too: keep flushing the rest
+                log.error("recording.maintenance_failed", error=str(exc))
+
+    async def sync_all(self) -> None:
+        """Flush every live recording with unsynced bytes to disk (in one worker thread)."""
+        writers = [(live, live.writer) for live in self.live.values()
+                   if live.recording_suspended is None
+                   and isinstance(live.writer, LocalRecordingWriter) and live.writer.dirty]
+        if not writers:
+            return
+        failures = await asyncio.to_thread(_sync_many, [w for _live, w in writers])
+        for live, w in writers:
+            exc = failures.get(id(w))
+            if exc is None or live.closed:
+                continue
+            if self._best_effort:
+                self._suspend_safely(live, str(exc))
+            else:
+                self._end_unrecordable(live, "the recording could not be flushed to disk")
+
+    async def check_disk(self) -> None:
+        """Below the critical threshold: end live sessions (strict) or suspend recording."""
+        if self._guard is None or not self.live:
+            return
+        st = await asyncio.to_thread(self._guard.status)
+        if st.level is not DiskLevel.CRITICAL:
+            return
+        for live in list(self.live.values()):
+            if live.closed or live.recording_suspended is not None:
+                continue
+            if self._best_effort:
+                self._suspend_safely(live, f"recordings disk critical ({st.free_bytes} bytes free)")
+            else:
+                self._end_unrecordable(live, "recording storage is full")
+
+    # -- SIGTERM -----------------------------------------------------------------------------
+    async def shutdown(self, grace: float) -> None:
+        """Tell live users, let sessions end by themselves, end the rest, all within ``grace`` s.
+
+        Sessions that still have not ended (a stuck upstream) are finished here, so every
+        recording is closed and every session has its ``session.end`` before the broker exits.
+        """
+        if not self.live and not self._ending:
+            return
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        self._audit.emit("broker.draining", live_sessions=len(self.live), grace_s=grace)
+        log.warning("broker.draining", live_sessions=len(self.live), grace_s=grace)
+        for live in list(self.live.values()):
+            if live.control is not None:
+                with contextlib.suppress(Exception):  # one broken channel must not stop the rest
+                    live.control.notify(f"bastion-broker: the bastion is shutting down; this "
+                                        f"session ends within {grace:g} s")
+        await self._wait_until_idle(t0 + grace * 2 / 3)
+        for live in list(self.live.values()):
+            if live.control is not None:
+                with contextlib.suppress(Exception):
+                    live.control.terminate("bastion shutting down")
+        await self._wait_until_idle(t0 + grace * 0.9)
+        for live in list(self.live.values()):
+            await self.finish(live, "terminated:bastion shutting down")
+        await self._wait_until_idle(t0 + grace)  # finishes started by the relay
+
+    async def _wait_until_idle(self, until: float) -> None:
+        if not self.live and not self._ending:
+            return
+        self._idle = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(),
+                                   max(0.0, until - asyncio.get_running_loop().time()))
+
+
+def local_writer(writer: RecordingWriter) -> LocalRecordingWriter | None:
+    """The on-disk writer behind ``writer``, if any."""
+    if isinstance(writer, _FailingWriter):
+        writer = writer.inner
+    return writer if isinstance(writer, LocalRecordingWriter) else None
+
+
+class _FailingWriter:
+    """Replaces the writer of a session to end: its next write fails, so the relay ends it."""
+
+    def __init__(self, reason: str, inner: RecordingWriter) -> None:
+        self._reason = reason
+        self.inner = inner
+
+    @property
+    def location(self) -> str:
+        return self.inner.location
+
+    def write(self, kind: bytes, data: bytes) -> None:
+        raise RecordingError(self._reason)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _sync_many(writers: list[LocalRecordingWriter]) -> dict[int, RecordingError]:
+    failures: dict[int, RecordingError] = {}
+    for w in writers:
+        try:
+            w.sync()
+        except RecordingError as exc:
+            failures[id(w)] = exc
+    return failures
