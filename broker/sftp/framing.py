@@ -60,6 +60,11 @@ class Framer:
     def lost(self) -> bool:
         return self._mode == _DEAD
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the packet being assembled (at most ``max_packet`` + 4)."""
+        return len(self._head)
+
     def feed(self, data: bytes) -> None:
         mode = self._mode
         if mode == _DEAD:

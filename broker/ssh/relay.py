@@ -333,8 +333,8 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         except RecordingError as exc:
             self._recording_failed(exc)  # fail closed: nothing unrecorded reaches the client
             return
-        if self._sftp is not None:
-            # responses are audited before the client sees them
+        if self._sftp is not None and datatype is None:
+            # responses are audited before the client sees them (stderr carries no SFTP)
             self._sftp.from_target(data)
             if self._terminating is not None:
                 return
