@@ -28,7 +28,9 @@ from broker.ports import (
     TokenStore,
     TotpStore,
 )
+from broker.recordings.diskguard import DiskGuard
 from broker.recordings.local import LocalRecordingSink
+from broker.recordings.repair import Repaired, repair_interrupted
 from broker.services.access import AccessService
 from broker.services.auth import AccountPolicy, Authenticator, TotpPolicy, TotpSecondFactor
 from broker.services.clock import SystemClock
@@ -139,6 +141,13 @@ def _sd_notify(message: str) -> None:
         s.sendall(message.encode())
 
 
+def _disk_guard(config: BrokerConfig) -> DiskGuard:
+    r = config.recordings
+    return DiskGuard(config.recordings_dir, min_free_percent=r.min_free_percent,
+                     min_free_bytes=r.min_free_bytes, critical_free_percent=r.critical_free_percent,
+                     critical_free_bytes=r.critical_free_bytes)
+
+
 def build_directory(config: BrokerConfig) -> Directory:
     ident = config.identity
     if ident.backend == "ad" and ident.ad is not None:
@@ -176,6 +185,9 @@ class Broker:
         self.sessions = SessionService(
             s.recordings, s.sessions, s.audit, s.clock,
             recording_enabled=config.recordings.enabled,
+            guard=_disk_guard(config), disk_policy=config.recordings.disk_policy,
+            sync_interval=config.recordings.sync_interval_seconds,
+            disk_check_interval=config.recordings.disk_check_interval_seconds,
         )
         limits = config.limits
         self.authenticator = Authenticator(
@@ -192,6 +204,7 @@ class Broker:
         self.grants = GrantService(s.grants, s.audit, s.clock, grant_policy(config.grants))
         self.deps = RelayDeps(config, self.access, self.sessions, self.ca, s.audit, s.clock)
         self._acceptor: asyncssh.SSHAcceptor | None = None
+        self.repaired: list[Repaired] = []  # recordings repaired at start (crash recovery)
         from broker.web.server import web_server_for  # aiohttp only where a server runs
 
         self.web = web_server_for(config, self.grants, self.authenticator, s.audit, s.clock,
@@ -206,6 +219,9 @@ class Broker:
     async def start(self, *, reuse_port: bool = False) -> int:
         """Start listening; returns the bound port (useful with port 0)."""
         ssh = self.config.ssh
+        # recordings a killed broker left open: cut, closed, session.end (before new sessions)
+        self.repaired = await repair_interrupted(self.config.recordings_dir, self.stores.sessions,
+                                                 self.stores.audit, self.stores.clock)
         wire.install()
         self._acceptor = await start_server(
             self.deps, self.authenticator, self.stores.keys, self.host_key, ssh.listen_host,
@@ -215,6 +231,7 @@ class Broker:
         if self.web is not None:
             self.web_url = await self.web.start_or_warn()
         self.enforcer.start()
+        self.sessions.start_maintenance()
         self.stores.audit.emit("broker.start", listen=f"{ssh.listen_host}:{port}")
         log.info("broker.listening", host=ssh.listen_host, port=port)
         return port
@@ -225,6 +242,10 @@ class Broker:
         await self.enforcer.stop()
         if self._acceptor is not None:
             self._acceptor.close()
+        # SIGTERM: users told, sessions drained or ended, recordings closed, within the grace
+        await self.sessions.shutdown(self.config.shutdown.grace_seconds)
+        await self.sessions.stop_maintenance()
+        if self._acceptor is not None:
             await self._acceptor.wait_closed()
             self._acceptor = None
         await self.sessions.drain()

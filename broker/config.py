@@ -211,6 +211,29 @@ class RecordingSettings(_Model):
     dir: Path | None = None  # default: STATE_DIR/recordings
     enabled: bool = True  # benchmark-only switch; the broker refuses to start with False unless
     allow_unrecorded: bool = False  # this is also set, and says so in every session.start event
+    # durability: fsync every live recording at least this often (and at session end)
+    sync_interval_seconds: float = Field(default=1.0, gt=0, le=1.0)
+    # disk guard on the recordings directory: below "min free" no new session starts; below
+    # "critical" live sessions end (strict) or go on unrecorded with an audit event (best-effort).
+    # A threshold is the larger of its percent of the file system and its byte count.
+    min_free_percent: float = Field(default=2.0, ge=0, le=100)
+    min_free_bytes: int = Field(default=0, ge=0)
+    critical_free_percent: float = Field(default=1.0, ge=0, le=100)
+    critical_free_bytes: int = Field(default=0, ge=0)
+    disk_policy: Literal["strict", "best-effort"] = "strict"
+    disk_check_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> RecordingSettings:
+        if (self.critical_free_percent > self.min_free_percent
+                or self.critical_free_bytes > self.min_free_bytes > 0):
+            raise ValueError("the critical free-space threshold must not exceed min_free")
+        return self
+
+
+class ShutdownSettings(_Model):
+    # SIGTERM: users are told, sessions get this long to end, then are ended; the broker exits
+    grace_seconds: float = Field(default=30.0, ge=0, le=3600)
 
 
 class AuditSettings(_Model):
@@ -232,6 +255,7 @@ class BrokerConfig(_Model):
     store: StoreSettings = StoreSettings()
     recordings: RecordingSettings = RecordingSettings()
     audit: AuditSettings = AuditSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
 
     # Resolved paths: everything defaults to a place under state_dir.
     @property
