@@ -39,6 +39,7 @@ from broker.services.grants import GrantService
 from broker.services.roles import grant_policy
 from broker.services.sessions import SessionService
 from broker.services.totp_secrets import EncryptedTotpStore, load_key
+from broker.shipping.service import Shipping
 from broker.ssh import wire
 from broker.ssh.ca import UserCA
 from broker.ssh.keys import load_or_create_key
@@ -216,6 +217,10 @@ class Broker:
             warn_before=timedelta(seconds=config.grants.warn_before_seconds),
         )
 
+        # copies off the bastion (S3, CloudWatch Logs), in threads of their own
+        self.shipping = Shipping(config.shipping, config.shipping_spool_dir,
+                                 config.recordings_dir, config.audit_path, s.audit)
+
     async def start(self, *, reuse_port: bool = False) -> int:
         """Start listening; returns the bound port (useful with port 0)."""
         ssh = self.config.ssh
@@ -231,6 +236,7 @@ class Broker:
         if self.web is not None:
             self.web_url = await self.web.start_or_warn()
         self.enforcer.start()
+        self.shipping.start()
         self.sessions.start_maintenance()
         self.stores.audit.emit("broker.start", listen=f"{ssh.listen_host}:{port}")
         log.info("broker.listening", host=ssh.listen_host, port=port)
@@ -250,6 +256,7 @@ class Broker:
             self._acceptor = None
         await self.sessions.drain()
         self.stores.audit.emit("broker.stop", live_sessions=len(self.sessions.live))
+        await self.shipping.stop()
         close = getattr(self._directory, "close", None)
         if close is not None:
             close()

@@ -20,6 +20,7 @@ from broker.domain.models import Trigger
 from broker.errors import ConfigError
 from broker.identity.ad_settings import ADSettings
 from broker.inventory.aws import AwsInventorySettings
+from broker.shipping.settings import ShippingSettings
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 
@@ -255,6 +256,7 @@ class BrokerConfig(_Model):
     store: StoreSettings = StoreSettings()
     recordings: RecordingSettings = RecordingSettings()
     audit: AuditSettings = AuditSettings()
+    shipping: ShippingSettings = ShippingSettings()  # copies to S3 / CloudWatch Logs
     shutdown: ShutdownSettings = ShutdownSettings()
 
     # Resolved paths: everything defaults to a place under state_dir.
@@ -281,6 +283,10 @@ class BrokerConfig(_Model):
     @property
     def audit_path(self) -> Path:
         return self.audit.path or self.state_dir / "audit" / "audit.jsonl"
+
+    @property
+    def shipping_spool_dir(self) -> Path:
+        return self.shipping.spool_dir or self.state_dir / "shipping"
 
 
 def _resolve(base: Path, p: Path | None) -> Path | None:
@@ -346,6 +352,7 @@ def load_config(path: Path) -> BrokerConfig:
                 update={"dir": _resolve(base, cfg.recordings.dir)}
             ),
             "audit": cfg.audit.model_copy(update={"path": _resolve(base, cfg.audit.path)}),
+            "shipping": cfg.shipping.resolved(base),
             "totp": cfg.totp.model_copy(update={"key_file": _resolve(base, cfg.totp.key_file)}),
             "web": cfg.web.model_copy(update={"cert_file": _resolve(base, cfg.web.cert_file),
                                               "key_file": _resolve(base, cfg.web.key_file),
