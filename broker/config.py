@@ -237,6 +237,24 @@ class ShutdownSettings(_Model):
     grace_seconds: float = Field(default=30.0, ge=0, le=3600)
 
 
+class ForwardingSettings(_Model):
+    """Port forwarding (ssh -L/-D, RDP tunnels): only to granted instances, on these ports."""
+
+    enabled: bool = True
+    # ports a tunnel may reach, per instance OS; a stack listed in stack_ports uses its own list
+    ports: dict[Literal["linux", "windows"], list[Port]] = Field(
+        default_factory=lambda: {"linux": [22], "windows": [3389]})  # type: ignore[arg-type]
+    stack_ports: dict[str, list[Port]] = Field(default_factory=dict)
+    rdp_ports: list[Port] = Field(default_factory=lambda: [3389])  # audited as RDP
+    # bytes on an RDP port that are not an RDP negotiation: recorded, then cut or relayed
+    non_rdp: Literal["cut", "relay"] = "cut"
+    negotiation_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    idle_timeout_seconds: float = Field(default=900.0, ge=0, le=86400)  # 0 = none
+    connect_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    # instance ids/names whose SSH port may be reached as a raw, unrecorded channel (ssh -J)
+    raw_ssh_targets: list[str] = Field(default_factory=list)
+
+
 class AuditSettings(_Model):
     path: Path | None = None  # default: STATE_DIR/audit/audit.jsonl
 
@@ -257,6 +275,7 @@ class BrokerConfig(_Model):
     recordings: RecordingSettings = RecordingSettings()
     audit: AuditSettings = AuditSettings()
     shipping: ShippingSettings = ShippingSettings()  # copies to S3 / CloudWatch Logs
+    forwarding: ForwardingSettings = ForwardingSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
 
     # Resolved paths: everything defaults to a place under state_dir.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import asyncssh
 import structlog
@@ -24,6 +25,7 @@ from broker.ports import KeyStore
 from broker.services.auth import Authenticator
 from broker.ssh.menu import MenuSession
 from broker.ssh.relay import ClientSession, RelayDeps
+from broker.ssh.tunnel import open_tunnel
 
 log = structlog.get_logger("broker.ssh")
 
@@ -60,6 +62,7 @@ class BrokerConnection(asyncssh.SSHServer):
         self._allowed = False
         self._failures = 0
         self._max_failures = deps.config.limits.max_auth_failures_per_connection
+        self._own: frozenset[tuple[str, int]] = frozenset()  # this bastion's listeners
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
@@ -72,6 +75,7 @@ class BrokerConnection(asyncssh.SSHServer):
             conn.abort()
             return
         self._counted = True
+        self._own = own_endpoints(self._deps, conn.get_extra_info("sockname"))
         if self._deps.config.identity.public_keys:
             self._wrap_key_check(conn)
 
@@ -225,6 +229,51 @@ class BrokerConnection(asyncssh.SSHServer):
             max_pktsize=self._deps.config.ssh.max_packet_bytes,
         )
         return chan, ClientSession(self._deps, self._principal, self._instance, self._peer)
+
+
+    # -- forwarding: ssh -L / -D are policy-checked tunnels; -R and streamlocal are refused ----
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> tuple[asyncssh.SSHTCPChannel[bytes], Any]:
+        if self._conn is None or self._principal is None:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "not authenticated")
+        return open_tunnel(self._deps, self._conn, self._principal, self._peer, dest_host,
+                           dest_port, self._own)
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        self._refuse_forward("remote", f"{listen_host}:{listen_port}",
+                             "remote forwarding (-R) is not allowed")
+        return False
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        self._refuse_forward("streamlocal", dest_path, "UNIX socket forwarding is not allowed")
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                        "UNIX socket forwarding is not allowed")
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        self._refuse_forward("remote-streamlocal", listen_path,
+                             "remote UNIX socket forwarding is not allowed")
+        return False
+
+    def _refuse_forward(self, kind: str, what: str, reason: str) -> None:
+        self._deps.audit.emit("tunnel.denied", user=str(self._principal), peer=self._peer,
+                              kind=kind, destination=what, reason=reason)
+        log.info("tunnel.denied", peer=self._peer, kind=kind, destination=what)
+
+
+def own_endpoints(deps: RelayDeps, sockname: Any) -> frozenset[tuple[str, int]]:
+    """This bastion's own listeners (SSH and web), which a tunnel must never reach."""
+    cfg = deps.config
+    own: set[tuple[str, int]] = set()
+    ports = {cfg.ssh.listen_port} | ({cfg.web.listen_port} if cfg.web.enabled else set())
+    if sockname:
+        own.add((str(sockname[0]), int(sockname[1])))
+        ports.add(int(sockname[1]))
+    hosts = {"127.0.0.1", "::1", "localhost", cfg.ssh.listen_host, cfg.web.listen_host}
+    if sockname:
+        hosts.add(str(sockname[0]))
+    own.update((h, p) for h in hosts for p in ports if p)
+    return frozenset(own)
 
 
 def source_guard(limits: LimitsSettings) -> SourceGuard:
