@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=50)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_run(_sessions_list))
+    from broker.sftp.cli import register as register_files
+
+    register_files(ss)  # sessions files SESSION_ID: sftp/scp file operations
 
     s = sub.add_parser("play", help="replay a session in this terminal")
     s.add_argument("session_id")

@@ -8,6 +8,7 @@ Modern ``scp`` speaks SFTP and is audited like ``sftp``; legacy ``scp -O`` is an
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pwd
 import shutil
@@ -121,8 +122,19 @@ def test_sftp_batch_put_get_rename_chmod_rm_mkdir_rmdir(demo: Demo, tmp_path: Pa
     assert summary["downloads"] == 1
     assert summary["bytes_written"] == summary["bytes_read"] == len(data)
     assert summary["malformed"] == 0
+    # the session's file operations as the security team lists them
+    listed = json.loads(demo.cli("sessions", "files", str(s["id"]), "--json").stdout)
+    assert [e["event"] for e in listed] == names
+    text = demo.cli("sessions", "files", str(s["id"])).stdout
+    assert f"{d}/up.bin -> " in text
+    assert _sha(data) in text
+    missing = demo.cli("sessions", "files", "no-such-session", check=False)
+    assert missing.returncode != 0
+    assert "no session" in missing.stderr
+    assert "Traceback" not in missing.stderr
     # the summary comes before session.end
-    assert [e["event"] for e in ev][-2:] == ["sftp.summary", "session.end"]
+    order = [e["event"] for e in ev]
+    assert order.index("sftp.summary") < order.index("session.end")
     # the raw SFTP stream is in the recording: parsed again, it gives the same file operations
     with open(str(s["recording"]), "rb") as f:
         rec = fmt.parse(f.read())
