@@ -13,6 +13,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -223,3 +224,46 @@ def test_legacy_scp_is_a_recorded_exec_both_ways(demo: Demo, tmp_path: Path,
     for s in (up_s, down_s):
         starts = [e for e in _events(demo, str(s["id"])) if e["event"] == "session.start"]
         assert starts[0]["command"] == s["command"]
+
+
+def test_killed_client_mid_download_leaves_an_unfinished_close_event(
+        demo: Demo, tmp_path: Path, home: tuple[Path, str]) -> None:
+    user = demo.take_user()
+    homedir, name = home
+    remote_file = homedir / f"{name}.big"
+    with open(remote_file, "wb") as f:
+        f.write(os.urandom(1 << 20) * 20)
+    remote_file.chmod(0o644)
+    local = tmp_path / "partial"
+    batch = tmp_path / "batch"
+    batch.write_text(f"get {name}.big {local}\n")
+    # -l 800: 100 KB/s, so the 20 MiB download is still running when the client dies
+    proc = subprocess.Popen(["sftp", *_opts(demo), "-l", "800", "-b", str(batch), "-P",
+                             str(demo.port), f"{user}+web01@127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=demo.env(user))
+    try:
+        deadline = time.monotonic() + 60
+        while not (local.exists() and local.stat().st_size > 0):
+            assert proc.poll() is None, "sftp ended before the download started"
+            assert time.monotonic() < deadline, "the download did not start"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 60
+    while True:
+        rows = [s for s in _sessions(demo, user) if s["ended_at"]]
+        if rows:
+            break
+        assert time.monotonic() < deadline, "the session did not end after the client died"
+        time.sleep(0.2)
+    ev = _events(demo, str(rows[0]["id"]))
+    [c] = [e for e in ev if e["event"] == "sftp.close"]
+    assert c["status"] == "not_closed"
+    assert c["path"].rsplit("/", 1)[-1] == f"{name}.big"
+    assert 0 < c["bytes_read"] < 20 << 20
+    assert "sha256" not in c  # not a whole file
+    [summary] = [e for e in ev if e["event"] == "sftp.summary"]
+    assert summary["downloads"] == 0
+    assert summary["bytes_read"] == c["bytes_read"]
