@@ -76,6 +76,9 @@ def pending(root: Path) -> list[tuple[str, Path]]:
         return sorted((m.name, m) for m in d.iterdir() if m.is_file())
     except FileNotFoundError:
         return []
+    except OSError as exc:  # sessions will fail closed on the same directory, with the details
+        log.error("recording.repair_scan_failed", dir=str(d), error=exc.strerror)
+        return []
 
 
 async def repair_interrupted(root: Path, index: SessionIndex, audit: AuditSink,
