@@ -14,8 +14,10 @@ import structlog
 
 from broker.audit.jsonl import JsonlAuditLog
 from broker.config import BrokerConfig
-from broker.errors import ConfigError
+from broker.errors import BrokerError, ConfigError
 from broker.identity.static import StaticDirectory
+from broker.integrity.keys import SigningKey, default_key_path, load_or_create_signing_key
+from broker.integrity.manifest import RecordingSealer
 from broker.inventory.static import StaticInventory
 from broker.ports import (
     Directory,
@@ -80,8 +82,14 @@ class Stores:
         self.audit.close()
 
 
+def signing_key(config: BrokerConfig) -> SigningKey:
+    """The bastion's Ed25519 key for manifests and audit checkpoints (created on first use)."""
+    return load_or_create_signing_key(default_key_path(config.state_dir))
+
+
 def _local(config: BrokerConfig, clock: SystemClock) -> tuple[LocalRecordingSink, JsonlAuditLog]:
-    return LocalRecordingSink(config.recordings_dir), JsonlAuditLog(config.audit_path, clock)
+    return LocalRecordingSink(config.recordings_dir), JsonlAuditLog(
+        config.audit_path, clock, signer=signing_key(config))
 
 
 def open_stores(config: BrokerConfig) -> Stores:
@@ -186,6 +194,7 @@ class Broker:
         self.sessions = SessionService(
             s.recordings, s.sessions, s.audit, s.clock,
             recording_enabled=config.recordings.enabled,
+            on_recorded=RecordingSealer(signing_key(config), s.audit),
             guard=_disk_guard(config), disk_policy=config.recordings.disk_policy,
             sync_interval=config.recordings.sync_interval_seconds,
             disk_check_interval=config.recordings.disk_check_interval_seconds,
@@ -205,6 +214,7 @@ class Broker:
         self.grants = GrantService(s.grants, s.audit, s.clock, grant_policy(config.grants))
         self.deps = RelayDeps(config, self.access, self.sessions, self.ca, s.audit, s.clock)
         self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._checkpoints: asyncio.Task[None] | None = None
         self.repaired: list[Repaired] = []  # recordings repaired at start (crash recovery)
         from broker.web.server import web_server_for  # aiohttp only where a server runs
 
@@ -236,13 +246,26 @@ class Broker:
         if self.web is not None:
             self.web_url = await self.web.start_or_warn()
         self.enforcer.start()
-        self.shipping.start()
+        self._checkpoints = asyncio.create_task(self._sign_audit_periodically())
         self.sessions.start_maintenance()
+        self.shipping.start()
         self.stores.audit.emit("broker.start", listen=f"{ssh.listen_host}:{port}")
         log.info("broker.listening", host=ssh.listen_host, port=port)
         return port
 
+    async def _sign_audit_periodically(self) -> None:
+        """Sign audit events that have waited a while (quiet times), not only every N events."""
+        while True:
+            await asyncio.sleep(5)
+            try:
+                self.stores.audit.checkpoint_if_due()
+            except BrokerError as exc:
+                log.error("audit.checkpoint_failed", error=str(exc))
+
     async def stop(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            self._checkpoints = None
         if self.web is not None:
             await self.web.stop()
         await self.enforcer.stop()

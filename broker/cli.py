@@ -102,9 +102,12 @@ async def _load_recording(args: argparse.Namespace) -> Any:
 
 async def _export(args: argparse.Namespace) -> int:
     from broker.domain import recording as fmt
+    from broker.domain.sanitize import safe_asciicast
 
     parsed = await _load_recording(args)
-    text = "".join(line + "\n" for line in fmt.to_asciicast(parsed))
+    lines = fmt.to_asciicast(parsed)
+    # safe to play by default; --raw keeps every byte the target sent (for forensics)
+    text = "".join(line + "\n" for line in (lines if args.raw else safe_asciicast(lines)))
     if args.output and args.output != "-":
         await asyncio.to_thread(Path(args.output).write_text, text, encoding="utf-8")
     else:
@@ -318,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     from broker.cli_grants import register as register_grants
 
     register_grants(sub)  # grant request|approve|...|list|show|add, login, logout
+    from broker.cli_verify import register as register_verify
+
+    register_verify(sub)  # verify SESSION_ID | --audit
 
     ss = sub.add_parser("sessions", help="recorded sessions").add_subparsers(dest="sub",
                                                                             required=True)
@@ -339,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("export", help="write a session as asciicast v2")
     s.add_argument("session_id")
     s.add_argument("-o", "--output", help="file (default: stdout)")
+    s.add_argument("--raw", action="store_true", help="keep escape sequences that act on "
+                   "the viewer's terminal (clipboard, title, queries); default: removed")
     s.set_defaults(func=_run(_export))
 
     t = sub.add_parser("totp", help="TOTP second factor").add_subparsers(dest="sub", required=True)

@@ -3,18 +3,29 @@
 Several processes (the broker, the CLI) may append: each append takes an exclusive ``flock``,
 re-reads the chain head if another process wrote since, and appends one line, so the chain stays
 linear. A failed write raises :class:`AuditError` and the caller refuses the action (fail closed).
+
+With a signing key, the log also appends signed ``audit.checkpoint`` lines (see
+``broker.audit.checkpoint``): after every ``checkpoint_lines`` events this process wrote, after
+the first event once ``checkpoint_seconds`` have passed since the last checkpoint, when
+``checkpoint_if_due`` finds events waiting that long (the broker calls it periodically), and at
+``close``. Each is written under the same lock as the event before it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from broker.audit.checkpoint import CHECKPOINT, checkpoint_line
 from broker.domain.audit import GENESIS, encode_event, line_hash
 from broker.errors import AuditError
+from broker.integrity.keys import SigningKey
 from broker.ports import Clock
 
 _TAIL = 1 << 16
@@ -37,9 +48,18 @@ def _last_line(fd: int, size: int) -> bytes | None:
 
 
 class JsonlAuditLog:
-    def __init__(self, path: Path, clock: Clock) -> None:
+    def __init__(self, path: Path, clock: Clock, *, signer: SigningKey | None = None,
+                 checkpoint_lines: int = 256, checkpoint_seconds: float = 30.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._path = path
         self._clock = clock
+        self._signer = signer
+        self._cp_lines = max(1, checkpoint_lines)
+        self._cp_seconds = checkpoint_seconds
+        self._monotonic = monotonic
+        self._since = 0  # events this process appended since its last checkpoint
+        self._last_cp = monotonic()
+        self._head_event: str | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
@@ -56,38 +76,94 @@ class JsonlAuditLog:
     def _refresh_head(self, size: int) -> None:
         last = _last_line(self._fd, size)
         if last is None:
-            self._prev, self._seq = GENESIS, 0
+            self._prev, self._seq, self._head_event = GENESIS, 0, None
             return
         self._prev = line_hash(last)
         try:
-            self._seq = int(json.loads(last)["seq"]) + 1
+            obj = json.loads(last)
+            self._seq = int(obj["seq"]) + 1
+            self._head_event = obj.get("event")
         except (ValueError, KeyError, TypeError):
             self._seq = 0  # damaged tail: keep appending; `verify --audit` reports the damage
+            self._head_event = None
 
-    def emit(self, event: str, **fields: Any) -> None:
+    def _sync_head(self) -> int:
+        """With the lock held: the file size, the chain head re-read if another process wrote."""
+        size = os.fstat(self._fd).st_size
+        if size != self._known_size:
+            if size and os.pread(self._fd, 1, size - 1) != b"\n":
+                # a torn last line (crash mid-write): end it, so the damage stays on
+                # its own line and the chain continues from it
+                os.write(self._fd, b"\n")
+                size += 1
+            self._refresh_head(size)
+        return size
+
+    def _append(self, size: int, line: bytes, event: str) -> int:
+        if os.write(self._fd, line) != len(line):
+            raise OSError(28, "short write")
+        self._known_size = size + len(line)
+        self._prev = line_hash(line)
+        self._seq += 1
+        self._head_event = event
+        return self._known_size
+
+    def _append_checkpoint(self, size: int, signer: SigningKey) -> int:
+        line = checkpoint_line(self._seq, self._prev, self._clock.now(), signer.key_id,
+                               signer.sign)
+        size = self._append(size, line, CHECKPOINT)
+        self._since = 0
+        self._last_cp = self._monotonic()
+        return size
+
+    def _due(self) -> bool:
+        return self._signer is not None and self._since > 0 and (
+            self._since >= self._cp_lines
+            or self._monotonic() - self._last_cp >= self._cp_seconds)
+
+    def _locked(self, action: Callable[[int], None]) -> None:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
-                size = os.fstat(self._fd).st_size
-                if size != self._known_size:
-                    if size and os.pread(self._fd, 1, size - 1) != b"\n":
-                        # a torn last line (crash mid-write): end it, so the damage stays on
-                        # its own line and the chain continues from it
-                        os.write(self._fd, b"\n")
-                        size += 1
-                    self._refresh_head(size)
-                line = encode_event(self._seq, self._prev, event, self._clock.now(), fields)
-                if os.write(self._fd, line) != len(line):
-                    raise OSError(28, "short write")
-                self._known_size = size + len(line)
-                self._prev = line_hash(line)
-                self._seq += 1
+                action(self._sync_head())
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         except OSError as exc:
             raise AuditError(f"cannot write audit log {self._path}: {exc.strerror}") from exc
 
+    def emit(self, event: str, **fields: Any) -> None:
+        def append(size: int) -> None:
+            line = encode_event(self._seq, self._prev, event, self._clock.now(), fields)
+            size = self._append(size, line, event)
+            self._since += 1
+            if self._signer is not None and self._due():
+                self._append_checkpoint(size, self._signer)
+
+        self._locked(append)
+
+    def checkpoint(self) -> None:
+        """Sign the chain head now, unless it already is a checkpoint (or the log is empty)."""
+        signer = self._signer
+        if signer is None:
+            return
+
+        def append(size: int) -> None:
+            if self._seq > 0 and self._head_event != CHECKPOINT:
+                self._append_checkpoint(size, signer)
+            self._since = 0
+
+        self._locked(append)
+
+    def checkpoint_if_due(self) -> None:
+        """Called periodically: sign events that have waited ``checkpoint_seconds``."""
+        if self._due():
+            self.checkpoint()
+
     def close(self) -> None:
         if self._fd >= 0:
+            if self._since:
+                # a failure leaves an unsigned tail, which is what `verify --audit` reports
+                with contextlib.suppress(AuditError):
+                    self.checkpoint()
             os.close(self._fd)
             self._fd = -1

@@ -97,7 +97,7 @@ def test_interactive_shell_with_pty_resize_and_replay(demo: Demo, tmp_path: Path
     sid = rows[0]["id"]
 
     # asciicast v2 export: header, resize event, output, input, exit
-    cast = demo.cli("export", sid).stdout.splitlines()
+    cast = demo.cli("export", "--raw", sid).stdout.splitlines()  # raw, like the .cast file
     header = json.loads(cast[0])
     assert header["version"] == 2
     assert (header["width"], header["height"]) == (100, 30)

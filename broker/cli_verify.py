@@ -1,0 +1,62 @@
+"""``bastion-broker verify SESSION_ID | --audit``: integrity of recordings and the audit chain.
+
+Reads files only (config, recordings, audit log, the public signing key): it needs neither the
+database nor the private key, so it can run on a copy, as a user who may only read.
+Exit status: 0 all good (warnings allowed), 1 something is wrong, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from broker.cli_output import out
+from broker.errors import NotFoundError, UsageError
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from broker.cli import _config
+    from broker.integrity.keys import default_key_path, load_verify_key, public_path
+    from broker.integrity.verify import Report, read_lines, verify_audit, verify_session
+
+    if not args.session_id and not args.audit:
+        raise UsageError("give a SESSION_ID, or --audit (or both)")
+    config = _config(args)
+    key_file = Path(args.public_key) if args.public_key else public_path(
+        default_key_path(config.state_dir))
+    key = load_verify_key(key_file)
+    reports: list[Report] = []
+    if args.session_id:
+        try:
+            audit_lines: list[bytes] | None = read_lines(config.audit_path)
+        except NotFoundError:
+            audit_lines = None
+        reports.append(verify_session(config.recordings_dir, args.session_id, key, audit_lines))
+    if args.audit:
+        reports.append(verify_audit(config.audit_path, key))
+    ok = all(r.ok for r in reports)
+    if args.json:
+        out(json.dumps({"ok": ok, "reports": [r.as_json() for r in reports]}, indent=2))
+    else:
+        for r in reports:
+            errors = sum(f.severity == "error" for f in r.findings)
+            warnings = len(r.findings) - errors
+            status = "OK" if r.ok else f"FAILED ({errors} problem{'s' if errors != 1 else ''})"
+            if warnings:
+                status += f", {warnings} warning{'s' if warnings != 1 else ''}"
+            out(f"{r.subject}: {status}")
+            for f in r.findings:
+                out(f"  {f.severity}: {f.message} [{f.code}]")
+    return 0 if ok else 1
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    s = sub.add_parser("verify", help="check a recording's signed manifest, or the audit chain")
+    s.add_argument("session_id", nargs="?", help="session to check")
+    s.add_argument("--audit", action="store_true",
+                   help="check the audit log's hash chain and signed checkpoints")
+    s.add_argument("--public-key", help="PEM public key to verify with (default: the one "
+                   "beside the bastion's signing key in the state dir)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_verify)

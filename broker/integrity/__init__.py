@@ -1,0 +1,1 @@
+"""Tamper evidence: the bastion's Ed25519 signing key, signed recording manifests, ``verify``."""

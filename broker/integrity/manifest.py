@@ -1,0 +1,169 @@
+"""Signed manifests: what a finished recording must contain, signed with the bastion's key.
+
+``SESSION_ID.manifest.json`` sits beside ``SESSION_ID.rec``::
+
+    {"manifest": {"format": "bastion-broker-manifest/1", "session_id": ..., "user": ...,
+                  "target": ..., "grant_id": ..., "started_at": ..., "ended_at": ...,
+                  "files": [{"name": "SESSION_ID.rec", "size": N, "sha256": HEX,
+                             "block_size": B, "blocks": [HEX32, ...]}], ...},
+     "signature": {"alg": "ed25519", "key_id": HEX16, "value": BASE64}}
+
+The signature covers ``SIGNING_CONTEXT + canonical(manifest)`` (sorted keys, no spaces, UTF-8).
+Block hashes (truncated SHA-256 per block, at most ``MAX_BLOCKS`` blocks) let ``verify`` say
+*where* a file was changed, not only that it was; the whole-file SHA-256 is what proves it.
+Sealing also appends ``recording.sealed`` (with the manifest's SHA-256) to the hash-chained
+audit log, which ties the recording to the audit trail: replacing both a recording and its
+manifest, or deleting them, shows up there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from broker.errors import BrokerError
+from broker.integrity.keys import SigningKey
+from broker.ports import AuditSink
+
+if TYPE_CHECKING:
+    from broker.services.sessions import LiveSession
+
+log = structlog.get_logger("broker.integrity")
+
+FORMAT = "bastion-broker-manifest/1"
+SIGNING_CONTEXT = b"bastion-broker recording manifest v1\n"
+MIN_BLOCK = 4096
+MAX_BLOCKS = 1024
+_READ = 1 << 20
+
+
+def canonical(obj: Any) -> bytes:
+    """The one byte encoding that is signed and verified."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def block_size_for(size: int) -> int:
+    """Smallest power-of-two block (>= MIN_BLOCK) that keeps the block list <= MAX_BLOCKS."""
+    bs = MIN_BLOCK
+    while -(-size // bs) > MAX_BLOCKS:
+        bs *= 2
+    return bs
+
+
+def block_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class FileDigest:
+    name: str
+    size: int
+    sha256: str
+    block_size: int
+    blocks: list[str]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "size": self.size, "sha256": self.sha256,
+                "block_size": self.block_size, "blocks": self.blocks}
+
+
+def digest_file(path: Path, block_size: int | None = None) -> FileDigest:
+    """SHA-256 of the whole file and of each block, in one pass."""
+    with open(path, "rb") as f:
+        bs = block_size or block_size_for(os.fstat(f.fileno()).st_size)
+        whole = hashlib.sha256()
+        blocks: list[str] = []
+        size = 0
+        while chunk := f.read(bs):
+            whole.update(chunk)
+            blocks.append(block_hash(chunk))
+            size += len(chunk)
+    return FileDigest(path.name, size, whole.hexdigest(), bs, blocks)
+
+
+def manifest_path(rec_path: Path) -> Path:
+    return rec_path.with_name(rec_path.name.split(".", 1)[0] + ".manifest.json")
+
+
+def sign_manifest(body: dict[str, Any], key: SigningKey) -> dict[str, Any]:
+    sig = key.sign(SIGNING_CONTEXT + canonical(body))
+    return {"manifest": body, "signature": {"alg": "ed25519", "key_id": key.key_id,
+                                            "value": base64.b64encode(sig).decode()}}
+
+
+def seal_recording(rec_path: Path, fields: dict[str, Any], key: SigningKey,
+                   extra_files: tuple[Path, ...] = ()) -> tuple[Path, str]:
+    """Hash the (closed) recording files, write the signed manifest atomically beside them.
+
+    Returns the manifest's path and the SHA-256 of its bytes (for the audit log). Also usable by
+    crash repair for an interrupted recording (``fields["interrupted"] = True``).
+    """
+    files = [digest_file(p).as_json() for p in (rec_path, *extra_files)]
+    body = {"format": FORMAT, **fields, "files": files}
+    data = json.dumps(sign_manifest(body, key), indent=1, ensure_ascii=False).encode() + b"\n"
+    out = manifest_path(rec_path)
+    tmp = out.with_name(out.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out, hashlib.sha256(data).hexdigest()
+
+
+def session_fields(live: LiveSession, ended_at: datetime, exit_status: str | None
+                   ) -> dict[str, Any]:
+    req = live.request
+    return {
+        "session_id": live.id, "user": str(req.principal), "target": req.instance.id,
+        "target_name": req.instance.name, "login": req.login, "grant_id": req.grant.id,
+        "level": str(req.grant.level), "kind": req.kind, "command": req.command,
+        "peer": req.peer, "started_at": live.started_at.isoformat(),
+        "ended_at": ended_at.isoformat(), "exit_status": exit_status,
+        "bytes_in": live.bytes_in, "bytes_out": live.bytes_out, "interrupted": False,
+    }
+
+
+class RecordingSealer:
+    """``SessionService``'s ``on_recorded`` hook: seal, then note the seal in the audit chain.
+
+    A seal that fails does not undo the session (it is over): it is logged and audited, and
+    ``verify`` reports the recording as unsealed.
+    """
+
+    def __init__(self, key: SigningKey, audit: AuditSink) -> None:
+        self._key = key
+        self._audit = audit
+
+    async def __call__(self, live: LiveSession, ended_at: datetime,
+                       exit_status: str | None) -> None:
+        rec = Path(live.writer.location)
+        try:
+            path, digest = await asyncio.to_thread(
+                seal_recording, rec, session_fields(live, ended_at, exit_status), self._key)
+        except OSError as exc:
+            log.error("recording.seal_failed", session_id=live.id, error=str(exc))
+            try:
+                self._audit.emit("recording.seal_failed", session_id=live.id, error=str(exc))
+            except BrokerError as aexc:
+                log.error("audit.write_failed", session_id=live.id, error=str(aexc))
+            return
+        try:
+            self._audit.emit("recording.sealed", session_id=live.id, manifest=path.name,
+                             manifest_sha256=digest, key_id=self._key.key_id)
+        except BrokerError as exc:
+            log.error("audit.write_failed", session_id=live.id, error=str(exc))

@@ -1,0 +1,360 @@
+"""``verify``: check a sealed recording or the audit chain, and say exactly what is wrong.
+
+Each problem is a :class:`Finding` with a stable ``code`` (for scripts and tests), a sentence for
+people, and where it is (file, line, byte range). ``error`` findings make the check fail;
+``warning`` findings are states that are normal at times (a running broker's audit tail that is
+not signed yet) and are reported without failing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.audit.checkpoint import CHECKPOINT, signature_of, signed_bytes
+from broker.domain import recording as fmt
+from broker.domain.audit import GENESIS, line_hash
+from broker.errors import NotFoundError, UsageError
+from broker.integrity.keys import VerifyKey
+from broker.integrity.manifest import FORMAT, SIGNING_CONTEXT, canonical, digest_file
+
+_SESSION_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-")
+_MAX_RANGES = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    severity: str  # "error" | "warning"
+    code: str
+    message: str
+    where: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"severity": self.severity, "code": self.code, "message": self.message,
+                **({"where": self.where} if self.where else {})}
+
+
+@dataclass
+class Report:
+    subject: str
+    findings: list[Finding] = field(default_factory=list)
+    checked: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.severity == "error" for f in self.findings)
+
+    def error(self, code: str, message: str, **where: Any) -> None:
+        self.findings.append(Finding("error", code, message, where))
+
+    def warning(self, code: str, message: str, **where: Any) -> None:
+        self.findings.append(Finding("warning", code, message, where))
+
+    def as_json(self) -> dict[str, Any]:
+        return {"subject": self.subject, "ok": self.ok, "checked": self.checked,
+                "findings": [f.as_json() for f in self.findings]}
+
+
+# -- audit log -----------------------------------------------------------------------------------
+def _ranges(nums: list[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for n in sorted(nums):
+        if out and n == out[-1][1] + 1:
+            out[-1] = (out[-1][0], n)
+        else:
+            out.append((n, n))
+    return out
+
+
+def _span(a: int, b: int) -> str:
+    return str(a) if a == b else f"{a}-{b}"
+
+
+def verify_audit_lines(lines: list[bytes], key: VerifyKey, report: Report) -> None:
+    """Check the chain, the sequence numbers and every checkpoint signature of an audit log."""
+    parsed: list[dict[str, Any] | None] = []
+    for raw in lines:
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            obj = None
+        parsed.append(obj if isinstance(obj, dict) and isinstance(obj.get("seq"), int) else None)
+    all_seqs = {o["seq"] for o in parsed if o is not None}
+
+    prev_hash = GENESIS
+    prev_seq: int | None = None
+    seen: set[int] = set()
+    max_seq = -1
+    checkpoints = 0
+    signed_through = 0  # line number of the last valid checkpoint
+    for n, (raw, obj) in enumerate(zip(lines, parsed, strict=True), start=1):
+        torn = not raw.endswith(b"\n")
+        if obj is None:
+            if torn:
+                report.error("audit_truncated", f"line {n} is incomplete: the log was cut "
+                             "(truncated file or a write cut off by a crash)", line=n)
+            else:
+                report.error("audit_line_damaged", f"line {n} is not a valid audit event "
+                             "(edited or damaged)", line=n)
+            prev_hash, prev_seq = line_hash(raw), None
+            continue
+        if torn:
+            report.error("audit_truncated", f"line {n} (the last) has no newline: the log "
+                         "was truncated", line=n)
+        seq: int = obj["seq"]
+        continuous = False
+        if prev_seq is None:
+            if n == 1 and seq != 0:
+                missing = [s for s in range(0, seq) if s not in all_seqs]
+                if missing:
+                    report.error("audit_line_removed",
+                                 f"seq {_span(missing[0], missing[-1])} missing before line 1 "
+                                 "(lines removed from the start)", line=1,
+                                 seq=[missing[0], missing[-1]])
+            continuous = n == 1 and seq == 0
+        elif seq == prev_seq + 1:
+            continuous = True
+        elif seq > prev_seq + 1:
+            missing = [s for s in range(prev_seq + 1, seq) if s not in all_seqs]
+            for a, b in _ranges(missing):
+                report.error("audit_line_removed",
+                             f"seq {_span(a, b)} missing between line {n - 1} and line {n} "
+                             f"({b - a + 1} line{'s' if b > a else ''} removed)",
+                             line=n, seq=[a, b])
+        if prev_seq is not None and seq <= max_seq:
+            if seq in seen:
+                report.error("audit_line_duplicated", f"line {n} repeats seq {seq} "
+                             "(line duplicated)", line=n, seq=seq)
+            else:
+                report.error("audit_line_moved", f"line {n} (seq {seq}) is out of order: it "
+                             f"comes after seq {max_seq} (lines reordered)", line=n, seq=seq)
+        if obj.get("prev") != prev_hash and continuous:
+            if n == 1:
+                report.error("audit_line_modified", "line 1 does not start the chain "
+                             "(edited)", line=1)
+            else:
+                report.error("audit_line_modified",
+                             f"line {n - 1} (seq {prev_seq}) was modified: line {n} records "
+                             "a different hash for it", line=n - 1, seq=prev_seq)
+        if obj.get("event") == CHECKPOINT:
+            checkpoints += 1
+            sig = signature_of(obj)
+            kid = obj.get("key_id")
+            if sig is None:
+                report.error("checkpoint_unsigned", f"checkpoint at line {n} has no valid "
+                             "signature field", line=n)
+            elif kid != key.key_id:
+                report.error("checkpoint_wrong_key", f"checkpoint at line {n} names key "
+                             f"{kid}, not this bastion's key {key.key_id}", line=n)
+            elif not key.verify(sig, signed_bytes(obj)):
+                report.error("checkpoint_bad_signature",
+                             f"checkpoint at line {n}: signature does not verify (the "
+                             "checkpoint was edited, or the chain before it rewritten)", line=n)
+            else:
+                signed_through = n
+        prev_hash, prev_seq = line_hash(raw), seq
+        seen.add(seq)
+        max_seq = max(max_seq, seq)
+
+    report.checked.update(lines=len(lines), checkpoints=checkpoints,
+                          signed_through_line=signed_through, key_id=key.key_id)
+    if lines and signed_through == 0:
+        report.error("no_valid_checkpoint", "no line of the log is covered by a valid signed "
+                     "checkpoint")
+    elif signed_through < len(lines):
+        report.warning("unsigned_tail", f"lines {_span(signed_through + 1, len(lines))} come "
+                       "after the last signed checkpoint and are not signed yet (normal while "
+                       "the broker runs; it signs them within seconds and at shutdown)",
+                       lines=[signed_through + 1, len(lines)])
+
+
+def read_lines(path: Path) -> list[bytes]:
+    try:
+        return path.read_bytes().splitlines(keepends=True)
+    except FileNotFoundError:
+        raise NotFoundError(f"no audit log at {path}") from None
+    except OSError as exc:
+        raise NotFoundError(f"cannot read the audit log {path}: {exc.strerror}") from None
+
+
+def verify_audit(path: Path, key: VerifyKey) -> Report:
+    report = Report(subject=f"audit log {path}")
+    verify_audit_lines(read_lines(path), key, report)
+    return report
+
+
+# -- recordings ----------------------------------------------------------------------------------
+def _frame_at(rec: bytes, offset: int) -> str:
+    """Which part of a recording a byte offset falls in, for people."""
+    nl = rec.find(b"\n", len(fmt.MAGIC))
+    if offset < len(fmt.MAGIC) or nl < 0 or offset <= nl:
+        return "the recording header (session metadata)"
+    pos, i = nl + 1, 0
+    while pos + fmt.FRAME.size <= len(rec):
+        t_us, kind, length = fmt.FRAME.unpack_from(rec, pos)
+        end = pos + fmt.FRAME.size + length
+        if offset < end or kind not in fmt.KINDS:
+            names = {fmt.OUTPUT: "output", fmt.ERROR: "stderr", fmt.INPUT: "input",
+                     fmt.RESIZE: "resize", fmt.EXIT: "exit"}
+            part = "header of" if offset < pos + fmt.FRAME.size else "data of"
+            return f"the {part} frame {i} ({names.get(kind, '?')} at {t_us / 1e6:.3f} s)"
+        pos, i = end, i + 1
+    return "the bytes after the last frame"
+
+
+def _check_file(report: Report, path: Path, entry: dict[str, Any]) -> None:
+    name = path.name
+    try:
+        want_size = int(entry["size"])
+        want_sha = str(entry["sha256"])
+        bs = int(entry.get("block_size") or 0) or None
+        want_blocks = [str(b) for b in entry.get("blocks", [])]
+    except (KeyError, TypeError, ValueError):
+        report.error("manifest_damaged", f"the manifest entry for {name} is incomplete")
+        return
+    try:
+        got = digest_file(path, bs)
+    except FileNotFoundError:
+        report.error("file_missing", f"{name} is missing (removed after sealing)", file=name)
+        return
+    except OSError as exc:
+        report.error("file_unreadable", f"{name} cannot be read: {exc.strerror}", file=name)
+        return
+    if got.size == want_size and got.sha256 == want_sha:
+        return
+    # compare whole blocks present in both (a cut last block is the truncation itself)
+    full = min(got.size, want_size) // got.block_size
+    changed = [i for i in range(min(full, len(want_blocks), len(got.blocks)))
+               if got.blocks[i] != want_blocks[i]]
+    if got.size == want_size and len(want_blocks) == len(got.blocks) and \
+            got.blocks[-1:] != want_blocks[-1:] and (len(got.blocks) - 1) not in changed:
+        changed.append(len(got.blocks) - 1)
+    if changed:
+        ranges = _ranges(changed)
+        text = ", ".join(
+            f"bytes {a * got.block_size}-{min((b + 1) * got.block_size, got.size) - 1}"
+            for a, b in ranges[:_MAX_RANGES])
+        more = f" and {len(ranges) - _MAX_RANGES} more ranges" if len(ranges) > _MAX_RANGES else ""
+        where = ""
+        if path.suffix == ".rec":
+            where = f"; first change in {_frame_at(path.read_bytes(), changed[0] * got.block_size)}"
+        report.error("file_modified", f"{name} was modified after sealing: content differs in "
+                     f"{text}{more}{where}", file=name,
+                     ranges=[[a * got.block_size, min((b + 1) * got.block_size, got.size) - 1]
+                             for a, b in ranges])
+    if got.size < want_size:
+        report.error("file_truncated", f"{name} is truncated: {got.size} bytes, the manifest "
+                     f"says {want_size} ({want_size - got.size} bytes missing from the end)",
+                     file=name, size=got.size, expected=want_size)
+    elif got.size > want_size:
+        report.error("file_extended", f"{name} has {got.size - want_size} bytes more than the "
+                     f"manifest says ({got.size} instead of {want_size}): data appended after "
+                     "sealing", file=name, size=got.size, expected=want_size)
+    elif not changed:
+        report.error("file_modified", f"{name} was modified after sealing (SHA-256 differs)",
+                     file=name)
+
+
+def _sealed_in_audit(audit_lines: list[bytes], sid: str) -> list[tuple[int, dict[str, Any]]]:
+    needle = sid.encode()
+    out = []
+    for n, raw in enumerate(audit_lines, start=1):
+        if needle in raw and b"recording.sealed" in raw:
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                continue
+            if obj.get("event") == "recording.sealed" and obj.get("session_id") == sid:
+                out.append((n, obj))
+    return out
+
+
+def find_recording(recordings_dir: Path, sid: str) -> tuple[Path | None, Path | None]:
+    """The session's recording and manifest under ``DIR/YYYY-MM-DD/`` (either may be missing)."""
+    if not sid or not set(sid) <= _SESSION_ID_CHARS or len(sid) > 64:
+        raise UsageError("a session id is lowercase letters, digits and dashes")
+    recs = sorted(recordings_dir.glob(f"*/{sid}.rec"))
+    mans = sorted(recordings_dir.glob(f"*/{sid}.manifest.json"))
+    return (recs[0] if recs else None), (mans[0] if mans else None)
+
+
+def verify_session(recordings_dir: Path, sid: str, key: VerifyKey,
+                   audit_lines: list[bytes] | None) -> Report:
+    """Check one session's manifest signature and every file it lists."""
+    report = Report(subject=f"session {sid}")
+    rec, man = find_recording(recordings_dir, sid)
+    sealed = _sealed_in_audit(audit_lines, sid) if audit_lines is not None else []
+    if man is None:
+        if rec is None and not sealed:
+            raise NotFoundError(f"no recording of session {sid} in {recordings_dir}")
+        if rec is None:
+            report.error("recording_missing", "the recording and its manifest were removed "
+                         f"(the audit log records their seal at line {sealed[0][0]})")
+        elif sealed:
+            report.error("manifest_missing", "the manifest was removed (the audit log records "
+                         f"the seal at line {sealed[0][0]})")
+        else:
+            report.error("manifest_missing", "no manifest: the session is still running, its "
+                         "seal failed, or the manifest was removed")
+        return report
+    raw = man.read_bytes()
+    report.checked["manifest"] = man.name
+    try:
+        doc = json.loads(raw)
+        body = doc["manifest"]
+        files = body["files"]
+        if not isinstance(body, dict) or not isinstance(files, list):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        report.error("manifest_damaged", f"{man.name} is not a readable manifest (edited or "
+                     "damaged)", file=man.name)
+        return report
+    _check_signature(report, doc.get("signature"), body, key)
+    if body.get("format") != FORMAT:
+        report.error("manifest_damaged", f"unknown manifest format {body.get('format')!r}")
+    if body.get("session_id") != sid:
+        report.error("manifest_wrong_session", f"the manifest is for session "
+                     f"{body.get('session_id')!r}, not {sid}")
+    if audit_lines is not None:
+        digest = hashlib.sha256(raw).hexdigest()
+        if not sealed:
+            report.warning("not_in_audit", "the audit log has no recording.sealed event for "
+                           "this session")
+        elif all(obj.get("manifest_sha256") != digest for _, obj in sealed):
+            report.error("manifest_replaced", "the manifest is not the one whose seal the audit "
+                         f"log records at line {sealed[-1][0]} (SHA-256 differs)")
+    for entry in files:
+        name = str(entry.get("name", "")) if isinstance(entry, dict) else ""
+        if not name or "/" in name or name.startswith("."):
+            report.error("manifest_damaged", f"the manifest lists a bad file name {name!r}")
+            continue
+        _check_file(report, man.parent / name, entry)
+    report.checked.update(
+        files=[e.get("name") for e in files if isinstance(e, dict)],
+        bytes=sum(int(e.get("size", 0)) for e in files if isinstance(e, dict)),
+        **{k: body.get(k) for k in ("user", "target", "grant_id", "started_at", "ended_at",
+                                    "exit_status", "interrupted")})
+    return report
+
+
+def _check_signature(report: Report, sig: Any, body: dict[str, Any], key: VerifyKey) -> None:
+    report.checked["key_id"] = key.key_id
+    if not isinstance(sig, dict) or not isinstance(sig.get("value"), str):
+        report.error("manifest_unsigned", "the manifest carries no signature")
+        return
+    try:
+        value = base64.b64decode(sig["value"], validate=True)
+    except (binascii.Error, ValueError):
+        report.error("manifest_bad_signature", "the manifest signature is not base64")
+        return
+    if sig.get("key_id") != key.key_id:
+        report.error("manifest_wrong_key", f"the manifest names signing key {sig.get('key_id')},"
+                     f" not this bastion's key {key.key_id}")
+    elif not key.verify(value, SIGNING_CONTEXT + canonical(body)):
+        report.error("manifest_bad_signature", "the manifest signature does not verify: the "
+                     "manifest was edited after signing, or signed by another key")

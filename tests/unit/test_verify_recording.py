@@ -1,0 +1,190 @@
+"""``verify SESSION_ID`` logic: every way a sealed recording can be damaged, named precisely."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from broker.domain import recording as fmt
+from broker.errors import NotFoundError, UsageError
+from broker.integrity.keys import load_or_create_signing_key
+from broker.integrity.manifest import manifest_path, seal_recording
+from broker.integrity.verify import Report, verify_session
+from broker.recordings.local import LocalRecordingSink
+
+SID = "0a1b2c3d-4e5f-4a5b-8c9d-0e1f2a3b4c5d"
+
+
+class Sealed:
+    def __init__(self, tmp: Path, payload: bytes) -> None:
+        self.root = tmp / "recordings"
+        self.key = load_or_create_signing_key(tmp / "key")
+        self.other_key = load_or_create_signing_key(tmp / "other_key")
+        w = LocalRecordingSink(self.root).open(SID, {"session_id": SID, "user": "alice@corp"})
+        w.write(fmt.OUTPUT, b"$ ls\r\n")
+        w.write(fmt.OUTPUT, payload)
+        w.write(fmt.EXIT, b"0")
+        w.close()
+        self.rec = Path(w.location)
+        self.man, digest = seal_recording(self.rec, {"session_id": SID, "user": "alice@corp"},
+                                          self.key)
+        self.audit = [json.dumps({"seq": 0, "event": "recording.sealed", "session_id": SID,
+                                  "manifest_sha256": digest}).encode() + b"\n"]
+
+    def verify(self, audit: bool = True) -> Report:
+        return verify_session(self.root, SID, self.key.public, self.audit if audit else None)
+
+
+@pytest.fixture
+def sealed(tmp_path: Path) -> Sealed:
+    return Sealed(tmp_path, b"x" * 20000)  # 5 blocks of 4 KiB
+
+
+def codes(report: Report) -> list[str]:
+    return [f.code for f in report.findings]
+
+
+def flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_intact_recording_is_ok(sealed: Sealed) -> None:
+    r = sealed.verify()
+    assert r.ok and r.findings == []
+    assert r.checked["files"] == [sealed.rec.name]
+    assert r.checked["bytes"] == sealed.rec.stat().st_size
+    assert r.checked["user"] == "alice@corp"
+
+
+def test_flipped_byte_is_located_in_its_block_and_frame(sealed: Sealed) -> None:
+    flip(sealed.rec, 9000)  # block 2 (8192-12287), inside the big output frame
+    r = sealed.verify()
+    assert not r.ok and codes(r) == ["file_modified"]
+    f = r.findings[0]
+    assert f.where["ranges"] == [[8192, 12287]]
+    assert "bytes 8192-12287" in f.message
+    assert "data of frame 1 (output" in f.message
+
+
+def test_flipped_byte_in_the_header_and_last_partial_block(sealed: Sealed) -> None:
+    size = sealed.rec.stat().st_size
+    flip(sealed.rec, 10)
+    flip(sealed.rec, size - 1)  # the exit frame, in the last (partial) block
+    [f] = sealed.verify().findings
+    assert f.code == "file_modified"
+    last = (size - 1) // 4096
+    assert f.where["ranges"] == [[0, 4095], [last * 4096, size - 1]]
+    assert "recording header" in f.message
+
+
+def test_truncated_file(sealed: Sealed) -> None:
+    size = sealed.rec.stat().st_size
+    sealed.rec.write_bytes(sealed.rec.read_bytes()[:10000])
+    r = sealed.verify()
+    assert codes(r) == ["file_truncated"]
+    assert r.findings[0].where == {"file": sealed.rec.name, "size": 10000, "expected": size}
+    assert f"{size - 10000} bytes missing from the end" in r.findings[0].message
+
+
+def test_truncated_and_modified_before_the_cut(sealed: Sealed) -> None:
+    flip(sealed.rec, 5000)
+    sealed.rec.write_bytes(sealed.rec.read_bytes()[:10000])
+    assert codes(sealed.verify()) == ["file_modified", "file_truncated"]
+
+
+def test_appended_bytes(sealed: Sealed) -> None:
+    with open(sealed.rec, "ab") as f:
+        f.write(b"more")
+    r = sealed.verify()
+    assert codes(r) == ["file_extended"]
+    assert "4 bytes more" in r.findings[0].message
+
+
+def test_removed_recording_file(sealed: Sealed) -> None:
+    sealed.rec.unlink()
+    assert codes(sealed.verify()) == ["file_missing"]
+
+
+def test_removed_manifest_with_and_without_the_audit_seal(sealed: Sealed) -> None:
+    sealed.man.unlink()
+    r = sealed.verify()
+    assert codes(r) == ["manifest_missing"] and "line 1" in r.findings[0].message
+    r = sealed.verify(audit=False)
+    assert codes(r) == ["manifest_missing"] and "still running" in r.findings[0].message
+
+
+def test_removed_recording_and_manifest(sealed: Sealed) -> None:
+    sealed.man.unlink()
+    sealed.rec.unlink()
+    assert codes(sealed.verify()) == ["recording_missing"]
+    with pytest.raises(NotFoundError, match="no recording of session"):
+        sealed.verify(audit=False)
+
+
+def edit_manifest(sealed: Sealed, change: object) -> None:
+    doc = json.loads(sealed.man.read_bytes())
+    change(doc)  # type: ignore[operator]
+    sealed.man.write_text(json.dumps(doc))
+
+
+def test_edited_manifest_breaks_its_signature(sealed: Sealed) -> None:
+    edit_manifest(sealed, lambda d: d["manifest"].update(user="mallory@corp"))
+    r = sealed.verify(audit=False)
+    assert codes(r) == ["manifest_bad_signature"]
+    # and the audit log's seal no longer matches either
+    assert codes(sealed.verify()) == ["manifest_bad_signature", "manifest_replaced"]
+
+
+def test_file_hash_rewritten_in_manifest_is_caught_by_the_signature(sealed: Sealed) -> None:
+    flip(sealed.rec, 9000)
+    from broker.integrity.manifest import digest_file
+
+    edit_manifest(sealed, lambda d: d["manifest"]["files"][0].update(
+        digest_file(sealed.rec).as_json()))
+    assert codes(sealed.verify(audit=False)) == ["manifest_bad_signature"]
+
+
+def test_missing_signature(sealed: Sealed) -> None:
+    edit_manifest(sealed, lambda d: d.pop("signature"))
+    assert codes(sealed.verify(audit=False)) == ["manifest_unsigned"]
+
+
+def test_signature_by_another_key(sealed: Sealed) -> None:
+    seal_recording(sealed.rec, {"session_id": SID, "user": "alice@corp"}, sealed.other_key)
+    r = sealed.verify(audit=False)
+    assert codes(r) == ["manifest_wrong_key"]
+    assert sealed.other_key.key_id in r.findings[0].message
+
+
+def test_signature_by_another_key_under_our_key_id(sealed: Sealed) -> None:
+    doc = json.loads(sealed.man.read_bytes())
+    doc["signature"]["value"] = base64.b64encode(sealed.other_key.sign(b"x")).decode()
+    sealed.man.write_text(json.dumps(doc))
+    assert codes(sealed.verify(audit=False)) == ["manifest_bad_signature"]
+
+
+def test_resealed_with_the_real_key_is_caught_by_the_audit_chain(sealed: Sealed) -> None:
+    """Someone with the key re-seals a doctored recording: the audit's seal does not match."""
+    sealed.rec.write_bytes(sealed.rec.read_bytes()[:5000])
+    seal_recording(sealed.rec, {"session_id": SID, "user": "alice@corp"}, sealed.key)
+    assert codes(sealed.verify()) == ["manifest_replaced"]
+
+
+def test_not_json_manifest(sealed: Sealed) -> None:
+    sealed.man.write_bytes(sealed.man.read_bytes()[:50])
+    assert codes(sealed.verify(audit=False)) == ["manifest_damaged"]
+
+
+def test_bad_session_ids_are_usage_errors(sealed: Sealed) -> None:
+    for bad in ("../x", "*", "", "A" * 3):
+        with pytest.raises(UsageError):
+            verify_session(sealed.root, bad, sealed.key.public, None)
+
+
+def test_manifest_path_is_beside_the_recording(sealed: Sealed) -> None:
+    assert manifest_path(sealed.rec).parent == sealed.rec.parent
