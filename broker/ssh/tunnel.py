@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
-from collections.abc import Coroutine
-from typing import Any, cast
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar, cast
 
 import asyncssh
 import structlog
@@ -32,6 +33,8 @@ from broker.ssh.relay import RelayDeps
 
 log = structlog.get_logger("broker.tunnel")
 
+P = ParamSpec("P")
+R = TypeVar("R")
 HELLO_CAP = rdp.MAX_PACKET + 4096  # bytes held while waiting for a first RDP packet
 
 
@@ -78,25 +81,48 @@ async def decide(deps: RelayDeps, principal: Principal, host: str, port: int,
                       policy=policy_of(deps), own=own)
 
 
+def _guarded(fn: Callable[P, R]) -> Callable[P, R]:
+    """A callback that fails ends its own tunnel, not the client's whole SSH connection."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            tunnel = args[0]._tunnel if isinstance(args[0], _Target) else args[0]
+            log.error("tunnel.internal_error", callback=fn.__name__, error=repr(exc),
+                      exc_info=True)
+            if isinstance(tunnel, Tunnel):
+                tunnel._close("internal error")
+            return cast(R, None)  # eof_received: None closes the channel
+
+    return wrapper
+
+
 class _Target(asyncio.Protocol):
     """The TCP connection to the destination; everything goes to the tunnel."""
 
     def __init__(self, tunnel: Tunnel) -> None:
         self._tunnel = tunnel
 
+    @_guarded
     def data_received(self, data: bytes) -> None:
         self._tunnel.from_target(data)
 
+    @_guarded
     def eof_received(self) -> bool:
         self._tunnel.target_eof()
         return True  # half-close: the client may still send
 
+    @_guarded
     def pause_writing(self) -> None:
         self._tunnel.target_full(True)
 
+    @_guarded
     def resume_writing(self) -> None:
         self._tunnel.target_full(False)
 
+    @_guarded
     def connection_lost(self, exc: Exception | None) -> None:
         self._tunnel.target_closed(exc)
 
@@ -180,6 +206,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
     def connection_made(self, chan: SSHChannel[bytes]) -> None:
         self.chan = cast(asyncssh.SSHTCPChannel[bytes], chan)
 
+    @_guarded
     def session_started(self) -> None:
         self._hold_target = False
         if self._target_gone:
@@ -317,6 +344,10 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
             log.error("tunnel.start_failed", error=str(exc))
             self._close("start failed")
             return
+        except Exception as exc:
+            log.error("tunnel.internal_error", error=repr(exc), exc_info=True)
+            self._close("internal error")
+            return
         if self._phase == "closed":  # the client or target left meanwhile
             await self._finish()
             return
@@ -326,6 +357,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         self._relay()
 
     # -- client -> target -------------------------------------------------------------------
+    @_guarded
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         if self._phase == "relay":
             live, t = self._live, self._transport
@@ -344,6 +376,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
             self._hold_client = True
             self._flow()
 
+    @_guarded
     def eof_received(self) -> bool:
         self._client_eof = True
         if self._phase == "relay" and self._transport is not None:
@@ -355,14 +388,17 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
             self._close(None)
         return True
 
+    @_guarded
     def pause_writing(self) -> None:
         self._client_blocked = True
         self._flow()
 
+    @_guarded
     def resume_writing(self) -> None:
         self._client_blocked = False
         self._flow()
 
+    @_guarded
     def connection_lost(self, exc: Exception | None) -> None:
         self._close(None)
 
@@ -461,17 +497,36 @@ def open_tunnel(deps: RelayDeps, conn: asyncssh.SSHServerConnection, principal: 
                                    max_pktsize=deps.config.ssh.max_packet_bytes)
 
     async def run() -> Tunnel:
-        v = await decide(deps, principal, host, port, own)
-        if v.allowed and v.service == "ssh":
-            v = fwd.Verdict(False, f"SSH to {v.instance.name if v.instance else host} goes "
-                            f"through the bastion, recorded: ssh USER+TARGET@bastion",
-                            "raw SSH channel not allowed for this target")
-        if not v.allowed:
-            deps.audit.emit("tunnel.denied", user=str(principal), peer=peer,
-                            destination=f"{host}:{port}", reason=v.detail)
-            log.info("tunnel.denied", user=str(principal), destination=f"{host}:{port}",
-                     reason=v.detail)
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, v.reason)
-        return await Tunnel(deps, principal, peer, host, port, v).open()
+        try:
+            return await _open(deps, principal, peer, host, port, own)
+        except asyncssh.ChannelOpenError:
+            raise
+        except BrokerError as exc:  # e.g. the audit log cannot be written: refuse (fail closed)
+            log.error("tunnel.open_failed", user=str(principal), error=str(exc))
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED,
+                                            exc.user_message) from None
+        except Exception as exc:
+            # anything else would make asyncssh drop the whole SSH connection
+            log.error("tunnel.internal_error", user=str(principal), error=repr(exc),
+                      exc_info=True)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED,
+                                            "internal error") from None
 
     return chan, run()
+
+
+async def _open(deps: RelayDeps, principal: Principal, peer: str, host: str, port: int,
+                own: frozenset[tuple[str, int]]) -> Tunnel:
+    """Decide, then dial: a refusal is audited and reaches the client with its reason."""
+    v = await decide(deps, principal, host, port, own)
+    if v.allowed and v.service == "ssh":
+        v = fwd.Verdict(False, f"SSH to {v.instance.name if v.instance else host} goes "
+                        f"through the bastion, recorded: ssh USER+TARGET@bastion",
+                        "raw SSH channel not allowed for this target")
+    if not v.allowed:
+        deps.audit.emit("tunnel.denied", user=str(principal), peer=peer,
+                        destination=f"{host}:{port}", reason=v.detail)
+        log.info("tunnel.denied", user=str(principal), destination=f"{host}:{port}",
+                 reason=v.detail)
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, v.reason)
+    return await Tunnel(deps, principal, peer, host, port, v).open()

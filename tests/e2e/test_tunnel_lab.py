@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import socketserver
 import struct
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from broker.demo import free_port
 from broker.domain import rdp
-from tests.conftest import Demo, serve_broker
+from tests.conftest import BIN, Demo
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -91,14 +92,18 @@ class LabBroker:
     proc: subprocess.Popen[bytes]
     port: int
     known_hosts: Path
+    log: Path
 
     def stop(self) -> None:
+        """Stop it; its log must hold no traceback."""
         self.proc.terminate()
         try:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        text = self.log.read_text(errors="replace")
+        assert "Traceback" not in text, f"the lab broker logged a traceback:\n{text[-4000:]}"
 
 
 def start_lab_broker(demo: Demo, tmp: Path, inventory_text: str, forwarding: str) -> LabBroker:
@@ -108,8 +113,20 @@ def start_lab_broker(demo: Demo, tmp: Path, inventory_text: str, forwarding: str
     cfg.write_text(cfg.read_text() + "[web]\nenabled = false\n"
                    "[grants]\nenforce_interval_seconds = 0.5\n"
                    f"[forwarding]\n{forwarding}\n")
-    proc, port = serve_broker(cfg)
-    return LabBroker(proc, port, demo.known_hosts_for(tmp, port))
+    log = tmp / "broker.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([str(BIN), "--config", str(cfg), "serve"], stderr=f,
+                                stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        lines = [json.loads(x) for x in log.read_text().splitlines() if '"broker.listening"' in x]
+        if lines:
+            port = int(lines[0]["port"])
+            return LabBroker(proc, port, demo.known_hosts_for(tmp, port), log)
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"lab broker did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
 
 
 @dataclass

@@ -1,0 +1,307 @@
+"""Benchmark: 1 GiB through a local forward (``ssh -N -L``), OpenSSH sshd bastion vs the broker.
+
+One run, all on loopback: a TCP source/sink server as the destination, (a) an OpenSSH sshd as
+the bastion (``AllowTcpForwarding yes``, one hop) and (b) the broker (a ``bastion-broker demo``
+state served with a ``[forwarding]`` policy that allows the sink's port). One ``ssh -N -L``
+client per path stays up; each round opens one new TCP connection through each forward and moves
+SIZE bytes down (destination -> client), then SIZE bytes up. Rounds alternate the paths;
+medians of the rounds and their ratio are printed and written to their own section of
+``docs/benchmarks.md`` (outside the generated block of bench/run.py).
+
+Usage (repository root, as root: the demo creates its target accounts)::
+
+    .venv/bin/python bench/forward.py                 # 1 GiB, 5 rounds, docs updated
+    .venv/bin/python bench/forward.py --size 64M --rounds 3 --no-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import socket
+import socketserver
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyotp
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs" / "benchmarks.md"
+BIN = Path(sys.executable).parent / "bastion-broker"
+BEGIN = "<!-- BEGIN forward.py -->"
+END = "<!-- END forward.py -->"
+CIPHER = "aes128-gcm@openssh.com"
+KEX = "curve25519-sha256"
+CHUNK = 1 << 20
+ZEROS = bytes(CHUNK)
+ASKPASS = """#!/bin/sh
+case "$1" in
+  *Password*) printf '%s\\n' "$BB_PASSWORD";;
+  *Verification*) printf '%s\\n' "$BB_CODE";;
+  *) exit 1;;
+esac
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMG]?)(i?B)?", text.strip(), re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 64M, 1G)")
+    return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Sink(socketserver.BaseRequestHandler):
+    """'D' + size: send size bytes then close. 'U' + size: read size bytes, answer b'K'."""
+
+    def handle(self) -> None:
+        head = self.request.recv(9, socket.MSG_WAITALL)
+        if len(head) != 9:
+            return
+        size = struct.unpack(">Q", head[1:])[0]
+        if head[:1] == b"D":
+            left = size
+            while left:
+                n = self.request.send(ZEROS[:min(left, CHUNK)])
+                left -= n
+            self.request.shutdown(socket.SHUT_WR)
+            self.request.recv(1)
+        else:
+            buf = bytearray(CHUNK)
+            left = size
+            while left:
+                n = self.request.recv_into(buf, min(left, CHUNK))
+                if not n:
+                    return
+                left -= n
+            self.request.sendall(b"K")
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def transfer(port: int, direction: str, size: int) -> float:
+    """Seconds to move ``size`` bytes through the forward listening on ``port``."""
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
+        s.sendall(direction.encode() + struct.pack(">Q", size))
+        buf = bytearray(CHUNK)
+        if direction == "D":
+            got = 0
+            while n := s.recv_into(buf):
+                got += n
+            if got != size:
+                raise RuntimeError(f"download through :{port}: {got} of {size} bytes")
+        else:
+            left = size
+            while left:
+                left -= s.send(ZEROS[:min(left, CHUNK)])
+            if s.recv(1) != b"K":
+                raise RuntimeError(f"upload through :{port}: no acknowledgement")
+    return time.perf_counter() - t0
+
+
+class Procs:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, cmd: list[str], log_path: Path, env: dict[str, str] | None = None
+              ) -> subprocess.Popen[bytes]:
+        with open(log_path, "wb") as f:
+            p = subprocess.Popen(cmd, stdout=f, stderr=f, stdin=subprocess.DEVNULL, env=env)
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+def wait_text(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = path.read_text(errors="replace") if path.exists() else ""
+        if text in content:
+            return content
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited: {content[-2000:]}")
+        time.sleep(0.05)
+    raise RuntimeError(f"timed out waiting for {text!r} in {path}")
+
+
+SSH_OPTS = ["-F", "/dev/null", "-N", "-v", "-o", "ExitOnForwardFailure=yes",
+            "-o", f"Ciphers={CIPHER}", "-o", f"KexAlgorithms={KEX}", "-o", "Compression=no",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+
+
+def openssh_forward(work: Path, procs: Procs, sink: int) -> int:
+    """sshd as a plain forwarding bastion, and ssh -L through it (public key auth)."""
+    d = work / "sshd"
+    d.mkdir()
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)],
+                       check=True)
+    (d / "authorized_keys").write_text((d / "client.pub").read_text())
+    os.chmod(d / "client", 0o600)
+    port = free_port()
+    (d / "sshd_config").write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {d / 'host'}",
+        f"PidFile {d / 'sshd.pid'}", "UsePAM no", "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no", "PubkeyAuthentication yes", "StrictModes no",
+        f"AuthorizedKeysFile {d / 'authorized_keys'}", "PermitRootLogin prohibit-password",
+        "AllowTcpForwarding yes", f"Ciphers {CIPHER}", f"KexAlgorithms {KEX}", ""]))
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    sshd = procs.start(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
+                       d / "sshd.log")
+    wait_text(d / "sshd.log", f"Server listening on 127.0.0.1 port {port}", sshd)
+    lp = free_port()
+    user = os.environ.get("USER") or "root"
+    ssh = procs.start(["ssh", *SSH_OPTS, "-i", str(d / "client"), "-p", str(port),
+                       "-L", f"127.0.0.1:{lp}:127.0.0.1:{sink}", f"{user}@127.0.0.1"],
+                      d / "ssh.log")
+    wait_text(d / "ssh.log", f"forwarding listening on 127.0.0.1 port {lp}", ssh)
+    return lp
+
+
+def broker_forward(work: Path, procs: Procs, sink: int) -> int:
+    """The broker (demo state, a sink instance in the granted stack) and ssh -L through it."""
+    state = work / "demo"
+    demo = procs.start([str(BIN), "demo", "--state-dir", str(state), "--users", "2"],
+                       work / "demo.log")
+    deadline = time.monotonic() + 60
+    while not (state / "demo.json").exists():
+        if demo.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"demo did not start: {(work / 'demo.log').read_text()[-2000:]}")
+        time.sleep(0.05)
+    info = json.loads((state / "demo.json").read_text())
+    inv = work / "inventory.toml"
+    inv.write_text((state / "inventory.toml").read_text() +
+                   '\n[[stacks]]\nid = "stack-web"\nvpc = "vpc-0demo"\n[[stacks.instances]]\n'
+                   'id = "i-0sink"\nname = "sink"\naddress = "127.0.0.1"\nport = 22\n'
+                   'os = "linux"\n')
+    cfg = work / "broker.toml"
+    cfg.write_text(
+        f'state_dir = "{state}"\n[ssh]\nlisten_host = "127.0.0.1"\nlisten_port = 0\n'
+        f'[upstream]\nadmin_login = "{info["admin_login"]}"\n'
+        f'read_only_login = "{info["read_only_login"]}"\n'
+        f'[identity]\nusers_file = "{state / "users.toml"}"\n'
+        f'default_domain = "{info["domain"]}"\n[inventory]\nfile = "{inv}"\n'
+        "[limits]\npenalty_exempt = ['127.0.0.0/8']\n[web]\nenabled = false\n"
+        f"[forwarding]\nports = {{ linux = [22, {sink}] }}\n")
+    broker = procs.start([str(BIN), "--config", str(cfg), "serve"], work / "broker.log")
+    text = wait_text(work / "broker.log", '"broker.listening"', broker)
+    port = next(json.loads(x)["port"] for x in text.splitlines() if '"broker.listening"' in x)
+    user = info["users"][0]
+    askpass = work / "askpass"
+    askpass.write_text(ASKPASS)
+    askpass.chmod(0o700)
+    env = dict(os.environ, SSH_ASKPASS=str(askpass), SSH_ASKPASS_REQUIRE="force", DISPLAY=":0",
+               BB_PASSWORD=info["password"], BB_CODE=pyotp.TOTP(user["totp_secret"]).now())
+    lp = free_port()
+    ssh = procs.start(["ssh", *SSH_OPTS, "-o", "PreferredAuthentications=keyboard-interactive",
+                       "-p", str(port), "-L", f"127.0.0.1:{lp}:sink:{sink}",
+                       f"{user['user']}@127.0.0.1"], work / "ssh-broker.log", env=env)
+    wait_text(work / "ssh-broker.log", f"forwarding listening on 127.0.0.1 port {lp}", ssh)
+    return lp
+
+
+def write_docs(section: str) -> None:
+    text = DOCS.read_text()
+    block = f"{BEGIN}\n{section}{END}\n"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END) + 1:]
+    else:
+        text = text.rstrip("\n") + "\n\n## Port forwarding (issue 5)\n\n" + block
+    DOCS.write_text(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=parse_size, default=1 << 30)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)  # internal
+    args = ap.parse_args()
+    if args.sink:  # the destination, in its own process (and GIL) apart from the client
+        sink_srv = _Server(("127.0.0.1", 0), _Sink)
+        print(sink_srv.server_address[1], flush=True)
+        sink_srv.serve_forever()
+        return 0
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    procs = Procs()
+    srv = subprocess.Popen([sys.executable, __file__, "--sink"], stdout=subprocess.PIPE,
+                           stdin=subprocess.DEVNULL)
+    assert srv.stdout is not None
+    sink = int(srv.stdout.readline())
+    results: dict[str, dict[str, list[float]]] = {
+        p: {"D": [], "U": []} for p in ("openssh", "broker")}
+    try:
+        with tempfile.TemporaryDirectory(prefix="bb-forward-") as tmp:
+            work = Path(tmp)
+            ports = {"openssh": openssh_forward(work, procs, sink),
+                     "broker": broker_forward(work, procs, sink)}
+            for lp in ports.values():  # warm-up, and a check that both paths work
+                transfer(lp, "D", 1 << 20)
+                transfer(lp, "U", 1 << 20)
+            for r in range(args.rounds):
+                order = ("openssh", "broker") if r % 2 == 0 else ("broker", "openssh")
+                for p in order:
+                    for d in ("D", "U"):
+                        secs = transfer(ports[p], d, args.size)
+                        results[p][d].append(secs)
+                        log(f"round {r + 1} {p:8} {'down' if d == 'D' else 'up':4} "
+                            f"{args.size / secs / 1e6:8.1f} MB/s")
+    finally:
+        procs.stop_all()
+        srv.terminate()
+        srv.wait()
+    mbps = {p: {d: args.size / statistics.median(v) / 1e6 for d, v in dirs.items()}
+            for p, dirs in results.items()}
+    size = f"{args.size >> 30} GiB" if args.size % (1 << 30) == 0 else f"{args.size >> 20} MiB"
+    rows = []
+    for d, name in (("D", "down (destination -> client)"), ("U", "up (client -> destination)")):
+        ratio = mbps["broker"][d] / mbps["openssh"][d]
+        rows.append(f"| {name} | {mbps['openssh'][d]:.0f} MB/s | {mbps['broker'][d]:.0f} MB/s "
+                    f"| {ratio:.2f}x | {'met' if ratio >= 0.8 else 'missed'} |")
+    section = (
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on this"
+        f" machine ({os.cpu_count()} cores, Python {platform.python_version()}): {size} per "
+        f"transfer through `ssh -N -L`, median of {args.rounds} alternating rounds, "
+        f"{CIPHER}, one SSH connection per path, a new forwarded TCP connection per transfer.\n\n"
+        "Command: `.venv/bin/python bench/forward.py`\n\n"
+        "| direction | (a) OpenSSH sshd bastion | (b) broker | ratio | goal >= 0.8x |\n"
+        "|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n")
+    print(section)
+    if not args.no_docs:
+        write_docs(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

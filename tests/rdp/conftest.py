@@ -1,0 +1,84 @@
+"""A real RDP target: FreeRDP's shadow server with NLA (a SAM file) on an Xvfb display."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from broker.demo import free_port
+
+RDP_USER = "rdpuser"
+RDP_PASSWORD = "Corr3ct-horse-battery"  # a throwaway test account
+
+
+@dataclass
+class RdpTarget:
+    port: int
+    env: dict[str, str]  # DISPLAY and a private HOME for xfreerdp
+
+
+def _listening(port: int) -> bool:
+    """Whether 127.0.0.1:port is in LISTEN state (probing it would be an RDP connection)."""
+    want = f"0100007F:{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        parts = line.split()
+        if parts[1] == want and parts[3] == "0A":
+            return True
+    return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def rdp_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RdpTarget]:
+    tmp = tmp_path_factory.mktemp("rdp")
+    r, w = os.pipe()
+    xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(w), "-nolisten", "tcp",
+                             "-screen", "0", "1024x768x24"],
+                            pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(w)
+    try:
+        num = b""
+        deadline = time.monotonic() + 30
+        while not num.endswith(b"\n") and time.monotonic() < deadline:
+            chunk = os.read(r, 16)
+            if not chunk:
+                break
+            num += chunk
+        os.close(r)
+        assert num.strip(), "Xvfb did not report a display"
+        env = dict(os.environ, DISPLAY=":" + num.decode().strip(), HOME=str(tmp))
+        sam = tmp / "sam"
+        with open(sam, "wb") as f:
+            subprocess.run(["winpr-hash", "-u", RDP_USER, "-p", RDP_PASSWORD, "-f", "sam"],
+                           stdout=f, check=True)
+        port = free_port()
+        with open(tmp / "shadow.log", "wb") as log:
+            shadow = subprocess.Popen(
+                ["freerdp-shadow-cli", "/bind-address:127.0.0.1", f"/port:{port}", "/sec:nla",
+                 f"/sam-file:{sam}"], env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while not _listening(port):
+                assert shadow.poll() is None, (tmp / "shadow.log").read_text()
+                assert time.monotonic() < deadline, "freerdp-shadow-cli did not listen"
+                time.sleep(0.05)
+            yield RdpTarget(port, env)
+        finally:
+            _stop(shadow)
+    finally:
+        _stop(xvfb)
