@@ -32,7 +32,7 @@ from broker.ports import (
 )
 from broker.recordings.diskguard import DiskGuard
 from broker.recordings.local import LocalRecordingSink
-from broker.recordings.repair import Repaired, repair_interrupted
+from broker.recordings.repair import INTERRUPTED, Repaired, repair_interrupted
 from broker.services.access import AccessService
 from broker.services.auth import AccountPolicy, Authenticator, TotpPolicy, TotpSecondFactor
 from broker.services.clock import SystemClock
@@ -191,10 +191,11 @@ class Broker:
         self._directory = directory
         inventory = build_inventory(config)
         self.access = AccessService(inventory, s.grants, s.clock)
+        self.sealer = RecordingSealer(signing_key(config), s.audit)  # signed manifests
         self.sessions = SessionService(
             s.recordings, s.sessions, s.audit, s.clock,
             recording_enabled=config.recordings.enabled,
-            on_recorded=RecordingSealer(signing_key(config), s.audit),
+            on_recorded=self.sealer,
             guard=_disk_guard(config), disk_policy=config.recordings.disk_policy,
             sync_interval=config.recordings.sync_interval_seconds,
             disk_check_interval=config.recordings.disk_check_interval_seconds,
@@ -237,6 +238,10 @@ class Broker:
         # recordings a killed broker left open: cut, closed, session.end (before new sessions)
         self.repaired = await repair_interrupted(self.config.recordings_dir, self.stores.sessions,
                                                  self.stores.audit, self.stores.clock)
+        for r in self.repaired:  # a crash-repaired recording gets its signed manifest too
+            if r.path is not None:
+                await self.sealer.seal_interrupted(r.session_id, r.path, self.stores.clock.now(),
+                                                   INTERRUPTED)
         wire.install()
         self._acceptor = await start_server(
             self.deps, self.authenticator, self.stores.keys, self.host_key, ssh.listen_host,

@@ -23,6 +23,7 @@ import base64
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +34,7 @@ import structlog
 from broker.errors import BrokerError
 from broker.integrity.keys import SigningKey
 from broker.ports import AuditSink
+from broker.recordings.local import describe
 
 if TYPE_CHECKING:
     from broker.services.sessions import LiveSession
@@ -43,7 +45,8 @@ FORMAT = "bastion-broker-manifest/1"
 SIGNING_CONTEXT = b"bastion-broker recording manifest v1\n"
 MIN_BLOCK = 4096
 MAX_BLOCKS = 1024
-_READ = 1 << 20
+_HEADER_FIELDS = ("user", "target", "target_name", "login", "grant_id", "level", "kind",
+                  "command", "peer", "started_at")
 
 
 def canonical(obj: Any) -> bytes:
@@ -151,19 +154,34 @@ class RecordingSealer:
 
     async def __call__(self, live: LiveSession, ended_at: datetime,
                        exit_status: str | None) -> None:
-        rec = Path(live.writer.location)
+        await self._seal(live.id, Path(live.writer.location),
+                         lambda: session_fields(live, ended_at, exit_status))
+
+    async def seal_interrupted(self, session_id: str, rec: Path, ended_at: datetime,
+                               exit_status: str) -> None:
+        """Seal a recording that crash repair closed: what its header knows, marked interrupted."""
+
+        def fields() -> dict[str, Any]:
+            meta = describe(rec)
+            return {**{k: meta.get(k) for k in _HEADER_FIELDS}, "session_id": session_id,
+                    "ended_at": ended_at.isoformat(), "exit_status": exit_status,
+                    "interrupted": True}
+
+        await self._seal(session_id, rec, fields)
+
+    async def _seal(self, sid: str, rec: Path, fields: Callable[[], dict[str, Any]]) -> None:
         try:
             path, digest = await asyncio.to_thread(
-                seal_recording, rec, session_fields(live, ended_at, exit_status), self._key)
-        except OSError as exc:
-            log.error("recording.seal_failed", session_id=live.id, error=str(exc))
+                lambda: seal_recording(rec, fields(), self._key))
+        except (OSError, ValueError, BrokerError) as exc:
+            log.error("recording.seal_failed", session_id=sid, error=str(exc))
             try:
-                self._audit.emit("recording.seal_failed", session_id=live.id, error=str(exc))
+                self._audit.emit("recording.seal_failed", session_id=sid, error=str(exc))
             except BrokerError as aexc:
-                log.error("audit.write_failed", session_id=live.id, error=str(aexc))
+                log.error("audit.write_failed", session_id=sid, error=str(aexc))
             return
         try:
-            self._audit.emit("recording.sealed", session_id=live.id, manifest=path.name,
+            self._audit.emit("recording.sealed", session_id=sid, manifest=path.name,
                              manifest_sha256=digest, key_id=self._key.key_id)
         except BrokerError as exc:
-            log.error("audit.write_failed", session_id=live.id, error=str(exc))
+            log.error("audit.write_failed", session_id=sid, error=str(exc))

@@ -165,3 +165,22 @@ def test_sealer_failure_is_audited_not_raised(tmp_path: Path) -> None:
     asyncio.run(RecordingSealer(key, audit)(live_session(w), T0, None))
     [(event, fields)] = audit.events
     assert event == "recording.seal_failed" and fields["session_id"] == SID
+
+
+def test_seal_interrupted_takes_its_fields_from_the_recording_header(tmp_path: Path) -> None:
+    key = load_or_create_signing_key(tmp_path / "key")
+    meta = {"session_id": SID, "user": "alice@corp", "target": "i-1", "grant_id": "g-1",
+            "started_at": T0.isoformat(), "width": 80}
+    w = LocalRecordingSink(tmp_path / "recordings").open(SID, meta)
+    w.write(fmt.OUTPUT, b"partial")
+    w.close()
+    audit = Audit()
+    end = T0 + timedelta(minutes=1)
+    asyncio.run(RecordingSealer(key, audit).seal_interrupted(SID, Path(w.location), end,
+                                                             "interrupted"))
+    body = json.loads(manifest_path(Path(w.location)).read_bytes())["manifest"]
+    assert body["interrupted"] is True and body["exit_status"] == "interrupted"
+    assert (body["user"], body["target"], body["grant_id"]) == ("alice@corp", "i-1", "g-1")
+    assert body["started_at"] == T0.isoformat() and body["ended_at"] == end.isoformat()
+    assert "width" not in body
+    assert [e for e, _ in audit.events] == ["recording.sealed"]
