@@ -78,7 +78,10 @@ class S3ShippingSettings(AwsConnection):
     object_lock_days: int = Field(default=0, ge=0, le=36500)
     multipart_threshold_mb: int = Field(default=64, ge=5, le=5 * 1024)
     multipart_chunk_mb: int = Field(default=16, ge=5, le=5 * 1024)
-    max_concurrency: int = Field(default=4, ge=1, le=32)  # parts in flight per file
+    # parts in flight per file; above 1 boto3 uploads from threads of its own, which the
+    # interpreter waits for at exit: a stalled endpoint can then delay a shutdown by up to
+    # read_timeout_seconds x max_attempts. With 1 the upload runs in the daemon shipping thread.
+    max_concurrency: int = Field(default=1, ge=1, le=32)
     # a session's files are shipped once its session.end is in the audit log and no file of it
     # has changed for this long (the .cast and the manifest are written after the end)
     settle_seconds: float = Field(default=10.0, ge=0, le=3600)

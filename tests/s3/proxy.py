@@ -2,7 +2,8 @@
 
 Restarting moto itself would lose its state (it keeps everything in memory); stopping this proxy
 refuses connections on the endpoint's port exactly like a stopped S3 or CloudWatch endpoint, and
-``cut_after`` breaks the connection in the middle of a transfer.
+``cut_after`` breaks the connection in the middle of a transfer, and ``start(stall=True)`` accepts
+connections but never answers (an endpoint that hangs).
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
+from collections.abc import Callable
+
+_METHODS = {b"GET", b"HEAD", b"PUT", b"POST", b"DELETE"}
 
 
 class TcpProxy:
@@ -18,7 +23,11 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._srv: socket.socket | None = None
+        self._acceptor = threading.Thread()
         self._budget: int | None = None
+        self._stall = False
+        # requests whose request line matches go through; their answers are held back
+        self.hold_if: Callable[[bytes], bool] | None = None
         self.forwarded = 0  # bytes sent upstream since the last start
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -32,7 +41,8 @@ class TcpProxy:
     def running(self) -> bool:
         return self._srv is not None
 
-    def start(self) -> None:
+    def start(self, *, stall: bool = False) -> None:
+        self._stall = stall
         srv = socket.socket()
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         srv.bind(("127.0.0.1", self.port))
@@ -40,7 +50,8 @@ class TcpProxy:
         srv.settimeout(0.1)
         self.forwarded = 0
         self._srv = srv
-        threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept, args=(srv,), daemon=True)
+        self._acceptor.start()
 
     def cut_after(self, n: int) -> None:
         """Stop (and break every connection) once ``n`` more bytes went upstream."""
@@ -52,6 +63,8 @@ class TcpProxy:
             conns, self._conns = self._conns, set()
             self._budget = None
         if srv is not None:
+            # the accept thread still polls the socket: it only leaves LISTEN once that ends
+            self._acceptor.join(5)
             srv.close()
         for c in conns:
             with contextlib.suppress(OSError):
@@ -66,6 +79,13 @@ class TcpProxy:
                 continue
             except OSError:
                 return
+            if self._stall:  # hold the connection open, forward nothing
+                with self._lock:
+                    if self._srv is not srv:
+                        client.close()
+                        return
+                    self._conns.add(client)
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
             except OSError:
@@ -77,18 +97,28 @@ class TcpProxy:
                     upstream.close()
                     return
                 self._conns.update((client, upstream))
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+            held = threading.Event()  # the answer to this connection's request is held back
+            for args in ((client, upstream, True, held), (upstream, client, False, held)):
+                threading.Thread(target=self._pump, args=args, daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, up: bool,
+              held: threading.Event) -> None:
         try:
             while data := src.recv(65536):
+                if up and data.split(b" ", 1)[0] in _METHODS:
+                    line = data.split(b"\r\n", 1)[0]
+                    if self.hold_if is not None and self.hold_if(line):
+                        held.set()
+                    else:
+                        held.clear()
                 if up:
                     self.forwarded += len(data)
                     budget = self._budget
                     if budget is not None and self.forwarded > budget:
                         self.stop()
                         return
+                while not up and held.is_set() and self.hold_if is not None and self.running:
+                    time.sleep(0.02)
                 dst.sendall(data)
         except OSError:
             pass

@@ -287,3 +287,65 @@ def test_a_session_without_files_is_not_retried_forever(world: World, proxy: Tcp
     sh.step()
     job = world.spool.job("0a1b2c3d-0000-4000-8000-000000000008")
     assert job is not None and job.state == "empty"
+
+
+CRASHING_SHIPPER = """
+import sys, time
+from pathlib import Path
+from broker.shipping.s3 import S3Shipper
+from broker.shipping.settings import S3ShippingSettings
+from broker.shipping.spool import Spool
+root, url, bucket = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+settings = S3ShippingSettings(region=sys.argv[4], endpoint_url=url, bucket=bucket,
+                              settle_seconds=0, keep_local_days=0, max_attempts=1,
+                              read_timeout_seconds=300, multipart_threshold_mb=5,
+                              multipart_chunk_mb=5)
+sh = S3Shipper(settings, Spool(root / "shipping" / "spool.db"), root / "recordings",
+               root / "audit.jsonl", lambda *a, **k: None)
+while True:
+    sh.scan_audit()
+    if not sh.step():
+        time.sleep(0.05)
+    sh.retention()
+"""
+
+
+@pytest.mark.parametrize("size", [200_000, 11 * MB], ids=["single-put", "multipart"])
+def test_kill_9_after_s3_stored_the_object_then_restart(
+        world: World, proxy: TcpProxy, s3: Any, new_bucket: Callable[..., str],
+        tmp_path: Path, size: int) -> None:
+    """The shipper process dies (SIGKILL) after S3 stored the object but before it heard so:
+    the next shipper finds the same bytes by HEAD, writes no second version, verifies, removes."""
+    import subprocess
+    import sys
+
+    bucket = new_bucket()
+    sid = "0a1b2c3d-0000-4000-8000-000000000009"
+    data = os.urandom(size)
+    path = world.session(sid, {".rec": data})[".rec"]
+    key = f"recordings/{DAY}/{sid}/{sid}.rec"
+    if size < 5 * MB:  # hold the answer to the PUT, or to CompleteMultipartUpload
+        proxy.hold_if = lambda line: line.startswith(b"PUT ") and b"uploadId=" not in line
+    else:
+        proxy.hold_if = lambda line: line.startswith(b"POST ") and b"uploadId=" in line
+    proc = subprocess.Popen([sys.executable, "-c", CRASHING_SHIPPER, str(tmp_path), proxy.url,
+                             bucket, REGION], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while versions(s3, bucket).get(key, 0) == 0:  # moto has it; the answer is held back
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the upload never reached moto"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    job = world.spool.job(sid)
+    assert job is not None and job.state == "pending" and world.spool.objects(sid) == {}
+    assert path.exists()
+    proxy.stop()
+    proxy.hold_if = None
+    proxy.start()
+    sh = world.shipper(proxy.url, bucket, multipart_threshold_mb=5, multipart_chunk_mb=5)
+    run_until(sh, lambda: not path.exists())
+    assert versions(s3, bucket) == {key: 1}
+    assert body(s3, bucket, key) == data

@@ -74,7 +74,8 @@ def setup(demo: Demo, moto_s3: MotoServer, tmp_path: Path) -> Iterator[dict[str,
     group = f"/bastion-e2e/{uuid.uuid4().hex[:12]}"
     cfg = demo.variant_config(tmp_path, limits="penalty_exempt = ['127.0.0.0/8']")
     aws = (f'region = "{REGION}"\nendpoint_url = "{proxy.url}"\nmax_attempts = 1\n'
-           "connect_timeout_seconds = 2\nbackoff_initial_seconds = 0.2\nbackoff_max_seconds = 1\n")
+           "connect_timeout_seconds = 2\nread_timeout_seconds = 3\n"
+           "backoff_initial_seconds = 0.2\nbackoff_max_seconds = 1\n")
     cfg.write_text(
         cfg.read_text() + "[web]\nenabled = false\n"
         f'[recordings]\ndir = "{tmp_path / "rec"}"\n[audit]\npath = "{tmp_path / "audit.jsonl"}"\n'
@@ -114,9 +115,13 @@ def test_sessions_reach_s3_and_cloudwatch_across_an_outage(demo: Demo,
                                                           setup: dict[str, Any]) -> None:
     s3, bucket, proxy, broker = setup["s3"], setup["bucket"], setup["proxy"], setup["broker"]
     tmp: Path = setup["tmp"]
-    user = demo.take_user()
+    # codes are single-use per user and step: two sessions per user need no wait for a step
+    users = [demo.take_user() for _ in range(3)]
+    count = [0]
 
     def session(command: str) -> tuple[bytes, str]:
+        user = users[count[0] // 2]
+        count[0] += 1
         r = subprocess.run([*demo.ssh_args(f"{user}+web01", port=broker.port,
                                            known_hosts=setup["known"]), command],
                            capture_output=True, timeout=60, env=demo.env(user))
@@ -136,18 +141,28 @@ def test_sessions_reach_s3_and_cloudwatch_across_an_outage(demo: Demo,
     rec = fmt.parse(s3.get_object(Bucket=bucket, Key=rec_key(sid1))["Body"].read())
     assert fmt.output_bytes(rec.frames) == out1  # byte-exact: what the client received
 
-    # 2. endpoint down: the next session is kept locally and retried
+    # 2. endpoint hangs (accepts, never answers): sessions go on; the upload times out
     proxy.stop()
+    proxy.start(stall=True)
     out2, sid2 = session("echo shipped-$((6*7)); echo to-stderr >&2")
     assert out2 == b"shipped-42\n"
     spool = tmp / "spool" / "spool.db"
-    wait_for("failed upload attempts", lambda: (j := _job(spool, sid2)) is not None and j[1] >= 2)
+    wait_for("a timed-out upload", lambda: (j := _job(spool, sid2)) is not None and j[1] >= 1)
+    assert session("echo still-fine")[0] == b"still-fine\n"
+    # ... then refuses connections: the session stays local and is retried
+    proxy.stop()
+    attempts = _job(spool, sid2)[1]  # type: ignore[index]
+    wait_for("failed upload attempts",
+             lambda: (j := _job(spool, sid2)) is not None and j[1] >= attempts + 2)
     assert list((tmp / "rec").glob(f"*/{sid2}.rec")), "removed before any upload"
     assert not rec_key(sid2)
 
     # 3. endpoint back: shipped once, then removed locally
     proxy.start()
     wait_for("the second recording in S3", lambda: bool(rec_key(sid2)))
+    sid3 = [e["session_id"] for e in (json.loads(x) for x in
+            (tmp / "audit.jsonl").read_text().splitlines()) if e["event"] == "session.end"][-1]
+    wait_for("the third recording in S3", lambda: bool(rec_key(sid3)))
     wait_for("the second local copy removed",
              lambda: not list((tmp / "rec").glob(f"*/{sid2}.*")))
     rec2 = fmt.parse(s3.get_object(Bucket=bucket, Key=rec_key(sid2))["Body"].read())
@@ -157,7 +172,8 @@ def test_sessions_reach_s3_and_cloudwatch_across_an_outage(demo: Demo,
 
     # every audit line, shipping events included, reaches CloudWatch in file order
     events = [json.loads(x) for x in (tmp / "audit.jsonl").read_text().splitlines()]
-    assert {e["session_id"] for e in events if e["event"] == "recording.uploaded"} == {sid1, sid2}
+    assert {e["session_id"] for e in events if e["event"] == "recording.uploaded"} == {
+        sid1, sid2, sid3}
     lines = (tmp / "audit.jsonl").read_text().splitlines()
 
     def shipped() -> list[str]:
@@ -170,6 +186,10 @@ def test_sessions_reach_s3_and_cloudwatch_across_an_outage(demo: Demo,
 
     wait_for("the audit lines in CloudWatch", lambda: shipped()[:len(lines)] == lines)
 
+    # SIGTERM while the endpoint hangs: the broker still stops cleanly
+    proxy.stop()
+    proxy.start(stall=True)
+    session("echo last")
     assert broker.stop() == 0
     assert "Traceback" not in broker.text(), broker.text()[-3000:]
     assert os.path.exists(spool)
