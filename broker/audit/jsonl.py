@@ -13,6 +13,7 @@ the first event once ``checkpoint_seconds`` have passed since the last checkpoin
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
@@ -60,6 +61,9 @@ class JsonlAuditLog:
         self._since = 0  # events this process appended since its last checkpoint
         self._last_cp = monotonic()
         self._head_event: str | None = None
+        if signer is not None:
+            # a CLI command that wrote and exits without close() still signs what it wrote
+            atexit.register(self.close)
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
@@ -97,6 +101,7 @@ class JsonlAuditLog:
                 os.write(self._fd, b"\n")
                 size += 1
             self._refresh_head(size)
+            self._known_size = size
         return size
 
     def _append(self, size: int, line: bytes, event: str) -> int:
@@ -155,11 +160,23 @@ class JsonlAuditLog:
         self._locked(append)
 
     def checkpoint_if_due(self) -> None:
-        """Called periodically: sign events that have waited ``checkpoint_seconds``."""
+        """Called periodically: sign events that have waited ``checkpoint_seconds``, including
+        events other processes (CLI, other workers) appended without signing them."""
+        if self._signer is None or self._fd < 0:
+            return
+        try:
+            others_wrote = os.fstat(self._fd).st_size != self._known_size
+        except OSError as exc:
+            raise AuditError(f"cannot read audit log {self._path}: {exc.strerror}") from exc
+        if others_wrote and self._monotonic() - self._last_cp >= self._cp_seconds:
+            self._since = max(self._since, 1)
         if self._due():
             self.checkpoint()
+            self._last_cp = self._monotonic()
 
     def close(self) -> None:
+        if self._signer is not None:
+            atexit.unregister(self.close)
         if self._fd >= 0:
             if self._since:
                 # a failure leaves an unsigned tail, which is what `verify --audit` reports

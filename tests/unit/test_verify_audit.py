@@ -118,6 +118,45 @@ def test_checkpoint_after_time_passes_and_periodic_call(path: Path, key: Signing
     assert check(path, key).findings == []
 
 
+def test_periodic_call_signs_what_other_processes_left_unsigned(path: Path,
+                                                                key: SigningKey) -> None:
+    mono = Mono()
+    broker = open_log(path, key, mono, lines=1000, seconds=30)
+    broker.emit("broker.start")
+    broker.checkpoint()
+    cli = JsonlAuditLog(path, FakeClock())  # a process that exits without signing
+    cli.emit("grant.approved")
+    cli.close()
+    broker.checkpoint_if_due()
+    assert events(path)[-1]["event"] == "grant.approved"  # not yet: 30 s not passed
+    mono.t += 31
+    broker.checkpoint_if_due()
+    assert [e["event"] for e in events(path)] == [
+        "broker.start", CHECKPOINT, "grant.approved", CHECKPOINT]
+    mono.t += 31
+    broker.checkpoint_if_due()  # nothing new since: no second checkpoint
+    broker.close()
+    assert len(events(path)) == 4
+    assert check(path, key).findings == []
+
+
+def test_a_signed_process_that_exits_without_close_signs_at_exit(tmp_path: Path,
+                                                                 key: SigningKey) -> None:
+    import subprocess
+    import sys
+
+    log = tmp_path / "audit.jsonl"
+    code = ("from pathlib import Path\n"
+            "from broker.audit.jsonl import JsonlAuditLog\n"
+            "from broker.integrity.keys import load_or_create_signing_key\n"
+            "from broker.services.clock import SystemClock\n"
+            f"k = load_or_create_signing_key(Path({str(tmp_path / 'key')!r}))\n"
+            f"JsonlAuditLog(Path({str(log)!r}), SystemClock(), signer=k).emit('cli.event')\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert [e["event"] for e in events(log)] == ["cli.event", CHECKPOINT]
+    assert check(log, key).findings == []
+
+
 def test_no_signer_writes_no_checkpoints(path: Path) -> None:
     log = JsonlAuditLog(path, FakeClock())
     log.emit("a")
