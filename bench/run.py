@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,6 +54,7 @@ CIPHER = "aes128-gcm@openssh.com"  # the broker's client-facing leg offers only 
 # whose default would be sntrup761x25519-sha512 (noticeably more CPU per connection).
 KEX = "curve25519-sha256"
 PATHS = ("direct", "jump", "broker")
+PHASES = ("memory", "echo", "transfer", "rate")
 LABEL = {"direct": "(a) direct OpenSSH", "jump": "(b) OpenSSH ProxyJump",
          "broker": "(c) broker, recorded"}
 TEXT_LINES = 100  # lines of `ls -l --color=always /usr/bin` repeated by `yes` for the text stream
@@ -830,9 +831,12 @@ async def measure_memory(env: Env, shells: int, concurrency: int) -> dict[str, f
 
 # -- new sessions per second -------------------------------------------------------------------
 
-def session_rate(env: Env, path: str, clients: int, seconds: float) -> tuple[float, int, str]:
-    """New connections/s, each fully authenticated on every hop, running `true`."""
+def session_rate(env: Env, path: str, clients: int,
+                 seconds: float) -> tuple[float, int, str, float]:
+    """New connections/s, each fully authenticated on every hop, running `true`; and for the
+    broker, its CPU seconds per session (0 for the other paths)."""
     deadline = time.monotonic() + seconds
+    cpu0 = cpu_seconds(env.broker_pid)
     ok = [0] * clients
     errors: list[str] = []
 
@@ -856,7 +860,8 @@ def session_rate(env: Env, path: str, clients: int, seconds: float) -> tuple[flo
         list(ex.map(worker, range(clients)))
     elapsed = time.perf_counter() - t0
     first_error = errors[0] if errors else ""
-    return sum(ok) / elapsed, len(errors), first_error
+    cpu = (cpu_seconds(env.broker_pid) - cpu0) / max(1, sum(ok)) if path == "broker" else 0.0
+    return sum(ok) / elapsed, len(errors), first_error, cpu
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -898,13 +903,14 @@ def run_all(args: argparse.Namespace) -> Results:
         res.extra["upstream_cipher"] = asyncio.run(upstream_leg(env))
         log(f"negotiated: {res.extra['legs']}; broker upstream: {res.extra['upstream_cipher']}")
 
-        log(f"memory: {args.shells} idle shells per bastion")
-        res.extra["memory"] = asyncio.run(measure_memory(env, args.shells, args.clients))
+        if "memory" in args.only:
+            log(f"memory: {args.shells} idle shells per bastion")
+            res.extra["memory"] = asyncio.run(measure_memory(env, args.shells, args.clients))
 
         for r in range(args.rounds):
             order = rotate(r)
             log(f"round {r + 1}/{args.rounds}: order {', '.join(order)}")
-            for path in order:
+            for path in order if "echo" in args.only else ():
                 samples = echo_samples(env, path, args.echo_samples, args.echo_gap)
                 res.add("echo_p50", path, percentile(samples, 50))
                 res.add("echo_p99", path, percentile(samples, 99))
@@ -912,7 +918,7 @@ def run_all(args: argparse.Namespace) -> Results:
                                                         for _ in range(5)))
             env.clear_recordings()
             for kind in ("download", "upload", "text"):
-                for path in order:
+                for path in order if "transfer" in args.only else ():
                     check_disk(env, args.size)
                     secs, cpu = transfer(env, path, kind, args.size)
                     res.add(kind, path, args.size / secs / (1 << 20))
@@ -921,14 +927,18 @@ def run_all(args: argparse.Namespace) -> Results:
                         env.clear_recordings()
                     log(f"  {kind:8s} {path:6s} {args.size / secs / (1 << 20):8.1f} MiB/s"
                         + (f"  broker CPU {cpu / secs:.0%}" if path == "broker" else ""))
-            for path in order:
-                rate, errs, first = session_rate(env, path, args.clients, args.rate_seconds)
+            for path in order if "rate" in args.only else ():
+                rate, errs, first, cpu = session_rate(env, path, args.clients, args.rate_seconds)
                 res.add("rate", path, rate)
+                if path == "broker":
+                    res.add("rate_broker_cpu_ms", path, cpu * 1000)
                 if errs:
                     res.extra.setdefault("rate_errors", []).append(f"{path}: {errs} x {first}")
-                log(f"  sessions {path:6s} {rate:6.1f}/s ({errs} errors)")
-            log("  echo p50 ms: " + ", ".join(
-                f"{p} {res.values['echo_p50'][p][-1]:.3f}" for p in PATHS))
+                log(f"  sessions {path:6s} {rate:6.1f}/s ({errs} errors)"
+                    + (f"  broker CPU {cpu * 1000:.1f} ms/session" if path == "broker" else ""))
+            if "echo" in args.only:
+                log("  echo p50 ms: " + ", ".join(
+                    f"{p} {res.values['echo_p50'][p][-1]:.3f}" for p in PATHS))
             env.clear_recordings()
         res.extra["totp_logins"] = env.pool.used
         res.extra["lost_exit_status"] = dict(env.lost_status)
@@ -983,14 +993,15 @@ def render(res: Results, args: argparse.Namespace, command: str, when: datetime 
     row(f"New sessions/s, {args.clients} concurrent clients", "rate", 1, ">= 1.5x",
         lambda x: x >= 1.5)
     row("New session on an open connection (`true`), ms", "open", 1, "", None)
-    mem = res.extra["memory"]
+    mem: dict[str, Any] = res.extra.get("memory") or defaultdict(lambda: None)  # --only
     b_rss, b_pss = mem["jump_rss_kib_per_session"], mem["jump_pss_kib_per_session"]
     c_rss = mem["broker_rss_kib_per_session"]
-    rows.append(
-        f"| Memory per idle relayed session ({args.shells} shells), KiB | - | "
-        f"{fmt(b_rss, 0)} RSS sum / {fmt(b_pss, 0)} PSS | {fmt(c_rss, 0)} RSS | "
-        f"{fmt(c_rss / b_pss if b_pss else None, 2)}x of PSS | <= 64 KiB | "
-        f"{'yes' if c_rss <= 64 else '**no**'} |")
+    if c_rss is not None:
+        rows.append(
+            f"| Memory per idle relayed session ({args.shells} shells), KiB | - | "
+            f"{fmt(b_rss, 0)} RSS sum / {fmt(b_pss, 0)} PSS | {fmt(c_rss, 0)} RSS | "
+            f"{fmt(c_rss / b_pss if b_pss else None, 2)}x of PSS | <= 64 KiB | "
+            f"{'yes' if c_rss <= 64 else '**no**'} |")
 
     cpu = {k: res.med(f"{k}_broker_cpu", "broker") for k in ("download", "upload", "text")}
     legs = res.extra["legs"]
@@ -1026,7 +1037,9 @@ def render(res: Results, args: argparse.Namespace, command: str, when: datetime 
         f"- broker upstream leg (asyncssh client -> target sshd): {res.extra['upstream_cipher']}",
         "",
         "Broker CPU during recorded transfers (share of one core, median): "
-        + ", ".join(f"{k} {fmt((v or 0) * 100, 0)}%" for k, v in cpu.items()) + ".",
+        + ", ".join(f"{k} {fmt((v or 0) * 100, 0)}%" for k, v in cpu.items()) + ". "
+        f"Broker CPU per new session in the session-rate run (median): "
+        f"{fmt(res.med('rate_broker_cpu_ms', 'broker'))} ms.",
         "",
         f"Memory detail: OpenSSH bastion {fmt(mem['jump_processes'], 0)} sshd processes, "
         f"RSS sum {fmt(mem['jump_rss_before_kib'], 0)} -> {fmt(mem['jump_rss_after_kib'], 0)} "
@@ -1090,6 +1103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", action=argparse.BooleanOptionalAction, default=None,
                    help="update docs/benchmarks.md (default: yes, except with --quick)")
     p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
+    p.add_argument("--only", default=",".join(PHASES),
+                   help=f"comma-separated phases to run, of {','.join(PHASES)} (not with --docs)")
     p.add_argument("--from-results", type=Path, metavar="JSON",
                    help="do not measure: render a saved bench/results/*.json again")
     args = p.parse_args(argv)
@@ -1110,7 +1125,11 @@ def main(argv: list[str] | None = None) -> int:
     args.shells = args.shells or (50 if q else 200)
     args.rate_seconds = args.rate_seconds or (4.0 if q else 10.0)
     args.echo_samples = args.echo_samples or (200 if q else 1000)
-    docs = (not q) if args.docs is None else args.docs
+    only = set(args.only.split(","))
+    if only - set(PHASES):
+        p.error(f"--only: unknown phase(s) {', '.join(sorted(only - set(PHASES)))}")
+    args.only = sorted(only)
+    docs = (not q and only == set(PHASES)) if args.docs is None else args.docs
     if args.users < args.shells + 50:
         p.error("--users must exceed --shells by at least 50")
     command = ".venv/bin/python bench/run.py " + " ".join(

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import structlog
 
+from broker import eventloop
 from broker.config import BrokerConfig
 
 log = structlog.get_logger("broker.workers")
@@ -51,7 +52,8 @@ def _child(config: BrokerConfig, index: int, ready_fd: int) -> None:
         os.close(ready_fd)
 
     try:
-        asyncio.run(serve(config, on_ready=ready, reuse_port=True, notify=False))
+        eventloop.run(serve(config, on_ready=ready, reuse_port=True, notify=False),
+                      config.ssh.event_loop)
     except Exception as exc:  # a worker must never take the parent down with a traceback
         log.error("worker.crashed", worker=index, error=str(exc))
         os._exit(1)
