@@ -33,6 +33,7 @@ log = structlog.get_logger("broker.shipping.s3")
 Emit = Callable[..., None]
 _SESSION_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-")
 _CHUNK = 1 << 20
+OPEN_MARKERS = ".open"  # DIR/.open/SESSION_ID: a recording whose session has not ended
 
 
 class VerifyError(Exception):
@@ -50,11 +51,13 @@ def sha256_file(path: Path) -> tuple[str, int]:
 
 
 def session_files(root: Path, session_id: str) -> tuple[list[tuple[Path, str]], bool]:
-    """The files of a session as (path, name relative to its day directory), and whether one of
-    them is still being written (a ``*.tmp`` beside it)."""
+    """The files of a session as (path, name relative to the recordings directory), and whether
+    it is still being written (a ``*.tmp`` beside it, or its ``.open`` marker still there)."""
     found: list[tuple[Path, str]] = []
-    busy = False
-    for day in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+    busy = (root / OPEN_MARKERS / session_id).exists()
+    days = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] \
+        if root.is_dir() else []
+    for day in sorted(days):
         candidates = list(day.glob(f"{session_id}.*"))
         sub = day / session_id
         if sub.is_dir():

@@ -142,3 +142,22 @@ def test_session_files_and_keys(tmp_path: Path) -> None:
     assert name_key(f"2026-11-27/{sid}.rec", sid) == f"2026-11-27/{sid}/{sid}.rec"
     assert name_key(f"2026-11-27/{sid}/manifest.sig", sid) == f"2026-11-27/{sid}/manifest.sig"
     assert session_files(tmp_path / "none", sid) == ([], False)
+    (day / f"{sid}.cast.tmp").unlink()
+    assert not session_files(tmp_path, sid)[1]
+    (tmp_path / ".open").mkdir()
+    (tmp_path / ".open" / sid).write_bytes(b"")  # the recorder's live marker
+    files, busy = session_files(tmp_path, sid)
+    assert busy and len(files) == 3
+
+
+def test_one_shipper_per_state_dir(tmp_path: Path) -> None:
+    """Of several broker processes (workers), the one holding the lock ships; another takes
+    over once it is released (process exit)."""
+    from broker.shipping.service import _Leader
+
+    a, b = _Leader(tmp_path / "s3.lock"), _Leader(tmp_path / "s3.lock")
+    assert a.acquire() and a.acquire()
+    assert not b.acquire()
+    a.release()
+    assert b.acquire()
+    b.release()

@@ -70,3 +70,11 @@ def test_bad_values_are_named(tmp_path: Path, section: str, message: str) -> Non
     with pytest.raises(ConfigError) as err:
         load_config(_write(tmp_path, section))
     assert message in str(err.value)
+
+
+def test_the_documented_example_is_valid(tmp_path: Path) -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "shipping.md").read_text()
+    block = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    cfg = load_config(_write(tmp_path, block))
+    assert cfg.shipping.s3 is not None and cfg.shipping.s3.object_lock_days == 365
+    assert cfg.shipping.cloudwatch is not None
