@@ -24,6 +24,8 @@ from typing import Any
 
 import structlog
 
+from broker.errors import BrokerError
+from broker.recordings.local import describe
 from broker.shipping.aws import backoff, make_client
 from broker.shipping.settings import S3ShippingSettings
 from broker.shipping.spool import AuditTail, ShippedObject, Spool, UploadJob
@@ -33,6 +35,7 @@ log = structlog.get_logger("broker.shipping.s3")
 Emit = Callable[..., None]
 _SESSION_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-")
 _CHUNK = 1 << 20
+CAST_WAIT_SECONDS = 600.0  # longest wait for a terminal session's .cast before shipping without
 OPEN_MARKERS = ".open"  # DIR/.open/SESSION_ID: a recording whose session has not ended
 
 
@@ -152,6 +155,10 @@ class S3Shipper:
         if busy or newest > now - s.settle_seconds:
             self._spool.postpone(sid, now + max(s.settle_seconds, 0.5))
             return
+        if self._cast_pending(files) and now - job.queued_at < CAST_WAIT_SECONDS:
+            # a terminal session's asciicast is rendered after its end: ship them together
+            self._spool.postpone(sid, now + max(s.settle_seconds, 1.0))
+            return
         if not files:
             # unrecorded session (benchmark switch) or files removed by hand: nothing to ship
             self._spool.set_state(sid, "empty", now)
@@ -172,6 +179,18 @@ class S3Shipper:
         self._spool.set_state(sid, "uploaded", self._clock())
         self._emit("recording.uploaded", session_id=sid, bucket=s.bucket, objects=shipped)
         log.info("s3.uploaded", session_id=sid, objects=len(shipped))
+
+    @staticmethod
+    def _cast_pending(files: list[tuple[Path, str]]) -> bool:
+        """A terminal recording (``term`` in its header) whose ``.cast`` is not there yet."""
+        names = {p.name for p, _ in files}
+        for p, _ in files:
+            if p.suffix == ".rec" and p.with_suffix(".cast").name not in names:
+                try:
+                    return bool(describe(p).get("term"))
+                except (OSError, ValueError, BrokerError):
+                    return False  # unreadable header: ship what there is
+        return False
 
     def _upload(self, path: Path, key: str, digest: str, size: int) -> ShippedObject:
         s3 = self._s3()

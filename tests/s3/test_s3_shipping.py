@@ -349,3 +349,27 @@ def test_kill_9_after_s3_stored_the_object_then_restart(
     run_until(sh, lambda: not path.exists())
     assert versions(s3, bucket) == {key: 1}
     assert body(s3, bucket, key) == data
+
+
+def test_terminal_session_waits_for_its_asciicast(world: World, proxy: TcpProxy, s3: Any,
+                                                  new_bucket: Callable[..., str]) -> None:
+    from broker.domain import recording as fmt
+
+    bucket = new_bucket()
+    sid = "0a1b2c3d-0000-4000-8000-00000000000a"
+    rec = fmt.encode_header({"session_id": sid, "term": "xterm-256color"}) + b"frames"
+    paths = world.session(sid, {".rec": rec})
+    sh = world.shipper(proxy.url, bucket)
+    sh.scan_audit()
+    sh.step()
+    job = world.spool.job(sid)
+    assert job is not None and job.state == "pending" and job.attempts == 0
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+    cast = paths[".rec"].with_suffix(".cast")
+    cast.write_text('{"version": 2}\n')
+    old = time.time() - 60
+    os.utime(cast, (old, old))
+    world.spool.postpone(sid, 0)
+    run_until(sh, lambda: not paths[".rec"].exists())
+    assert set(versions(s3, bucket)) == {f"recordings/{DAY}/{sid}/{sid}.rec",
+                                         f"recordings/{DAY}/{sid}/{sid}.cast"}
