@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     from broker.cli_verify import register as register_verify
 
     register_verify(sub)  # verify SESSION_ID | --audit
+    from broker.shipping.cli import register as register_shipping
+
+    register_shipping(sub)  # shipping status: what waits for S3 / CloudWatch
 
     ss = sub.add_parser("sessions", help="recorded sessions").add_subparsers(dest="sub",
                                                                             required=True)
