@@ -283,6 +283,7 @@ class Broker:
             await self._acceptor.wait_closed()
             self._acceptor = None
         await self.sessions.drain()
+        await self.sealer.drain()  # manifests of the sessions that just ended
         self.stores.audit.emit("broker.stop", live_sessions=len(self.sessions.live))
         await self.shipping.stop()
         close = getattr(self._directory, "close", None)

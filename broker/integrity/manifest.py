@@ -144,18 +144,29 @@ def session_fields(live: LiveSession, ended_at: datetime, exit_status: str | Non
 class RecordingSealer:
     """``SessionService``'s ``on_recorded`` hook: seal, then note the seal in the audit chain.
 
-    A seal that fails does not undo the session (it is over): it is logged and audited, and
-    ``verify`` reports the recording as unsealed.
+    Hashing a large recording takes seconds (about 4 s per GiB here), so a finished session's
+    seal runs in the background: the client gets its exit status without waiting for it, and
+    ``drain`` (at shutdown) waits for the seals still running. A seal that fails does not undo
+    the session (it is over): it is logged and audited, and ``verify`` reports it unsealed.
     """
 
     def __init__(self, key: SigningKey, audit: AuditSink) -> None:
         self._key = key
         self._audit = audit
+        self._pending: set[asyncio.Task[None]] = set()
 
     async def __call__(self, live: LiveSession, ended_at: datetime,
                        exit_status: str | None) -> None:
-        await self._seal(live.id, Path(live.writer.location),
-                         lambda: session_fields(live, ended_at, exit_status))
+        task = asyncio.create_task(self._seal(
+            live.id, Path(live.writer.location),
+            lambda: session_fields(live, ended_at, exit_status)))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def drain(self) -> None:
+        """Wait for the seals still running (broker shutdown)."""
+        while self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
 
     async def seal_interrupted(self, session_id: str, rec: Path, ended_at: datetime,
                                exit_status: str) -> None:

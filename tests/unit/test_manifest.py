@@ -135,13 +135,20 @@ def live_session(rec_writer: Any) -> LiveSession:
     return live
 
 
+async def seal_and_drain(sealer: RecordingSealer, live: LiveSession, end: datetime,
+                         status: str | None) -> None:
+    await sealer(live, end, status)  # returns at once: the seal runs in the background
+    await sealer.drain()
+
+
 def test_sealer_seals_and_records_the_seal_in_the_audit(tmp_path: Path) -> None:
     key = load_or_create_signing_key(tmp_path / "key")
     w = LocalRecordingSink(tmp_path / "recordings").open(SID, {"session_id": SID})
     w.write(fmt.OUTPUT, b"up 3 days")
     w.close()
     audit = Audit()
-    asyncio.run(RecordingSealer(key, audit)(live_session(w), T0 + timedelta(seconds=5), "0"))
+    asyncio.run(seal_and_drain(RecordingSealer(key, audit), live_session(w),
+                               T0 + timedelta(seconds=5), "0"))
     man = manifest_path(Path(w.location))
     body = json.loads(man.read_bytes())["manifest"]
     assert body["user"] == "alice@corp.example.com" and body["target"] == "i-1"
@@ -162,7 +169,7 @@ def test_sealer_failure_is_audited_not_raised(tmp_path: Path) -> None:
     w.close()
     Path(w.location).unlink()  # nothing to hash
     audit = Audit()
-    asyncio.run(RecordingSealer(key, audit)(live_session(w), T0, None))
+    asyncio.run(seal_and_drain(RecordingSealer(key, audit), live_session(w), T0, None))
     [(event, fields)] = audit.events
     assert event == "recording.seal_failed" and fields["session_id"] == SID
 
