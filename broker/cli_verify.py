@@ -45,10 +45,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
             status = "OK" if r.ok else f"FAILED ({errors} problem{'s' if errors != 1 else ''})"
             if warnings:
                 status += f", {warnings} warning{'s' if warnings != 1 else ''}"
-            out(f"{r.subject}: {status}")
+            out(_printable(f"{r.subject}: {status}"))
             for f in r.findings:
-                out(f"  {f.severity}: {f.message} [{f.code}]")
+                out(_printable(f"  {f.severity}: {f.message} [{f.code}]"))
     return 0 if ok else 1
+
+
+def _printable(text: str) -> str:
+    """Messages quote damaged files: never let their control characters reach the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from broker.integrity.manifest import FORMAT, SIGNING_CONTEXT, canonical, digest
 
 _SESSION_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-")
 _MAX_RANGES = 5
+_SAFE_NAME = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z._-]{0,200}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +152,7 @@ def verify_audit_lines(lines: list[bytes], key: VerifyKey, report: Report) -> No
                              "signature field", line=n)
             elif kid != key.key_id:
                 report.error("checkpoint_wrong_key", f"checkpoint at line {n} names key "
-                             f"{kid}, not this bastion's key {key.key_id}", line=n)
+                             f"{kid!r}, not this bastion's key {key.key_id}", line=n)
             elif not key.verify(sig, signed_bytes(obj)):
                 report.error("checkpoint_bad_signature",
                              f"checkpoint at line {n}: signature does not verify (the "
@@ -274,20 +276,26 @@ def _sealed_in_audit(audit_lines: list[bytes], sid: str) -> list[tuple[int, dict
     return out
 
 
-def find_recording(recordings_dir: Path, sid: str) -> tuple[Path | None, Path | None]:
-    """The session's recording and manifest under ``DIR/YYYY-MM-DD/`` (either may be missing)."""
+def find_recording(recordings_dir: Path, sid: str) -> tuple[str, Path | None, Path | None]:
+    """The session's full id, recording and manifest under ``DIR/YYYY-MM-DD/`` (either file may
+    be missing); a unique prefix of the id is enough, as for ``play``."""
     if not sid or not set(sid) <= _SESSION_ID_CHARS or len(sid) > 64:
         raise UsageError("a session id is lowercase letters, digits and dashes")
-    recs = sorted(recordings_dir.glob(f"*/{sid}.rec"))
-    mans = sorted(recordings_dir.glob(f"*/{sid}.manifest.json"))
-    return (recs[0] if recs else None), (mans[0] if mans else None)
+    found = [*recordings_dir.glob(f"*/{sid}*.rec"), *recordings_dir.glob(f"*/{sid}*.manifest.json")]
+    ids = {p.name.split(".", 1)[0] for p in found}
+    if len(ids) > 1 and sid not in ids:
+        raise UsageError(f"session id prefix {sid} matches {len(ids)} sessions; give more of it")
+    full = sid if sid in ids or not ids else ids.pop()
+    recs = sorted(p for p in found if p.name == f"{full}.rec")
+    mans = sorted(p for p in found if p.name == f"{full}.manifest.json")
+    return full, (recs[0] if recs else None), (mans[0] if mans else None)
 
 
 def verify_session(recordings_dir: Path, sid: str, key: VerifyKey,
                    audit_lines: list[bytes] | None) -> Report:
     """Check one session's manifest signature and every file it lists."""
+    sid, rec, man = find_recording(recordings_dir, sid)
     report = Report(subject=f"session {sid}")
-    rec, man = find_recording(recordings_dir, sid)
     sealed = _sealed_in_audit(audit_lines, sid) if audit_lines is not None else []
     if man is None:
         if rec is None and not sealed:
@@ -330,7 +338,7 @@ def verify_session(recordings_dir: Path, sid: str, key: VerifyKey,
                          f"log records at line {sealed[-1][0]} (SHA-256 differs)")
     for entry in files:
         name = str(entry.get("name", "")) if isinstance(entry, dict) else ""
-        if not name or "/" in name or name.startswith("."):
+        if not _SAFE_NAME.fullmatch(name):
             report.error("manifest_damaged", f"the manifest lists a bad file name {name!r}")
             continue
         _check_file(report, man.parent / name, entry)
@@ -353,8 +361,8 @@ def _check_signature(report: Report, sig: Any, body: dict[str, Any], key: Verify
         report.error("manifest_bad_signature", "the manifest signature is not base64")
         return
     if sig.get("key_id") != key.key_id:
-        report.error("manifest_wrong_key", f"the manifest names signing key {sig.get('key_id')},"
-                     f" not this bastion's key {key.key_id}")
+        report.error("manifest_wrong_key", f"the manifest names signing key {sig.get('key_id')!r}"
+                     f", not this bastion's key {key.key_id}")
     elif not key.verify(value, SIGNING_CONTEXT + canonical(body)):
         report.error("manifest_bad_signature", "the manifest signature does not verify: the "
                      "manifest was edited after signing, or signed by another key")

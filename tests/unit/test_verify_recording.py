@@ -188,3 +188,28 @@ def test_bad_session_ids_are_usage_errors(sealed: Sealed) -> None:
 
 def test_manifest_path_is_beside_the_recording(sealed: Sealed) -> None:
     assert manifest_path(sealed.rec).parent == sealed.rec.parent
+
+
+def test_a_unique_prefix_of_the_session_id_is_enough(sealed: Sealed, tmp_path: Path) -> None:
+    r = verify_session(sealed.root, SID[:8], sealed.key.public, sealed.audit)
+    assert r.ok and r.subject == f"session {SID}"
+    other = "0a1b2c3d-ffff-4a5b-8c9d-0e1f2a3b4c5d"
+    w = LocalRecordingSink(sealed.root).open(other, {"session_id": other})
+    w.close()
+    with pytest.raises(UsageError, match="matches 2 sessions"):
+        verify_session(sealed.root, SID[:8], sealed.key.public, None)
+    assert verify_session(sealed.root, SID, sealed.key.public, sealed.audit).ok
+
+
+def test_hostile_file_names_in_a_manifest_are_refused(sealed: Sealed) -> None:
+    edit_manifest(sealed, lambda d: d["manifest"]["files"].append(
+        {"name": "../../etc/\x1b]52;c;eA==\x07passwd", "size": 1, "sha256": "0"}))
+    r = sealed.verify(audit=False)
+    assert codes(r) == ["manifest_bad_signature", "manifest_damaged"]
+    assert "\\x1b" in r.findings[1].message and "\x1b" not in r.findings[1].message
+
+
+def test_cli_output_escapes_control_characters() -> None:
+    from broker.cli_verify import _printable
+
+    assert _printable("key '\x1b]0;x\x07' ok é") == "key '\\x1b]0;x\\x07' ok é"
