@@ -68,6 +68,12 @@ class _NullWriter:
         return None
 
 
+class ShuttingDown(BrokerError):
+    """A session asked for while the broker drains (SIGTERM)."""
+
+    user_message = "the bastion is shutting down; try again in a moment"
+
+
 class SessionControl(Protocol):
     """What the enforcer may do to a live session (implemented by the SSH relay)."""
 
@@ -100,6 +106,7 @@ class LiveSession:
         self.control: SessionControl | None = None
         # why recording stopped while the session goes on (policy best-effort only), else None
         self.recording_suspended: str | None = None
+        self.ending: str | None = None  # why the broker is ending it (disk, shutdown), once
         self._on_write_error = on_write_error
 
     def _record(self, kind: bytes, data: bytes) -> None:
@@ -154,6 +161,7 @@ class SessionService:
         self._maintenance: asyncio.Task[None] | None = None
         self._idle: asyncio.Event | None = None  # set when the last live session ends (shutdown)
         self._ending: set[str] = set()
+        self._closing = False  # SIGTERM received: no new sessions
 
     def _check_disk_for_start(self, req: SessionRequest) -> None:
         if not self._recording_enabled or self._guard is None:
@@ -171,6 +179,8 @@ class SessionService:
                                 f"({st.free_bytes} bytes free)")
 
     async def start(self, req: SessionRequest) -> LiveSession:
+        if self._closing:
+            raise ShuttingDown("session refused: the broker is shutting down")
         self._check_disk_for_start(req)
         sid = str(uuid.uuid4())
         now = self._clock.now()
@@ -298,6 +308,9 @@ class SessionService:
 
     def _end_unrecordable(self, live: LiveSession, reason: str) -> None:
         """Policy strict: end a session whose recording cannot go on (disk critical, sync error)."""
+        if live.ending is not None:
+            return
+        live.ending = reason
         if live.control is None:  # still starting: its first byte ends it
             if not isinstance(live.writer, _FailingWriter):
                 live.writer = _FailingWriter(reason, live.writer)
@@ -377,6 +390,7 @@ class SessionService:
         Sessions that still have not ended (a stuck upstream) are finished here, so every
         recording is closed and every session has its ``session.end`` before the broker exits.
         """
+        self._closing = True
         if not self.live and not self._ending:
             return
         loop = asyncio.get_running_loop()
@@ -390,7 +404,8 @@ class SessionService:
                                         f"session ends within {grace:g} s")
         await self._wait_until_idle(t0 + grace * 2 / 3)
         for live in list(self.live.values()):
-            if live.control is not None:
+            if live.control is not None and live.ending is None:
+                live.ending = "bastion shutting down"
                 with contextlib.suppress(Exception):
                     live.control.terminate("bastion shutting down")
         await self._wait_until_idle(t0 + grace * 0.9)
