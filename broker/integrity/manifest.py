@@ -144,7 +144,7 @@ def session_fields(live: LiveSession, ended_at: datetime, exit_status: str | Non
 class RecordingSealer:
     """``SessionService``'s ``on_recorded`` hook: seal, then note the seal in the audit chain.
 
-    Hashing a large recording takes seconds (about 4 s per GiB here), so a finished session's
+    Hashing a large recording takes seconds (about 1.7 s per GiB here), so a finished session's
     seal runs in the background: the client gets its exit status without waiting for it, and
     ``drain`` (at shutdown) waits for the seals still running. A seal that fails does not undo
     the session (it is over): it is logged and audited, and ``verify`` reports it unsealed.
