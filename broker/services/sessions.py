@@ -211,6 +211,9 @@ class SessionService:
             ))
         except BaseException:
             writer.close()
+            local = local_writer(writer)
+            if local is not None:  # the session never started: nothing to repair later
+                local.release()
             raise
         live = LiveSession(sid, req, writer, now, self._write_failed)
         self.live[sid] = live
