@@ -48,6 +48,21 @@ def _last_line(fd: int, size: int) -> bytes | None:
         end = start
 
 
+def _seq_after_damage(fd: int, size: int) -> int:
+    """The seq for the next line when the last one is damaged: the last good seq, plus one for
+    each damaged line after it, plus one; 0 if no good line is near the end."""
+    start = max(0, size - 4 * _TAIL)
+    lines = os.pread(fd, size - start, start).splitlines()
+    if start > 0:
+        lines = lines[1:]  # probably cut in the middle
+    for back, raw in enumerate(reversed(lines)):
+        try:
+            return int(json.loads(raw)["seq"]) + back + 1
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0
+
+
 class JsonlAuditLog:
     def __init__(self, path: Path, clock: Clock, *, signer: SigningKey | None = None,
                  checkpoint_lines: int = 256, checkpoint_seconds: float = 30.0,
@@ -88,7 +103,9 @@ class JsonlAuditLog:
             self._seq = int(obj["seq"]) + 1
             self._head_event = obj.get("event")
         except (ValueError, KeyError, TypeError):
-            self._seq = 0  # damaged tail: keep appending; `verify --audit` reports the damage
+            # damaged tail (a torn write): keep appending, counting on from the last good line
+            # as if the damaged lines had their numbers; `verify --audit` reports the damage
+            self._seq = _seq_after_damage(self._fd, size)
             self._head_event = None
 
     def _sync_head(self) -> int:

@@ -90,6 +90,7 @@ def verify_audit_lines(lines: list[bytes], key: VerifyKey, report: Report) -> No
 
     prev_hash = GENESIS
     prev_seq: int | None = None
+    damaged = 0  # damaged lines since the last good one (they are taken to hold those seqs)
     seen: set[int] = set()
     max_seq = -1
     checkpoints = 0
@@ -103,26 +104,27 @@ def verify_audit_lines(lines: list[bytes], key: VerifyKey, report: Report) -> No
             else:
                 report.error("audit_line_damaged", f"line {n} is not a valid audit event "
                              "(edited or damaged)", line=n)
-            prev_hash, prev_seq = line_hash(raw), None
+            prev_hash = line_hash(raw)
+            damaged += 1
             continue
         if torn:
             report.error("audit_truncated", f"line {n} (the last) has no newline: the log "
                          "was truncated", line=n)
         seq: int = obj["seq"]
         continuous = False
-        if prev_seq is None:
-            if n == 1 and seq != 0:
-                missing = [s for s in range(0, seq) if s not in all_seqs]
+        if prev_seq is None:  # the first good line: seq 0, after any damaged lines
+            if seq > damaged:
+                missing = [s for s in range(damaged, seq) if s not in all_seqs]
                 if missing:
                     report.error("audit_line_removed",
-                                 f"seq {_span(missing[0], missing[-1])} missing before line 1 "
-                                 "(lines removed from the start)", line=1,
+                                 f"seq {_span(missing[0], missing[-1])} missing before line {n} "
+                                 "(lines removed from the start)", line=n,
                                  seq=[missing[0], missing[-1]])
-            continuous = n == 1 and seq == 0
-        elif seq == prev_seq + 1:
+            continuous = seq == damaged
+        elif seq == prev_seq + 1 + damaged:
             continuous = True
-        elif seq > prev_seq + 1:
-            missing = [s for s in range(prev_seq + 1, seq) if s not in all_seqs]
+        elif seq > prev_seq + 1 + damaged:
+            missing = [s for s in range(prev_seq + 1 + damaged, seq) if s not in all_seqs]
             for a, b in _ranges(missing):
                 report.error("audit_line_removed",
                              f"seq {_span(a, b)} missing between line {n - 1} and line {n} "
@@ -135,7 +137,7 @@ def verify_audit_lines(lines: list[bytes], key: VerifyKey, report: Report) -> No
             else:
                 report.error("audit_line_moved", f"line {n} (seq {seq}) is out of order: it "
                              f"comes after seq {max_seq} (lines reordered)", line=n, seq=seq)
-        if obj.get("prev") != prev_hash and continuous:
+        if obj.get("prev") != prev_hash and continuous and not damaged:
             if n == 1:
                 report.error("audit_line_modified", "line 1 does not start the chain "
                              "(edited)", line=1)
@@ -159,7 +161,7 @@ def verify_audit_lines(lines: list[bytes], key: VerifyKey, report: Report) -> No
                              "checkpoint was edited, or the chain before it rewritten)", line=n)
             else:
                 signed_through = n
-        prev_hash, prev_seq = line_hash(raw), seq
+        prev_hash, prev_seq, damaged = line_hash(raw), seq, 0
         seen.add(seq)
         max_seq = max(max_seq, seq)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -310,3 +311,30 @@ def test_empty_log_is_ok(key: SigningKey) -> None:
     r = Report("x")
     verify_audit_lines([], key.public, r)
     assert r.ok and r.findings == []
+
+
+def test_a_line_torn_by_a_crash_is_the_only_finding(path: Path, key: SigningKey) -> None:
+    log = open_log(path, key, lines=1000)
+    for i in range(3):
+        log.emit("e", n=i)
+    log.checkpoint()
+    log.emit("half written")
+    log._fd, fd = -1, log._fd  # the process dies here: no close, no checkpoint
+    os.close(fd)
+    with open(path, "r+b") as f:  # power loss mid-write: the last line torn
+        f.truncate(path.stat().st_size - 10)
+    again = open_log(path, key, lines=1000)  # the next start appends on
+    again.emit("broker.start")
+    again.close()
+    ev = path.read_bytes().splitlines()
+    assert json.loads(ev[5])["seq"] == 5  # counted on, as if the torn line kept seq 4
+    r = check(path, key)
+    assert codes(r) == [("audit_line_damaged", 5)]
+
+
+def test_damaged_lines_at_the_start(written: Path, key: SigningKey) -> None:
+    lines = lines_of(written)
+    lines[0] = b"garbage\n"
+    rewrite(written, lines)
+    assert codes(check(written, key))[0] == ("audit_line_damaged", 1)
+    assert "audit_line_removed" not in [c for c, _ in codes(check(written, key))]
