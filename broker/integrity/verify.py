@@ -264,16 +264,18 @@ def _check_file(report: Report, path: Path, entry: dict[str, Any]) -> None:
                      file=name)
 
 
-def _sealed_in_audit(audit_lines: list[bytes], sid: str) -> list[tuple[int, dict[str, Any]]]:
-    needle = sid.encode()
+def _in_audit(audit_lines: list[bytes], sid: str, event: str
+              ) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, event) for each ``event`` about session ``sid``."""
+    needle, ev = sid.encode(), event.encode()
     out = []
     for n, raw in enumerate(audit_lines, start=1):
-        if needle in raw and b"recording.sealed" in raw:
+        if needle in raw and ev in raw:
             try:
                 obj = json.loads(raw)
             except ValueError:
                 continue
-            if obj.get("event") == "recording.sealed" and obj.get("session_id") == sid:
+            if obj.get("event") == event and obj.get("session_id") == sid:
                 out.append((n, obj))
     return out
 
@@ -298,8 +300,15 @@ def verify_session(recordings_dir: Path, sid: str, key: VerifyKey,
     """Check one session's manifest signature and every file it lists."""
     sid, rec, man = find_recording(recordings_dir, sid)
     report = Report(subject=f"session {sid}")
-    sealed = _sealed_in_audit(audit_lines, sid) if audit_lines is not None else []
+    sealed = _in_audit(audit_lines, sid, "recording.sealed") if audit_lines is not None else []
     if man is None:
+        shipped = (_in_audit(audit_lines, sid, "recording.local_removed")
+                   if audit_lines is not None and rec is None else [])
+        if shipped:
+            report.warning("removed_after_upload", "the local copy was removed after a verified "
+                           f"upload (audit line {shipped[-1][0]}): verify the copy kept off the "
+                           "bastion (S3)")
+            return report
         if rec is None and not sealed:
             raise NotFoundError(f"no recording of session {sid} in {recordings_dir}")
         if rec is None:

@@ -213,3 +213,14 @@ def test_cli_output_escapes_control_characters() -> None:
     from broker.cli_verify import _printable
 
     assert _printable("key '\x1b]0;x\x07' ok é") == "key '\\x1b]0;x\\x07' ok é"
+
+
+def test_local_copy_removed_after_upload_is_not_tampering(sealed: Sealed) -> None:
+    sealed.man.unlink()
+    sealed.rec.unlink()
+    sealed.audit.append(json.dumps({"seq": 1, "event": "recording.local_removed",
+                                    "session_id": SID}).encode() + b"\n")
+    r = sealed.verify()
+    assert r.ok and [(f.severity, f.code) for f in r.findings] == [
+        ("warning", "removed_after_upload")]
+    assert "audit line 2" in r.findings[0].message
