@@ -296,7 +296,11 @@ def main() -> int:
         f"{CIPHER}, one SSH connection per path, a new forwarded TCP connection per transfer.\n\n"
         "Command: `.venv/bin/python bench/forward.py`\n\n"
         "| direction | (a) OpenSSH sshd bastion | (b) broker | ratio | goal >= 0.8x |\n"
-        "|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n")
+        "|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+        "Rounds (MB/s, down/up): " + "; ".join(
+            f"{p} " + ", ".join(f"{args.size / d / 1e6:.0f}/{args.size / u / 1e6:.0f}"
+                                for d, u in zip(results[p]["D"], results[p]["U"], strict=True))
+            for p in ("openssh", "broker")) + ".\n\n")
     print(section)
     if not args.no_docs:
         write_docs(section)

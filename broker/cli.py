@@ -295,6 +295,20 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _ca_known_hosts(args: argparse.Namespace) -> int:
+    """The known_hosts line that makes OpenSSH accept recorded ProxyJump (ssh -J) targets."""
+    from broker.app import build_inventory
+    from broker.ssh.jump import known_hosts_line
+
+    cfg = _config(args)
+    patterns = list(args.pattern or [])
+    if not patterns:
+        instances = await build_inventory(cfg).instances()
+        patterns = sorted({n for i in instances if i.os == "linux" for n in (i.id, i.name)})
+    _out(known_hosts_line(cfg, patterns))
+    return 0
+
+
 def _run(coro_fn: Any) -> Any:
     return lambda args: asyncio.run(coro_fn(args))
 
@@ -386,6 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("user")
     s.add_argument("fingerprint")
     s.set_defaults(func=_run(_key_remove))
+
+    c = sub.add_parser("ca", help="the broker's certificate authorities"
+                       ).add_subparsers(dest="sub", required=True)
+    s = c.add_parser("known-hosts", help="the @cert-authority line for recorded ssh -J")
+    s.add_argument("--pattern", action="append",
+                   help="host pattern (repeatable; default: the inventory's Linux ids and names)")
+    s.set_defaults(func=_run(_ca_known_hosts))
 
     u = sub.add_parser("user", help="static directory users").add_subparsers(dest="sub",
                                                                             required=True)

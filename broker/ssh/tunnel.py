@@ -29,6 +29,7 @@ from broker.domain import rdp
 from broker.domain.models import Grant, Instance, Principal
 from broker.errors import BrokerError
 from broker.services.sessions import LiveSession, SessionRequest
+from broker.ssh import jump
 from broker.ssh.relay import RelayDeps
 
 log = structlog.get_logger("broker.tunnel")
@@ -160,15 +161,35 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         self._timer: asyncio.TimerHandle | None = None
         self._last = 0.0
         self._loop = asyncio.get_running_loop()
+        self._inner: asyncio.Task[None] | None = None  # the ProxyJump inner server
 
     # -- open -------------------------------------------------------------------------------
     async def open(self) -> Tunnel:
         """Dial the destination and, for plain TCP, write the session before any byte flows."""
         v = self._v
+        ours: socket.socket | None = None
+        if v.service == "ssh" and v.instance is not None:
+            # recorded ProxyJump: the inner SSH connection is served here, over a socketpair
+            ours, inner = socket.socketpair()
+            ours.setblocking(False)
+            inner.setblocking(False)
+            names = list(dict.fromkeys([self._host, v.instance.id, v.instance.name]))
+            try:
+                self._inner = jump.start_inner(self._deps, self._principal, v.instance,
+                                               self._peer, names, inner)
+            except BrokerError:
+                ours.close()
+                inner.close()
+                raise
         try:
-            transport, _ = await asyncio.wait_for(
-                self._loop.create_connection(lambda: _Target(self), v.dial_host, v.dial_port),
-                self._cfg.connect_timeout_seconds)
+            if ours is not None:
+                transport, _ = await self._loop.create_connection(lambda: _Target(self),
+                                                                  sock=ours)
+            else:
+                transport, _ = await asyncio.wait_for(
+                    self._loop.create_connection(lambda: _Target(self), v.dial_host,
+                                                 v.dial_port),
+                    self._cfg.connect_timeout_seconds)
         except (OSError, TimeoutError) as exc:
             self._audit("tunnel.failed", reason=f"connect {v.dial_host}:{v.dial_port}: {exc}")
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED,
@@ -195,7 +216,8 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         command = fwd.summary(self._host, self._port, v) + (f" {self._note}" if self._note else "")
         return await self._deps.sessions.start(SessionRequest(
             principal=self._principal, instance=v.instance, grant=v.grant, login="",
-            kind="tunnel", command=command, term_type=None, width=0, height=0, peer=self._peer,
+            kind="jump" if v.service == "ssh" else "tunnel", command=command, term_type=None,
+            width=0, height=0, peer=self._peer,
         ))
 
     def _audit(self, event: str, **fields: object) -> None:
@@ -245,7 +267,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         if self._timer is not None:
             self._timer.cancel()
         idle = self._cfg.idle_timeout_seconds
-        if idle > 0:
+        if idle > 0 and self._v.service != "ssh":  # inner sessions of a jump have their own
             self._timer = self._loop.call_later(min(idle, 5.0), self._idle_check)
         self._flow()
 
@@ -519,10 +541,6 @@ async def _open(deps: RelayDeps, principal: Principal, peer: str, host: str, por
                 own: frozenset[tuple[str, int]]) -> Tunnel:
     """Decide, then dial: a refusal is audited and reaches the client with its reason."""
     v = await decide(deps, principal, host, port, own)
-    if v.allowed and v.service == "ssh":
-        v = fwd.Verdict(False, f"SSH to {v.instance.name if v.instance else host} goes "
-                        f"through the bastion, recorded: ssh USER+TARGET@bastion",
-                        "raw SSH channel not allowed for this target")
     if not v.allowed:
         deps.audit.emit("tunnel.denied", user=str(principal), peer=peer,
                         destination=f"{host}:{port}", reason=v.detail)

@@ -1,0 +1,115 @@
+"""Recorded ProxyJump: ``ssh -J bastion TARGET`` sessions are terminated here and relayed.
+
+A client's direct-tcpip channel to port 22 of a granted Linux target (``ssh -J``, ``scp -J``,
+``sftp -J``, rsync over ``ssh -J``, VS Code Remote-SSH) is not passed through as opaque bytes:
+the broker serves the inner SSH connection itself over a socketpair, with a host certificate for
+the target's names signed by its host CA (users trust it with the one ``@cert-authority`` line of
+``bastion-broker ca known-hosts``). The inner login needs no second authentication: the outer
+connection already proved password + code, and the channel was checked against a live grant.
+Each inner session then goes through the same recorded relay as ``ssh user+target@bastion``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import asyncssh
+import structlog
+
+from broker.config import BrokerConfig
+from broker.domain.models import Instance, Principal
+from broker.ssh.keys import load_or_create_key
+from broker.ssh.relay import ClientSession, RelayDeps
+
+log = structlog.get_logger("broker.jump")
+
+HOST_CERT_TTL = timedelta(hours=1)
+CLOCK_SKEW = timedelta(minutes=5)
+_keys: dict[Path, asyncssh.SSHKey] = {}
+
+
+def host_ca_path(config: BrokerConfig) -> Path:
+    return config.state_dir / "ca" / "host_ca"
+
+
+def _key(path: Path, comment: str) -> asyncssh.SSHKey:
+    if path not in _keys:
+        _keys[path] = load_or_create_key(path, comment)
+    return _keys[path]
+
+
+def host_ca(config: BrokerConfig) -> asyncssh.SSHKey:
+    """The host CA that signs the broker's stand-in host certificates (created on first use)."""
+    return _key(host_ca_path(config), "bastion-broker host CA")
+
+
+def known_hosts_line(config: BrokerConfig, patterns: list[str]) -> str:
+    """The ``@cert-authority`` line users add to known_hosts to accept recorded ProxyJump."""
+    pub = host_ca(config).export_public_key().decode().strip()
+    return f"@cert-authority {','.join(patterns) or '*'} {pub}"
+
+
+def host_certificate(config: BrokerConfig, names: list[str], now: datetime,
+                     ) -> tuple[asyncssh.SSHKey, asyncssh.SSHCertificate]:
+    """The broker's host key with a short certificate naming the target as the client typed it."""
+    key = _key(config.host_key_path, "bastion-broker host key")
+    cert = host_ca(config).generate_host_certificate(
+        key, f"bastion-broker jump {names[0]}", principals=names,
+        valid_after=int((now - CLOCK_SKEW).timestamp()),
+        valid_before=int((now + HOST_CERT_TTL).timestamp()))
+    return key, cert
+
+
+class JumpServer(asyncssh.SSHServer):
+    """The inner connection: no authentication of its own, sessions relayed and recorded."""
+
+    def __init__(self, deps: RelayDeps, principal: Principal, instance: Instance,
+                 peer: str) -> None:
+        self._deps = deps
+        self._principal = principal
+        self._instance = instance
+        self._peer = peer
+        self._conn: asyncssh.SSHServerConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+
+    def begin_auth(self, username: str) -> bool:
+        return False  # the outer connection authenticated the user; the grant was checked
+
+    def session_requested(self) -> tuple[asyncssh.SSHServerChannel[bytes], ClientSession]:
+        if self._conn is None:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "not ready")
+        chan = self._conn.create_server_channel(
+            encoding=None, window=self._deps.config.ssh.window_bytes,
+            max_pktsize=self._deps.config.ssh.max_packet_bytes)
+        return chan, ClientSession(self._deps, self._principal, self._instance, self._peer)
+
+
+def start_inner(deps: RelayDeps, principal: Principal, instance: Instance, peer: str,
+                names: list[str], sock: socket.socket) -> asyncio.Task[None]:
+    """Serve the inner SSH connection on ``sock`` (one end of a socketpair) in the background."""
+    ssh = deps.config.ssh
+    key, cert = host_certificate(deps.config, names, deps.clock.now())
+
+    async def run() -> None:
+        try:
+            conn = await asyncssh.run_server(
+                sock, server_factory=lambda: JumpServer(deps, principal, instance, peer),
+                server_host_keys=[(key, cert)], kex_algs=ssh.kex_algs,
+                encryption_algs=ssh.ciphers, mac_algs=ssh.macs, compression_algs=["none"],
+                login_timeout=ssh.login_grace_seconds, agent_forwarding=False,
+                x11_forwarding=False, allow_pty=True, line_editor=False,
+                server_version="bastion-broker")
+            await conn.wait_closed()
+        except (OSError, asyncssh.Error) as exc:
+            log.info("jump.inner_ended", user=str(principal), target=instance.id,
+                     error=str(exc))
+        finally:
+            sock.close()
+
+    return asyncio.get_running_loop().create_task(run())
