@@ -53,7 +53,8 @@ def lab(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                         + stack("stack-db", ("i-0windb", "windb", "windows", port_of(ungranted))))
         broker = start_lab_broker(
             demo, tmp / "broker", inv,
-            f"ports = {{ linux = [22, {port_of(echo_srv)}], windows = [3389] }}\n")
+            f"ports = {{ linux = [22, {port_of(echo_srv)}], windows = [3389] }}\n"
+            'raw_ssh_targets = ["web02"]\n')
         try:
             yield Lab(broker, rdp_srv, echo_srv, ungranted, tmp)
         finally:
@@ -61,7 +62,8 @@ def lab(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 
 def _tunnels(demo: Demo, user: str) -> list[dict[str, Any]]:
-    return [s for s in demo.sessions() if s["user"].startswith(user + "@") and s["kind"] == "tunnel"]
+    return [s for s in demo.sessions()
+            if s["user"].startswith(user + "@") and s["kind"] in ("tunnel", "jump")]
 
 
 def _ended(demo: Demo, user: str, n: int = 1) -> list[dict[str, Any]]:
@@ -261,3 +263,21 @@ def test_idle_tunnel_ends(demo: Demo, tmp_path: Path) -> None:
             broker.stop()
     [sess] = _ended(demo, user)
     assert sess["exit_status"] == "terminated:idle timeout"
+
+
+def test_ssh_port_is_the_recorded_jump_unless_raw_is_allowed(demo: Demo, lab: Lab) -> None:
+    user = demo.take_user()
+    fw = start_forwarder(demo, lab.broker, user, lab.tmp, ["web01:22", "web02:22"])
+    banners = []
+    try:
+        for lp in fw.locals:
+            with socket.create_connection(("127.0.0.1", lp), timeout=20) as s:
+                s.sendall(b"SSH-2.0-probe\r\n")
+                banners.append(s.recv(256).split(b"\r\n")[0])
+    finally:
+        fw.stop()
+    assert banners[0] == b"SSH-2.0-bastion-broker"  # web01: the broker answers (recorded jump)
+    assert banners[1].startswith(b"SSH-2.0-OpenSSH")  # web02: raw channel to its sshd
+    sessions = _ended(demo, user, 2)
+    assert sorted(s["kind"] for s in sessions if s["target"] in ("i-0web01", "i-0web02")) == [
+        "jump", "tunnel"]
