@@ -93,7 +93,8 @@ class CloudWatchShipper:
         """Send one batch if lines are waiting; True if one was sent (more may wait)."""
         if self._clock() < self.pause_until:
             return False
-        lines, inode, offset = self._tail.read(self.settings.batch_max_events)
+        # no more than one call can carry (a longer line is still read whole)
+        lines, inode, offset = self._tail.read(self.settings.batch_max_events, MAX_BATCH_BYTES)
         if not lines:
             return False
         now_ms = int(self._clock() * 1000)
