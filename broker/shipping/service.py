@@ -139,6 +139,7 @@ class Shipping:
             if t.is_alive():
                 log.warning("shipping.stop_timeout", thread=t.name)
         self._threads = []
+        await asyncio.sleep(0)  # audit events the threads handed over are written before close
 
     def _run_s3(self, settings: S3ShippingSettings, stopping: threading.Event) -> None:
         from broker.shipping.s3 import S3Shipper
