@@ -12,6 +12,7 @@ from datetime import timedelta
 import asyncssh
 import structlog
 
+from broker import eventloop
 from broker.audit.jsonl import JsonlAuditLog
 from broker.config import BrokerConfig
 from broker.errors import BrokerError, ConfigError
@@ -318,6 +319,6 @@ def run(config: BrokerConfig, on_ready: Callable[[int], None] | None = None) -> 
     from broker.workers import run_workers, worker_count
 
     if worker_count(config) == 1:
-        asyncio.run(serve(config, on_ready))
+        eventloop.run(serve(config, on_ready), config.ssh.event_loop)
         return 0
     return run_workers(config, on_ready)
