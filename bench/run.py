@@ -136,10 +136,15 @@ def vm_rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU of ``pid``; with ``children``, plus that of its reaped children (an
+    OpenSSH listener reaps the per-connection sshd processes, which reap their own)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class Procs:
@@ -833,10 +838,12 @@ async def measure_memory(env: Env, shells: int, concurrency: int) -> dict[str, f
 
 def session_rate(env: Env, path: str, clients: int,
                  seconds: float) -> tuple[float, int, str, float]:
-    """New connections/s, each fully authenticated on every hop, running `true`; and for the
-    broker, its CPU seconds per session (0 for the other paths)."""
+    """New connections/s, each fully authenticated on every hop, running `true`; and the
+    bastion's CPU seconds per session (broker process, or OpenSSH bastion sshd with its
+    per-connection processes; 0 for the direct path)."""
     deadline = time.monotonic() + seconds
-    cpu0 = cpu_seconds(env.broker_pid)
+    pid = {"broker": env.broker_pid, "jump": env.jump_pid}.get(path)
+    cpu0 = cpu_seconds(pid, children=True) if pid else 0.0
     ok = [0] * clients
     errors: list[str] = []
 
@@ -860,7 +867,10 @@ def session_rate(env: Env, path: str, clients: int,
         list(ex.map(worker, range(clients)))
     elapsed = time.perf_counter() - t0
     first_error = errors[0] if errors else ""
-    cpu = (cpu_seconds(env.broker_pid) - cpu0) / max(1, sum(ok)) if path == "broker" else 0.0
+    cpu = 0.0
+    if pid:
+        time.sleep(0.5)  # the last per-connection sshd processes are reaped
+        cpu = (cpu_seconds(pid, children=True) - cpu0) / max(1, sum(ok))
     return sum(ok) / elapsed, len(errors), first_error, cpu
 
 
@@ -930,12 +940,12 @@ def run_all(args: argparse.Namespace) -> Results:
             for path in order if "rate" in args.only else ():
                 rate, errs, first, cpu = session_rate(env, path, args.clients, args.rate_seconds)
                 res.add("rate", path, rate)
-                if path == "broker":
-                    res.add("rate_broker_cpu_ms", path, cpu * 1000)
+                if path != "direct":
+                    res.add("rate_cpu_ms", path, cpu * 1000)
                 if errs:
                     res.extra.setdefault("rate_errors", []).append(f"{path}: {errs} x {first}")
                 log(f"  sessions {path:6s} {rate:6.1f}/s ({errs} errors)"
-                    + (f"  broker CPU {cpu * 1000:.1f} ms/session" if path == "broker" else ""))
+                    + (f"  bastion CPU {cpu * 1000:.1f} ms/session" if cpu else ""))
             if "echo" in args.only:
                 log("  echo p50 ms: " + ", ".join(
                     f"{p} {res.values['echo_p50'][p][-1]:.3f}" for p in PATHS))
@@ -1038,8 +1048,10 @@ def render(res: Results, args: argparse.Namespace, command: str, when: datetime 
         "",
         "Broker CPU during recorded transfers (share of one core, median): "
         + ", ".join(f"{k} {fmt((v or 0) * 100, 0)}%" for k, v in cpu.items()) + ". "
-        f"Broker CPU per new session in the session-rate run (median): "
-        f"{fmt(res.med('rate_broker_cpu_ms', 'broker'))} ms.",
+        "Bastion CPU per new session in the session-rate run (median; user + system, the "
+        "OpenSSH bastion's including its per-connection sshd processes): broker "
+        f"{fmt(res.med('rate_cpu_ms', 'broker'))} ms, OpenSSH bastion "
+        f"{fmt(res.med('rate_cpu_ms', 'jump'))} ms.",
         "",
         f"Memory detail: OpenSSH bastion {fmt(mem['jump_processes'], 0)} sshd processes, "
         f"RSS sum {fmt(mem['jump_rss_before_kib'], 0)} -> {fmt(mem['jump_rss_after_kib'], 0)} "
