@@ -8,15 +8,21 @@ SIZE bytes down (destination -> client), then SIZE bytes up. Rounds alternate th
 medians of the rounds and their ratio are printed and written to their own section of
 ``docs/benchmarks.md`` (outside the generated block of bench/run.py).
 
+Then ``scp -J`` of JUMP_SIZE up and down to the demo's ``web01`` sshd, (a) through the OpenSSH
+bastion (a client certificate from the demo's user CA, signed for the run) and (b) through the
+broker's recorded ProxyJump (a new broker login per copy, one demo user each: TOTP codes are
+single use). Recordings are deleted after each copy to keep the disk free.
+
 Usage (repository root, as root: the demo creates its target accounts)::
 
     .venv/bin/python bench/forward.py                 # 1 GiB, 5 rounds, docs updated
-    .venv/bin/python bench/forward.py --size 64M --rounds 3 --no-docs
+    .venv/bin/python bench/forward.py --size 64M --jump-size 64M --rounds 3 --no-docs
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -30,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pyotp
 
@@ -159,7 +166,7 @@ SSH_OPTS = ["-F", "/dev/null", "-N", "-v", "-o", "ExitOnForwardFailure=yes",
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
 
 
-def openssh_forward(work: Path, procs: Procs, sink: int) -> int:
+def openssh_forward(work: Path, procs: Procs, sink: int) -> tuple[int, int]:
     """sshd as a plain forwarding bastion, and ssh -L through it (public key auth)."""
     d = work / "sshd"
     d.mkdir()
@@ -185,13 +192,13 @@ def openssh_forward(work: Path, procs: Procs, sink: int) -> int:
                        "-L", f"127.0.0.1:{lp}:127.0.0.1:{sink}", f"{user}@127.0.0.1"],
                       d / "ssh.log")
     wait_text(d / "ssh.log", f"forwarding listening on 127.0.0.1 port {lp}", ssh)
-    return lp
+    return lp, port
 
 
-def broker_forward(work: Path, procs: Procs, sink: int) -> int:
+def broker_forward(work: Path, procs: Procs, sink: int) -> tuple[int, int, dict[str, Any]]:
     """The broker (demo state, a sink instance in the granted stack) and ssh -L through it."""
     state = work / "demo"
-    demo = procs.start([str(BIN), "demo", "--state-dir", str(state), "--users", "2"],
+    demo = procs.start([str(BIN), "demo", "--state-dir", str(state), "--users", "40"],
                        work / "demo.log")
     deadline = time.monotonic() + 60
     while not (state / "demo.json").exists():
@@ -227,7 +234,112 @@ def broker_forward(work: Path, procs: Procs, sink: int) -> int:
                        "-p", str(port), "-L", f"127.0.0.1:{lp}:sink:{sink}",
                        f"{user['user']}@127.0.0.1"], work / "ssh-broker.log", env=env)
     wait_text(work / "ssh-broker.log", f"forwarding listening on 127.0.0.1 port {lp}", ssh)
-    return lp
+    return lp, int(port), info
+
+
+def jump_configs(work: Path, broker_port: int, bastion_port: int, info: dict[str, Any],
+                 ) -> tuple[Path, Path]:
+    """ssh_config files for scp -J to the demo's web01 sshd: through the OpenSSH bastion (a
+    client certificate from the demo's user CA, signed here) and through the broker."""
+    d = work / "sshd"
+    state = work / "demo"
+    subprocess.run(["ssh-keygen", "-q", "-s", str(state / "ca" / "user_ca"), "-I", "bench",
+                    "-n", info["read_only_login"], "-V", "-5m:+2h", str(d / "client.pub")],
+                   check=True)
+    web01 = info["target_ports"]["web01"]
+    common = ("  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
+              f"  Ciphers {CIPHER}\n  KexAlgorithms {KEX}\n  Compression no\n")
+    user = os.environ.get("USER") or "root"
+    openssh = work / "ssh_config_openssh"
+    openssh.write_text(
+        f"Host osbastion\n  HostName 127.0.0.1\n  Port {bastion_port}\n  User {user}\n"
+        f"  IdentityFile {d / 'client'}\n{common}"
+        f"Host web01\n  HostName 127.0.0.1\n  Port {web01}\n  User {info['read_only_login']}\n"
+        f"  IdentityFile {d / 'client'}\n  CertificateFile {d / 'client-cert.pub'}\n"
+        f"  ProxyJump osbastion\n{common}")
+    broker = work / "ssh_config_broker"
+    broker.write_text(
+        f"Host bbastion\n  HostName 127.0.0.1\n  Port {broker_port}\n  User @@USER@@\n"
+        f"  PreferredAuthentications keyboard-interactive\n  BatchMode no\n{common}"
+        f"Host web01\n  ProxyJump bbastion\n  User ec2-user\n{common}")
+    return openssh, broker
+
+
+class JumpLogins:
+    """A fresh demo user per broker login: each TOTP code is single use per user and step."""
+
+    def __init__(self, work: Path, info: dict[str, Any], template: Path) -> None:
+        self._users = list(info["users"][1:])  # the first one holds the -L forward
+        self._info = info
+        self._askpass = work / "askpass"
+        self._template = template.read_text()
+        self._config = template.with_name(template.name + ".login")
+
+    def next(self) -> tuple[Path, dict[str, str]]:
+        u = self._users.pop(0)
+        self._config.write_text(self._template.replace("@@USER@@", u["user"]))
+        return self._config, dict(
+            os.environ, SSH_ASKPASS=str(self._askpass), SSH_ASKPASS_REQUIRE="force",
+            DISPLAY=":0", BB_PASSWORD=self._info["password"],
+            BB_CODE=pyotp.TOTP(u["totp_secret"]).now())
+
+
+def scp_jump(config: Path, direction: str, local: Path, remote: str,
+             env: dict[str, str] | None) -> float:
+    """Seconds for one scp (SFTP protocol) through the ProxyJump in ``config``."""
+    src, dst = (str(local), f"web01:{remote}") if direction == "U" else (f"web01:{remote}",
+                                                                          "/dev/null")
+    t0 = time.perf_counter()
+    r = subprocess.run(["scp", "-q", "-F", str(config), src, dst], capture_output=True,
+                       timeout=900, env=env, stdin=subprocess.DEVNULL)
+    secs = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"scp -J ({config.name}) failed: {r.stderr.decode(errors='replace')}")
+    return secs
+
+
+def jump_bench(work: Path, args: argparse.Namespace, broker_port: int, bastion_port: int,
+               info: dict[str, Any], jump: dict[str, dict[str, list[float]]]) -> None:
+    """scp -J up and down: OpenSSH bastion vs the broker's recorded ProxyJump, alternating."""
+    os_cfg, bb_cfg = jump_configs(work, broker_port, bastion_port, info)
+    logins = JumpLogins(work, info, bb_cfg)
+    local = work / "jump.bin"
+    with open(local, "wb") as f:
+        f.truncate(args.jump_size)
+    remote = f"/tmp/bb-forward-bench-{os.getpid()}.bin"
+    recordings = work / "demo" / "recordings"
+    try:
+        for r in range(args.rounds):
+            order = ("openssh", "broker") if r % 2 == 0 else ("broker", "openssh")
+            for p in order:
+                for d in ("U", "D"):
+                    cfg, env = (os_cfg, None) if p == "openssh" else logins.next()
+                    secs = scp_jump(cfg, d, local, remote, env)
+                    jump[p][d].append(secs)
+                    log(f"round {r + 1} scp -J {p:8} {'down' if d == 'D' else 'up':4} "
+                        f"{args.jump_size / secs / 1e6:8.1f} MB/s")
+                    for rec in recordings.rglob("*.rec"):  # 1 GiB each: keep the disk free
+                        with contextlib.suppress(OSError):
+                            rec.unlink()
+    finally:
+        Path(remote).unlink(missing_ok=True)
+
+
+def jump_section(args: argparse.Namespace, jump: dict[str, dict[str, list[float]]]) -> str:
+    mbps = {p: {d: args.jump_size / statistics.median(v) / 1e6 for d, v in dirs.items()}
+            for p, dirs in jump.items()}
+    rows = []
+    for d, name in (("U", "up (scp file -> target)"), ("D", "down (target -> client)")):
+        ratio = mbps["broker"][d] / mbps["openssh"][d]
+        rows.append(f"| {name} | {mbps['openssh'][d]:.0f} MB/s | {mbps['broker'][d]:.0f} MB/s "
+                    f"| {ratio:.2f}x | {'met' if ratio >= 0.75 else 'missed'} |")
+    size = (f"{args.jump_size >> 30} GiB" if args.jump_size % (1 << 30) == 0
+            else f"{args.jump_size >> 20} MiB")
+    return (f"`scp -J` of {size} (SFTP protocol, a new login per copy) to the demo's `web01` "
+            "sshd, through an OpenSSH sshd bastion (raw channel) and through the broker's "
+            "recorded ProxyJump (inner connection terminated, sftp recorded and audited):\n\n"
+            "| direction | (a) OpenSSH bastion | (b) broker, recorded | ratio | goal >= 0.75x |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n")
 
 
 def write_docs(section: str) -> None:
@@ -245,6 +357,8 @@ def main() -> int:
     ap.add_argument("--size", type=parse_size, default=1 << 30)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--jump-size", type=parse_size, default=1 << 30,
+                    help="scp -J file size (0: skip the ProxyJump comparison)")
     ap.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)  # internal
     args = ap.parse_args()
     if args.sink:  # the destination, in its own process (and GIL) apart from the client
@@ -261,11 +375,14 @@ def main() -> int:
     sink = int(srv.stdout.readline())
     results: dict[str, dict[str, list[float]]] = {
         p: {"D": [], "U": []} for p in ("openssh", "broker")}
+    jump: dict[str, dict[str, list[float]]] = {
+        p: {"D": [], "U": []} for p in ("openssh", "broker")}
     try:
         with tempfile.TemporaryDirectory(prefix="bb-forward-") as tmp:
             work = Path(tmp)
-            ports = {"openssh": openssh_forward(work, procs, sink),
-                     "broker": broker_forward(work, procs, sink)}
+            os_lp, bastion_port = openssh_forward(work, procs, sink)
+            bb_lp, broker_port, info = broker_forward(work, procs, sink)
+            ports = {"openssh": os_lp, "broker": bb_lp}
             for lp in ports.values():  # warm-up, and a check that both paths work
                 transfer(lp, "D", 1 << 20)
                 transfer(lp, "U", 1 << 20)
@@ -277,6 +394,8 @@ def main() -> int:
                         results[p][d].append(secs)
                         log(f"round {r + 1} {p:8} {'down' if d == 'D' else 'up':4} "
                             f"{args.size / secs / 1e6:8.1f} MB/s")
+            if args.jump_size:
+                jump_bench(work, args, broker_port, bastion_port, info, jump)
     finally:
         procs.stop_all()
         srv.terminate()
@@ -301,6 +420,8 @@ def main() -> int:
             f"{p} " + ", ".join(f"{args.size / d / 1e6:.0f}/{args.size / u / 1e6:.0f}"
                                 for d, u in zip(results[p]["D"], results[p]["U"], strict=True))
             for p in ("openssh", "broker")) + ".\n\n")
+    if args.jump_size:
+        section += jump_section(args, jump)
     print(section)
     if not args.no_docs:
         write_docs(section)

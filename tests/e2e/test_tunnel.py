@@ -255,7 +255,8 @@ def test_idle_tunnel_ends(demo: Demo, tmp_path: Path) -> None:
             fw = start_forwarder(demo, broker, user, tmp_path, [f"web02:{port_of(echo)}"])
             try:
                 with socket.create_connection(("127.0.0.1", fw.locals[0]), timeout=20) as s:
-                    assert _echo(s, b"ping") == b"ping"
+                    # no traffic at all: ended by the idle timer (no echo asserted first, which
+                    # a busy machine could delay past the 1 s timeout)
                     assert closed_by_peer(s, timeout=30)
             finally:
                 fw.stop()
