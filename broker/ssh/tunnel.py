@@ -42,7 +42,8 @@ HELLO_CAP = rdp.MAX_PACKET + 4096  # bytes held while waiting for a first RDP pa
 def policy_of(deps: RelayDeps) -> fwd.PortPolicy:
     f = deps.config.forwarding
     return fwd.PortPolicy(
-        os_ports={k: frozenset(v) for k, v in f.ports.items()},
+        # an OS the [forwarding] ports table leaves out keeps its default (22 / 3389)
+        os_ports={**fwd.PortPolicy().os_ports, **{k: frozenset(v) for k, v in f.ports.items()}},
         stack_ports={k: frozenset(v) for k, v in f.stack_ports.items()},
         rdp_ports=frozenset(f.rdp_ports),
         raw_ssh_targets=frozenset(t.casefold() for t in f.raw_ssh_targets),

@@ -43,6 +43,30 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def _start_shadow(tmp: Path, sam: Path, env: dict[str, str]
+                  ) -> tuple[subprocess.Popen[bytes], int]:
+    """freerdp-shadow-cli on a free port; a port another process took meanwhile means a retry."""
+    logs = []
+    for attempt in range(3):
+        port = free_port()
+        log_path = tmp / f"shadow-{attempt}.log"
+        with open(log_path, "wb") as log:
+            shadow = subprocess.Popen(
+                ["freerdp-shadow-cli", "/bind-address:127.0.0.1", f"/port:{port}", "/sec:nla",
+                 f"/sam-file:{sam}"], env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while shadow.poll() is None and not _listening(port):
+            if time.monotonic() > deadline:
+                _stop(shadow)
+                raise AssertionError("freerdp-shadow-cli did not listen in 30 s: "
+                                     + log_path.read_text()[-2000:])
+            time.sleep(0.05)
+        if shadow.poll() is None:
+            return shadow, port
+        logs.append(log_path.read_text()[-2000:])
+    raise AssertionError("freerdp-shadow-cli exited at start three times:\n" + "\n".join(logs))
+
+
 @pytest.fixture(scope="module")
 def rdp_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RdpTarget]:
     tmp = tmp_path_factory.mktemp("rdp")
@@ -66,17 +90,8 @@ def rdp_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RdpTarget]:
         with open(sam, "wb") as f:
             subprocess.run(["winpr-hash", "-u", RDP_USER, "-p", RDP_PASSWORD, "-f", "sam"],
                            stdout=f, check=True)
-        port = free_port()
-        with open(tmp / "shadow.log", "wb") as log:
-            shadow = subprocess.Popen(
-                ["freerdp-shadow-cli", "/bind-address:127.0.0.1", f"/port:{port}", "/sec:nla",
-                 f"/sam-file:{sam}"], env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        shadow, port = _start_shadow(tmp, sam, env)
         try:
-            deadline = time.monotonic() + 30
-            while not _listening(port):
-                assert shadow.poll() is None, (tmp / "shadow.log").read_text()
-                assert time.monotonic() < deadline, "freerdp-shadow-cli did not listen"
-                time.sleep(0.05)
             yield RdpTarget(port, env)
         finally:
             _stop(shadow)
