@@ -153,7 +153,7 @@ class Demo:
         return self.stderr_path.read_text(errors="replace")
 
 
-def start_demo(state_dir: Path, users: int = 60, workers: int = 1) -> Demo:
+def start_demo(state_dir: Path, users: int = 150, workers: int = 1) -> Demo:
     state_dir.mkdir(parents=True, exist_ok=True)
     stderr_path = state_dir.parent / f"{state_dir.name}.stderr"
     err = open(stderr_path, "wb")

@@ -267,3 +267,28 @@ def test_killed_client_mid_download_leaves_an_unfinished_close_event(
     [summary] = [e for e in ev if e["event"] == "sftp.summary"]
     assert summary["downloads"] == 0
     assert summary["bytes_read"] == c["bytes_read"]
+
+
+def test_sftp_through_proxyjump_is_audited(demo: Demo, tmp_path: Path,
+                                           home: tuple[Path, str]) -> None:
+    from tests.e2e.test_jump import _config
+
+    user = demo.take_user()
+    homedir, name = home
+    cfg = _config(demo, tmp_path, user, trust=True)
+    data = os.urandom(2 * 1024 * 1024 + 5)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    batch = tmp_path / "batch"
+    batch.write_text(f"put {src} {name}.bin\n")
+    r = subprocess.run(["sftp", "-F", str(cfg), "-b", str(batch), "web01"], capture_output=True,
+                       timeout=120, env=demo.env(user))
+    assert r.returncode == 0, r.stderr
+    assert (homedir / f"{name}.bin").read_bytes() == data
+    deadline = time.monotonic() + 60
+    while not (rows := [s for s in _sessions(demo, user)
+                        if s["kind"] == "subsystem" and s["ended_at"]]):
+        assert time.monotonic() < deadline, "the sftp session through the jump did not end"
+        time.sleep(0.2)
+    [c] = [e for e in _events(demo, str(rows[0]["id"])) if e["event"] == "sftp.close"]
+    assert (c["transfer"], c["size"], c["sha256"]) == ("upload", len(data), _sha(data))
