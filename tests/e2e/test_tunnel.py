@@ -282,3 +282,25 @@ def test_ssh_port_is_the_recorded_jump_unless_raw_is_allowed(demo: Demo, lab: La
     sessions = _ended(demo, user, 2)
     assert sorted(s["kind"] for s in sessions if s["target"] in ("i-0web01", "i-0web02")) == [
         "jump", "tunnel"]
+
+
+def test_agent_and_x11_forwarding_are_refused(demo: Demo, tmp_path: Path) -> None:
+    user = demo.take_user()
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_for(sock.exists, "the ssh-agent socket")
+        env = demo.env(user)
+        env.update(SSH_AUTH_SOCK=str(sock), DISPLAY="127.0.0.1:99", XAUTHORITY="/dev/null")
+        r = subprocess.run(
+            [*demo.ssh_args(f"{user}+web01", "-A", "-X", "-v"),
+             'echo "agent=${SSH_AUTH_SOCK:-none} display=${DISPLAY:-none}"'],
+            capture_output=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    finally:
+        agent.terminate()
+        agent.wait()
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    assert r.stdout == b"agent=none display=none\n"
+    assert b"X11 forwarding request failed" in r.stderr
+    assert b"Requesting authentication agent forwarding" in r.stderr
