@@ -35,7 +35,9 @@ log = structlog.get_logger("broker.shipping.s3")
 Emit = Callable[..., None]
 _SESSION_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-")
 _CHUNK = 1 << 20
-CAST_WAIT_SECONDS = 600.0  # longest wait for a terminal session's .cast before shipping without
+# longest wait for a session's manifest and asciicast (written after its end) before shipping
+# without them (a seal that failed never comes; the audit log then says recording.seal_failed)
+LATE_FILES_WAIT_SECONDS = 600.0
 OPEN_MARKERS = ".open"  # DIR/.open/SESSION_ID: a recording whose session has not ended
 
 
@@ -155,8 +157,9 @@ class S3Shipper:
         if busy or newest > now - s.settle_seconds:
             self._spool.postpone(sid, now + max(s.settle_seconds, 0.5))
             return
-        if self._cast_pending(files) and now - job.queued_at < CAST_WAIT_SECONDS:
-            # a terminal session's asciicast is rendered after its end: ship them together
+        if self._late_file_missing(files) and now - job.queued_at < LATE_FILES_WAIT_SECONDS:
+            # the signed manifest and a terminal session's asciicast are written after the
+            # session's end, in the background: ship them together with the recording
             self._spool.postpone(sid, now + max(s.settle_seconds, 1.0))
             return
         if not files:
@@ -181,11 +184,16 @@ class S3Shipper:
         log.info("s3.uploaded", session_id=sid, objects=len(shipped))
 
     @staticmethod
-    def _cast_pending(files: list[tuple[Path, str]]) -> bool:
-        """A terminal recording (``term`` in its header) whose ``.cast`` is not there yet."""
+    def _late_file_missing(files: list[tuple[Path, str]]) -> bool:
+        """A recording without its ``.manifest.json`` yet, or a terminal recording (``term`` in
+        its header) without its ``.cast`` yet."""
         names = {p.name for p, _ in files}
         for p, _ in files:
-            if p.suffix == ".rec" and p.with_suffix(".cast").name not in names:
+            if p.suffix != ".rec":
+                continue
+            if f"{p.name.split('.', 1)[0]}.manifest.json" not in names:
+                return True
+            if p.with_suffix(".cast").name not in names:
                 try:
                     return bool(describe(p).get("term"))
                 except (OSError, ValueError, BrokerError):

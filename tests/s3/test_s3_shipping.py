@@ -40,7 +40,11 @@ class World:
     def emit(self, event: str, **fields: Any) -> None:
         self.events.append((event, fields))
 
-    def session(self, sid: str, files: dict[str, bytes], *, end: bool = True) -> dict[str, Path]:
+    def session(self, sid: str, files: dict[str, bytes], *, end: bool = True,
+                manifest: bool = True) -> dict[str, Path]:
+        """A finished session's files; with ``manifest`` also its signed manifest (stand-in)."""
+        if manifest:
+            files = {**files, ".manifest.json": b'{"manifest": {}, "signature": {}}\n'}
         day = self.recordings / DAY
         day.mkdir(parents=True, exist_ok=True)
         paths = {}
@@ -118,7 +122,8 @@ def test_finished_session_uploaded_verified_then_removed(world: World, proxy: Tc
     assert head["Metadata"]["sha256"] == hashlib.sha256(rec).hexdigest()
     assert not paths[".cast"].exists()
     assert live[".rec"].exists(), "a session without session.end must stay local"
-    assert versions(s3, bucket) == {prefix + f"{sid}.rec": 1, prefix + f"{sid}.cast": 1}
+    assert versions(s3, bucket) == {prefix + f"{sid}.rec": 1, prefix + f"{sid}.cast": 1,
+                                    prefix + f"{sid}.manifest.json": 1}
 
     names = [e for e, _ in world.events]
     assert names == ["recording.uploaded", "recording.local_removed"]
@@ -192,7 +197,8 @@ def test_s3_down_keeps_everything_then_resumes_without_duplicates(
     proxy.start()  # back: the same shipper resumes on its own
     run_until(sh, lambda: not any(p.exists() for p in paths.values()))
     got = versions(s3, bucket)
-    assert got == {f"recordings/{DAY}/{sid}/{sid}.rec": 1 for sid in sessions}
+    assert got == {f"recordings/{DAY}/{sid}/{sid}{suffix}": 1
+                   for sid in sessions for suffix in (".rec", ".manifest.json")}
     for sid, data in sessions.items():
         assert body(s3, bucket, f"recordings/{DAY}/{sid}/{sid}.rec") == data
 
@@ -211,11 +217,11 @@ def test_connection_cut_mid_multipart_then_resumed(world: World, proxy: TcpProxy
     job = world.spool.job(sid)
     assert job is not None and job.state == "pending" and job.attempts == 1, job
     assert path.exists()
-    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+    key = f"recordings/{DAY}/{sid}/{sid}.rec"
+    assert key not in versions(s3, bucket)  # (its manifest, shipped first, may be there)
     proxy.start()
     run_until(sh, lambda: not path.exists())
-    key = f"recordings/{DAY}/{sid}/{sid}.rec"
-    assert versions(s3, bucket) == {key: 1}
+    assert versions(s3, bucket) == {key: 1, key.replace(".rec", ".manifest.json"): 1}
     assert hashlib.sha256(body(s3, bucket, key)).digest() == hashlib.sha256(data).digest()
 
 
@@ -234,7 +240,8 @@ def test_upload_stored_before_a_crash_is_not_uploaded_twice(
     db.execute("UPDATE uploads SET state = 'pending', uploaded_at = NULL WHERE session_id = ?",
                (sid,))
     run_until(sh, lambda: (j := world.spool.job(sid)) is not None and j.state == "uploaded")
-    assert versions(s3, bucket) == {f"recordings/{DAY}/{sid}/{sid}.rec": 1}
+    assert versions(s3, bucket) == {f"recordings/{DAY}/{sid}/{sid}.rec": 1,
+                                    f"recordings/{DAY}/{sid}/{sid}.manifest.json": 1}
     assert path.exists()  # delete_local_after_upload = false keeps it
     assert [e for e, _ in world.events] == ["recording.uploaded", "recording.uploaded"]
 
@@ -270,13 +277,45 @@ def test_files_still_written_wait_and_late_files_are_shipped_before_removal(
     world.spool.postpone(sid, 0)
     sh.step()
     assert world.spool.job(sid).state == "uploaded"  # type: ignore[union-attr]
-    # a manifest written after the upload (by another part of the broker) is shipped first
-    manifest = paths[".rec"].with_suffix(".manifest.json")
-    manifest.write_text(json.dumps({"sha256": "x"}))
+    # a file that appears after the upload is shipped before anything is removed
+    late = paths[".rec"].with_suffix(".late.json")
+    late.write_text(json.dumps({"sha256": "x"}))
     assert sh.retention() == 0 and paths[".rec"].exists()
-    run_until(sh, lambda: not manifest.exists())
-    keys = set(versions(s3, bucket))
-    assert keys == {f"recordings/{DAY}/{sid}/{sid}.rec", f"recordings/{DAY}/{sid}/{sid}.manifest.json"}
+    run_until(sh, lambda: not late.exists())
+    assert set(versions(s3, bucket)) == {f"recordings/{DAY}/{sid}/{sid}{x}"
+                                         for x in (".rec", ".manifest.json", ".late.json")}
+
+
+def test_recording_waits_for_its_manifest(world: World, proxy: TcpProxy, s3: Any,
+                                          new_bucket: Callable[..., str]) -> None:
+    """The signed manifest is written in the background after session.end: wait for it."""
+    bucket = new_bucket()
+    sid = "0a1b2c3d-0000-4000-8000-00000000000b"
+    paths = world.session(sid, {".rec": b"frames"}, manifest=False)
+    sh = world.shipper(proxy.url, bucket)
+    sh.scan_audit()
+    sh.step()
+    job = world.spool.job(sid)
+    assert job is not None and job.state == "pending" and job.attempts == 0
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+    manifest = paths[".rec"].with_suffix(".manifest.json")
+    manifest.write_bytes(b"{}")
+    os.utime(manifest, (time.time() - 60, time.time() - 60))
+    world.spool.postpone(sid, 0)
+    run_until(sh, lambda: not paths[".rec"].exists())
+    assert set(versions(s3, bucket)) == {f"recordings/{DAY}/{sid}/{sid}{x}"
+                                         for x in (".rec", ".manifest.json")}
+    # after 10 minutes without one (the seal failed), the recording goes alone
+    sid2 = "0a1b2c3d-0000-4000-8000-00000000000c"
+    rec2 = world.session(sid2, {".rec": b"unsealed"}, manifest=False)[".rec"]
+    sh.scan_audit()
+    now = [time.time()]
+    sh._clock = lambda: now[0]
+    sh.step()
+    assert rec2.exists()
+    now[0] += 601
+    world.spool.postpone(sid2, 0)
+    run_until(sh, lambda: not rec2.exists())
 
 
 def test_a_session_without_files_is_not_retried_forever(world: World, proxy: TcpProxy,
@@ -324,15 +363,18 @@ def test_kill_9_after_s3_stored_the_object_then_restart(
     data = os.urandom(size)
     path = world.session(sid, {".rec": data})[".rec"]
     key = f"recordings/{DAY}/{sid}/{sid}.rec"
-    if size < 5 * MB:  # hold the answer to the PUT, or to CompleteMultipartUpload
+    manifest_key = key.replace(".rec", ".manifest.json")  # shipped first (sorted by name)
+    if size < 5 * MB:  # hold the answer to the first PUT (the manifest's)
         proxy.hold_if = lambda line: line.startswith(b"PUT ") and b"uploadId=" not in line
-    else:
+        held = manifest_key
+    else:  # the manifest goes through; hold the answer to CompleteMultipartUpload
         proxy.hold_if = lambda line: line.startswith(b"POST ") and b"uploadId=" in line
+        held = key
     proc = subprocess.Popen([sys.executable, "-c", CRASHING_SHIPPER, str(tmp_path), proxy.url,
                              bucket, REGION], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
-        while versions(s3, bucket).get(key, 0) == 0:  # moto has it; the answer is held back
+        while versions(s3, bucket).get(held, 0) == 0:  # moto has it; the answer is held back
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline, "the upload never reached moto"
             time.sleep(0.05)
@@ -340,14 +382,15 @@ def test_kill_9_after_s3_stored_the_object_then_restart(
         proc.kill()
         proc.wait()
     job = world.spool.job(sid)
-    assert job is not None and job.state == "pending" and world.spool.objects(sid) == {}
+    assert job is not None and job.state == "pending"
+    assert held not in {o.key for o in world.spool.objects(sid).values()}
     assert path.exists()
     proxy.stop()
     proxy.hold_if = None
     proxy.start()
     sh = world.shipper(proxy.url, bucket, multipart_threshold_mb=5, multipart_chunk_mb=5)
     run_until(sh, lambda: not path.exists())
-    assert versions(s3, bucket) == {key: 1}
+    assert versions(s3, bucket) == {key: 1, manifest_key: 1}
     assert body(s3, bucket, key) == data
 
 
@@ -358,7 +401,7 @@ def test_terminal_session_waits_for_its_asciicast(world: World, proxy: TcpProxy,
     bucket = new_bucket()
     sid = "0a1b2c3d-0000-4000-8000-00000000000a"
     rec = fmt.encode_header({"session_id": sid, "term": "xterm-256color"}) + b"frames"
-    paths = world.session(sid, {".rec": rec})
+    paths = world.session(sid, {".rec": rec})  # with its manifest, without its asciicast
     sh = world.shipper(proxy.url, bucket)
     sh.scan_audit()
     sh.step()
@@ -371,5 +414,5 @@ def test_terminal_session_waits_for_its_asciicast(world: World, proxy: TcpProxy,
     os.utime(cast, (old, old))
     world.spool.postpone(sid, 0)
     run_until(sh, lambda: not paths[".rec"].exists())
-    assert set(versions(s3, bucket)) == {f"recordings/{DAY}/{sid}/{sid}.rec",
-                                         f"recordings/{DAY}/{sid}/{sid}.cast"}
+    assert set(versions(s3, bucket)) == {f"recordings/{DAY}/{sid}/{sid}{x}"
+                                         for x in (".rec", ".cast", ".manifest.json")}

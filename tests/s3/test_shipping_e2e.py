@@ -142,6 +142,10 @@ def test_sessions_reach_s3_and_cloudwatch_across_an_outage(demo: Demo,
     wait_for("the local copy removed", lambda: not list((tmp / "rec").glob(f"*/{sid1}.*")))
     rec = fmt.parse(s3.get_object(Bucket=bucket, Key=rec_key(sid1))["Body"].read())
     assert fmt.output_bytes(rec.frames) == out1  # byte-exact: what the client received
+    # the signed manifest (written after the end, in the background) went with it
+    manifest = json.loads(s3.get_object(
+        Bucket=bucket, Key=rec_key(sid1).replace(".rec", ".manifest.json"))["Body"].read())
+    assert manifest["manifest"]["session_id"] == sid1
 
     # 2. endpoint hangs (accepts, never answers): sessions go on; the upload times out
     proxy.stop()
