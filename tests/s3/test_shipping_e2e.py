@@ -91,6 +91,7 @@ def setup(demo: Demo, moto_s3: MotoServer, tmp_path: Path) -> Iterator[dict[str,
     broker = Broker(proc, port)
     try:
         yield {"proxy": proxy, "s3": s3, "bucket": bucket, "group": group, "broker": broker,
+               "cfg": cfg,
                "known": demo.known_hosts_for(tmp_path, port), "tmp": tmp_path,
                "logs": boto3.client("logs", endpoint_url=moto_s3.url, region_name=REGION)}
     finally:
@@ -199,3 +200,46 @@ def test_sessions_reach_s3_and_cloudwatch_across_an_outage(demo: Demo,
     assert broker.stop() == 0
     assert "Traceback" not in broker.text(), broker.text()[-3000:]
     assert os.path.exists(spool)
+
+
+def test_a_session_cut_by_kill_9_is_repaired_then_shipped(demo: Demo,
+                                                          setup: dict[str, Any]) -> None:
+    """SIGKILL mid-session: the next start repairs the recording and logs its session.end;
+    the shipper then uploads it (and its interrupted-seal manifest) like any other."""
+    s3, bucket, broker = setup["s3"], setup["bucket"], setup["broker"]
+    tmp: Path = setup["tmp"]
+    user = demo.take_user()
+    ssh = subprocess.Popen(
+        [*demo.ssh_args(f"{user}+web01", port=broker.port, known_hosts=setup["known"]),
+         "echo before-the-crash; sleep 120"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        env=demo.env(user))
+    try:
+        assert ssh.stdout is not None
+        assert ssh.stdout.readline() == b"before-the-crash\n"
+        broker.proc.send_signal(signal.SIGKILL)
+        broker.proc.wait(30)
+        ssh.wait(60)
+    finally:
+        if ssh.poll() is None:
+            ssh.kill()
+            ssh.wait()
+    recs = list((tmp / "rec").glob("*/*.rec"))
+    assert len(recs) == 1
+    sid = recs[0].name.split(".")[0]
+    proc, _port = serve_broker(setup["cfg"])
+    again = Broker(proc, _port)
+    try:
+        key = f"/{sid}/{sid}.rec"
+        wait_for("the repaired recording in S3",
+                 lambda: any(k.endswith(key) for k in _objects(s3, bucket)))
+        full = next(k for k in _objects(s3, bucket) if k.endswith(key))
+        rec = fmt.parse(s3.get_object(Bucket=bucket, Key=full)["Body"].read())
+        assert fmt.output_bytes(rec.frames) == b"before-the-crash\n"
+        assert any(k.endswith(f"/{sid}/{sid}.manifest.json") for k in _objects(s3, bucket))
+        ends = [json.loads(x) for x in (tmp / "audit.jsonl").read_text().splitlines()]
+        assert [e for e in ends if e["event"] == "session.end" and e["session_id"] == sid]
+        wait_for("the local copy removed", lambda: not recs[0].exists())
+    finally:
+        assert again.stop() == 0
+    assert "Traceback" not in again.text(), again.text()[-3000:]
