@@ -259,6 +259,8 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
             return
         if self._sftp is not None:
             self._sftp.from_client(data)
+            if self._terminating is not None:  # its audit event could not be written
+                return
         self._up_chan.write(data)
 
     def _sftp_event(self, event: str, fields: dict[str, Any]) -> None:
