@@ -16,6 +16,7 @@ summary says so.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -132,7 +133,8 @@ class SftpAudit:
 
     def __init__(self, emit: Emit) -> None:
         self._emit = emit
-        self._pending: dict[int, tuple[Any, ...]] = {}
+        # OrderedDict: evicting the oldest stays O(1) (a dict's first key is found by a scan)
+        self._pending: OrderedDict[int, tuple[Any, ...]] = OrderedDict()
         self._files: dict[bytes, _File] = {}
         self.requests = Framer(_RequestSink(self), client_side=True)
         self.responses = Framer(_ResponseSink(self), client_side=False)
@@ -162,7 +164,7 @@ class SftpAudit:
     def _remember(self, req_id: int, req: tuple[Any, ...]) -> None:
         pending = self._pending
         if len(pending) >= MAX_PENDING and req_id not in pending:
-            del pending[next(iter(pending))]
+            pending.popitem(last=False)
             self.stats["untracked"] += 1
         pending[req_id] = req
 
