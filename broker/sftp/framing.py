@@ -80,6 +80,11 @@ class Framer:
             mode = self._mode
             if mode == _HEAD:
                 head = self._head
+                if not head and end - pos >= 13 and data[pos + 4] == self._bulk:
+                    used = self._bulk_in_place(data, pos, end)
+                    if used:
+                        pos += used
+                        continue
                 take = min(self._need - len(head), end - pos)
                 head += view[pos:pos + take]
                 pos += take
@@ -165,6 +170,35 @@ class Framer:
         else:
             self._left = count
             self._mode = _STREAM
+
+    def _bulk_in_place(self, data: bytes, pos: int, end: int) -> int:
+        """The head of a bulk packet lying wholly in this chunk (the common case), parsed where it
+        is; returns its size, or 0 to leave it (and any error report) to the general path."""
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        if self._bulk == FXP_DATA:
+            size = 13
+            count = int.from_bytes(data[pos + 9:pos + 13], "big")
+            if count != length - 9:
+                return 0
+            handle, offset = b"", 0
+        else:
+            hlen = int.from_bytes(data[pos + 9:pos + 13], "big")
+            size = 25 + hlen
+            if hlen > MAX_HANDLE or end - pos < size:
+                return 0
+            count = int.from_bytes(data[pos + 21 + hlen:pos + size], "big")
+            if count != length - 21 - hlen:
+                return 0
+            handle = data[pos + 13:pos + 13 + hlen]
+            offset = int.from_bytes(data[pos + 13 + hlen:pos + 21 + hlen], "big")
+        self._sink.data_start(self._bulk, int.from_bytes(data[pos + 5:pos + 9], "big"), handle,
+                              offset, count)
+        if count == 0:
+            self._sink.data_end()
+        else:
+            self._left = count
+            self._mode = _STREAM
+        return size
 
     def _deliver(self, ptype: int) -> None:
         body = bytes(self._head[5:])
