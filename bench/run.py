@@ -290,14 +290,15 @@ class Env:
         if mux:
             cmd += ["-o", "ControlMaster=no", "-o", f"ControlPath={self.mux[path]}"]
         env: dict[str, str] | None = None
-        if path == "broker":
+        if path in ("broker", "brokerkey"):
             if not mux:
                 login = login or self.pool.take()
             user = login.user if login else "alice"
             cmd += ["-l", f"{user}+{self.broker_target}"]
             if login is not None:
                 env = self.askpass_env(login)
-        cmd.append({"direct": "direct", "jump": "viajump", "broker": "broker"}[path])
+        cmd.append({"direct": "direct", "jump": "viajump", "broker": "broker",
+                    "brokerkey": "brokerkey"}[path])
         return cmd, env
 
     def askpass_env(self, login: Login) -> dict[str, str]:
@@ -369,7 +370,7 @@ def setup(args: argparse.Namespace, procs: Procs) -> Env:
     demo_json.unlink(missing_ok=True)
     broker_bin = Path(sys.executable).parent / "bastion-broker"
     demo = procs.start("broker demo",
-                       [str(broker_bin), "demo", "--state-dir", str(state),
+                       [str(broker_bin), "demo", "--state-dir", str(state), "--public-keys",
                         "--users", str(args.users), "--workers", str(args.workers)],
                        work / "demo.log", stop_signal=signal.SIGINT)
     for _ in range(1200):
@@ -416,6 +417,10 @@ def setup(args: argparse.Namespace, procs: Procs) -> Env:
         "Host jumphost", "  HostName 127.0.0.1", f"  Port {jump_port}", *key_auth,
         "Host broker", "  HostName 127.0.0.1", f"  Port {info['ssh_port']}",
         "  PreferredAuthentications keyboard-interactive", "  BatchMode no",
+        # the demo's registered user key replaces the password; the code is still asked
+        "Host brokerkey", "  HostName 127.0.0.1", f"  Port {info['ssh_port']}",
+        f"  IdentityFile {info['user_key']}", "  IdentitiesOnly yes",
+        "  PreferredAuthentications publickey,keyboard-interactive", "  BatchMode no",
         "Host *", *common, "",
     ]))
     return Env(
@@ -836,13 +841,24 @@ async def measure_memory(env: Env, shells: int, concurrency: int) -> dict[str, f
 
 # -- new sessions per second -------------------------------------------------------------------
 
+def argon2_cpu_ms() -> float:
+    """CPU of one password check as the demo's static directory does it (argon2id)."""
+    from broker.identity.passwords import hash_password, verify_password_sync
+
+    stored = hash_password("benchmark-password")
+    t = time.process_time()
+    for _ in range(10):
+        verify_password_sync(stored, "benchmark-password")
+    return (time.process_time() - t) / 10 * 1000
+
+
 def session_rate(env: Env, path: str, clients: int,
                  seconds: float) -> tuple[float, int, str, float]:
     """New connections/s, each fully authenticated on every hop, running `true`; and the
     bastion's CPU seconds per session (broker process, or OpenSSH bastion sshd with its
     per-connection processes; 0 for the direct path)."""
     deadline = time.monotonic() + seconds
-    pid = {"broker": env.broker_pid, "jump": env.jump_pid}.get(path)
+    pid = {"broker": env.broker_pid, "brokerkey": env.broker_pid, "jump": env.jump_pid}.get(path)
     cpu0 = cpu_seconds(pid, children=True) if pid else 0.0
     ok = [0] * clients
     errors: list[str] = []
@@ -903,6 +919,7 @@ def check_disk(env: Env, size: int) -> None:
 def run_all(args: argparse.Namespace) -> Results:
     res = Results()
     res.extra["load_before"] = os.getloadavg()
+    res.extra["argon2_cpu_ms"] = argon2_cpu_ms()
     procs = Procs()
     env: Env | None = None
     try:
@@ -937,14 +954,14 @@ def run_all(args: argparse.Namespace) -> Results:
                         env.clear_recordings()
                     log(f"  {kind:8s} {path:6s} {args.size / secs / (1 << 20):8.1f} MiB/s"
                         + (f"  broker CPU {cpu / secs:.0%}" if path == "broker" else ""))
-            for path in order if "rate" in args.only else ():
+            for path in (*order, "brokerkey") if "rate" in args.only else ():
                 rate, errs, first, cpu = session_rate(env, path, args.clients, args.rate_seconds)
                 res.add("rate", path, rate)
                 if path != "direct":
                     res.add("rate_cpu_ms", path, cpu * 1000)
                 if errs:
                     res.extra.setdefault("rate_errors", []).append(f"{path}: {errs} x {first}")
-                log(f"  sessions {path:6s} {rate:6.1f}/s ({errs} errors)"
+                log(f"  sessions {path:9s} {rate:6.1f}/s ({errs} errors)"
                     + (f"  bastion CPU {cpu * 1000:.1f} ms/session" if cpu else ""))
             if "echo" in args.only:
                 log("  echo p50 ms: " + ", ".join(
@@ -1002,6 +1019,11 @@ def render(res: Results, args: argparse.Namespace, command: str, when: datetime 
     row("Keystroke echo p99, ms", "echo_p99", 3, "", None)
     row(f"New sessions/s, {args.clients} concurrent clients", "rate", 1, ">= 1.5x",
         lambda x: x >= 1.5)
+    a, b, k = (res.med("rate", p) for p in ("direct", "jump", "brokerkey"))
+    if k is not None:
+        rows.append(f"| New sessions/s, broker with a registered key + code instead of password + "
+                    f"code | {fmt(a)} | {fmt(b)} | {fmt(k)} | {fmt(k / b if b else None, 2)}x | "
+                    f"(>= 1.5x) | {'yes' if b and k / b >= 1.5 else '**no**'} |")
     row("New session on an open connection (`true`), ms", "open", 1, "", None)
     mem: dict[str, Any] = res.extra.get("memory") or defaultdict(lambda: None)  # --only
     b_rss, b_pss = mem["jump_rss_kib_per_session"], mem["jump_pss_kib_per_session"]
@@ -1018,7 +1040,7 @@ def render(res: Results, args: argparse.Namespace, command: str, when: datetime 
     per_round = []
     for metric in ("download", "upload", "text", "echo_p50", "echo_p99", "rate", "open"):
         parts = []
-        for p in PATHS:
+        for p in (*PATHS, "brokerkey") if metric == "rate" else PATHS:
             vals = res.values.get(metric, {}).get(p, [])
             parts.append(f"{p} " + " / ".join(fmt(v, 3 if "echo" in metric else 1)
                                               for v in vals))
@@ -1050,7 +1072,9 @@ def render(res: Results, args: argparse.Namespace, command: str, when: datetime 
         + ", ".join(f"{k} {fmt((v or 0) * 100, 0)}%" for k, v in cpu.items()) + ". "
         "Bastion CPU per new session in the session-rate run (median; user + system, the "
         "OpenSSH bastion's including its per-connection sshd processes): broker "
-        f"{fmt(res.med('rate_cpu_ms', 'broker'))} ms, OpenSSH bastion "
+        f"{fmt(res.med('rate_cpu_ms', 'broker'))} ms with password + code (the argon2id check "
+        f"alone is ~{fmt(res.extra.get('argon2_cpu_ms'))} ms), "
+        f"{fmt(res.med('rate_cpu_ms', 'brokerkey'))} ms with key + code; OpenSSH bastion "
         f"{fmt(res.med('rate_cpu_ms', 'jump'))} ms.",
         "",
         f"Memory detail: OpenSSH bastion {fmt(mem['jump_processes'], 0)} sshd processes, "

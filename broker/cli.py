@@ -51,7 +51,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UsageError("--users must be between 1 and 5000")
     if not 0 <= args.workers <= 64:
         raise UsageError("--workers must be between 0 (one per core) and 64")
-    return run_demo(Path(args.state_dir), args.ssh_port, args.users, args.workers)
+    return run_demo(Path(args.state_dir), args.ssh_port, args.users, args.workers,
+                    public_keys=args.public_keys)
 
 
 # -- sessions / play / export ------------------------------------------------------------------
@@ -330,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="demo users: alice plus user002..userN (for trying concurrency)")
     s.add_argument("--workers", type=int, default=1,
                    help="broker processes sharing the port (0: one per core)")
+    s.add_argument("--public-keys", action="store_true",
+                   help="also accept a demo SSH key (written to the state dir) instead of the "
+                        "password; the code is still asked")
     s.set_defaults(func=cmd_demo)
 
     from broker.cli_grants import register as register_grants

@@ -161,7 +161,8 @@ def _toml_str(s: str) -> str:
     return json.dumps(s)  # a JSON string is a valid TOML basic string
 
 
-def prepare(state_dir: Path, ssh_port: int, users: int, workers: int = 1) -> dict[str, Any]:
+def prepare(state_dir: Path, ssh_port: int, users: int, workers: int = 1,
+            public_keys: bool = False) -> dict[str, Any]:
     """Write config, keys, users, inventory and grants; return the demo description."""
     state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
@@ -203,7 +204,8 @@ def prepare(state_dir: Path, ssh_port: int, users: int, workers: int = 1) -> dic
         f"workers = {workers}\n\n"
         f'[upstream]\nadmin_login = "{admin_login}"\nread_only_login = "{ro_login}"\n\n'
         f'[identity]\nbackend = "static"\nusers_file = "users.toml"\n'
-        f'default_domain = "{DOMAIN}"\ndomain_aliases = {{ CORP = "{DOMAIN}" }}\n\n'
+        f'default_domain = "{DOMAIN}"\ndomain_aliases = {{ CORP = "{DOMAIN}" }}\n'
+        + ("public_keys = true\n" if public_keys else "") + "\n"
         f'[inventory]\nbackend = "static"\nfile = "inventory.toml"\n\n'
         "# Every demo client comes from loopback: never penalise it for failed logins\n"
         '[limits]\npenalty_exempt = ["127.0.0.0/8", "::1/128"]\n\n'
@@ -215,8 +217,17 @@ def prepare(state_dir: Path, ssh_port: int, users: int, workers: int = 1) -> dic
             "web_url": f"http://127.0.0.1:{web_port}"}
 
 
-async def _seed(config_path: Path, names: list[str]) -> dict[str, str]:
-    """Enrol TOTP and grant read-only access to the web stack for every demo user."""
+def demo_user_key(state_dir: Path) -> Path:
+    """The demo's user key (private, OpenSSH format), created once: ``--public-keys``."""
+    path = state_dir / "demo_user_ed25519"
+    load_or_create_key(path, "bastion-broker demo user key")  # also writes PATH.pub
+    return path
+
+
+async def _seed(config_path: Path, names: list[str],
+                user_key: Path | None = None) -> dict[str, str]:
+    """Enrol TOTP and grant read-only access to the web stack for every demo user (and register
+    ``user_key`` for each, when given)."""
     from broker.app import open_stores
 
     config = load_config(config_path)
@@ -228,6 +239,9 @@ async def _seed(config_path: Path, names: list[str]) -> dict[str, str]:
             key = f"{n}@{DOMAIN}"
             secret = totp.new_secret()
             await stores.totp.set_secret(key, secret)
+            if user_key is not None:
+                pub = user_key.with_name(user_key.name + ".pub").read_text().strip()
+                await stores.keys.add(key, pub, "demo")
             secrets_by_user[n] = secret
             grant = Grant(
                 id=f"g-demo-{n}", username=n, domain=DOMAIN, stack_ids=(GRANTED_STACK,),
@@ -247,16 +261,18 @@ async def _seed(config_path: Path, names: list[str]) -> dict[str, str]:
     return secrets_by_user
 
 
-def run_demo(state_dir: Path, ssh_port: int, users: int, workers: int = 1) -> int:
+def run_demo(state_dir: Path, ssh_port: int, users: int, workers: int = 1,
+             public_keys: bool = False) -> int:
     from broker import logs
     from broker.app import run
 
     state_dir = state_dir.resolve()
-    info = prepare(state_dir, ssh_port, users, workers)
+    info = prepare(state_dir, ssh_port, users, workers, public_keys)
     config_path = state_dir / "broker.toml"
     config = load_config(config_path)
     logs.configure(config.log_level)
-    secrets_by_user = asyncio.run(_seed(config_path, info["names"]))
+    user_key = demo_user_key(state_dir) if public_keys else None
+    secrets_by_user = asyncio.run(_seed(config_path, info["names"], user_key))
     targets: list[Target] = info["targets"]
     try:
         for t in targets:
@@ -278,6 +294,7 @@ def run_demo(state_dir: Path, ssh_port: int, users: int, workers: int = 1) -> in
                 "target_ports": {t.name: t.port for t in targets},
                 "target_logs": {t.name: str(t.dir / "sshd.log") for t in targets},
                 "users": users_out, "pid": os.getpid(), "web_url": info["web_url"],
+                "user_key": str(user_key) if user_key else None,
             }
             out = state_dir / "demo.json"
             tmp = state_dir / "demo.json.tmp"
