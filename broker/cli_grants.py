@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.cli_output import out as _out
+from broker.cli_output import printable
 from broker.cli_output import table as _table
 from broker.domain.models import Level, Trigger
 from broker.domain.workflow import WorkflowError
@@ -271,9 +272,10 @@ def _print_grant(g: dict[str, Any], as_json: bool, verb: str = "") -> None:
     if as_json:
         _out(json.dumps(g, indent=2))
         return
-    _out(f"grant {g['id']}{(' ' + verb) if verb else ''}: {g['state']} {g['level']} for "
-         f"{g['user']}@{g['domain']} on {','.join(g['stacks'])} ({g['vpc']}) "
-         f"from {_when(g['starts_at'])} until {_when(g['expires_at'])} UTC")
+    _out(printable(
+        f"grant {g['id']}{(' ' + verb) if verb else ''}: {g['state']} {g['level']} for "
+        f"{g['user']}@{g['domain']} on {','.join(g['stacks'])} ({g['vpc']}) "
+        f"from {_when(g['starts_at'])} until {_when(g['expires_at'])} UTC"))
 
 
 def _print_show(g: dict[str, Any], as_json: bool) -> None:
@@ -287,7 +289,7 @@ def _print_show(g: dict[str, Any], as_json: bool) -> None:
             v = ",".join(v)
         if k in ("starts_at", "expires_at"):
             v = _when(v) + " UTC"
-        _out(f"{k + ':':14}{v}")
+        _out(f"{k + ':':14}{printable(v)}")  # reason, ticket: requester-supplied text
     _out()
     _table([{**h, "at": _when(h["at"])} for h in g.get("history", [])],
            ["at", "actor", "action", "state", "comment"])

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from broker.cli_output import out
+from broker.cli_output import out, printable
 from broker.errors import NotFoundError, UsageError
 
 
@@ -45,15 +45,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             status = "OK" if r.ok else f"FAILED ({errors} problem{'s' if errors != 1 else ''})"
             if warnings:
                 status += f", {warnings} warning{'s' if warnings != 1 else ''}"
-            out(_printable(f"{r.subject}: {status}"))
+            out(printable(f"{r.subject}: {status}"))
             for f in r.findings:
-                out(_printable(f"  {f.severity}: {f.message} [{f.code}]"))
+                out(printable(f"  {f.severity}: {f.message} [{f.code}]"))
     return 0 if ok else 1
-
-
-def _printable(text: str) -> str:
-    """Messages quote damaged files: never let their control characters reach the terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -210,9 +210,9 @@ def test_hostile_file_names_in_a_manifest_are_refused(sealed: Sealed) -> None:
 
 
 def test_cli_output_escapes_control_characters() -> None:
-    from broker.cli_verify import _printable
+    from broker.cli_output import printable
 
-    assert _printable("key '\x1b]0;x\x07' ok é") == "key '\\x1b]0;x\\x07' ok é"
+    assert printable("key '\x1b]0;x\x07' ok é\x9b") == "key '\\x1b]0;x\\x07' ok é\\x9b"
 
 
 def test_local_copy_removed_after_upload_is_not_tampering(sealed: Sealed) -> None:
