@@ -308,7 +308,16 @@ class Env:
         env.pop("DISPLAY", None)
         return env
 
-    def clear_recordings(self) -> None:
+    def clear_recordings(self, timeout: float = 60.0) -> None:
+        """Delete the recordings once the broker has sealed them: a session's signed manifest is
+        written in the background after it ends (hashing ~1.7 s per GiB), and deleting earlier
+        would fail that seal and let its CPU overlap the next measurement."""
+        deadline = time.monotonic() + timeout
+        while self.recordings.is_dir() and time.monotonic() < deadline:
+            recs = list(self.recordings.rglob("*.rec"))
+            if all(r.with_name(r.name[:-4] + ".manifest.json").exists() for r in recs):
+                break
+            time.sleep(0.1)
         if self.recordings.is_dir():
             for p in self.recordings.iterdir():
                 if p.is_dir():
