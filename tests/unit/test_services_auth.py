@@ -344,5 +344,8 @@ async def test_unknown_user_and_wrong_password_take_the_same_time(
         t0 = time.perf_counter()
         await auth.login(f"nobody{i}", None, f"wrong-{i}", "000000", "p")
         unknown.append(time.perf_counter() - t0)
-    diff_ms = abs(statistics.median(known) - statistics.median(unknown)) * 1000
-    assert diff_ms < 5, (statistics.median(known), statistics.median(unknown))
+    k, u = statistics.median(known), statistics.median(unknown)
+    # both pay one argon2 check (~20-40 ms): without the dummy check an unknown user would take
+    # well under 1 ms; a loaded machine stretches both alike, so the bound is relative
+    assert abs(k - u) < 0.005 + 0.25 * max(k, u), (k, u)
+    assert u > 0.5 * k, (k, u)
