@@ -33,11 +33,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from broker.aws_names import check_endpoint, check_region
 from broker.domain.models import Instance
 
 log = structlog.get_logger("broker.inventory.aws")
@@ -49,7 +49,6 @@ ASG_BATCH = 50
 MAX_NESTING = 5  # nested CloudFormation stacks followed at most this deep
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")  # what a user can type after '+'
 _LOGIN_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
 
 Clock = Callable[[], float]
 
@@ -91,24 +90,8 @@ class AwsInventorySettings(BaseModel):
     admin_login_tag: str | None = None
     read_only_login_tag: str | None = None
 
-    @field_validator("region")
-    @classmethod
-    def _region(cls, v: str) -> str:
-        if not _REGION_RE.match(v):
-            raise ValueError(f"not an AWS region name: {v!r}")
-        return v
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _endpoint(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http(s) URL")
-        if parts.username or parts.password:
-            raise ValueError("must not contain credentials (use the AWS credential chain)")
-        return v
+    _region = field_validator("region")(check_region)
+    _endpoint = field_validator("endpoint_url")(check_endpoint)
 
     @field_validator("stacks", "vpc_ids")
     @classmethod

@@ -10,11 +10,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+from broker.aws_names import check_endpoint, check_region
+
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _LOG_NAME_RE = re.compile(r"^[A-Za-z0-9_\-/.#]{1,512}$")
 _MB = 1024 * 1024
@@ -39,24 +39,8 @@ class AwsConnection(_Model):
     backoff_initial_seconds: float = Field(default=2.0, gt=0, le=600)
     backoff_max_seconds: float = Field(default=300.0, gt=0, le=86400)
 
-    @field_validator("region")
-    @classmethod
-    def _region(cls, v: str) -> str:
-        if not _REGION_RE.match(v):
-            raise ValueError(f"not an AWS region name: {v!r}")
-        return v
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _endpoint(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http(s) URL")
-        if parts.username or parts.password:
-            raise ValueError("must not contain credentials")
-        return v
+    _region = field_validator("region")(check_region)
+    _endpoint = field_validator("endpoint_url")(check_endpoint)
 
     @model_validator(mode="after")
     def _credentials(self) -> AwsConnection:
