@@ -16,6 +16,9 @@ from typing import Any
 import pyotp
 import pytest
 
+# moto server, fake AWS credentials and a failure-injecting proxy: for tests/aws and tests/s3
+from tests.aws.conftest import fake_aws_env, moto, proxy  # noqa: F401
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent / "bastion-broker"
 

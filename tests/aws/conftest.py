@@ -24,6 +24,7 @@ import boto3
 import pytest
 
 from broker.inventory.aws import AwsInventorySettings
+from tests.s3.proxy import TcpProxy
 
 REGION = "eu-west-1"
 LINUX_AMI = "ami-760aaa0f"    # moto's Amazon Linux image: no Platform
@@ -112,14 +113,24 @@ def fake_aws_env() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def moto(fake_aws_env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    if not MOTO_SERVER.exists():
-        pytest.skip(f"{MOTO_SERVER} not installed (pip install 'moto[server]')")
+    assert MOTO_SERVER.exists(), f"{MOTO_SERVER} missing: run scripts/bootstrap"
     server = start_moto(tmp_path_factory.mktemp("moto"))
     assert_loopback(server.url)
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def proxy(moto: MotoServer) -> Iterator[TcpProxy]:
+    """A loopback TCP proxy in front of moto that a test can stop, hang or cut."""
+    p = TcpProxy(moto.port)
+    p.start()
+    try:
+        yield p
+    finally:
+        p.stop()
 
 
 @dataclass

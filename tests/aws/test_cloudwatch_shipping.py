@@ -29,16 +29,6 @@ class _Clock:
 
 
 @pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[TcpProxy]:
-    p = TcpProxy(moto.port)
-    p.start()
-    try:
-        yield p
-    finally:
-        p.stop()
-
-
-@pytest.fixture
 def logs(moto: MotoServer) -> Any:
     return boto3.client("logs", endpoint_url=moto.url, region_name=REGION)
 

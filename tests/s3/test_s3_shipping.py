@@ -153,11 +153,11 @@ def test_large_file_goes_multipart(world: World, proxy: TcpProxy, s3: Any,
     assert hashlib.sha256(body(s3, bucket, key)).digest() == hashlib.sha256(data).digest()
 
 
-def test_sse_kms_and_object_lock_are_applied(world: World, proxy: TcpProxy, s3: Any, moto_s3: Any,
+def test_sse_kms_and_object_lock_are_applied(world: World, proxy: TcpProxy, s3: Any, moto: Any,
                                              new_bucket: Callable[..., str]) -> None:
     import boto3
 
-    kms = boto3.client("kms", endpoint_url=moto_s3.url, region_name=REGION)
+    kms = boto3.client("kms", endpoint_url=moto.url, region_name=REGION)
     key_id = kms.create_key(Description="recordings")["KeyMetadata"]["KeyId"]
     bucket = new_bucket(object_lock=True)
     sid = "0a1b2c3d-0000-4000-8000-000000000003"

@@ -64,10 +64,10 @@ class Broker:
 
 
 @pytest.fixture
-def setup(demo: Demo, moto_s3: MotoServer, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    proxy = TcpProxy(moto_s3.port)
+def setup(demo: Demo, moto: MotoServer, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    proxy = TcpProxy(moto.port)
     proxy.start()
-    s3 = boto3.client("s3", endpoint_url=moto_s3.url, region_name=REGION)
+    s3 = boto3.client("s3", endpoint_url=moto.url, region_name=REGION)
     bucket = f"e2e-{uuid.uuid4().hex[:16]}"
     s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
     s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
@@ -93,7 +93,7 @@ def setup(demo: Demo, moto_s3: MotoServer, tmp_path: Path) -> Iterator[dict[str,
         yield {"proxy": proxy, "s3": s3, "bucket": bucket, "group": group, "broker": broker,
                "cfg": cfg,
                "known": demo.known_hosts_for(tmp_path, port), "tmp": tmp_path,
-               "logs": boto3.client("logs", endpoint_url=moto_s3.url, region_name=REGION)}
+               "logs": boto3.client("logs", endpoint_url=moto.url, region_name=REGION)}
     finally:
         broker.stop()
         proxy.stop()
