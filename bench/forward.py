@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import platform
-import re
 import socket
 import socketserver
 import statistics
@@ -39,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import pyotp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import free_port, log, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -56,23 +58,6 @@ case "$1" in
   *) exit 1;;
 esac
 """
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"(\d+)([KMG]?)(i?B)?", text.strip(), re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 64M, 1G)")
-    return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Sink(socketserver.BaseRequestHandler):

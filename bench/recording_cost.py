@@ -128,19 +128,8 @@ def setup(args: argparse.Namespace, procs: base.Procs) -> Bench:
     os.chmod(work, 0o755)  # noqa: S103 - like bench/run.py
     log(f"work directory {work}")
     state = work / "demo-state"
-    state.mkdir(mode=0o700)
-    demo_json = state / "demo.json"
+    info = base.start_demo(procs, work, state, "--users", str(args.users), "--workers", "1")
     broker_bin = Path(sys.executable).parent / "bastion-broker"
-    demo = procs.start("broker demo", [str(broker_bin), "demo", "--state-dir", str(state),
-                                       "--users", str(args.users), "--workers", "1"],
-                       work / "demo.log", stop_signal=signal.SIGINT)
-    for _ in range(1200):
-        if demo_json.exists() or demo.poll() is not None:
-            break
-        time.sleep(0.05)
-    if not demo_json.exists():
-        raise RuntimeError(f"the demo did not become ready; see {work / 'demo.log'}")
-    info = json.loads(demo_json.read_text())
     log(f"recorded broker (demo) on port {info['ssh_port']}, pid {info['pid']}")
 
     cfg, rec_dir, audit = unrecorded_config(state, work)

@@ -43,6 +43,8 @@ from typing import Any
 import asyncssh
 import pyotp
 
+from broker.demo import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
 RESULTS = REPO / "bench" / "results"
@@ -217,12 +219,6 @@ def wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: floa
     raise RuntimeError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- environment -------------------------------------------------------------------------------
@@ -365,6 +361,24 @@ def start_sshd(env_work: Path, procs: Procs, name: str, port: int, forwarding: b
     return proc.pid
 
 
+def start_demo(procs: Procs, work: Path, state: Path, *demo_args: str) -> dict[str, Any]:
+    """``bastion-broker demo --state-dir STATE DEMO_ARGS...``; its demo.json once it is ready."""
+    state.mkdir(mode=0o700)
+    demo_json = state / "demo.json"
+    broker_bin = Path(sys.executable).parent / "bastion-broker"
+    demo = procs.start("broker demo",
+                       [str(broker_bin), "demo", "--state-dir", str(state), *demo_args],
+                       work / "demo.log", stop_signal=signal.SIGINT)
+    for _ in range(1200):
+        if demo_json.exists() or demo.poll() is not None:
+            break
+        time.sleep(0.05)
+    if not demo_json.exists():
+        raise RuntimeError(f"the demo did not become ready; see {work / 'demo.log'}")
+    info: dict[str, Any] = json.loads(demo_json.read_text())
+    return info
+
+
 def setup(args: argparse.Namespace, procs: Procs) -> Env:
     work = Path(tempfile.mkdtemp(prefix="bb-bench-"))
     os.chmod(work, 0o755)  # noqa: S103 - the target login must read authorized_keys
@@ -374,21 +388,8 @@ def setup(args: argparse.Namespace, procs: Procs) -> Env:
 
     # the broker demo: its own sshd targets trusting the broker's CA
     state = work / "demo-state"
-    state.mkdir(mode=0o700)
-    demo_json = state / "demo.json"
-    demo_json.unlink(missing_ok=True)
-    broker_bin = Path(sys.executable).parent / "bastion-broker"
-    demo = procs.start("broker demo",
-                       [str(broker_bin), "demo", "--state-dir", str(state), "--public-keys",
-                        "--users", str(args.users), "--workers", str(args.workers)],
-                       work / "demo.log", stop_signal=signal.SIGINT)
-    for _ in range(1200):
-        if demo_json.exists() or demo.poll() is not None:
-            break
-        time.sleep(0.05)
-    if not demo_json.exists():
-        raise RuntimeError(f"the demo did not become ready; see {work / 'demo.log'}")
-    info = json.loads(demo_json.read_text())
+    info = start_demo(procs, work, state, "--public-keys", "--users", str(args.users),
+                      "--workers", str(args.workers))
     login_name = str(info["read_only_login"])
     log(f"broker demo ready on port {info['ssh_port']} (pid {info['pid']}, "
         f"{len(info['users'])} users, target login {login_name})")
