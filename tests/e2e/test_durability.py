@@ -160,6 +160,16 @@ def test_exec_without_pty_records_stdin_stdout_stderr_and_exit_status(demo: Demo
     assert not (Path(str(row["recording"])).parent.parent / OPEN_DIR / str(row["id"])).exists()
 
 
+async def _start_ssh(demo: Demo, tmp_path: Path, port: int, user: str,
+                     command: str) -> asyncio.subprocess.Process:
+    """The real OpenSSH client running ``command`` on web01 through the broker on ``port``."""
+    return await asyncio.create_subprocess_exec(
+        *demo.ssh_args(f"{user}+web01", port=port,
+                       known_hosts=demo.known_hosts_for(tmp_path, port)),
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        env=demo.env(user))
+
+
 async def test_a_session_whose_recording_cannot_start_does_not_start(
     demo: Demo, tmp_path: Path
 ) -> None:
@@ -171,11 +181,7 @@ async def test_a_session_whose_recording_cannot_start_does_not_start(
     witness = Path(tempfile.gettempdir()) / f"bb-unrecorded-{uuid.uuid4().hex}"
     try:
         user = demo.take_user()
-        proc = await asyncio.create_subprocess_exec(
-            *demo.ssh_args(f"{user}+web01", port=port,
-                           known_hosts=demo.known_hosts_for(tmp_path, port)),
-            f"touch {witness}", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL, env=demo.env(user))
+        proc = await _start_ssh(demo, tmp_path, port, user, f"touch {witness}")
         _out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 255
         assert b"session recording unavailable; access refused" in err
@@ -195,11 +201,7 @@ async def test_live_recordings_are_flushed_to_disk_periodically(
     port = await broker.start()
     try:
         user = demo.take_user()
-        proc = await asyncio.create_subprocess_exec(
-            *demo.ssh_args(f"{user}+web01", port=port,
-                           known_hosts=demo.known_hosts_for(tmp_path, port)),
-            "echo first; sleep 60", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL, env=demo.env(user))
+        proc = await _start_ssh(demo, tmp_path, port, user, "echo first; sleep 60")
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 60)
         assert line == b"first\n"
@@ -227,11 +229,7 @@ async def test_below_min_free_no_new_session_starts(
     witness = Path(tempfile.gettempdir()) / f"bb-disk-low-{uuid.uuid4().hex}"
     try:
         user = demo.take_user()
-        proc = await asyncio.create_subprocess_exec(
-            *demo.ssh_args(f"{user}+web01", port=port,
-                           known_hosts=demo.known_hosts_for(tmp_path, port)),
-            f"touch {witness}", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL, env=demo.env(user))
+        proc = await _start_ssh(demo, tmp_path, port, user, f"touch {witness}")
         _out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 255
         assert b"recording storage on this bastion is almost full" in err
@@ -260,11 +258,7 @@ async def _disk_session(demo: Demo, tmp_path: Path, rec_dir: Path, policy: str,
     broker = Broker(load_config(cfg))
     port = await broker.start()
     user = demo.take_user()
-    proc = await asyncio.create_subprocess_exec(
-        *demo.ssh_args(f"{user}+web01", port=port,
-                       known_hosts=demo.known_hosts_for(tmp_path, port)),
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        env=demo.env(user))
+    proc = await _start_ssh(demo, tmp_path, port, user, command)
     out, err = await asyncio.wait_for(proc.communicate(), 90)
     assert proc.returncode is not None
     return broker, user, out, err, proc.returncode
