@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -15,17 +15,7 @@ from broker.audit.jsonl import JsonlAuditLog
 from broker.domain.audit import encode_event, line_hash
 from broker.integrity.keys import SigningKey, load_or_create_signing_key
 from broker.integrity.verify import Report, verify_audit, verify_audit_lines
-
-T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = T0
-
-    def now(self) -> datetime:
-        self.t += timedelta(seconds=1)
-        return self.t
+from tests.unit.test_audit_chain import FakeClock
 
 
 class Mono:
