@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from broker.identity.ldap import ADDirectory
 from tests.ad.samba import (  # re-exported: the tests import these from here
     ADMIN_PASSWORD,
     BASE_DN,
@@ -37,6 +38,14 @@ def samba_dc() -> Iterator[SambaDC]:
         pytest.fail(problem)
     with running_dc() as dc:
         yield dc
+
+
+@pytest.fixture
+async def ad(samba_dc: SambaDC) -> AsyncIterator[ADDirectory]:
+    """A fresh ADDirectory on the test DC (its pools and timing samples start empty)."""
+    d = ADDirectory(ad_settings(samba_dc))
+    yield d
+    d.close()
 
 
 class HangServer:

@@ -4,7 +4,6 @@ against a real Samba AD DC."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -14,13 +13,6 @@ from broker.identity.ldap import ADDirectory
 from tests.ad.conftest import FQDN, PASSWORD, SVC_USER, HangServer, SambaDC, ad_settings
 
 pytestmark = pytest.mark.ad
-
-
-@pytest.fixture
-async def ad(samba_dc: SambaDC) -> AsyncIterator[ADDirectory]:
-    d = ADDirectory(ad_settings(samba_dc))
-    yield d
-    d.close()
 
 
 @pytest.mark.parametrize(("user", "domain"), [
