@@ -28,6 +28,8 @@ from broker.errors import NotFoundError, RecordingError
 _SESSION_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-")
 
 
+_IOV_MAX = 1024  # iovecs per writev (Linux UIO_MAXIOV)
+
 OPEN_DIR = ".open"  # markers of recordings whose session has not ended (see module docstring)
 
 
@@ -88,8 +90,22 @@ class LocalRecordingWriter:
         self.bytes += want
 
     def write(self, kind: bytes, data: bytes) -> None:
+        self._write(self.frame(kind, data))
+
+    def frame(self, kind: bytes, data: bytes) -> list[bytes]:
+        """One frame stamped now, for ``write_frames`` later (the time is when it was relayed)."""
         t_us = (time.monotonic_ns() - self._t0) // 1000
-        self._write([fmt.frame_header(t_us, kind, len(data)), data])
+        return [fmt.frame_header(t_us, kind, len(data)), data]
+
+    def write_frames(self, parts: list[bytes]) -> None:
+        """Append frames from ``frame`` in one ``writev`` (from a worker thread; see
+        ``broker.recordings.pipeline``)."""
+        # No lock: ``sync`` holds it through a long fdatasync, which must not stall the relay;
+        # ``close`` only comes after the pipeline has drained.
+        if self._fd < 0:
+            raise RecordingError(f"recording {self._path} is closed")
+        for i in range(0, len(parts), _IOV_MAX):
+            self._write(parts[i:i + _IOV_MAX])
 
     @property
     def dirty(self) -> bool:

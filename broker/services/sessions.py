@@ -36,6 +36,7 @@ from broker.ports import (
 )
 from broker.recordings.diskguard import DiskGuard, DiskLevel, RecordingDiskFull
 from broker.recordings.local import LocalRecordingWriter, render_cast
+from broker.recordings.pipeline import RecordingPipeline
 
 log = structlog.get_logger("broker.sessions")
 
@@ -108,6 +109,61 @@ class LiveSession:
         self.recording_suspended: str | None = None
         self.ending: str | None = None  # why the broker is ending it (disk, shutdown), once
         self._on_write_error = on_write_error
+        # a recording failure found off the hot path (background write): the relay ends the
+        # session (set by the relay; policy strict)
+        self.on_recording_failed: Callable[[RecordingError], None] | None = None
+        self._pipe: RecordingPipeline | None = None
+        if isinstance(writer, LocalRecordingWriter):
+            self._pipe = RecordingPipeline(writer, on_error=self._batch_failed)
+
+    # -- the relay's path: recorded, then relayed -------------------------------------------
+    def record(self, kind: bytes, data: bytes, action: Callable[[], None]) -> None:
+        """Record a frame, then run ``action`` (relay its bytes) once it is in the file.
+
+        Raises ``RecordingError`` (nothing recorded, ``action`` not run) when policy strict ends
+        the session; under best-effort a failure suspends recording and ``action`` still runs.
+        """
+        pipe = self._pipe
+        if self.recording_suspended is not None or pipe is None or self.writer is not pipe.writer:
+            if pipe is not None and pipe.busy:
+                # recording stopped or moved with frames still in flight: keep the order
+                self._record(kind, data)
+                pipe.then(action)
+                return
+            self._record(kind, data)
+            action()
+            return
+        try:
+            pipe.record(kind, data, action)
+        except RecordingError as exc:
+            if self._on_write_error is None:
+                raise
+            self._on_write_error(self, exc)  # raises again (strict) or suspends (best-effort)
+            action()
+
+    def then(self, action: Callable[[], None]) -> None:
+        """Run ``action`` after what was recorded so far went out (an EOF, a signal)."""
+        if self._pipe is not None and self._pipe.busy:
+            self._pipe.then(action)
+        else:
+            action()
+
+    def flush(self) -> None:
+        """Write the frames still queued and relay what waits for them (before the end)."""
+        if self._pipe is not None:
+            self._pipe.flush()
+
+    def _batch_failed(self, exc: RecordingError) -> bool:
+        """A batched write failed: True if the session goes on unrecorded (best-effort)."""
+        try:
+            if self._on_write_error is None:
+                raise exc
+            self._on_write_error(self, exc)
+        except RecordingError as final:
+            if self.on_recording_failed is not None:
+                self.on_recording_failed(final)
+            return False
+        return True
 
     def _record(self, kind: bytes, data: bytes) -> None:
         if self.recording_suspended is not None:
@@ -119,16 +175,16 @@ class LiveSession:
                 raise
             self._on_write_error(self, exc)  # raises again (strict) or suspends (best-effort)
 
-    def output(self, data: bytes, stderr: bool) -> None:
-        self._record(fmt.ERROR if stderr else fmt.OUTPUT, data)
+    def output(self, data: bytes, stderr: bool, action: Callable[[], None]) -> None:
+        self.record(fmt.ERROR if stderr else fmt.OUTPUT, data, action)
         self.bytes_out += len(data)
 
-    def input(self, data: bytes) -> None:
-        self._record(fmt.INPUT, data)
+    def input(self, data: bytes, action: Callable[[], None]) -> None:
+        self.record(fmt.INPUT, data, action)
         self.bytes_in += len(data)
 
-    def resize(self, width: int, height: int) -> None:
-        self._record(fmt.RESIZE, f"{width}x{height}".encode())
+    def resize(self, width: int, height: int, action: Callable[[], None]) -> None:
+        self.record(fmt.RESIZE, f"{width}x{height}".encode(), action)
 
 
 class SessionService:
@@ -227,6 +283,7 @@ class SessionService:
         live.closed = True
         self.live.pop(live.id, None)
         self._ending.add(live.id)  # shutdown waits for these too (index, audit still to write)
+        live.flush()  # frames still queued, and the bytes held behind them
         now = self._clock.now()
         try:
             if exit_status is not None and live.recording_suspended is None:

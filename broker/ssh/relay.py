@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -57,10 +58,10 @@ class UpstreamSession(asyncssh.SSHClientSession[bytes]):
         return True  # stay half-open until the target sends exit status and closes
 
     def pause_writing(self) -> None:
-        self._down.chan.pause_reading()
+        self._down.pause_client("window")
 
     def resume_writing(self) -> None:
-        self._down.chan.resume_reading()
+        self._down.resume_client("window")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._down.target_closed(exc)
@@ -90,6 +91,10 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         self._target_eof = False
         self._terminating: str | None = None  # reason, once the enforcer ended the session
         self._sftp: SftpAudit | None = None  # file operations of an sftp subsystem, audited
+        # why each side's reading is paused: "start" (upstream not up yet), "window" (the other
+        # side's send buffer is full); it resumes when no reason is left
+        self._client_paused: set[str] = set()
+        self._target_paused: set[str] = set()
 
     # -- requests before the session starts --------------------------------------------------
     def connection_made(self, chan: SSHChannel[bytes]) -> None:
@@ -119,7 +124,7 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
 
     def session_started(self) -> None:
         # Hold client input (in the channel window, not in our memory) until the upstream is up.
-        self.chan.pause_reading()
+        self.pause_client("start")
         self._task = asyncio.create_task(self._start())
 
     # -- start --------------------------------------------------------------------------------
@@ -191,16 +196,38 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         if self.chan.is_closing():
             self._up_chan.close()
             return
-        for data in self._pending:
-            self._live.input(data)
-            if self._sftp is not None:
-                self._sftp.from_client(data)
-            self._up_chan.write(data)
-        self._pending.clear()
+        self._live.on_recording_failed = self._recording_failed
+        pending, self._pending = self._pending, []
+        for data in pending:
+            self._from_client(data)
         if self._pending_eof:
-            self._up_chan.write_eof()
+            self._live.then(self._eof_to_target)
         self._live.control = self  # from now on the enforcer may warn or end this session
-        self.chan.resume_reading()
+        self.resume_client("start")
+
+    # -- flow control -------------------------------------------------------------------------
+    def pause_client(self, why: str) -> None:
+        if not self._client_paused:
+            self.chan.pause_reading()
+        self._client_paused.add(why)
+
+    def resume_client(self, why: str) -> None:
+        if why in self._client_paused:
+            self._client_paused.discard(why)
+            if not self._client_paused:
+                self.chan.resume_reading()
+
+    def _pause_target(self, why: str) -> None:
+        if self._up_chan is not None:
+            if not self._target_paused:
+                self._up_chan.pause_reading()
+            self._target_paused.add(why)
+
+    def _resume_target(self, why: str) -> None:
+        if why in self._target_paused:
+            self._target_paused.discard(why)
+            if not self._target_paused and self._up_chan is not None:
+                self._up_chan.resume_reading()
 
     def _refuse(self, message: str) -> None:
         try:
@@ -218,17 +245,17 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
     # -- enforcement (SessionControl) -------------------------------------------------------
     def notify(self, text: str) -> None:
         """A line for the user: on the terminal in a PTY, on stderr otherwise (so a command's
-        stdout stays clean). Recorded like any output."""
+        stdout stays clean). Recorded like any output, and shown even if it cannot be."""
         data = f"\r\n{text}\r\n".encode()
-        on_stderr = self._term is None
+        datatype = asyncssh.EXTENDED_DATA_STDERR if self._term is None else None
+        show = functools.partial(self._to_client, data, datatype)
         if self._live is not None:
-            with contextlib.suppress(RecordingError):  # the notice itself may not be recordable
-                self._live.output(data, on_stderr)
-        with contextlib.suppress(OSError, asyncssh.Error):
-            if on_stderr:
-                self.chan.write_stderr(data)
-            else:
-                self.chan.write(data)
+            try:
+                self._live.output(data, datatype is not None, show)
+                return
+            except RecordingError:
+                pass  # the notice itself may not be recordable
+        show()
 
     def terminate(self, reason: str) -> None:
         if self._terminating is not None:
@@ -248,20 +275,33 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         if self._up_chan is None or self._live is None:
             self._pending.append(data)
-            self.chan.pause_reading()
+            self.pause_client("start")
             return
-        if self._terminating is not None:
-            return
-        try:
-            self._live.input(data)
-        except RecordingError as exc:
-            self._recording_failed(exc)  # fail closed: nothing unrecorded reaches the target
+        self._from_client(data)
+
+    def _from_client(self, data: bytes) -> None:
+        live = self._live
+        if live is None or self._terminating is not None:
             return
         if self._sftp is not None:
             self._sftp.from_client(data)
             if self._terminating is not None:  # its audit event could not be written
                 return
-        self._up_chan.write(data)
+        try:
+            live.input(data, functools.partial(self._to_target, data))
+        except RecordingError as exc:
+            self._recording_failed(exc)  # fail closed: nothing unrecorded reaches the target
+            return
+
+    def _to_target(self, data: bytes) -> None:
+        if self._up_chan is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):  # target gone: target_closed ends it
+                self._up_chan.write(data)
+
+    def _eof_to_target(self) -> None:
+        if self._up_chan is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self._up_chan.write_eof()
 
     def _sftp_event(self, event: str, fields: dict[str, Any]) -> None:
         """One file operation into the audit log; if that fails, the session ends (fail closed)."""
@@ -282,37 +322,48 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         self.terminate("recording unavailable")
 
     def eof_received(self) -> bool:
-        if self._up_chan is not None:
-            self._up_chan.write_eof()
+        if self._up_chan is not None and self._live is not None:
+            self._live.then(self._eof_to_target)  # after the input held for its recording
         else:
             self._pending_eof = True
         return True
 
     def pause_writing(self) -> None:
-        if self._up_chan is not None:
-            self._up_chan.pause_reading()
+        self._pause_target("window")
 
     def resume_writing(self) -> None:
-        if self._up_chan is not None:
-            self._up_chan.resume_reading()
+        self._resume_target("window")
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int,
                               pixheight: int) -> None:
         if self._term:
             self._term = (self._term[0], (width, height, pixwidth, pixheight), self._term[2])
-        if self._up_chan is not None and self._live is not None:
-            self._live.resize(width, height)
-            self._up_chan.change_terminal_size(width, height, pixwidth, pixheight)
+        up, live = self._up_chan, self._live
+        if up is not None and live is not None:
+            def resize() -> None:
+                with contextlib.suppress(OSError, asyncssh.Error):
+                    up.change_terminal_size(width, height, pixwidth, pixheight)
+            try:
+                live.resize(width, height, resize)
+            except RecordingError as exc:
+                self._recording_failed(exc)
 
     def signal_received(self, signal: str) -> None:
-        if self._up_chan is not None:
-            self._up_chan.send_signal(signal)
+        up, live = self._up_chan, self._live
+        if up is not None and live is not None:
+            live.then(functools.partial(self._quietly, up.send_signal, signal))
 
     def break_received(self, msec: int) -> bool:
-        if self._up_chan is not None:
-            self._up_chan.send_break(msec)
+        up, live = self._up_chan, self._live
+        if up is not None and live is not None:
+            live.then(functools.partial(self._quietly, up.send_break, msec))
             return True
         return False
+
+    @staticmethod
+    def _quietly(fn: Any, arg: Any) -> None:
+        with contextlib.suppress(OSError, asyncssh.Error):
+            fn(arg)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # the client went away (or we closed): tear the upstream down too
@@ -330,16 +381,19 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         live = self._live
         if live is None or self._terminating is not None:
             return
-        try:
-            live.output(data, datatype == asyncssh.EXTENDED_DATA_STDERR)
-        except RecordingError as exc:
-            self._recording_failed(exc)  # fail closed: nothing unrecorded reaches the client
-            return
         if self._sftp is not None and datatype is None:
             # responses are audited before the client sees them (stderr carries no SFTP)
             self._sftp.from_target(data)
             if self._terminating is not None:
                 return
+        try:
+            live.output(data, datatype == asyncssh.EXTENDED_DATA_STDERR,
+                        functools.partial(self._to_client, data, datatype))
+        except RecordingError as exc:
+            self._recording_failed(exc)  # fail closed: nothing unrecorded reaches the client
+            return
+
+    def _to_client(self, data: bytes, datatype: asyncssh.DataType) -> None:
         with contextlib.suppress(OSError, asyncssh.Error):  # client gone: connection_lost cleans up
             self.chan.write(data, datatype)
 

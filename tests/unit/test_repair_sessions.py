@@ -21,6 +21,10 @@ from tests.unit.test_services_enforcement import Audit, Clock, Control
 T0 = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
 
 
+def _relayed() -> None:
+    """The relay's action after a frame is recorded (unused here: no channel)."""
+
+
 class Guard:
     def __init__(self) -> None:
         self.level = DiskLevel.OK
@@ -103,10 +107,10 @@ async def test_critical_best_effort_suspends_recording_and_audits_it(tmp_path: P
     svc, guard, index, audit = service(tmp_path, "best-effort")
     live = await svc.start(request())
     live.control = Control()
-    live.output(b"recorded", False)
+    live.output(b"recorded", False, _relayed)
     guard.level = DiskLevel.CRITICAL
     await svc.check_disk()
-    live.output(b"not recorded", False)
+    live.output(b"not recorded", False, _relayed)
     assert live.bytes_out == len(b"recorded") + len(b"not recorded")
     (ev,) = events(audit, "session.recording_suspended")
     assert ev["policy"] == "best-effort"
@@ -125,9 +129,9 @@ async def test_write_error_strict_raises_best_effort_suspends(tmp_path: Path) ->
         live.writer.close()  # every further write fails, as on a full or broken disk
         if raises:
             with pytest.raises(RecordingError):
-                live.output(b"x", False)
+                live.output(b"x", False, _relayed)
         else:
-            live.output(b"x", False)
+            live.output(b"x", False, _relayed)
             assert live.recording_suspended is not None
             assert events(audit, "session.recording_suspended")
 
@@ -135,7 +139,7 @@ async def test_write_error_strict_raises_best_effort_suspends(tmp_path: Path) ->
 async def test_periodic_flush_syncs_dirty_writers(tmp_path: Path) -> None:
     svc, _guard, _index, _audit = service(tmp_path)
     live = await svc.start(request())
-    live.output(b"data", False)
+    live.output(b"data", False, _relayed)
     assert live.writer.dirty  # type: ignore[attr-defined]
     await svc.sync_all()
     assert not live.writer.dirty  # type: ignore[attr-defined]
