@@ -1,4 +1,5 @@
-"""broker.ssh.wire: no MSG_IGNORE per packet under AEAD ciphers, still sent under others.
+"""broker.ssh.wire: no MSG_IGNORE per packet under AEAD ciphers, still sent under others; the
+keyed AES-GCM packet cipher is interchangeable with asyncssh's own.
 
 A real asyncssh server and client on loopback; packets are counted by the sender's sequence
 number, which every packet (MSG_IGNORE included) advances by one.
@@ -7,10 +8,12 @@ number, which every packet (MSG_IGNORE included) advances by one.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import asyncssh
 import pytest
+from asyncssh.encryption import GCMEncryption
 
 from broker.ssh import wire
 
@@ -73,3 +76,45 @@ async def test_aead_sends_one_packet_per_write(cipher: str) -> None:
 
 async def test_other_ciphers_keep_the_ignore_packet() -> None:
     assert await _packets_for("aes128-ctr") == 2 * WRITES
+
+
+def _asyncssh_gcm(key: bytes, iv: bytes) -> Any:
+    return GCMEncryption.new("aes128-gcm", key, iv)
+
+
+def test_keyed_gcm_interoperates_with_asyncssh_gcm_packet_by_packet() -> None:
+    key, iv = os.urandom(16), os.urandom(12)
+    ours_tx, theirs_rx = wire.KeyedGCMEncryption(key, iv), _asyncssh_gcm(key, iv)
+    theirs_tx, ours_rx = _asyncssh_gcm(key, iv), wire.KeyedGCMEncryption(key, iv)
+    for n in (16, 100, 32768, 5):  # several packets: the nonce counter must advance alike
+        header, body = n.to_bytes(4, "big"), os.urandom(n)
+        ct, tag = ours_tx.encrypt_packet(0, header, body)
+        assert theirs_rx.decrypt_packet(0, ct[:16], ct[16:], 4, tag) == body
+        ct2, tag2 = theirs_tx.encrypt_packet(0, header, body)
+        assert (ct2, tag2) == (ct, tag)  # same key, same counter: same ciphertext
+        assert ours_rx.decrypt_packet(0, ct2[:16], ct2[16:], 4, tag2) == body
+
+
+def test_keyed_gcm_rejects_a_flipped_bit_and_a_replayed_packet() -> None:
+    key, iv = os.urandom(16), os.urandom(12)
+    tx, rx = wire.KeyedGCMEncryption(key, iv), wire.KeyedGCMEncryption(key, iv)
+    header, body = b"\x00\x00\x00\x20", os.urandom(32)
+    ct, tag = tx.encrypt_packet(0, header, body)
+    flipped = bytes([ct[20] ^ 1])
+    assert rx.decrypt_packet(0, ct[:16], ct[16:20] + flipped + ct[21:], 4, tag) is None
+    rx2 = wire.KeyedGCMEncryption(key, iv)
+    assert rx2.decrypt_packet(0, ct[:16], ct[16:], 4, tag) == body
+    assert rx2.decrypt_packet(0, ct[:16], ct[16:], 4, tag) is None  # next nonce: replay fails
+
+
+def test_keyed_gcm_counter_wraps_like_asyncssh() -> None:
+    key, iv = os.urandom(16), os.urandom(4) + b"\xff" * 8
+    ours, theirs = wire.KeyedGCMEncryption(key, iv), _asyncssh_gcm(key, iv)
+    for _ in range(2):
+        assert ours.encrypt_packet(0, b"\0\0\0\x10", b"x" * 16) == \
+            theirs.encrypt_packet(0, b"\0\0\0\x10", b"x" * 16)
+
+
+async def test_relay_ciphers_use_the_keyed_gcm_and_quiet_packet_logs() -> None:
+    assert wire.installed()
+    assert await _packets_for("aes256-gcm@openssh.com") == WRITES  # negotiates and works
