@@ -200,6 +200,7 @@ class Broker:
             guard=_disk_guard(config), disk_policy=config.recordings.disk_policy,
             sync_interval=config.recordings.sync_interval_seconds,
             disk_check_interval=config.recordings.disk_check_interval_seconds,
+            release_scope=wire.corked,
         )
         limits = config.limits
         self.authenticator = Authenticator(

@@ -16,7 +16,9 @@ batch: on two cores the GIL hand-offs cost more than the write it moved (no gain
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import structlog
 
@@ -34,8 +36,10 @@ class RecordingPipeline:
 
     def __init__(self, writer: LocalRecordingWriter, *,
                  on_error: Callable[[RecordingError], bool],
+                 release_scope: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
                  inline_max: int = INLINE_MAX) -> None:
         self.writer = writer
+        self._release_scope = release_scope  # wraps each batch of actions (transport corking)
         # a batched write failed: True = go on unrecorded (run the held actions), False = drop
         self._on_error = on_error
         self._inline_max = inline_max
@@ -101,10 +105,11 @@ class RecordingPipeline:
                     return
         self._releasing = True  # an action that re-enters ``record`` queues behind the rest
         try:
-            for action in actions:
-                try:
-                    action()
-                except Exception as exc:  # one broken channel must not stop the rest
-                    log.error("recording.action_failed", error=str(exc))
+            with self._release_scope():  # e.g. the released packets leave in one writev
+                for action in actions:
+                    try:
+                        action()
+                    except Exception as exc:  # one broken channel must not stop the rest
+                        log.error("recording.action_failed", error=str(exc))
         finally:
             self._releasing = False

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -88,13 +89,16 @@ class SessionControl(Protocol):
 
 
 WriteErrorHandler = Callable[["LiveSession", RecordingError], None]
+# wraps the relay of one recording batch (the SSH layer corks its transports there)
+ReleaseScope = Callable[[], AbstractContextManager[None]]
 
 
 class LiveSession:
     """One relayed session; counters and the recording writer, nothing asynchronous."""
 
     def __init__(self, sid: str, req: SessionRequest, writer: RecordingWriter,
-                 started_at: datetime, on_write_error: WriteErrorHandler | None = None) -> None:
+                 started_at: datetime, on_write_error: WriteErrorHandler | None = None,
+                 release_scope: ReleaseScope = contextlib.nullcontext) -> None:
         self.id = sid
         self.request = req
         self.writer = writer
@@ -114,7 +118,8 @@ class LiveSession:
         self.on_recording_failed: Callable[[RecordingError], None] | None = None
         self._pipe: RecordingPipeline | None = None
         if isinstance(writer, LocalRecordingWriter):
-            self._pipe = RecordingPipeline(writer, on_error=self._batch_failed)
+            self._pipe = RecordingPipeline(writer, on_error=self._batch_failed,
+                                           release_scope=release_scope)
 
     # -- the relay's path: recorded, then relayed -------------------------------------------
     def record(self, kind: bytes, data: bytes, action: Callable[[], None]) -> None:
@@ -201,7 +206,9 @@ class SessionService:
         disk_policy: str = "strict",
         sync_interval: float = 1.0,
         disk_check_interval: float = 1.0,
+        release_scope: ReleaseScope = contextlib.nullcontext,
     ) -> None:
+        self._release_scope = release_scope
         self._sink = sink
         self._index = index
         self._audit = audit
@@ -271,7 +278,7 @@ class SessionService:
             if local is not None:  # the session never started: nothing to repair later
                 local.release()
             raise
-        live = LiveSession(sid, req, writer, now, self._write_failed)
+        live = LiveSession(sid, req, writer, now, self._write_failed, self._release_scope)
         self.live[sid] = live
         log.info("session.start", session_id=sid, user=str(req.principal),
                  target=req.instance.id, kind=req.kind)

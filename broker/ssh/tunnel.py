@@ -29,7 +29,7 @@ from broker.domain import rdp
 from broker.domain.models import Grant, Instance, Principal
 from broker.errors import BrokerError
 from broker.services.sessions import LiveSession, SessionRequest
-from broker.ssh import jump
+from broker.ssh import jump, wire
 from broker.ssh.relay import RelayDeps
 
 log = structlog.get_logger("broker.tunnel")
@@ -433,8 +433,8 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
                 return
             live.bytes_out += len(data)
             self._last = self._loop.time()
-            with contextlib.suppress(OSError, asyncssh.Error):
-                chan.write(data)
+            with contextlib.suppress(OSError, asyncssh.Error), wire.corked():
+                chan.write(data)  # a large read becomes several packets: one writev for them
             return
         if self._phase == "closed":
             return

@@ -15,10 +15,19 @@ AES-GCM with one ``AESGCM`` object per key (``KeyedGCMEncryption``), where async
 packet; and packet logging hooks that return at once unless asyncssh's packet-level debug log is
 on (they formatted names and sizes for every packet only to discard them). Together about 15%
 more relay throughput (measured: 6.7 against 7.9 s of broker CPU per GiB downloaded).
+
+``corked()``: asyncssh hands every packet to the transport on its own, and uvloop sends each with
+its own system call. Where the broker knows a burst is leaving (the bytes released after one
+recording batch, or a 256 KiB read from a tunnel's target: several 32 KiB packets), the packets
+are collected per connection and leave in one ``writev`` when the scope ends, in the same
+callback. Measured: ~10% more recorded download throughput.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from asyncssh import encryption as _encryption
@@ -32,6 +41,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 _AEAD = (GCMEncryption, ChachaEncryption)
 _original = SSHConnection.send_packet
+_original_send = SSHConnection._send
+_corked: list[tuple[Any, list[bytes]]] | None = None  # (transport, packets) while corked
 
 
 def _send_packet(self: SSHConnection, pkttype: int, *args: bytes, handler: Any = None) -> None:
@@ -93,9 +104,41 @@ def _log_received(self: SSHPacketLogger, pkttype: int, pktid: int | None, packet
         self._log_packet("Received", pkttype, pktid, packet, note)
 
 
+def _send(self: SSHConnection, data: bytes) -> None:
+    transport = self._transport
+    if _corked is None or not transport:
+        _original_send(self, data)
+        return
+    for t, packets in _corked:
+        if t is transport:
+            packets.append(data)
+            return
+    _corked.append((transport, [data]))
+
+
+@contextmanager
+def corked() -> Iterator[None]:
+    """Collect the packets asyncssh sends in this scope; one ``writelines`` per transport at its
+    end (still in the same callback, so nothing waits for a later loop iteration)."""
+    global _corked
+    if _corked is not None:  # nested: the outer scope sends
+        yield
+        return
+    _corked = []
+    try:
+        yield
+    finally:
+        pending, _corked = _corked, None
+        for transport, packets in pending:
+            if not transport.is_closing():
+                with contextlib.suppress(ConnectionError):
+                    transport.writelines(packets)
+
+
 def install() -> None:
     """Idempotent; affects every asyncssh connection in the process (server and upstream legs)."""
     SSHConnection.send_packet = _send_packet  # type: ignore[method-assign]
+    SSHConnection._send = _send  # type: ignore[method-assign]
     for alg in _GCM_ALGS:
         _encryption._enc_params[alg] = (KeyedGCMEncryption, _encryption._enc_params[alg][1])
     SSHPacketLogger.log_sent_packet = _log_sent  # type: ignore[method-assign]

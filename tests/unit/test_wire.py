@@ -120,3 +120,38 @@ def test_keyed_gcm_counter_wraps_like_asyncssh() -> None:
 async def test_relay_ciphers_use_the_keyed_gcm_and_quiet_packet_logs() -> None:
     assert wire.installed()
     assert await _packets_for("aes256-gcm@openssh.com") == WRITES  # negotiates and works
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.calls: list[list[bytes]] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def writelines(self, packets: list[bytes]) -> None:
+        self.calls.append(list(packets))
+
+    def write(self, data: bytes) -> None:
+        self.calls.append([data])
+
+
+class _Conn:
+    def __init__(self) -> None:
+        self._transport = _Transport()
+
+
+def test_corked_packets_leave_in_order_in_one_write_per_transport() -> None:
+    a, b = _Conn(), _Conn()
+    send = wire._send
+    with wire.corked():
+        send(a, b"1")  # type: ignore[arg-type]
+        send(b, b"x")  # type: ignore[arg-type]
+        with wire.corked():  # nested scopes: the outer one sends
+            send(a, b"2")  # type: ignore[arg-type]
+        assert a._transport.calls == [] and b._transport.calls == []
+        send(a, b"3")  # type: ignore[arg-type]
+    assert a._transport.calls == [[b"1", b"2", b"3"]]
+    assert b._transport.calls == [[b"x"]]
+    send(a, b"4")  # type: ignore[arg-type]  # not corked: straight through
+    assert a._transport.calls[-1] == [b"4"]
