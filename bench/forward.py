@@ -362,8 +362,8 @@ def main() -> int:
         p: {"D": [], "U": []} for p in ("openssh", "broker")}
     jump: dict[str, dict[str, list[float]]] = {
         p: {"D": [], "U": []} for p in ("openssh", "broker")}
-    try:
-        with tempfile.TemporaryDirectory(prefix="bb-forward-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bb-forward-") as tmp:
+        try:
             work = Path(tmp)
             os_lp, bastion_port = openssh_forward(work, procs, sink)
             bb_lp, broker_port, info = broker_forward(work, procs, sink)
@@ -381,10 +381,10 @@ def main() -> int:
                             f"{args.size / secs / 1e6:8.1f} MB/s")
             if args.jump_size:
                 jump_bench(work, args, broker_port, bastion_port, info, jump)
-    finally:
-        procs.stop_all()
-        srv.terminate()
-        srv.wait()
+        finally:  # the broker may still be closing recordings: stop it before the cleanup
+            procs.stop_all()
+            srv.terminate()
+            srv.wait()
     mbps = {p: {d: args.size / statistics.median(v) / 1e6 for d, v in dirs.items()}
             for p, dirs in results.items()}
     size = f"{args.size >> 30} GiB" if args.size % (1 << 30) == 0 else f"{args.size >> 20} MiB"
