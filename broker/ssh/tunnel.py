@@ -143,6 +143,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         self._cfg = deps.config.forwarding
         self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
         self._transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []  # client bytes for the target, written at the iteration's end
         self._live: LiveSession | None = None
         # relay | client-hello | server-hello | starting | closed
         self._phase = "client-hello" if verdict.service == "rdp" else "starting"
@@ -388,7 +389,9 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
                 return
             live.bytes_in += len(data)
             self._last = self._loop.time()
-            t.write(data)
+            self._out.append(data)
+            if len(self._out) == 1:  # the packets decrypted in this loop iteration: one writev
+                self._loop.call_soon(self._flush_out)
             return
         if self._phase == "closed":
             return
@@ -399,10 +402,17 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
             self._hold_client = True
             self._flow()
 
+    def _flush_out(self) -> None:
+        out, self._out = self._out, []
+        t = self._transport
+        if out and t is not None and not t.is_closing():
+            t.writelines(out)
+
     @_guarded
     def eof_received(self) -> bool:
         self._client_eof = True
         if self._phase == "relay" and self._transport is not None:
+            self._flush_out()
             if self._transport.can_write_eof():
                 self._transport.write_eof()
         elif self._phase == "client-hello":
@@ -495,6 +505,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
             if status:
                 self._transport.abort()
             else:
+                self._flush_out()
                 self._transport.close()
         if self.chan is not None:
             self.chan.close()
