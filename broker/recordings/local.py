@@ -1,6 +1,7 @@
-"""Recordings on local disk: one framed file per session, appended with one ``writev`` per chunk.
+"""Recordings on local disk: one framed file per session, appended with ``writev``.
 
-Each chunk reaches the kernel before the broker forwards it to the client, so a broker crash loses
+Each chunk reaches the kernel before the broker forwards it (``write`` for one frame, at once;
+``write_frames`` for a batch, see ``broker.recordings.pipeline``), so a broker crash loses
 nothing the client saw. Against power loss, ``sync`` (called at least every second by the
 session service, in a thread, never per chunk) and ``close`` flush to the disk.
 
