@@ -146,6 +146,6 @@ def install() -> None:
 
 
 def installed() -> bool:
-    return (SSHConnection.send_packet is _send_packet
+    return (SSHConnection.send_packet is _send_packet and SSHConnection._send is _send
             and all(_encryption._enc_params[alg][0] is KeyedGCMEncryption for alg in _GCM_ALGS)
             and SSHPacketLogger.log_received_packet is _log_received)
