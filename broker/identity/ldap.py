@@ -67,9 +67,10 @@ ROLE_PREFIX = "role:"
 MAX_USERNAME = 256
 UF_ACCOUNTDISABLE = 0x2
 UF_LOCKOUT = 0x10  # in msDS-User-Account-Control-Computed (AD computes it from lockoutTime)
+UF_PASSWORD_EXPIRED = 0x800000  # in msDS-User-Account-Control-Computed (from the password policy)
 _FILETIME_NEVER = (0, 0x7FFFFFFFFFFFFFFF)
 _FILETIME_EPOCH = 116444736000000000  # 1970-01-01 in 100 ns steps since 1601-01-01
-_STATE_ATTRS = ("userAccountControl", "accountExpires", "lockoutTime",
+_STATE_ATTRS = ("userAccountControl", "accountExpires", "lockoutTime", "pwdLastSet",
                 "msDS-User-Account-Control-Computed")
 _MAX_NESTING = 64  # group nesting levels followed (cycles stop earlier: groups are seen once)
 _DN_CHUNK = 100  # group DNs per search filter
@@ -178,7 +179,9 @@ def _int(value: Any) -> int | None:
 def account_state_problem(attrs: dict[str, Any], now: float) -> str | None:
     """Why the account in ``attrs`` (from a search, see _STATE_ATTRS) may not log in without a
     password check; None if it may. ``now`` is epoch seconds. Fails closed: an unreadable
-    userAccountControl is a refusal."""
+    userAccountControl is a refusal. An expired password, or one that must be changed, refuses
+    a registered-key login too, as AD refuses that password's bind (OpenSSH with PAM would demand
+    the change first); the user changes it in the domain, then logs in again."""
     uac = _int(attrs.get("userAccountControl"))
     if uac is None:
         return "account state unreadable"
@@ -196,6 +199,10 @@ def account_state_problem(attrs: dict[str, Any], now: float) -> str | None:
         # No computed flag (not AD?): a lockout time that was never reset counts, even if its
         # duration may have passed; the next successful password login resets it.
         return "account locked out"
+    if _int(attrs.get("pwdLastSet")) == 0:  # "must change password at next logon" (773)
+        return "must change password"
+    if computed is not None and computed & UF_PASSWORD_EXPIRED:  # AD's bind says 532
+        return "password expired"
     return None
 
 

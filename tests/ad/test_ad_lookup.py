@@ -46,6 +46,7 @@ async def test_lookup_nested_groups_and_roles(ad: ADDirectory) -> None:
 @pytest.mark.parametrize(("user", "reason"), [
     ("disabled-dan", "account disabled"),
     ("expired-erin", "account expired"),
+    ("change-chris", "must change password"),  # a key must not bypass AD's forced change
     ("outsider-olga", "not in a required group"),
     ("nobody-at-all", "unknown user"),
     ("a(b", "unknown user"),

@@ -238,6 +238,10 @@ def _ft(epoch: float) -> str:
     ({"userAccountControl": ["512"], "lockoutTime": ["133000000000000000"]}, "account locked out"),
     ({"userAccountControl": ["512"], "lockoutTime": ["0"]}, None),
     ({"userAccountControl": 512, "accountExpires": 0}, None),  # scalars, not lists
+    ({"userAccountControl": ["512"], "pwdLastSet": ["0"]}, "must change password"),
+    ({"userAccountControl": ["512"], "pwdLastSet": ["133000000000000000"]}, None),
+    ({"userAccountControl": ["512"], "msDS-User-Account-Control-Computed": ["8388608"]},
+     "password expired"),  # 0x800000
 ])
 def test_account_state(attrs: dict[str, Any], reason: str | None) -> None:
     assert adl.account_state_problem(attrs, 1_000_000) == reason
