@@ -99,7 +99,7 @@ class LocalRecordingWriter:
         return [fmt.frame_header(t_us, kind, len(data)), data]
 
     def write_frames(self, parts: list[bytes]) -> None:
-        """Append frames from ``frame`` in one ``writev`` (from a worker thread; see
+        """Append frames from ``frame`` in one ``writev`` (a batch of
         ``broker.recordings.pipeline``)."""
         # No lock: ``sync`` holds it through a long fdatasync, which must not stall the relay;
         # ``close`` only comes after the pipeline has drained.

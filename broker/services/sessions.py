@@ -113,8 +113,8 @@ class LiveSession:
         self.recording_suspended: str | None = None
         self.ending: str | None = None  # why the broker is ending it (disk, shutdown), once
         self._on_write_error = on_write_error
-        # a recording failure found off the hot path (background write): the relay ends the
-        # session (set by the relay; policy strict)
+        # a batched write failed after ``record`` returned: the relay ends the session (set by
+        # the relay; policy strict)
         self.on_recording_failed: Callable[[RecordingError], None] | None = None
         self._pipe: RecordingPipeline | None = None
         if isinstance(writer, LocalRecordingWriter):
@@ -130,13 +130,8 @@ class LiveSession:
         """
         pipe = self._pipe
         if self.recording_suspended is not None or pipe is None or self.writer is not pipe.writer:
-            if pipe is not None and pipe.busy:
-                # recording stopped or moved with frames still in flight: keep the order
-                self._record(kind, data)
-                pipe.then(action)
-                return
             self._record(kind, data)
-            action()
+            self.then(action)  # behind frames still queued, if recording stopped or moved
             return
         try:
             pipe.record(kind, data, action)

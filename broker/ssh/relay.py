@@ -44,6 +44,26 @@ class RelayDeps:
     clock: Clock
 
 
+class _Paused:
+    """Why one side's reading is paused: "start" (upstream not up yet), "window" (the other
+    side's send buffer is full). It resumes only when no reason is left."""
+
+    def __init__(self) -> None:
+        self._why: set[str] = set()
+
+    def pause(self, chan: SSHChannel[bytes] | None, why: str) -> None:
+        if chan is not None:
+            if not self._why:
+                chan.pause_reading()
+            self._why.add(why)
+
+    def resume(self, chan: SSHChannel[bytes] | None, why: str) -> None:
+        if why in self._why:
+            self._why.discard(why)
+            if not self._why and chan is not None:
+                chan.resume_reading()
+
+
 class UpstreamSession(asyncssh.SSHClientSession[bytes]):
     """Target side: output goes to the recording, then to the client."""
 
@@ -91,10 +111,8 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         self._target_eof = False
         self._terminating: str | None = None  # reason, once the enforcer ended the session
         self._sftp: SftpAudit | None = None  # file operations of an sftp subsystem, audited
-        # why each side's reading is paused: "start" (upstream not up yet), "window" (the other
-        # side's send buffer is full); it resumes when no reason is left
-        self._client_paused: set[str] = set()
-        self._target_paused: set[str] = set()
+        self._client_paused = _Paused()  # reading from the client
+        self._target_paused = _Paused()  # reading from the target
 
     # -- requests before the session starts --------------------------------------------------
     def connection_made(self, chan: SSHChannel[bytes]) -> None:
@@ -207,27 +225,16 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
 
     # -- flow control -------------------------------------------------------------------------
     def pause_client(self, why: str) -> None:
-        if not self._client_paused:
-            self.chan.pause_reading()
-        self._client_paused.add(why)
+        self._client_paused.pause(self.chan, why)
 
     def resume_client(self, why: str) -> None:
-        if why in self._client_paused:
-            self._client_paused.discard(why)
-            if not self._client_paused:
-                self.chan.resume_reading()
+        self._client_paused.resume(self.chan, why)
 
     def _pause_target(self, why: str) -> None:
-        if self._up_chan is not None:
-            if not self._target_paused:
-                self._up_chan.pause_reading()
-            self._target_paused.add(why)
+        self._target_paused.pause(self._up_chan, why)
 
     def _resume_target(self, why: str) -> None:
-        if why in self._target_paused:
-            self._target_paused.discard(why)
-            if not self._target_paused and self._up_chan is not None:
-                self._up_chan.resume_reading()
+        self._target_paused.resume(self._up_chan, why)
 
     def _refuse(self, message: str) -> None:
         try:
