@@ -15,7 +15,7 @@ import json
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO, Protocol
 
 MAGIC = b"BBREC1\n"
 FRAME = struct.Struct("<QcI")
@@ -81,6 +81,63 @@ def parse(blob: bytes) -> ParsedRecording:
     return ParsedRecording(meta, frames, truncated=pos != size, valid_length=pos)
 
 
+MAX_HEADER = 1 << 20  # a header line longer than this is not one the broker wrote
+
+
+class FrameReader:
+    """A recording read from a file one frame at a time: memory stays bounded by one frame, so a
+    multi-GiB session can be rendered or repaired without holding it (``parse`` holds it all).
+
+    ``frames`` is one pass; after it, ``valid_length`` is the offset just after the last complete
+    frame and ``truncated`` says whether anything followed it (a crash mid-write).
+    """
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        if f.read(len(MAGIC)) != MAGIC:
+            raise RecordingFormatError("not a bastion-broker recording (bad magic)")
+        line = f.readline(MAX_HEADER)
+        if not line.endswith(b"\n"):
+            raise RecordingFormatError("recording header is incomplete")
+        try:
+            self.meta: dict[str, Any] = json.loads(line)
+        except ValueError as exc:
+            raise RecordingFormatError(f"recording header is not JSON: {exc}") from None
+        self._f = f
+        self._size = size
+        self.valid_length = len(MAGIC) + len(line)
+        self.truncated = False
+
+    @property
+    def frames(self) -> Iterator[Frame]:
+        f, pos = self._f, self.valid_length
+        while True:
+            head = f.read(FRAME.size)
+            if len(head) < FRAME.size:
+                self.truncated = bool(head) or pos < self._size
+                return
+            t_us, kind, length = FRAME.unpack(head)
+            end = pos + FRAME.size + length
+            if kind not in KINDS or end > self._size:  # never allocate a corrupt length
+                self.truncated = True
+                return
+            data = f.read(length)
+            if len(data) != length:
+                self.truncated = True
+                return
+            pos = self.valid_length = end
+            yield Frame(t_us, kind, data)
+
+
+class Recording(Protocol):
+    """What ``to_asciicast`` needs: a ``ParsedRecording`` or a ``FrameReader``."""
+
+    @property
+    def meta(self) -> dict[str, Any]: ...
+
+    @property
+    def frames(self) -> Iterable[Frame]: ...
+
+
 def output_bytes(frames: Iterable[Frame], kinds: frozenset[bytes] = frozenset({OUTPUT})) -> bytes:
     """Concatenated payload of the given kinds: what the client received on those streams."""
     return b"".join(f.data for f in frames if f.kind in kinds)
@@ -95,8 +152,8 @@ def exit_status(frames: Iterable[Frame]) -> str | None:
     return result
 
 
-def to_asciicast(rec: ParsedRecording) -> Iterator[str]:
-    """Yield asciicast v2 lines (header first) for a parsed recording.
+def to_asciicast(rec: Recording) -> Iterator[str]:
+    """Yield asciicast v2 lines (header first) for a recording (parsed, or read frame by frame).
 
     Output and error streams both become ``"o"`` events as a terminal shows them; the exit status
     is an ``"x"`` event at the end, as asciicast v3 defines it (asciinema 2 ignores unknown codes).

@@ -5,6 +5,12 @@ Each chunk reaches the kernel before the broker forwards it (``write`` for one f
 nothing the client saw. Against power loss, ``sync`` (called at least every second by the
 session service, in a thread, never per chunk) and ``close`` flush to the disk.
 
+Once on disk, a recording's pages leave the page cache (``POSIX_FADV_DONTNEED``): a recording is
+written once and read rarely, so caching it only pushes out pages that other work will read
+again. It also makes the next second's writes reuse the pages just freed instead of growing the
+cache; on a virtual machine that hands free memory back to its host, fresh pages are what make
+appending expensive (docs/benchmarks.md, "Recording cost").
+
 While a session is live its writer holds an exclusive ``flock`` on the file and a marker
 ``DIR/.open/SESSION_ID`` names it; the marker goes only once the session's end is recorded
 everywhere. After a crash, markers whose file nobody locks are the recordings to repair
@@ -30,6 +36,7 @@ _SESSION_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-")
 
 
 _IOV_MAX = 1024  # iovecs per writev (Linux UIO_MAXIOV)
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 OPEN_DIR = ".open"  # markers of recordings whose session has not ended (see module docstring)
 
@@ -56,6 +63,7 @@ class LocalRecordingWriter:
         self._t0 = time.monotonic_ns()
         self.bytes = 0
         self._synced = 0
+        self._dropped = 0  # bytes from the start that were synced and dropped from the cache
         self._dirs_synced = False
         self._lock = threading.Lock()  # sync (thread) against close (thread)
         try:
@@ -135,6 +143,17 @@ class LocalRecordingWriter:
             except OSError as exc:
                 raise RecordingError(f"cannot sync recording {self._path}: {exc.strerror}") from exc
             self._synced = upto
+            self._drop_cached(upto)
+
+    def _drop_cached(self, upto: int) -> None:
+        """Advise the kernel to drop the synced bytes [dropped, upto) from the page cache (only
+        clean pages go, so nothing unsynced is lost; advice that fails changes nothing)."""
+        if upto > self._dropped:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._fd, self._dropped, upto - self._dropped,
+                                 os.POSIX_FADV_DONTNEED)
+            # the kernel keeps a partly covered last page: start the next range on it
+            self._dropped = upto - upto % _PAGE
 
     def close(self) -> None:
         with self._lock:
@@ -192,16 +211,21 @@ def _fsync_dir(path: Path) -> None:
 
 
 def render_cast(rec_path: Path) -> Path:
-    """Write ``SESSION_ID.cast`` (asciicast v2) beside a finished recording; returns its path."""
-    parsed = fmt.parse(rec_path.read_bytes())
+    """Write ``SESSION_ID.cast`` (asciicast v2) beside a finished recording; returns its path.
+
+    Frame by frame: a session that printed gigabytes is rendered in bounded memory."""
     out = rec_path.with_suffix(".cast")
     tmp = out.with_suffix(".cast.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in fmt.to_asciicast(parsed):
-            f.write(line)
-            f.write("\n")
-    os.chmod(tmp, 0o600)
-    tmp.replace(out)
+    try:
+        with open(rec_path, "rb") as src, open(tmp, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o600)
+            for line in fmt.to_asciicast(fmt.FrameReader(src, os.fstat(src.fileno()).st_size)):
+                f.write(line)
+                f.write("\n")
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 

@@ -42,31 +42,44 @@ class Repaired:
 @dataclass(frozen=True, slots=True)
 class _FileResult:
     cut_bytes: int
-    frames: list[fmt.Frame]
+    frames: int
+    bytes_in: int
+    bytes_out: int
+    last_t_us: int
     meta: dict[str, object]
 
 
 def _cut(fd: int, mark: bool) -> _FileResult:
     """Truncate an open recording to its last complete frame; ``mark`` appends the exit frame
-    ``interrupted`` (not for a session whose end the index already has)."""
+    ``interrupted`` (not for a session whose end the index already has). Reads frame by frame:
+    a crashed multi-GiB recording must not take the starting broker's memory with it."""
     size = os.fstat(fd).st_size
-    blob = os.pread(fd, size, 0)
-    try:
-        parsed = fmt.parse(blob)
-    except fmt.RecordingFormatError:
-        return _FileResult(0, [], {})  # died before the header was written: keep it as it is
-    frames = list(parsed.frames)
-    cut = size - parsed.valid_length
+    with os.fdopen(os.dup(fd), "rb") as f:  # shares fd's offset: start at 0
+        f.seek(0)
+        try:
+            reader = fmt.FrameReader(f, size)
+        except fmt.RecordingFormatError:
+            return _FileResult(0, 0, 0, 0, 0, {})  # died before the header: keep it as it is
+        frames = bytes_in = bytes_out = last_t = 0
+        last_kind = b""
+        for frame in reader.frames:
+            frames += 1
+            if frame.kind == fmt.INPUT:
+                bytes_in += len(frame.data)
+            elif frame.kind in (fmt.OUTPUT, fmt.ERROR):
+                bytes_out += len(frame.data)
+            last_t = max(last_t, frame.t_us)
+            last_kind = frame.kind
+    valid = reader.valid_length
+    cut = size - valid
     if cut:
-        os.ftruncate(fd, parsed.valid_length)
-    last_t = frames[-1].t_us if frames else 0
-    if mark and (not frames or frames[-1].kind != fmt.EXIT):
+        os.ftruncate(fd, valid)
+    if mark and last_kind != fmt.EXIT:
         payload = INTERRUPTED.encode()
-        os.pwrite(fd, fmt.frame_header(last_t, fmt.EXIT, len(payload)) + payload,
-                  parsed.valid_length)
-        frames.append(fmt.Frame(last_t, fmt.EXIT, payload))
+        os.pwrite(fd, fmt.frame_header(last_t, fmt.EXIT, len(payload)) + payload, valid)
+        frames += 1
     os.fsync(fd)
-    return _FileResult(cut, frames, parsed.meta)
+    return _FileResult(cut, frames, bytes_in, bytes_out, last_t, reader.meta)
 
 
 def pending(root: Path) -> list[tuple[str, Path]]:
@@ -140,12 +153,12 @@ async def _repair_one(root: Path, sid: str, marker: Path, index: SessionIndex,
         rec = await index.get(sid)
         open_row = rec is not None and rec.ended_at is None
         res = await asyncio.to_thread(_cut, fd, open_row) if fd >= 0 else None
-        frames = res.frames if res else []
         if rec is not None and rec.ended_at is None:
-            bytes_in = sum(len(f.data) for f in frames if f.kind == fmt.INPUT)
-            bytes_out = sum(len(f.data) for f in frames if f.kind in (fmt.OUTPUT, fmt.ERROR))
-            last_t = max((f.t_us for f in frames), default=0)
-            ended = rec.started_at + timedelta(microseconds=last_t) if frames else clock.now()
+            bytes_in, bytes_out = (res.bytes_in, res.bytes_out) if res else (0, 0)
+            if res is not None and res.frames:
+                ended = rec.started_at + timedelta(microseconds=res.last_t_us)
+            else:
+                ended = clock.now()
             ended = min(ended, clock.now())
             audit.emit(
                 "session.end", session_id=sid, user=rec.user, target=rec.target,
@@ -158,7 +171,8 @@ async def _repair_one(root: Path, sid: str, marker: Path, index: SessionIndex,
         await asyncio.to_thread(_cleanup, rec_path, marker, res)
         log.warning("recording.repaired", session_id=sid, cut_bytes=res.cut_bytes if res else 0,
                     recording_missing=res is None)
-        return Repaired(sid, rec_path if res else None, res.cut_bytes if res else 0, len(frames))
+        return Repaired(sid, rec_path if res else None, res.cut_bytes if res else 0,
+                        res.frames if res else 0)
     finally:
         if fd >= 0:
             os.close(fd)

@@ -240,3 +240,39 @@ def test_asciinema_cat_plays_the_cast(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr.decode()
     out = res.stdout.decode("utf-8")
     assert out == "hello € wörld\r\nbye\r\n"  # "o" events only; input, resize and exit skipped
+
+
+def _read(data: bytes) -> tuple[fmt.FrameReader, list[fmt.Frame]]:
+    import io
+
+    reader = fmt.FrameReader(io.BytesIO(data), len(data))
+    return reader, list(reader.frames)
+
+
+def test_frame_reader_agrees_with_parse_at_every_cut() -> None:
+    """Read frame by frame or all at once: the same frames, valid length and truncation, for
+    the whole file and for every prefix a crash could leave (header excepted)."""
+    data = blob(*FRAMES)
+    header = len(fmt.encode_header(META))
+    for cut in range(header, len(data) + 1):
+        parsed = fmt.parse(data[:cut])
+        reader, frames = _read(data[:cut])
+        assert frames == parsed.frames, cut
+        assert (reader.valid_length, reader.truncated) == (parsed.valid_length, parsed.truncated)
+        assert reader.meta == parsed.meta
+
+
+def test_frame_reader_stops_at_a_corrupt_length_without_allocating_it() -> None:
+    data = blob(*FRAMES) + fmt.FRAME.pack(9, fmt.OUTPUT, 0xFFFFFFF0) + b"short"
+    reader, frames = _read(data)
+    assert len(frames) == len(FRAMES)
+    assert reader.truncated and reader.valid_length == len(blob(*FRAMES))
+
+
+@pytest.mark.parametrize("bad", [b"NOTREC\n{}\n", fmt.MAGIC + b'{"no": "newline"}',
+                                 fmt.MAGIC + b"not json\n"])
+def test_frame_reader_refuses_what_is_not_a_recording(bad: bytes) -> None:
+    import io
+
+    with pytest.raises(fmt.RecordingFormatError):
+        fmt.FrameReader(io.BytesIO(bad), len(bad))

@@ -159,3 +159,64 @@ def test_render_cast_of_crashed_recording_keeps_complete_frames(sink: LocalRecor
     path.write_bytes(data[:-5])
     lines = render_cast(path).read_text(encoding="utf-8").splitlines()
     assert [json.loads(x)[1:] for x in lines[1:]] == [["o", "kept"]]
+
+
+def _cached_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (util-linux ``fincore``)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.split()[0])
+
+
+def test_synced_bytes_leave_the_page_cache_and_the_file_stays_whole(
+        sink: LocalRecordingSink) -> None:
+    """After ``sync`` a recording's synced pages are dropped from the cache (it is written once,
+    read rarely); writes after that append correctly, and the whole file reads back intact."""
+    w = sink.open("s-cache", {"session_id": "s-cache"})
+    chunk = bytes(range(256)) * 1024  # 256 KiB, not page-sized frames
+    for _ in range(16):
+        w.write(fmt.OUTPUT, chunk)
+    path = Path(w.location)
+    before = _cached_bytes(path)
+    w.sync()
+    after = _cached_bytes(path)
+    assert before >= 4 << 20  # the 4 MiB just written were cached ...
+    assert after <= 8192  # ... and are gone once on disk, but for a partly written last page
+    w.write_frames([*w.frame(fmt.OUTPUT, b"tail"), *w.frame(fmt.EXIT, b"0")])
+    w.sync()
+    w.write(fmt.OUTPUT, b"after the second sync")
+    w.close()
+    parsed = fmt.parse(path.read_bytes())
+    assert not parsed.truncated
+    assert fmt.output_bytes(parsed.frames) == chunk * 16 + b"tail" + b"after the second sync"
+    assert fmt.exit_status(parsed.frames) == "0"
+
+
+def test_render_cast_of_a_large_recording_holds_one_frame_at_a_time(
+        sink: LocalRecordingSink) -> None:
+    """A session that printed 48 MiB is rendered in a few MiB, not the size of the file."""
+    import tracemalloc
+
+    w = sink.open("s-large", {**META, "session_id": "s-large", "term": "xterm"})
+    text = b"".join(b"%07d coloured \x1b[1;32mls -l\x1b[0m line\r\n" % i for i in range(1000))
+    chunk = text[:32768]
+    frames: list[bytes] = []
+    for _ in range(48 << 20 >> 15):
+        frames += w.frame(fmt.OUTPUT, chunk)
+    w.write_frames(frames)
+    w.write(fmt.EXIT, b"0")
+    w.close()
+    path = Path(w.location)
+    assert path.stat().st_size > 48 << 20
+    tracemalloc.start()
+    try:
+        cast = render_cast(path)
+        _size, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"rendering held {peak >> 20} MiB"
+    with cast.open(encoding="utf-8") as f:
+        assert json.loads(f.readline())["width"] == META["width"]
+        events = [json.loads(x) for x in f]
+    assert "".join(e[2] for e in events if e[1] == "o") == (chunk * (48 << 20 >> 15)).decode()
+    assert events[-1][1:] == ["x", "0"]

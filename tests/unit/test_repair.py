@@ -7,6 +7,7 @@ Real files, a real SQLite index and the real JSONL audit log on a temporary dire
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import json
 import os
@@ -193,3 +194,35 @@ def test_disk_guard_reads_the_file_system(tmp_path: Path) -> None:
     st = DiskGuard(tmp_path, min_free_bytes=2**62, critical_free_bytes=0,
                    min_free_percent=0, critical_free_percent=0).status()
     assert st.level is DiskLevel.LOW and st.total_bytes > 0
+
+
+async def test_a_large_crashed_recording_is_repaired_in_bounded_memory(env: Env) -> None:
+    """48 MiB of output and a torn last frame: cut, marked and counted while holding a few MiB
+    (a crashed multi-GiB session must not take the starting broker's memory with it)."""
+    import tracemalloc
+
+    await env.row()
+    w = env.sink.open(SID, META)
+    chunk = bytes(range(256)) * 128  # 32 KiB
+    n = 48 << 20 >> 15
+    w.write_frames([part for _ in range(n) for part in w.frame(fmt.OUTPUT, chunk)])
+    w.write(fmt.INPUT, b"q")
+    path = Path(w.location)
+    _crash(w)
+    with open(path, "ab") as f:
+        f.write(fmt.frame_header(5, fmt.OUTPUT, 1 << 20) + b"torn")
+    tracemalloc.start()
+    try:
+        done = await env.repair()
+        _size, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"repair held {peak >> 20} MiB"
+    assert len(done) == 1 and done[0].cut_bytes == fmt.FRAME.size + 4  # type: ignore[attr-defined]
+    rec = await env.index.get(SID)
+    assert rec is not None and (rec.bytes_in, rec.bytes_out) == (1, n * len(chunk))
+    with open(path, "rb") as f:
+        reader = fmt.FrameReader(f, path.stat().st_size)
+        tail = collections.deque(reader.frames, maxlen=1)
+    assert not reader.truncated and tail
+    assert (tail[0].kind, tail[0].data) == (fmt.EXIT, b"interrupted")
