@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable
@@ -62,7 +64,7 @@ def block_size_for(size: int) -> int:
     return bs
 
 
-def block_hash(data: bytes) -> str:
+def block_hash(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
@@ -80,17 +82,51 @@ class FileDigest:
 
 
 def digest_file(path: Path, block_size: int | None = None) -> FileDigest:
-    """SHA-256 of the whole file and of each block, in one pass."""
-    with open(path, "rb") as f:
-        bs = block_size or block_size_for(os.fstat(f.fileno()).st_size)
+    """SHA-256 of the whole file and of each block, in one pass.
+
+    Into one reused buffer, and each block read is dropped from the page cache again: sealing
+    and verifying read a recording once, so they should neither allocate per block nor fill
+    the cache with a file nobody reads next (see ``broker.recordings.local``)."""
+    with open(path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        bs = block_size or block_size_for(os.fstat(fd).st_size)
+        view = memoryview(bytearray(bs))
         whole = hashlib.sha256()
         blocks: list[str] = []
-        size = 0
-        while chunk := f.read(bs):
+        size = dropped = 0
+        while n := _read_block(f, view):
+            chunk = view[:n]
             whole.update(chunk)
             blocks.append(block_hash(chunk))
-            size += len(chunk)
+            size += n
+            if size - dropped >= _DROP_EVERY:
+                _drop_cached(fd, size)
+                dropped = size
+            if n < bs:
+                break
+        _drop_cached(fd, 0)
     return FileDigest(path.name, size, whole.hexdigest(), bs, blocks)
+
+
+_DROP_EVERY = 8 << 20
+
+
+def _drop_cached(fd: int, upto: int) -> None:
+    """Drop [0, upto) (0: the whole file) from the page cache. Always from 0: the kernel drops
+    only folios wholly inside the range, and a large folio may straddle the last boundary."""
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, 0, upto, os.POSIX_FADV_DONTNEED)
+
+
+def _read_block(f: io.FileIO, view: memoryview) -> int:
+    """Fill ``view`` from ``f``; fewer bytes only at the end of the file."""
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 def manifest_path(rec_path: Path) -> Path:

@@ -36,7 +36,6 @@ _SESSION_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-")
 
 
 _IOV_MAX = 1024  # iovecs per writev (Linux UIO_MAXIOV)
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 OPEN_DIR = ".open"  # markers of recordings whose session has not ended (see module docstring)
 
@@ -63,7 +62,7 @@ class LocalRecordingWriter:
         self._t0 = time.monotonic_ns()
         self.bytes = 0
         self._synced = 0
-        self._dropped = 0  # bytes from the start that were synced and dropped from the cache
+        self._dropped = 0  # synced bytes already advised out of the page cache
         self._dirs_synced = False
         self._lock = threading.Lock()  # sync (thread) against close (thread)
         try:
@@ -146,14 +145,14 @@ class LocalRecordingWriter:
             self._drop_cached(upto)
 
     def _drop_cached(self, upto: int) -> None:
-        """Advise the kernel to drop the synced bytes [dropped, upto) from the page cache (only
-        clean pages go, so nothing unsynced is lost; advice that fails changes nothing)."""
+        """Advise the kernel to drop the synced bytes [0, upto) from the page cache (only clean
+        pages go, so nothing unsynced is lost; advice that fails changes nothing). Always from
+        0: the kernel drops only folios wholly inside the range, and a large folio may have
+        straddled the previous end; the part dropped before costs a walk over an empty range."""
         if upto > self._dropped:
             with contextlib.suppress(OSError):
-                os.posix_fadvise(self._fd, self._dropped, upto - self._dropped,
-                                 os.POSIX_FADV_DONTNEED)
-            # the kernel keeps a partly covered last page: start the next range on it
-            self._dropped = upto - upto % _PAGE
+                os.posix_fadvise(self._fd, 0, upto, os.POSIX_FADV_DONTNEED)
+            self._dropped = upto
 
     def close(self) -> None:
         with self._lock:

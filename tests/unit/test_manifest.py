@@ -6,7 +6,9 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
 import stat
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,32 @@ def test_digest_file_whole_and_blocks(tmp_path: Path) -> None:
     (tmp_path / "empty").write_bytes(b"")
     e = digest_file(tmp_path / "empty")
     assert (e.size, e.blocks) == (0, [])
+
+
+def test_digest_file_exact_blocks_and_a_large_file_leaves_the_page_cache(tmp_path: Path) -> None:
+    """Block boundaries do not depend on how reads split; a digested file's pages are dropped
+    from the cache (it is read once), as util-linux ``fincore`` shows."""
+    p = tmp_path / "f.rec"
+    data = os.urandom(3 * 4096)
+    p.write_bytes(data)
+    d = digest_file(p)
+    assert (d.size, len(d.blocks)) == (3 * 4096, 3)
+    assert d.blocks == [hashlib.sha256(data[i:i + 4096]).hexdigest()[:32] for i in (0, 4096, 8192)]
+    big = tmp_path / "big.rec"
+    with big.open("wb") as f:
+        for _ in range(16):
+            f.write(os.urandom(1 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    whole = digest_file(big)
+    assert whole.size == 16 << 20 and len(whole.blocks) == 1024
+    assert whole.sha256 == hashlib.sha256(big.read_bytes()).hexdigest()
+    p2 = tmp_path / "big2.rec"
+    big.rename(p2)
+    digest_file(p2)
+    res = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(p2)],
+                         check=True, capture_output=True, text=True).stdout
+    assert int(res.split()[0]) <= 64 << 10
 
 
 def make_recording(root: Path, sid: str = SID, payload: bytes = b"hello\r\n") -> Path:

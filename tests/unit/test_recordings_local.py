@@ -174,21 +174,21 @@ def test_synced_bytes_leave_the_page_cache_and_the_file_stays_whole(
     read rarely); writes after that append correctly, and the whole file reads back intact."""
     w = sink.open("s-cache", {"session_id": "s-cache"})
     chunk = bytes(range(256)) * 1024  # 256 KiB, not page-sized frames
-    for _ in range(16):
+    for _ in range(64):
         w.write(fmt.OUTPUT, chunk)
     path = Path(w.location)
     before = _cached_bytes(path)
     w.sync()
     after = _cached_bytes(path)
-    assert before >= 4 << 20  # the 4 MiB just written were cached ...
-    assert after <= 8192  # ... and are gone once on disk, but for a partly written last page
+    assert before >= 16 << 20  # the 16 MiB just written were cached ...
+    assert after <= 2 << 20  # ... and are gone once on disk, but for a partly written last folio
     w.write_frames([*w.frame(fmt.OUTPUT, b"tail"), *w.frame(fmt.EXIT, b"0")])
     w.sync()
     w.write(fmt.OUTPUT, b"after the second sync")
     w.close()
     parsed = fmt.parse(path.read_bytes())
     assert not parsed.truncated
-    assert fmt.output_bytes(parsed.frames) == chunk * 16 + b"tail" + b"after the second sync"
+    assert fmt.output_bytes(parsed.frames) == chunk * 64 + b"tail" + b"after the second sync"
     assert fmt.exit_status(parsed.frames) == "0"
 
 
