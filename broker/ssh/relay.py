@@ -46,15 +46,20 @@ class RelayDeps:
 
 class _Paused:
     """Why one side's reading is paused: "start" (upstream not up yet), "window" (the other
-    side's send buffer is full). It resumes only when no reason is left."""
+    side's send buffer is full). It resumes only when no reason is left.
+
+    ``pause`` re-applies the channel's pause every time: asyncssh resumes reading by itself right
+    after ``session_started`` (for shell, exec and subsystem requests), which silently undid the
+    "start" pause, and a fast upload then piled up in memory until the upstream was ready (over
+    100 MiB seen). The relay calls ``pause`` again on data that arrives while a reason is set.
+    """
 
     def __init__(self) -> None:
         self._why: set[str] = set()
 
     def pause(self, chan: SSHChannel[bytes] | None, why: str) -> None:
         if chan is not None:
-            if not self._why:
-                chan.pause_reading()
+            chan.pause_reading()  # a flag in asyncssh: cheap, and idempotent
             self._why.add(why)
 
     def resume(self, chan: SSHChannel[bytes] | None, why: str) -> None:
@@ -141,7 +146,8 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         return True
 
     def session_started(self) -> None:
-        # Hold client input (in the channel window, not in our memory) until the upstream is up.
+        # Hold client input (in the channel window, not in our memory) until the upstream is up;
+        # asyncssh resumes reading after this returns, so data_received pauses again (_Paused).
         self.pause_client("start")
         self._task = asyncio.create_task(self._start())
 

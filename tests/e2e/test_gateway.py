@@ -76,6 +76,46 @@ def test_large_upload_backpressure(demo: Demo) -> None:
     assert r.stdout.split()[0].decode() == hashlib.sha256(payload).hexdigest()
 
 
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_fast_upload_is_held_in_the_window_while_the_upstream_starts(demo: Demo) -> None:
+    """The client's first bytes wait in the SSH window, not in the broker's memory.
+
+    asyncssh resumes reading right after ``session_started``, which undid the relay's "start"
+    pause: an OpenSSH client piping /dev/zero pushed 100+ MiB into the broker before the
+    upstream was up. Now the broker's resident memory grows by a few MiB at most."""
+    import threading
+
+    user = demo.take_user()
+    pid = int(demo.info["pid"])
+    base = _rss_kib(pid)
+    peak = [base]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.01):
+            peak[0] = max(peak[0], _rss_kib(pid))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with subprocess.Popen(["head", "-c", "400000000", "/dev/zero"],
+                              stdout=subprocess.PIPE) as head:
+            r = subprocess.run([*demo.ssh_args(f"{user}+web01"), "wc -c"], stdin=head.stdout,
+                               capture_output=True, timeout=120, env=demo.env(user))
+    finally:
+        done.set()
+        watcher.join()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [b"400000000"]
+    assert peak[0] - base < 48 * 1024, f"broker memory grew by {(peak[0] - base) >> 10} MiB"
+
+
 def test_signal_exit_is_relayed(demo: Demo) -> None:
     user = demo.take_user()
     r = demo.ssh(user, "web01", "kill -TERM $$")
