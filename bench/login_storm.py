@@ -2,12 +2,14 @@
 
 20 concurrent clients log in as fresh (user, TOTP step) pairs until the planned logins are done;
 each login is timed from TCP connect to authentication complete. Meanwhile an already open,
-relayed PTY session measures keystroke echo round trips, first idle, then during the storm.
+relayed PTY session measures keystroke echo round trips: idle, during the storm, and as a
+control with one CPU-bound process per core and no logins (what CPU contention alone does).
 
-    .venv/bin/python bench/login_storm.py [--users 200] [--clients 20]
+    .venv/bin/python bench/login_storm.py [--users 200] [--clients 20] [--client-procs 4]
 
-Clients are asyncssh (one Python process), not OpenSSH: 20 ssh processes per second would cost
-this 2-core machine more than the broker does. Results go to stdout and bench/login_storm.md.
+Clients are asyncssh, spread over ``--client-procs`` processes, not OpenSSH: 20 ssh processes per
+second would cost this 2-core machine more than the broker does. The echo probe has a process
+of its own. Results go to stdout and bench/login_storm.md.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing as mp
 import os
 import signal
 import statistics
@@ -23,6 +26,8 @@ import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import cast
 
@@ -105,48 +110,146 @@ def ad_config(demo_state: Path, info: dict[str, object], dc_settings: dict[str, 
         "[web]\nenabled = false\n")
 
 
-async def storm(port: int, users: list[str], secrets: dict[str, str], clients: int
-                ) -> dict[str, float]:
-    # codes: steps now-1, now, now+1 of every user, in that order per user (single use)
-    while int(time.time()) % 30 > 3:  # noqa: ASYNC110 - waiting for the clock, not an event
-        await asyncio.sleep(0.2)
-    step = int(time.time()) // 30
+def _steps_ready() -> int:
+    """Wait until a TOTP step has just begun (the storm uses steps now-1, now, now+1)."""
+    while int(time.time()) % 30 > 3:
+        time.sleep(0.2)
+    return int(time.time()) // 30
+
+
+def _echo_probe(port: int, user: str, code: str, idle_done: Event, stop: Event,
+                hogs_on: Event, out: Queue) -> None:
+    """Child process: one open PTY session; echo samples idle, then until ``stop``, then
+    ``CONTROL_SAMPLES`` more once ``hogs_on`` (CPU-bound processes, no logins: the control).
+
+    Its own process and event loop, so the samples measure the broker's relay, not the clients'
+    handshake work (an earlier version shared one loop with them and measured that instead).
+    """
+    async def run() -> tuple[list[float], list[float], list[float]]:
+        conn = await login(port, user, code)
+        chan, raw_sess = await conn.create_session(Echo, "stty raw -echo; cat", term_type="xterm",
+                                                   request_pty="force", encoding=None)
+        sess = cast(Echo, raw_sess)
+        await asyncio.sleep(0.5)
+        idle = await echo_samples(chan, sess, None, 300)
+        idle_done.set()
+        during = await echo_samples(chan, sess, stop, 0)
+        await asyncio.to_thread(hogs_on.wait, 60)  # a process-shared event, not an asyncio one
+        await asyncio.sleep(0.5)
+        control = await echo_samples(chan, sess, None, CONTROL_SAMPLES)
+        conn.close()
+        return idle, during, control
+
+    try:
+        out.put(("echo", *asyncio.run(run())))
+    except BaseException as exc:
+        idle_done.set()
+        out.put(("echo-error", repr(exc), [], []))
+
+
+CONTROL_SAMPLES = 1500
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+def _client_proc(port: int, work: list[tuple[str, str]], clients: int, go: Event,
+                 out: Queue) -> None:
+    """Child process: ``clients`` concurrent logins over its share of (user, code) pairs."""
+    async def run() -> tuple[list[float], int, float]:
+        lat: list[float] = []
+        errors = 0
+        queue = list(reversed(work))
+
+        async def client() -> None:
+            nonlocal errors
+            while queue:
+                user, code = queue.pop()
+                t0 = time.perf_counter()
+                try:
+                    c = await login(port, user, code)
+                    lat.append((time.perf_counter() - t0) * 1000)
+                    c.close()
+                except (OSError, asyncssh.Error):
+                    errors += 1
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return lat, errors, time.monotonic()
+
+    go.wait()
+    out.put(("clients", *asyncio.run(run())))
+
+
+def storm(port: int, users: list[str], secrets: dict[str, str], clients: int, procs: int
+          ) -> dict[str, float]:
+    """``clients`` concurrent logins spread over ``procs`` client processes, and an echo probe
+    in a process of its own; every (user, TOTP step) pair is used once."""
+    ctx = mp.get_context("fork")
+    out: Queue = ctx.Queue()
+    idle_done, stop, go, hogs_on = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Event()
+    step = _steps_ready()
     echo_user = users[0]
-    conn = await login(port, echo_user, totp.code_at_step(secrets[echo_user], step - 1))
-    chan, raw_sess = await conn.create_session(Echo, "stty raw -echo; cat", term_type="xterm",
-                                               request_pty="force", encoding=None)
-    sess = cast(Echo, raw_sess)
-    await asyncio.sleep(0.5)
-    idle = await echo_samples(chan, sess, None, 300)
-    work = [(u, s) for s in (step - 1, step, step + 1) for u in users[1:]]
+    probe = ctx.Process(target=_echo_probe, args=(
+        port, echo_user, totp.code_at_step(secrets[echo_user], step - 1), idle_done, stop,
+        hogs_on, out))
+    probe.start()
+    work = [(u, totp.code_at_step(secrets[u], s)) for s in (step - 1, step, step + 1)
+            for u in users[1:]]
+    shares = [work[i::procs] for i in range(procs)]
+    per_proc = [clients // procs + (i < clients % procs) for i in range(procs)]
+    children = [ctx.Process(target=_client_proc, args=(port, shares[i], per_proc[i], go, out))
+                for i in range(procs)]
+    for c in children:
+        c.start()
+    idle_done.wait(120)
+    t0 = time.monotonic()
+    go.set()
     lat: list[float] = []
-    errors = 0
-    queue = list(reversed(work))
-
-    async def client() -> None:
-        nonlocal errors
-        while queue:
-            user, st = queue.pop()
-            t0 = time.perf_counter()
-            try:
-                c = await login(port, user, totp.code_at_step(secrets[user], st))
-                lat.append((time.perf_counter() - t0) * 1000)
-                c.close()
-            except (OSError, asyncssh.Error):
-                errors += 1
-
-    stop = asyncio.Event()
-    during_task = asyncio.create_task(echo_samples(chan, sess, stop, 0))
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    wall = time.perf_counter() - t0
+    errors, ends = 0, []
+    for _ in children:
+        _kind, got, errs, end = out.get(timeout=600)
+        lat += got
+        errors += errs
+        ends.append(end)
     stop.set()
-    during = await during_task
-    conn.close()
+    # the control: as many CPU-bound processes as cores, no logins (what CPU contention alone
+    # does to the echo on this machine)
+    hogs = [ctx.Process(target=_spin, daemon=True) for _ in range(os.cpu_count() or 1)]
+    for h in hogs:
+        h.start()
+    hogs_on.set()
+    try:
+        kind, idle, during, control = out.get(timeout=120)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.join()
+    if kind != "echo":
+        raise RuntimeError(f"echo probe failed: {idle}")
+    for p in (probe, *children):
+        p.join(30)
+    wall = max(ends) - t0
     return {"logins": len(lat), "errors": errors, "rate": len(lat) / wall,
             "p50": statistics.median(lat), "p99": q(lat, 0.99),
             "idle_p50": statistics.median(idle), "idle_p99": q(idle, 0.99),
-            "storm_p50": statistics.median(during), "storm_p99": q(during, 0.99)}
+            "storm_p50": statistics.median(during), "storm_p99": q(during, 0.99),
+            "control_p50": statistics.median(control), "control_p99": q(control, 0.99)}
+
+
+def wait_listening(log_path: Path, proc: subprocess.Popen[bytes], workers: int) -> int:
+    """The port from the broker's log (a file: a pipe nobody drains would block the broker)."""
+    want = b'"workers.listening"' if workers > 1 else b'"broker.listening"'
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"broker exited: {log_path.read_text(errors='replace')[-2000:]}")
+        for line in log_path.read_bytes().splitlines():
+            if want in line:
+                return int(json.loads(line)["port"])
+        time.sleep(0.05)
+    raise RuntimeError(f"broker did not listen within 60 s; see {log_path}")
 
 
 def main() -> int:
@@ -154,6 +257,8 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=200)
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--workers", type=int, default=1, help="broker worker processes")
+    ap.add_argument("--client-procs", type=int, default=4,
+                    help="processes the clients are spread over (the echo probe has its own)")
     args = ap.parse_args()
     started = datetime.now(UTC)
     load0 = os.getloadavg()
@@ -182,16 +287,12 @@ def main() -> int:
                 await stores.close()
 
             asyncio.run(seed())
-            proc = subprocess.Popen([str(BIN), "--config", str(cfg), "serve"],
-                                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-            assert proc.stderr is not None
-            port = 0
-            for line in proc.stderr:
-                if b'"workers.listening"' in line or (
-                        args.workers == 1 and b'"broker.listening"' in line):
-                    port = int(json.loads(line)["port"])
-                    break
-            r = asyncio.run(storm(port, users, secrets, args.clients))
+            log_path = Path(tmp) / "broker.log"
+            with log_path.open("wb") as log_file:
+                proc = subprocess.Popen([str(BIN), "--config", str(cfg), "serve"],
+                                        stderr=log_file, stdout=subprocess.DEVNULL)
+            port = wait_listening(log_path, proc, args.workers)
+            r = storm(port, users, secrets, args.clients, args.client_procs)
         finally:
             if proc is not None:
                 proc.send_signal(signal.SIGTERM)
@@ -219,6 +320,8 @@ def main() -> int:
         f"| echo p50 idle / during storm, ms | {r['idle_p50']:.2f} / {r['storm_p50']:.2f} | | |",
         f"| echo p99 idle / during storm, ms | {r['idle_p99']:.2f} / {r['storm_p99']:.2f} | "
         f"<= 2x idle | {'yes' if r['storm_p99'] <= 2 * r['idle_p99'] else '**no**'} |",
+        f"| control: echo p50 / p99 with {os.cpu_count()} CPU-bound processes and no logins, ms "
+        f"| {r['control_p50']:.2f} / {r['control_p99']:.2f} | | |",
     ]
     text = "\n".join(lines) + "\n"
     OUT.write_text(text)
