@@ -68,14 +68,19 @@ class _Worker(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
+        # A shipper must outlive its failures: a body that raises (its spool could not be
+        # opened, say) is logged and started again, keeping the leadership it holds.
         try:
             while not self.stopping.is_set():
-                if self._leader.acquire():
-                    self._body(self.stopping)
-                    return
+                try:
+                    if self._leader.acquire():
+                        self._body(self.stopping)
+                        if self.stopping.is_set():
+                            return
+                except Exception as exc:  # logged, never a traceback on stderr
+                    log.error("shipping.thread_failed", thread=self.name, error=str(exc),
+                              retry_in_s=LEADER_RETRY_SECONDS)
                 self.stopping.wait(LEADER_RETRY_SECONDS)
-        except Exception as exc:  # pragma: no cover - logged, never a traceback on stderr
-            log.error("shipping.thread_failed", thread=self.name, error=str(exc))
         finally:
             self._leader.release()
 

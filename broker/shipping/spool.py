@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,15 +66,37 @@ class ShippedObject:
 class Spool:
     """One connection per thread; every method is one short transaction."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, setup_seconds: float = 30.0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
         self.path = path
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None,
                                    check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._setup(setup_seconds)
+        except BaseException:
+            self._db.close()
+            raise
         os.chmod(path, 0o600)
+
+    def _setup(self, budget: float) -> None:
+        """WAL mode and the schema. Switching to WAL while another connection (the other
+        shipper's thread, another worker process) does the same answers "database is locked"
+        at once, without SQLite's busy wait: retry that, briefly, until ``budget`` runs out."""
+        deadline = time.monotonic() + budget
+        delay = 0.01
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     def close(self) -> None:
         self._db.close()

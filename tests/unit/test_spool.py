@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from broker.shipping.aws import backoff
 from broker.shipping.cloudwatch import EVENT_OVERHEAD, MAX_BATCH_BYTES, MAX_EVENT_BYTES, build_batch
 from broker.shipping.s3 import name_key, session_files
@@ -161,3 +163,60 @@ def test_one_shipper_per_state_dir(tmp_path: Path) -> None:
     a.release()
     assert b.acquire()
     b.release()
+
+
+def test_spools_opened_at_once_all_come_up(tmp_path: Path) -> None:
+    """The S3 and CloudWatch threads (and other workers) open the spool together at start:
+    switching a new database to WAL then answers "database is locked" at once, which killed a
+    shipping thread before. Every opener now gets a working spool."""
+    import threading
+
+    for trial in range(80):
+        path = tmp_path / f"t{trial}" / "spool.db"
+        barrier = threading.Barrier(4)
+        errors: list[str] = []
+
+        def open_one(path: Path = path, barrier: threading.Barrier = barrier,
+                     errors: list[str] = errors) -> None:
+            barrier.wait()
+            try:
+                spool = Spool(path)
+                spool.enqueue("s1", 1.0, 1.0)
+                spool.close()
+            except Exception as exc:  # collected: the assertion below shows them
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=open_one) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [], (trial, errors)
+
+
+def test_a_shipping_thread_outlives_a_failing_body(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body that raises is logged and run again (it held the leadership all along)."""
+    import threading
+
+    from broker.shipping import service
+
+    monkeypatch.setattr(service, "LEADER_RETRY_SECONDS", 0.01)
+    calls: list[int] = []
+    second = threading.Event()
+
+    def body(stopping: threading.Event) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("database is locked")
+        second.set()
+        stopping.wait()
+
+    worker = service._Worker("test", tmp_path / "lock", body)
+    worker.start()
+    try:
+        assert second.wait(10), "the body was not started again after it failed"
+    finally:
+        worker.stopping.set()
+        worker.join(10)
+    assert not worker.is_alive() and len(calls) == 2
