@@ -15,7 +15,7 @@ import json
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 MAGIC = b"BBREC1\n"
 FRAME = struct.Struct("<QcI")
@@ -57,31 +57,15 @@ class ParsedRecording:
     valid_length: int  # offset just after the last complete frame
 
 
-def parse(blob: bytes) -> ParsedRecording:
-    """Decode a whole recording; an incomplete last frame is reported, not raised."""
-    if not blob.startswith(MAGIC):
-        raise RecordingFormatError("not a bastion-broker recording (bad magic)")
-    nl = blob.find(b"\n", len(MAGIC))
-    if nl < 0:
-        raise RecordingFormatError("recording header is incomplete")
-    try:
-        meta = json.loads(blob[len(MAGIC) : nl])
-    except ValueError as exc:
-        raise RecordingFormatError(f"recording header is not JSON: {exc}") from None
-    pos = nl + 1
-    frames: list[Frame] = []
-    size = len(blob)
-    while pos + FRAME.size <= size:
-        t_us, kind, length = FRAME.unpack_from(blob, pos)
-        end = pos + FRAME.size + length
-        if kind not in KINDS or end > size:
-            break
-        frames.append(Frame(t_us, kind, blob[pos + FRAME.size : end]))
-        pos = end
-    return ParsedRecording(meta, frames, truncated=pos != size, valid_length=pos)
-
-
 MAX_HEADER = 1 << 20  # a header line longer than this is not one the broker wrote
+
+
+class Source(Protocol):
+    """Where ``FrameReader`` reads from: an open binary file, or bytes in memory (``parse``)."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+    def readline(self, limit: int, /) -> bytes: ...
 
 
 class FrameReader:
@@ -92,7 +76,7 @@ class FrameReader:
     frame and ``truncated`` says whether anything followed it (a crash mid-write).
     """
 
-    def __init__(self, f: BinaryIO, size: int) -> None:
+    def __init__(self, f: Source, size: int) -> None:
         if f.read(len(MAGIC)) != MAGIC:
             raise RecordingFormatError("not a bastion-broker recording (bad magic)")
         line = f.readline(MAX_HEADER)
@@ -126,6 +110,29 @@ class FrameReader:
                 return
             pos = self.valid_length = end
             yield Frame(t_us, kind, data)
+
+
+class _Blob:
+    """The two reads ``FrameReader`` makes, over bytes in memory (the domain does no I/O)."""
+
+    def __init__(self, blob: bytes) -> None:
+        self._blob, self._pos = blob, 0
+
+    def read(self, n: int) -> bytes:
+        start, self._pos = self._pos, min(self._pos + n, len(self._blob))
+        return self._blob[start:self._pos]
+
+    def readline(self, limit: int) -> bytes:
+        nl = self._blob.find(b"\n", self._pos, self._pos + limit)
+        return self.read(nl + 1 - self._pos if nl >= 0 else limit)
+
+
+def parse(blob: bytes) -> ParsedRecording:
+    """Decode a whole recording; an incomplete last frame is reported, not raised."""
+    reader = FrameReader(_Blob(blob), len(blob))
+    frames = list(reader.frames)
+    return ParsedRecording(reader.meta, frames, truncated=reader.truncated,
+                           valid_length=reader.valid_length)
 
 
 class Recording(Protocol):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import io
 import json
@@ -36,7 +35,7 @@ import structlog
 from broker.errors import BrokerError
 from broker.integrity.keys import SigningKey
 from broker.ports import AuditSink
-from broker.recordings.local import describe
+from broker.recordings.local import describe, drop_cached
 
 if TYPE_CHECKING:
     from broker.services.sessions import LiveSession
@@ -100,22 +99,15 @@ def digest_file(path: Path, block_size: int | None = None) -> FileDigest:
             blocks.append(block_hash(chunk))
             size += n
             if size - dropped >= _DROP_EVERY:
-                _drop_cached(fd, size)
+                drop_cached(fd, size)
                 dropped = size
             if n < bs:
                 break
-        _drop_cached(fd, 0)
+        drop_cached(fd, 0)
     return FileDigest(path.name, size, whole.hexdigest(), bs, blocks)
 
 
 _DROP_EVERY = 8 << 20
-
-
-def _drop_cached(fd: int, upto: int) -> None:
-    """Drop [0, upto) (0: the whole file) from the page cache. Always from 0: the kernel drops
-    only folios wholly inside the range, and a large folio may straddle the last boundary."""
-    with contextlib.suppress(OSError):
-        os.posix_fadvise(fd, 0, upto, os.POSIX_FADV_DONTNEED)
 
 
 def _read_block(f: io.FileIO, view: memoryview) -> int:

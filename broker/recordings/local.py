@@ -62,7 +62,6 @@ class LocalRecordingWriter:
         self._t0 = time.monotonic_ns()
         self.bytes = 0
         self._synced = 0
-        self._dropped = 0  # synced bytes already advised out of the page cache
         self._dirs_synced = False
         self._lock = threading.Lock()  # sync (thread) against close (thread)
         try:
@@ -141,18 +140,9 @@ class LocalRecordingWriter:
                     self._dirs_synced = True
             except OSError as exc:
                 raise RecordingError(f"cannot sync recording {self._path}: {exc.strerror}") from exc
+            if upto > self._synced:
+                drop_cached(self._fd, upto)
             self._synced = upto
-            self._drop_cached(upto)
-
-    def _drop_cached(self, upto: int) -> None:
-        """Advise the kernel to drop the synced bytes [0, upto) from the page cache (only clean
-        pages go, so nothing unsynced is lost; advice that fails changes nothing). Always from
-        0: the kernel drops only folios wholly inside the range, and a large folio may have
-        straddled the previous end; the part dropped before costs a walk over an empty range."""
-        if upto > self._dropped:
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(self._fd, 0, upto, os.POSIX_FADV_DONTNEED)
-            self._dropped = upto
 
     def close(self) -> None:
         with self._lock:
@@ -199,6 +189,15 @@ class LocalRecordingSink:
             return self.path_of(location).read_bytes()
         except FileNotFoundError:
             raise NotFoundError(f"recording file {location} is missing") from None
+
+
+def drop_cached(fd: int, upto: int) -> None:
+    """Advise the kernel to drop [0, upto) of a file (0: all of it) from the page cache. Only
+    clean pages go, so nothing unsynced is lost; advice that fails changes nothing. Always from
+    0: the kernel drops only folios wholly inside the range, and a large folio may straddle the
+    previous end; the part dropped before costs a walk over an empty range."""
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, 0, upto, os.POSIX_FADV_DONTNEED)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -28,6 +28,8 @@ from broker.recordings.local import LocalRecordingWriter
 log = structlog.get_logger("broker.recordings")
 
 Action = Callable[[], None]
+# wraps the relay of one recording batch (the SSH layer corks its transports there)
+ReleaseScope = Callable[[], AbstractContextManager[None]]
 INLINE_MAX = 4096  # bytes: a frame up to this size is written at once when nothing is queued
 
 
@@ -36,7 +38,7 @@ class RecordingPipeline:
 
     def __init__(self, writer: LocalRecordingWriter, *,
                  on_error: Callable[[RecordingError], bool],
-                 release_scope: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+                 release_scope: ReleaseScope = contextlib.nullcontext,
                  inline_max: int = INLINE_MAX) -> None:
         self.writer = writer
         self._release_scope = release_scope  # wraps each batch of actions (transport corking)

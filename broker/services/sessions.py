@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +36,7 @@ from broker.ports import (
 )
 from broker.recordings.diskguard import DiskGuard, DiskLevel, RecordingDiskFull
 from broker.recordings.local import LocalRecordingWriter, render_cast
-from broker.recordings.pipeline import RecordingPipeline
+from broker.recordings.pipeline import RecordingPipeline, ReleaseScope
 
 log = structlog.get_logger("broker.sessions")
 
@@ -89,8 +88,6 @@ class SessionControl(Protocol):
 
 
 WriteErrorHandler = Callable[["LiveSession", RecordingError], None]
-# wraps the relay of one recording batch (the SSH layer corks its transports there)
-ReleaseScope = Callable[[], AbstractContextManager[None]]
 
 
 class LiveSession:
