@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 import asyncssh
 
 CLOCK_SKEW = timedelta(seconds=60)
+SESSION_KEY_ALG = "ecdsa-sha2-nistp256"
 
 
 class UserCA:
@@ -32,8 +33,11 @@ class UserCA:
         not_after: datetime,
         permit_pty: bool,
     ) -> tuple[asyncssh.SSHKey, asyncssh.SSHCertificate]:
-        """A fresh Ed25519 key and its certificate for ``login``."""
-        user_key = asyncssh.generate_private_key("ssh-ed25519")
+        """A fresh key and its certificate for ``login``.
+
+        ECDSA P-256, like the CA (see ``keys.CA_KEY_ALG``): the target checks this key's
+        signature through libcrypto, where OpenSSH's own Ed25519 code would cost more."""
+        user_key = asyncssh.generate_private_key(SESSION_KEY_ALG)
         valid_before = min(now + ttl, not_after)
         cert = self._key.generate_user_certificate(
             user_key,
