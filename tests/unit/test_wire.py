@@ -8,6 +8,7 @@ number, which every packet (MSG_IGNORE included) advances by one.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
@@ -155,3 +156,83 @@ def test_corked_packets_leave_in_order_in_one_write_per_transport() -> None:
     assert b._transport.calls == [[b"x"]]
     send(a, b"4")  # type: ignore[arg-type]  # not corked: straight through
     assert a._transport.calls[-1] == [b"4"]
+
+
+def test_saslprep_fast_path_agrees_with_asyncssh_and_delegates_the_rest() -> None:
+    from asyncssh.saslprep import SASLPrepError, saslprep
+
+    printable = "".join(chr(c) for c in range(0x20, 0x7F))
+    for name in (printable, "alice+web01", "CORP\\alice", "alice@corp.example.com+i-0web01", ""):
+        assert wire._saslprep(name) == saslprep(name) == name
+    # anything else takes RFC 4013's own path: mapped, normalised or refused
+    assert wire._saslprep("al\u00adice") == "alice"  # soft hyphen maps to nothing
+    assert wire._saslprep("a\u00a0b") == "a b"  # non-ASCII space maps to space
+    assert wire._saslprep("\u2168") == "IX"  # NFKC
+    for bad in ("a\x00b", "a\x07b", "a\x7fb", "a\u0627b"):  # controls; RandALCat mixed with L
+        with pytest.raises(SASLPrepError):
+            wire._saslprep(bad)
+
+
+class _Names(asyncssh.SSHServer):
+    """Accepts one password; records the user names asyncssh hands to the server."""
+
+    names: list[str] = []
+
+    def begin_auth(self, username: str) -> bool:
+        self.names.append(username)
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    def validate_password(self, username: str, password: str) -> bool:
+        return password == "pw"
+
+    def session_requested(self) -> _Writer:
+        return _Writer()
+
+
+async def test_a_non_ascii_user_name_still_reaches_the_server_prepared() -> None:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    server = await asyncssh.create_server(_Names, "127.0.0.1", 0, server_host_keys=[key],
+                                          encoding=None)
+    _Names.names = []
+    try:
+        port = server.sockets[0].getsockname()[1]
+        for sent, seen in (("al\u00adice+web01", "alice+web01"), ("bob", "bob")):
+            async with asyncssh.connect("127.0.0.1", port, known_hosts=None, username=sent,
+                                        password="pw", client_keys=None, agent_path=None,
+                                        config=None, preferred_auth=["password"]) as conn:
+                assert conn.get_extra_info("username") == seen
+            assert _Names.names[-1] == seen
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+class _Counted:
+    """A log argument that counts how often it is turned into text (in a list, asyncssh's
+    adapter joins the items' text itself; the handlers then only see a string)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __str__(self) -> str:
+        self.calls += 1
+        return "counted"
+
+
+def test_asyncssh_log_arguments_are_only_formatted_when_the_level_is_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from asyncssh.logging import logger
+
+    arg = _Counted()
+    with caplog.at_level(logging.WARNING, logger="asyncssh"):
+        logger.info("not shown %s", [arg])
+        assert arg.calls == 0
+        logger.warning("shown %s", [arg])
+    assert arg.calls == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncssh"] == ["shown counted"]
+    with caplog.at_level(logging.DEBUG, logger="asyncssh"):
+        logger.info("now shown %s", [arg])
+    assert "now shown counted" in caplog.text
