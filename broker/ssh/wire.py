@@ -28,6 +28,13 @@ Per connection (the session rate, two asyncssh connections per session):
   request with the pure-Python ``stringprep`` tables, character by character, about a tenth of
   the event loop's CPU per session. Printable ASCII is its own SASLprep (nothing in it is mapped,
   normalised or prohibited), so such names return at once; any other name takes asyncssh's path.
+* Immediate ACKs after small reads (``TCP_QUICKACK``). OpenSSH leaves Nagle's algorithm on for
+  non-interactive connections, so when it sends two small packets in a row (key exchange,
+  authentication, channel setup, short command output), the second waits until the first is
+  acknowledged, and Linux delays that ACK by up to 40 ms when the broker has nothing to send
+  back. A plain ``ssh bastion true`` waited three times on the target leg and more on the
+  client leg: 189 ms per session sequentially, 72 ms with the ACKs sent at once. Bulk reads
+  (large) keep the kernel's delayed ACKs, which cost nothing there.
 * asyncssh's logger adapter converts every argument to text before the logging level is checked;
   the check now comes first (the broker keeps asyncssh at WARNING), about 4% of that CPU.
 """
@@ -35,6 +42,7 @@ Per connection (the session rate, two asyncssh connections per session):
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -130,6 +138,19 @@ def _log(self: SSHLogger, level: int, msg: object, *args: Any, **kwargs: Any) ->
         _original_log(self, level, msg, *args, **kwargs)
 
 
+_original_data_received = SSHConnection.data_received
+QUICKACK_BELOW = 16384  # bytes per read: handshakes, keystrokes and short output, not bulk
+
+
+def _data_received(self: SSHConnection, data: bytes, datatype: Any = None) -> None:
+    _original_data_received(self, data, datatype)
+    if len(data) < QUICKACK_BELOW and self._transport is not None:
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:  # not re-armed by the kernel: set after every read that needs it
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+
 def _send(self: SSHConnection, data: bytes) -> None:
     transport = self._transport
     if _corked is None or not transport:
@@ -173,6 +194,7 @@ def install() -> None:
     _connection.saslprep = _saslprep  # type: ignore[attr-defined]
     _auth.saslprep = _saslprep  # type: ignore[attr-defined]
     SSHLogger.log = _log  # type: ignore[method-assign]
+    SSHConnection.data_received = _data_received  # type: ignore[method-assign]
 
 
 def installed() -> bool:
@@ -181,4 +203,5 @@ def installed() -> bool:
             and SSHPacketLogger.log_received_packet is _log_received
             and _connection.saslprep is _saslprep  # type: ignore[attr-defined]
             and _auth.saslprep is _saslprep  # type: ignore[attr-defined]
-            and SSHLogger.log is _log)
+            and SSHLogger.log is _log and SSHConnection.data_received is _data_received)
+

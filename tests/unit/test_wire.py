@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import asyncssh
 import pytest
@@ -176,7 +176,7 @@ def test_saslprep_fast_path_agrees_with_asyncssh_and_delegates_the_rest() -> Non
 class _Names(asyncssh.SSHServer):
     """Accepts one password; records the user names asyncssh hands to the server."""
 
-    names: list[str] = []
+    names: ClassVar[list[str]] = []
 
     def begin_auth(self, username: str) -> bool:
         self.names.append(username)
@@ -236,3 +236,46 @@ def test_asyncssh_log_arguments_are_only_formatted_when_the_level_is_on(
     with caplog.at_level(logging.DEBUG, logger="asyncssh"):
         logger.info("now shown %s", [arg])
     assert "now shown counted" in caplog.text
+
+
+class _Sock:
+    def __init__(self, fail: bool = False) -> None:
+        self.opts: list[tuple[int, int, int]] = []
+        self._fail = fail
+
+    def setsockopt(self, level: int, opt: int, value: int) -> None:
+        if self._fail:
+            raise OSError(95, "not supported")
+        self.opts.append((level, opt, value))
+
+
+class _QuickConn:
+    def __init__(self, sock: _Sock | None) -> None:
+        self._transport = self
+        self._sock = sock
+        self.received: list[bytes] = []
+
+    def get_extra_info(self, name: str) -> _Sock | None:
+        return self._sock if name == "socket" else None
+
+
+def test_small_reads_are_acknowledged_at_once_and_bulk_reads_are_not(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    def _process(conn: _QuickConn, data: bytes, datatype: Any = None) -> None:
+        conn.received.append(data)  # asyncssh's own handling comes first
+
+    monkeypatch.setattr(wire, "_original_data_received", _process)
+    sock = _Sock()
+    conn = _QuickConn(sock)
+    wire._data_received(conn, b"x" * 100)  # type: ignore[arg-type]
+    wire._data_received(conn, b"y" * (wire.QUICKACK_BELOW - 1))  # type: ignore[arg-type]
+    assert sock.opts == [(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)] * 2
+    wire._data_received(conn, b"z" * wire.QUICKACK_BELOW)  # type: ignore[arg-type]
+    assert len(sock.opts) == 2  # bulk: the kernel's delayed ACKs stay
+    assert [len(d) for d in conn.received] == [100, wire.QUICKACK_BELOW - 1, wire.QUICKACK_BELOW]
+    # no socket (closed transport) or an option the socket refuses: the data is still handled
+    for other in (_QuickConn(None), _QuickConn(_Sock(fail=True))):
+        wire._data_received(other, b"k")  # type: ignore[arg-type]
+        assert other.received == [b"k"]
