@@ -154,7 +154,7 @@ def setup(args: argparse.Namespace, procs: base.Procs) -> Bench:
             work=work, procs=procs, ssh_config=_ssh_config(work, mode, p), key=work / "unused",
             login=str(info["read_only_login"]), broker_pid=pid, broker_port=p,
             broker_target=str(info["targets"][0]), recordings=rec, jump_pid=0, direct_port=0,
-            jump_port=0, askpass=askpass, pool=pool)
+            jump_port=0, askpass=askpass, pool=pool, target_pids={})
     return bench
 
 
