@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from broker import __version__
 from broker.cli_output import out as _out
@@ -85,7 +85,9 @@ async def _sessions_list(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _load_recording(args: argparse.Namespace) -> Any:
+async def _open_recording(args: argparse.Namespace) -> tuple[Any, BinaryIO]:
+    """The session's recording as a ``FrameReader`` over its open file (the caller closes the
+    file): replay and export hold one frame at a time, not the whole session."""
     from broker.app import connect_stores
     from broker.domain import recording as fmt
 
@@ -95,24 +97,41 @@ async def _load_recording(args: argparse.Namespace) -> Any:
         raise NotFoundError(f"no session {args.session_id}")
     if not rec.recording:
         raise NotFoundError(f"session {rec.id} was not recorded")
+    f = stores.recordings.open_read(rec.recording)
     try:
-        return fmt.parse(stores.recordings.read(rec.recording))
+        return fmt.FrameReader(f, os.fstat(f.fileno()).st_size), f
     except fmt.RecordingFormatError as exc:
+        f.close()
         raise NotFoundError(f"recording of {rec.id} is unreadable: {exc}") from None
 
 
-async def _export(args: argparse.Namespace) -> int:
+def _write_export(reader: Any, raw: bool, output: str | None) -> None:
     from broker.domain import recording as fmt
     from broker.domain.sanitize import safe_asciicast
 
-    parsed = await _load_recording(args)
-    lines = fmt.to_asciicast(parsed)
+    lines = fmt.to_asciicast(reader)
     # safe to play by default; --raw keeps every byte the target sent (for forensics)
-    text = "".join(line + "\n" for line in (lines if args.raw else safe_asciicast(lines)))
-    if args.output and args.output != "-":
-        await asyncio.to_thread(Path(args.output).write_text, text, encoding="utf-8")
-    else:
-        sys.stdout.write(text)
+    lines = lines if raw else safe_asciicast(lines)
+    if not output or output == "-":
+        for line in lines:
+            sys.stdout.write(line + "\n")
+        return
+    out = Path(output)
+    tmp = out.with_name(f".{out.name}.part")  # a failed export leaves no half file behind
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(line + "\n")
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+async def _export(args: argparse.Namespace) -> int:
+    reader, f = await _open_recording(args)
+    with f:
+        await asyncio.to_thread(_write_export, reader, args.raw, args.output)
     return 0
 
 
@@ -121,8 +140,9 @@ async def _play(args: argparse.Namespace) -> int:
 
     if args.speed <= 0:
         raise UsageError("--speed must be positive")
-    parsed = await _load_recording(args)
-    await play(parsed, speed=args.speed, idle_limit=args.idle_limit)
+    reader, f = await _open_recording(args)
+    with f:
+        await play(reader, speed=args.speed, idle_limit=args.idle_limit)
     return 0
 
 

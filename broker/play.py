@@ -10,11 +10,14 @@ from broker.domain import recording as fmt
 from broker.domain.sanitize import safe_asciicast
 
 
-async def play(rec: fmt.ParsedRecording, *, speed: float, idle_limit: float | None) -> None:
+async def play(rec: fmt.Recording, *, speed: float, idle_limit: float | None) -> None:
+    """Replay output events in real time (scaled), one frame read at a time."""
     out = sys.stdout
     prev = 0.0
     # never raw: the viewer's terminal must not run what the target printed (OSC 52, queries)
-    for line in list(safe_asciicast(fmt.to_asciicast(rec)))[1:]:
+    lines = safe_asciicast(fmt.to_asciicast(rec))
+    next(lines, None)  # the header
+    for line in lines:
         t, code, data = json.loads(line)
         if code != "o":
             continue

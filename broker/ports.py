@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from broker.domain.models import Grant, Instance, Principal
 from broker.domain.workflow import HistoryEntry
@@ -243,6 +243,10 @@ class RecordingSink(Protocol):
         ...
 
     def read(self, session_id: str) -> bytes: ...
+
+    def open_read(self, location: str) -> BinaryIO:
+        """The recording as a binary file to read frame by frame (the caller closes it)."""
+        ...
 
 
 class AuditSink(Protocol):

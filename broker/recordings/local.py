@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from broker.domain import recording as fmt
 from broker.errors import NotFoundError, RecordingError
@@ -185,8 +185,14 @@ class LocalRecordingSink:
         return p
 
     def read(self, location: str) -> bytes:
+        with self.open_read(location) as f:
+            return f.read()
+
+    def open_read(self, location: str) -> BinaryIO:
+        """The recording opened for reading (the caller closes it): ``FrameReader`` reads it
+        frame by frame, so replaying or exporting a large session needs little memory."""
         try:
-            return self.path_of(location).read_bytes()
+            return self.path_of(location).open("rb")
         except FileNotFoundError:
             raise NotFoundError(f"recording file {location} is missing") from None
 
