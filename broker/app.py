@@ -229,6 +229,7 @@ class Broker:
             self.sessions, s.grants, s.audit, s.clock,
             interval=config.grants.enforce_interval_seconds,
             warn_before=timedelta(seconds=config.grants.warn_before_seconds),
+            idle_timeout=config.ssh.session_idle_timeout_seconds,
         )
 
         # copies off the bastion (S3, CloudWatch Logs), in threads of their own

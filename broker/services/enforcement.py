@@ -3,12 +3,16 @@
 Every broker process re-reads the grants of its live sessions every ``interval`` seconds (one
 batched query), so a revoke or an expiry ends sessions within that interval on every bastion that
 shares the store, and an extension moves the deadline of live sessions without reconnecting.
+With an idle timeout, a session with no byte either way for that long ends too (checked first,
+and without the store, so it still applies while the store is down).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -20,6 +24,9 @@ from broker.ports import AuditSink, Clock
 from broker.services.sessions import LiveSession, SessionService
 
 log = structlog.get_logger("broker.enforcement")
+# sessions the relay carries (ProxyJump's inner ones included); tunnels have their own idle timer
+# ([forwarding] idle_timeout_seconds), and a jump's outer channel lives as long as its inner ones
+IDLE_KINDS = frozenset({"shell", "exec", "subsystem"})
 
 
 class GrantReader(Protocol):
@@ -37,8 +44,12 @@ def _why_not_live(g: Grant | None, now: datetime) -> str:
 
 class GrantEnforcer:
     def __init__(self, sessions: SessionService, grants: GrantReader, audit: AuditSink,
-                 clock: Clock, *, interval: float, warn_before: timedelta) -> None:
+                 clock: Clock, *, interval: float, warn_before: timedelta,
+                 idle_timeout: float = 0.0,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._sessions = sessions
+        self._idle_timeout = idle_timeout  # seconds; 0 = never
+        self._monotonic = monotonic
         self._grants = grants
         self._audit = audit
         self._clock = clock
@@ -67,12 +78,26 @@ class GrantEnforcer:
 
     async def check_once(self) -> None:
         live = [s for s in self._sessions.live.values() if s.control is not None]
+        if self._idle_timeout > 0:
+            live = [s for s in live if not self._ended_idle(s)]
         if not live:
             return
         grants = await self._grants.get_many(sorted({s.request.grant.id for s in live}))
         now = self._clock.now()
         for s in live:
             self._check(s, grants.get(s.request.grant.id), now)
+
+    def _ended_idle(self, s: LiveSession) -> bool:
+        if s.request.kind not in IDLE_KINDS:
+            return False
+        idle = self._monotonic() - s.last_activity
+        if s.closed or s.control is None or idle < self._idle_timeout:
+            return False
+        self._audit.emit("session.terminated", session_id=s.id, user=str(s.request.principal),
+                         target=s.request.instance.id, grant_id=s.request.grant.id,
+                         reason="idle timeout", idle_s=round(idle, 1))
+        s.control.terminate("idle timeout")
+        return True
 
     def _check(self, s: LiveSession, g: Grant | None, now: datetime) -> None:
         control = s.control

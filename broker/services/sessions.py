@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -102,6 +103,7 @@ class LiveSession:
         self.started_at = started_at
         self.bytes_in = 0
         self.bytes_out = 0
+        self.last_activity = time.monotonic()  # a byte either way; for the idle timeout
         self.closed = False
         self.deadline = req.grant.expires_at  # moves when the grant is extended
         self.warned = False
@@ -175,10 +177,12 @@ class LiveSession:
     def output(self, data: bytes, stderr: bool, action: Callable[[], None]) -> None:
         self.record(fmt.ERROR if stderr else fmt.OUTPUT, data, action)
         self.bytes_out += len(data)
+        self.last_activity = time.monotonic()
 
     def input(self, data: bytes, action: Callable[[], None]) -> None:
         self.record(fmt.INPUT, data, action)
         self.bytes_in += len(data)
+        self.last_activity = time.monotonic()
 
     def resize(self, width: int, height: int, action: Callable[[], None]) -> None:
         self.record(fmt.RESIZE, f"{width}x{height}".encode(), action)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from broker.domain.models import Grant, GrantState, Instance, Level, Principal, Trigger
 from broker.services.enforcement import GrantEnforcer
 from broker.services.sessions import LiveSession, SessionRequest
@@ -126,3 +128,74 @@ async def test_extension_moves_the_deadline_and_rearms_the_warning() -> None:
     await enf.check_once()
     assert len(control.notes) == 2
     assert control.ended == []
+
+
+class Mono:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class DownGrants:
+    async def get_many(self, grant_ids: list[str]) -> dict[str, Grant]:
+        from broker.errors import StoreError
+
+        raise StoreError("store down")
+
+
+async def test_a_session_with_no_traffic_either_way_ends_at_the_idle_timeout() -> None:
+    _, grants, control, _, audit, live = setup()
+    mono = Mono()
+    idle = GrantEnforcer(Sessions(live), grants, audit, Clock(),  # type: ignore[arg-type]
+                         interval=1.0, warn_before=timedelta(minutes=5), idle_timeout=600,
+                         monotonic=mono)
+    live.last_activity = mono.t
+    mono.t += 599
+    await idle.check_once()
+    assert control.ended == []
+    live.output(b"progress 50%\r\n", False, lambda: None)  # output counts as activity
+    mono.t = live.last_activity + 599
+    await idle.check_once()
+    live.input(b"k", lambda: None)  # and so does input
+    mono.t = live.last_activity + 599
+    await idle.check_once()
+    assert control.ended == []
+    mono.t = live.last_activity + 600
+    await idle.check_once()
+    assert control.ended == ["idle timeout"]
+    assert audit.events[-1][0] == "session.terminated"
+    assert audit.events[-1][1]["reason"] == "idle timeout"
+    assert audit.events[-1][1]["idle_s"] == 600.0
+
+
+async def test_the_idle_timeout_applies_while_the_store_is_down_and_is_off_by_default() -> None:
+    from broker.errors import StoreError
+
+    _, _, control, _, audit, live = setup()
+    mono = Mono()
+    enf = GrantEnforcer(Sessions(live), DownGrants(), audit, Clock(),  # type: ignore[arg-type]
+                        interval=1.0, warn_before=timedelta(minutes=5), idle_timeout=60,
+                        monotonic=mono)
+    live.last_activity = mono.t - 61
+    await enf.check_once()  # ended before the grants are read: nothing left to query
+    assert control.ended == ["idle timeout"]
+
+    # tunnels keep their own idle timer ([forwarding]): the session timeout leaves them alone
+    _, _, control3, _, _, tunnel = setup()
+    tunnel.request = replace(tunnel.request, kind="tunnel")
+    enf3 = GrantEnforcer(Sessions(tunnel), Grants(tunnel.request.grant), Audit(),  # type: ignore[arg-type]
+                         Clock(), interval=1.0, warn_before=timedelta(minutes=5), idle_timeout=60,
+                         monotonic=mono)
+    tunnel.last_activity = mono.t - 3600
+    await enf3.check_once()
+    assert control3.ended == []
+
+    _, _, control2, _, _, live2 = setup()
+    off = GrantEnforcer(Sessions(live2), DownGrants(), Audit(), Clock(),  # type: ignore[arg-type]
+                        interval=1.0, warn_before=timedelta(minutes=5), monotonic=mono)
+    live2.last_activity = mono.t - 86400
+    with pytest.raises(StoreError):  # the grant check still needs the store
+        await off.check_once()
+    assert control2.ended == []  # no idle timeout configured: the session stays
