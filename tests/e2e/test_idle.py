@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Demo
-from tests.e2e.test_durability import BrokerProcess, broker_config
+from tests.e2e.test_durability import BrokerProcess
 
 pytestmark = pytest.mark.e2e
 
