@@ -12,12 +12,19 @@ from datetime import datetime, timedelta
 import asyncssh
 
 CLOCK_SKEW = timedelta(seconds=60)
-SESSION_KEY_ALG = "ecdsa-sha2-nistp256"
+# Session keys take the CA's type: a P-256 CA (the default for new installs, see
+# ``keys.CA_KEY_ALG``) gets P-256 keys, checked by the target through libcrypto; an Ed25519 CA
+# (older installs, or targets hardened to refuse NIST curves) keeps Ed25519 keys, so an upgrade
+# never offers a target a key type it was not offered before. Other CA types: Ed25519.
+_SESSION_KEY_ALGS = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+                     "ecdsa-sha2-nistp521")
 
 
 class UserCA:
     def __init__(self, key: asyncssh.SSHKey) -> None:
         self._key = key
+        alg = key.algorithm.decode()
+        self.session_key_alg = alg if alg in _SESSION_KEY_ALGS else "ssh-ed25519"
 
     @property
     def public_line(self) -> str:
@@ -33,11 +40,8 @@ class UserCA:
         not_after: datetime,
         permit_pty: bool,
     ) -> tuple[asyncssh.SSHKey, asyncssh.SSHCertificate]:
-        """A fresh key and its certificate for ``login``.
-
-        ECDSA P-256, like the CA (see ``keys.CA_KEY_ALG``): the target checks this key's
-        signature through libcrypto, where OpenSSH's own Ed25519 code would cost more."""
-        user_key = asyncssh.generate_private_key(SESSION_KEY_ALG)
+        """A fresh key (of ``session_key_alg``) and its certificate for ``login``."""
+        user_key = asyncssh.generate_private_key(self.session_key_alg)
         valid_before = min(now + ttl, not_after)
         cert = self._key.generate_user_certificate(
             user_key,

@@ -14,7 +14,8 @@ from broker.errors import ConfigError
 # monitor), and OpenSSH 9.2 (Debian 12) verifies Ed25519 with its bundled reference code, where
 # P-256 goes through libcrypto. Measured on such a target: 45 ms of sshd CPU per certificate login
 # with an Ed25519 CA, 31 ms with a P-256 CA (the same as a plain key). A CA that exists keeps its
-# type; an operator may supply any CA key (``[upstream] ca_key``).
+# type; an operator may supply any CA key (``[upstream] ca_key``), e.g. an Ed25519 one for targets
+# hardened to refuse NIST curves (session keys follow the CA's type: ``ca.UserCA``).
 CA_KEY_ALG = "ecdsa-sha2-nistp256"
 
 

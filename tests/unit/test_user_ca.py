@@ -42,6 +42,11 @@ def test_a_new_ca_is_p256_and_an_existing_one_keeps_its_type(tmp_path: Path) -> 
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(old)], check=True)
     kept = load_or_create_key(old, "test CA", CA_KEY_ALG)
     assert kept.algorithm == b"ssh-ed25519"
+    # an upgraded install keeps offering its targets the key type they already accept
+    key, cert = _issue(UserCA(kept))
+    assert key.algorithm == b"ssh-ed25519"
+    shown = _shown(cert, tmp_path / "e-cert.pub")
+    assert "ED25519-CERT" in shown and "(using ssh-ed25519)" in shown
 
 
 def test_a_session_certificate_permits_only_the_login_and_a_pty(tmp_path: Path) -> None:
