@@ -21,7 +21,7 @@ import structlog
 
 from broker.config import BrokerConfig
 from broker.domain.models import Instance, Principal
-from broker.ssh.keys import CA_KEY_ALG, load_or_create_key
+from broker.ssh.keys import load_or_create_key
 from broker.ssh.relay import ClientSession, RelayDeps
 
 log = structlog.get_logger("broker.jump")
@@ -35,15 +35,18 @@ def host_ca_path(config: BrokerConfig) -> Path:
     return config.state_dir / "ca" / "host_ca"
 
 
-def _key(path: Path, comment: str, alg: str = "ssh-ed25519") -> asyncssh.SSHKey:
+def _key(path: Path, comment: str) -> asyncssh.SSHKey:
     if path not in _keys:
-        _keys[path] = load_or_create_key(path, comment, alg)
+        _keys[path] = load_or_create_key(path, comment)
     return _keys[path]
 
 
 def host_ca(config: BrokerConfig) -> asyncssh.SSHKey:
-    """The host CA that signs the broker's stand-in host certificates (created on first use)."""
-    return _key(host_ca_path(config), "bastion-broker host CA", CA_KEY_ALG)
+    """The host CA that signs the broker's stand-in host certificates (created on first use).
+
+    Ed25519, unlike the user CA: only clients verify it, once per connection, where the CPU does
+    not matter, and clients hardened to refuse NIST curves must still accept it."""
+    return _key(host_ca_path(config), "bastion-broker host CA")
 
 
 def known_hosts_line(config: BrokerConfig, patterns: list[str]) -> str:

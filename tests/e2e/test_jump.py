@@ -91,7 +91,7 @@ def test_known_hosts_line_names_the_inventory(demo: Demo) -> None:
     marker, patterns, keytype, _key = line.split()[:4]
     assert marker == "@cert-authority"
     assert set(patterns.split(",")) >= {"web01", "i-0web01", "db01", "i-0db01"}
-    assert keytype == "ecdsa-sha2-nistp256"
+    assert keytype == "ssh-ed25519"
     assert demo.cli("ca", "known-hosts", "--pattern", "*.corp").stdout.split()[1] == "*.corp"
 
 
