@@ -1,4 +1,5 @@
-"""Transport tuning for asyncssh's per-packet hot path (the relay handles every packet twice).
+"""Transport tuning for asyncssh: its per-packet hot path (the relay handles every packet twice)
+and its per-connection setup (every session is two connections).
 
 No SSH_MSG_IGNORE before every packet under AEAD ciphers:
 
