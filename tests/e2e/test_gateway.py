@@ -265,13 +265,17 @@ def test_connection_sharing_keeps_exit_status_and_needs_one_code(
     """OpenSSH ControlMaster: one login, many sessions; each session's exit status arrives."""
     user = demo.take_user()
     ctl = tmp_path / "ctl"
-    master = subprocess.Popen(
-        demo.ssh_args(f"{user}+web01", "-M", "-S", str(ctl), "-N", "-o", "ControlPersist=no"),
-        env=demo.env(user), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = tmp_path / "master.err"
+    with err.open("wb") as err_f:  # a file, not a pipe nobody reads
+        master = subprocess.Popen(
+            demo.ssh_args(f"{user}+web01", "-M", "-S", str(ctl), "-N", "-o",
+                          "ControlPersist=no"),
+            env=demo.env(user), stdin=subprocess.DEVNULL, stderr=err_f)
     try:
-        for _ in range(100):
-            if ctl.exists():
-                break
+        deadline = time.monotonic() + 30  # a loaded machine may take seconds to log in
+        while not ctl.exists():
+            assert master.poll() is None, err.read_text(errors="replace")
+            assert time.monotonic() < deadline, "no control socket after 30 s"
             time.sleep(0.05)
         for status in (3, 0, 7):
             r = subprocess.run(["ssh", "-S", str(ctl), "-F", "/dev/null", "x",
@@ -280,5 +284,11 @@ def test_connection_sharing_keeps_exit_status_and_needs_one_code(
             assert r.returncode == status, r.stderr
             assert r.stdout == f"s{status}\n".encode()
     finally:
-        master.terminate()
-        master.wait(10)
+        # ask the master to exit over its socket (what a user does), then make sure it has
+        subprocess.run(["ssh", "-S", str(ctl), "-F", "/dev/null", "-O", "exit", "x"],
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+        try:
+            master.wait(10)
+        except subprocess.TimeoutExpired:
+            master.kill()
+            master.wait(10)
