@@ -45,7 +45,7 @@ from broker.services.totp_secrets import EncryptedTotpStore, load_key
 from broker.shipping.service import Shipping
 from broker.ssh import wire
 from broker.ssh.ca import UserCA
-from broker.ssh.keys import CA_KEY_ALG, load_or_create_key
+from broker.ssh.keys import load_or_create_key, load_or_create_user_ca
 from broker.ssh.relay import RelayDeps
 from broker.ssh.server import start_server
 from broker.store.sqlite import (
@@ -212,8 +212,7 @@ class Broker:
                                    config.totp.issuer),
             reauth=s.reauth,
         )
-        self.ca = UserCA(load_or_create_key(config.ca_key_path, "bastion-broker user CA",
-                                               CA_KEY_ALG))
+        self.ca = UserCA(load_or_create_user_ca(config.ca_key_path))
         self.host_key = load_or_create_key(config.host_key_path, "bastion-broker host key")
         self.grants = GrantService(s.grants, s.audit, s.clock, grant_policy(config.grants))
         self.deps = RelayDeps(config, self.access, self.sessions, self.ca, s.audit, s.clock)

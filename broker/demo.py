@@ -28,7 +28,7 @@ from broker.domain import totp
 from broker.domain.models import Grant, GrantState, Level, Trigger
 from broker.errors import BrokerError, ConfigError
 from broker.identity.passwords import hash_password
-from broker.ssh.keys import CA_KEY_ALG, load_or_create_key
+from broker.ssh.keys import load_or_create_key, load_or_create_user_ca
 
 DOMAIN = "corp.example.com"
 VPC = "vpc-0demo"
@@ -166,8 +166,7 @@ def prepare(state_dir: Path, ssh_port: int, users: int, workers: int = 1,
     """Write config, keys, users, inventory and grants; return the demo description."""
     state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
-    ca_key = load_or_create_key(state_dir / "ca" / "user_ca", "bastion-broker user CA",
-                                CA_KEY_ALG)
+    ca_key = load_or_create_user_ca(state_dir / "ca" / "user_ca")
     ca_pub = state_dir / "ca" / "user_ca.pub"
     ca_pub.write_bytes(ca_key.export_public_key())
     admin_login, ro_login = ensure_logins()

@@ -27,10 +27,10 @@ def _prepare_state(config: BrokerConfig) -> None:
     """Create keys and migrate the embedded store once, before the workers race to do it."""
     from broker.app import open_stores
     from broker.services.totp_secrets import load_key
-    from broker.ssh.keys import CA_KEY_ALG, load_or_create_key
+    from broker.ssh.keys import load_or_create_key, load_or_create_user_ca
 
     load_or_create_key(config.host_key_path, "bastion-broker host key")
-    load_or_create_key(config.ca_key_path, "bastion-broker user CA", CA_KEY_ALG)
+    load_or_create_user_ca(config.ca_key_path)
     load_key(config.totp.key_file, config.totp_key_default_path)
     if config.store.backend == "sqlite":
         asyncio.run(open_stores(config).close())

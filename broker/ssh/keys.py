@@ -45,6 +45,11 @@ def load_or_create_key(path: Path, comment: str, alg: str = "ssh-ed25519") -> as
     return key
 
 
+def load_or_create_user_ca(path: Path) -> asyncssh.SSHKey:
+    """The broker's user CA key (``CA_KEY_ALG`` when it is created here)."""
+    return load_or_create_key(path, "bastion-broker user CA", CA_KEY_ALG)
+
+
 def parse_public_key(line: str) -> tuple[str, str]:
     """An OpenSSH public key line as (normalised line, SHA256 fingerprint); StoreError if it is
     not a key (raised here so every store and the CLI refuse the same input the same way)."""
