@@ -108,6 +108,7 @@ async def _open_recording(args: argparse.Namespace) -> tuple[Any, BinaryIO]:
 def _write_export(reader: Any, raw: bool, output: str | None) -> None:
     from broker.domain import recording as fmt
     from broker.domain.sanitize import safe_asciicast
+    from broker.recordings.local import write_lines_atomically
 
     lines = fmt.to_asciicast(reader)
     # safe to play by default; --raw keeps every byte the target sent (for forensics)
@@ -116,16 +117,7 @@ def _write_export(reader: Any, raw: bool, output: str | None) -> None:
         for line in lines:
             sys.stdout.write(line + "\n")
         return
-    out = Path(output)
-    tmp = out.with_name(f".{out.name}.part")  # a failed export leaves no half file behind
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line + "\n")
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_lines_atomically(Path(output), lines)  # a failed export leaves no half file behind
 
 
 async def _export(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -219,18 +220,27 @@ def render_cast(rec_path: Path) -> Path:
 
     Frame by frame: a session that printed gigabytes is rendered in bounded memory."""
     out = rec_path.with_suffix(".cast")
-    tmp = out.with_suffix(".cast.tmp")
+    with open(rec_path, "rb") as src:
+        reader = fmt.FrameReader(src, os.fstat(src.fileno()).st_size)
+        write_lines_atomically(out, fmt.to_asciicast(reader), mode=0o600)
+    return out
+
+
+def write_lines_atomically(out: Path, lines: Iterable[str], mode: int | None = None) -> None:
+    """Each line plus a newline into ``OUT.tmp``, renamed to ``out`` at the end: a failure
+    midway leaves neither file. ``mode`` is set before anything is written."""
+    tmp = out.with_name(out.name + ".tmp")
     try:
-        with open(rec_path, "rb") as src, open(tmp, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o600)
-            for line in fmt.to_asciicast(fmt.FrameReader(src, os.fstat(src.fileno()).st_size)):
+        with open(tmp, "w", encoding="utf-8") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
+            for line in lines:
                 f.write(line)
                 f.write("\n")
         tmp.replace(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return out
 
 
 def describe(rec_path: Path) -> dict[str, Any]:
