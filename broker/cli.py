@@ -20,6 +20,7 @@ from broker import __version__
 from broker.cli_output import out as _out
 from broker.cli_output import table as _table
 from broker.config import BrokerConfig, load_config
+from broker.domain import recording as fmt
 from broker.domain import totp
 from broker.errors import BrokerError, NotFoundError, UsageError
 
@@ -85,11 +86,10 @@ async def _sessions_list(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _open_recording(args: argparse.Namespace) -> tuple[Any, BinaryIO]:
+async def _open_recording(args: argparse.Namespace) -> tuple[fmt.FrameReader, BinaryIO]:
     """The session's recording as a ``FrameReader`` over its open file (the caller closes the
     file): replay and export hold one frame at a time, not the whole session."""
     from broker.app import connect_stores
-    from broker.domain import recording as fmt
 
     stores = await connect_stores(_config(args))
     rec = await stores.sessions.get(args.session_id)
@@ -105,8 +105,7 @@ async def _open_recording(args: argparse.Namespace) -> tuple[Any, BinaryIO]:
         raise NotFoundError(f"recording of {rec.id} is unreadable: {exc}") from None
 
 
-def _write_export(reader: Any, raw: bool, output: str | None) -> None:
-    from broker.domain import recording as fmt
+def _write_export(reader: fmt.Recording, raw: bool, output: str | None) -> None:
     from broker.domain.sanitize import safe_asciicast
     from broker.recordings.local import write_lines_atomically
 
