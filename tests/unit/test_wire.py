@@ -17,6 +17,7 @@ import pytest
 from asyncssh.encryption import GCMEncryption
 
 from broker.ssh import wire
+from broker.ssh.gcm import KeyedGCMEncryption
 
 WRITES = 50
 
@@ -85,8 +86,8 @@ def _asyncssh_gcm(key: bytes, iv: bytes) -> Any:
 
 def test_keyed_gcm_interoperates_with_asyncssh_gcm_packet_by_packet() -> None:
     key, iv = os.urandom(16), os.urandom(12)
-    ours_tx, theirs_rx = wire.KeyedGCMEncryption(key, iv), _asyncssh_gcm(key, iv)
-    theirs_tx, ours_rx = _asyncssh_gcm(key, iv), wire.KeyedGCMEncryption(key, iv)
+    ours_tx, theirs_rx = KeyedGCMEncryption(key, iv), _asyncssh_gcm(key, iv)
+    theirs_tx, ours_rx = _asyncssh_gcm(key, iv), KeyedGCMEncryption(key, iv)
     for n in (16, 100, 32768, 5):  # several packets: the nonce counter must advance alike
         header, body = n.to_bytes(4, "big"), os.urandom(n)
         wire_bytes = b"".join(ours_tx.encrypt_packet(0, header, body))  # asyncssh sends a + b
@@ -99,20 +100,20 @@ def test_keyed_gcm_interoperates_with_asyncssh_gcm_packet_by_packet() -> None:
 
 def test_keyed_gcm_rejects_a_flipped_bit_and_a_replayed_packet() -> None:
     key, iv = os.urandom(16), os.urandom(12)
-    tx, rx = wire.KeyedGCMEncryption(key, iv), wire.KeyedGCMEncryption(key, iv)
+    tx, rx = KeyedGCMEncryption(key, iv), KeyedGCMEncryption(key, iv)
     header, body = b"\x00\x00\x00\x20", os.urandom(32)
     sealed = b"".join(tx.encrypt_packet(0, header, body))
     ct, tag = sealed[:-16], sealed[-16:]
     flipped = bytes([ct[20] ^ 1])
     assert rx.decrypt_packet(0, ct[:16], ct[16:20] + flipped + ct[21:], 4, tag) is None
-    rx2 = wire.KeyedGCMEncryption(key, iv)
+    rx2 = KeyedGCMEncryption(key, iv)
     assert rx2.decrypt_packet(0, ct[:16], ct[16:], 4, tag) == body
     assert rx2.decrypt_packet(0, ct[:16], ct[16:], 4, tag) is None  # next nonce: replay fails
 
 
 def test_keyed_gcm_counter_wraps_like_asyncssh() -> None:
     key, iv = os.urandom(16), os.urandom(4) + b"\xff" * 8
-    ours, theirs = wire.KeyedGCMEncryption(key, iv), _asyncssh_gcm(key, iv)
+    ours, theirs = KeyedGCMEncryption(key, iv), _asyncssh_gcm(key, iv)
     for _ in range(2):
         assert b"".join(ours.encrypt_packet(0, b"\0\0\0\x10", b"x" * 16)) == \
             b"".join(theirs.encrypt_packet(0, b"\0\0\0\x10", b"x" * 16))
@@ -263,10 +264,10 @@ def test_small_reads_are_acknowledged_at_once_and_bulk_reads_are_not(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
-    def _process(conn: _QuickConn, data: bytes, datatype: Any = None) -> None:
-        conn.received.append(data)  # asyncssh's own handling comes first
+    def _process(conn: _QuickConn, data: bytes) -> None:
+        conn.received.append(data)  # the data path's handling comes first
 
-    monkeypatch.setattr(wire, "_original_data_received", _process)
+    monkeypatch.setattr(wire.datapath, "receive", _process)
     sock = _Sock()
     conn = _QuickConn(sock)
     wire._data_received(conn, b"x" * 100)  # type: ignore[arg-type]

@@ -1,0 +1,200 @@
+"""Channel data in one pass each way: SSH packets built and encrypted straight from the bytes the
+relay hands over, and opened straight from the bytes the socket delivered.
+
+asyncssh builds a CHANNEL_DATA packet in layers, each concatenating what the one above made:
+the channel copies the data into its send buffer, slices a packet's worth off, prefixes the
+length (``String``), the channel number, the message type, then the padding length and padding,
+then the cipher's output is joined to the length header. That is about seven copies of every
+32 KiB packet before the socket sees it, a large part of the relay's CPU. Here, once the
+connection is in its steady state (AES-GCM keyed by ``KeyedGCMEncryption``, no compression,
+key exchange and authentication complete, no rekey due), the plaintext packet is assembled with
+one copy of the data, encrypted once, and handed to the transport as header and ciphertext
+(``writelines``: no concatenation). Data the window does not admit yet is buffered as asyncssh
+does. Anything else (other ciphers, compression, a key exchange in progress or due, closing
+channels, encoded channels) takes asyncssh's own path unchanged, which also starts the rekey.
+
+Receiving is the mirror image: asyncssh appends every read to its input buffer and re-slices that
+buffer twice per packet (so a 256 KiB read of eight packets copies most of itself sixteen times),
+then slices the packet, joins it for the cipher, strips the padding and slices the data out. Here
+a read that starts on a packet boundary is walked in place: each CHANNEL_DATA packet is opened
+from a view of the read and its data (one slice of the plaintext) handed to the channel after
+the same checks asyncssh makes (channel open, window not exceeded, lengths consistent). The first
+packet that is anything else (or fails any check, or its tag) is handed back, with the rest of
+the read, to asyncssh's parser, which handles it as it always does, errors included; an
+incomplete packet at the end waits in asyncssh's input buffer for the next read.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from asyncssh.channel import SSHChannel
+from asyncssh.connection import SSHConnection
+from asyncssh.constants import MSG_CHANNEL_DATA, MSG_CHANNEL_EXTENDED_DATA
+from asyncssh.logging import SSHLogger
+from asyncssh.misc import DisconnectError
+
+from broker.ssh.gcm import KeyedGCMEncryption
+
+_original_write = SSHChannel.write
+_original_flush = SSHChannel._flush_send_buf
+_asyncssh_data_received = SSHConnection.data_received
+TAG = 16  # AES-GCM tag; the length header is authenticated, not encrypted (RFC 5647)
+
+
+def _steady(conn: Any) -> KeyedGCMEncryption | None:
+    """The connection's cipher if a data packet may skip asyncssh's general path now."""
+    enc = conn._send_encryption
+    if (type(enc) is not KeyedGCMEncryption or conn._compressor is not None
+            or not conn._kex_complete or not conn._auth_complete
+            or conn._rekey_bytes_sent >= conn._rekey_bytes
+            or (conn._rekey_seconds and time.monotonic() >= conn._rekey_time)
+            or SSHLogger._debug_level >= 3 or conn._transport is None):
+        return None
+    return enc
+
+
+def _send_data(chan: SSHChannel[Any], conn: Any, enc: KeyedGCMEncryption,
+               datatype: int | None, data: memoryview) -> None:
+    """One CHANNEL_DATA / CHANNEL_EXTENDED_DATA packet, as asyncssh would frame it (RFC 4253
+    section 6: length, padding length, payload, random padding; RFC 4254 section 5.2)."""
+    n = len(data)
+    if datatype is None:
+        head = bytes((MSG_CHANNEL_DATA,)) + chan._send_chan.to_bytes(4, "big")  # type: ignore[union-attr]
+    else:
+        head = (bytes((MSG_CHANNEL_EXTENDED_DATA,)) + chan._send_chan.to_bytes(4, "big")  # type: ignore[union-attr]
+                + datatype.to_bytes(4, "big"))
+    head += n.to_bytes(4, "big")
+    payload_len = len(head) + n
+    padlen = -(conn._send_enchdrlen + payload_len) % conn._send_blocksize
+    if padlen < 4:
+        padlen += conn._send_blocksize
+    plain = bytearray(1 + payload_len + padlen)
+    plain[0] = padlen
+    start = 1 + len(head)
+    plain[1:start] = head
+    plain[start:start + n] = data
+    plain[start + n:] = os.urandom(padlen)
+    pktlen = len(plain)
+    hdr = pktlen.to_bytes(4, "big")
+    conn._send_parts(hdr, enc.seal(plain, hdr))
+    conn._send_seq = (conn._send_seq + 1) & 0xFFFFFFFF
+    conn._rekey_bytes_sent += pktlen
+
+
+def _flush_send_buf(self: SSHChannel[Any]) -> None:
+    conn: Any = self._conn
+    enc = _steady(conn) if conn is not None and self._send_chan is not None else None
+    if enc is None:
+        _original_flush(self)
+        return
+    while self._send_buf and self._send_window and conn._rekey_bytes_sent < conn._rekey_bytes:
+        buf, datatype = self._send_buf[0]
+        n = min(len(buf), self._send_window, self._send_pktsize)
+        with memoryview(buf) as view, view[:n] as data:
+            _send_data(self, conn, enc, datatype, data)
+        if n == len(buf):
+            del self._send_buf[0]
+        else:
+            del buf[:n]
+        self._send_buf_len -= n
+        self._send_window -= n
+    _original_flush(self)  # pause/resume, a pending EOF or close; sends only if a rekey is due
+
+
+def _write(self: SSHChannel[Any], data: Any, datatype: int | None = None) -> None:
+    """Send straight from the caller's bytes while the window allows (asyncssh first copies
+    everything into its send buffer); only what the window does not admit yet is buffered."""
+    conn = self._conn
+    if (self._send_buf or self._encoding or self._send_state != "open" or not data
+            or (datatype is not None and datatype not in self._write_datatypes)
+            or not self._send_window or conn is None or self._send_chan is None):
+        _original_write(self, data, datatype)
+        return
+    enc = _steady(conn)
+    if enc is None:
+        _original_write(self, data, datatype)
+        return
+    with memoryview(data) as view:
+        total, off = len(view), 0
+        while off < total and self._send_window and conn._rekey_bytes_sent < conn._rekey_bytes:
+            n = min(total - off, self._send_window, self._send_pktsize)
+            with view[off:off + n] as part:
+                _send_data(self, conn, enc, datatype, part)
+            self._send_window -= n
+            off += n
+        if off == total:
+            self._pause_resume_writing()
+            return
+        self._send_buf.append((bytearray(view[off:]), datatype))
+        self._send_buf_len += total - off
+    self._flush_send_buf()  # the window is closed, or asyncssh's path starts the due rekey
+
+
+def _deliver(conn: Any, plain: bytes) -> bool:
+    """Hand one opened CHANNEL_DATA packet's data to its channel; False (nothing done) for any
+    other packet or anything asyncssh would refuse, so that asyncssh handles it."""
+    n, padlen = len(plain), plain[0]
+    if n < 10 or plain[1] != MSG_CHANNEL_DATA or padlen < 4:
+        return False
+    chan = conn._channels.get(int.from_bytes(plain[2:6], "big"))
+    datalen = int.from_bytes(plain[6:10], "big")
+    if (chan is None or 10 + datalen + padlen != n or chan._recv_state != "open"
+            or datalen > chan._recv_window):
+        return False
+    conn._auth_final = True
+    chan._accept_data(plain[10:10 + datalen])
+    return True
+
+
+def receive(conn: Any, data: bytes) -> None:
+    """``SSHConnection.data_received`` for one read (installed by ``wire``, which adds ACKs)."""
+    dec = conn._recv_encryption
+    if (type(dec) is not KeyedGCMEncryption or conn._decompressor is not None
+            or conn._recv_handler != conn._recv_pkthdr or not conn._auth_complete
+            or SSHLogger._debug_level >= 3 or conn._transport is None):
+        _asyncssh_data_received(conn, data)
+        return
+    buf = conn._inpbuf + data if conn._inpbuf else data
+    conn._reset_keepalive_timer()
+    total, off, handed_back = len(buf), 0, False
+    try:
+        with memoryview(buf) as view:
+            while total - off >= 4 and conn._transport is not None:
+                pktlen = int.from_bytes(view[off:off + 4], "big")
+                end = off + 4 + pktlen + TAG
+                if pktlen > conn._max_recv_pktlen:
+                    handed_back = True  # asyncssh refuses it
+                    break
+                if end > total:
+                    break
+                plain = dec.open(view[off:off + 4], view[off + 4:end])
+                if plain is None or not _deliver(conn, plain):
+                    dec.rewind()
+                    handed_back = True
+                    break
+                conn._recv_seq = (conn._recv_seq + 1) & 0xFFFFFFFF
+                off = end
+            conn._inpbuf = bytes(view[off:]) if off else buf
+    except DisconnectError as exc:  # as asyncssh's parser handles errors from a handler
+        conn._send_disconnect(exc.code, exc.reason, exc.lang)
+        conn._force_close(exc)
+        return
+    except Exception:
+        conn.internal_error()
+        return
+    if handed_back:
+        conn._recv_data()
+
+
+def install() -> None:
+    """Idempotent; called by ``wire.install()``, which also routes reads to ``receive`` and
+    provides ``_send_parts``."""
+    SSHChannel.write = _write  # type: ignore[method-assign]
+    SSHChannel._flush_send_buf = _flush_send_buf  # type: ignore[method-assign]
+
+
+def installed() -> bool:
+    return SSHChannel.write is _write and SSHChannel._flush_send_buf is _flush_send_buf
