@@ -149,6 +149,40 @@ def _deliver(conn: Any, plain: bytes) -> bool:
     return True
 
 
+def _walk(conn: Any, dec: KeyedGCMEncryption, buf: bytes, off: int) -> tuple[int, bool]:
+    """Open and deliver the whole CHANNEL_DATA packets in ``buf`` from ``off``: (where the first
+    packet not taken starts, whether it goes back to asyncssh rather than waiting for more)."""
+    total = len(buf)
+    with memoryview(buf) as view:
+        while total - off >= 4 and conn._transport is not None:
+            pktlen = int.from_bytes(view[off:off + 4], "big")
+            end = off + 4 + pktlen + TAG
+            if pktlen > conn._max_recv_pktlen:
+                return off, True  # asyncssh refuses it
+            if end > total:
+                break
+            plain = dec.open(view[off:off + 4], view[off + 4:end])
+            if plain is None or not _deliver(conn, plain):
+                dec.rewind()
+                return off, True
+            conn._recv_seq = (conn._recv_seq + 1) & 0xFFFFFFFF
+            off = end
+    return off, False
+
+
+def _completing(conn: Any, pending: bytes, data: bytes) -> int | None:
+    """How many bytes of ``data`` complete the packet that ``pending`` (the end of the last
+    read) begins: None if this read does not, -1 if its length is one asyncssh refuses."""
+    head = (pending + data[:4])[:4]
+    if len(head) < 4:
+        return None
+    pktlen = int.from_bytes(head, "big")
+    if pktlen > conn._max_recv_pktlen:
+        return -1
+    need = 4 + pktlen + TAG - len(pending)
+    return need if need <= len(data) else None
+
+
 def receive(conn: Any, data: bytes) -> None:
     """``SSHConnection.data_received`` for one read (installed by ``wire``, which adds ACKs)."""
     dec = conn._recv_encryption
@@ -157,27 +191,25 @@ def receive(conn: Any, data: bytes) -> None:
             or SSHLogger._debug_level >= 3 or conn._transport is None):
         _asyncssh_data_received(conn, data)
         return
-    buf = conn._inpbuf + data if conn._inpbuf else data
     conn._reset_keepalive_timer()
-    total, off, handed_back = len(buf), 0, False
     try:
-        with memoryview(buf) as view:
-            while total - off >= 4 and conn._transport is not None:
-                pktlen = int.from_bytes(view[off:off + 4], "big")
-                end = off + 4 + pktlen + TAG
-                if pktlen > conn._max_recv_pktlen:
-                    handed_back = True  # asyncssh refuses it
-                    break
-                if end > total:
-                    break
-                plain = dec.open(view[off:off + 4], view[off + 4:end])
-                if plain is None or not _deliver(conn, plain):
-                    dec.rewind()
-                    handed_back = True
-                    break
-                conn._recv_seq = (conn._recv_seq + 1) & 0xFFFFFFFF
-                off = end
-            conn._inpbuf = bytes(view[off:]) if off else buf
+        pending, start = conn._inpbuf, 0
+        if pending:  # the last read ended inside a packet: join only that packet
+            need = _completing(conn, pending, data)
+            if need is None or need < 0:
+                conn._inpbuf = pending + data
+                if need is not None:
+                    conn._recv_data()
+                return
+            first = pending + data[:need]
+            conn._inpbuf = b""
+            if _walk(conn, dec, first, 0)[1]:
+                conn._inpbuf = first + data[need:]
+                conn._recv_data()
+                return
+            start = need
+        off, handed_back = _walk(conn, dec, data, start)
+        conn._inpbuf = data[off:] if off else data
     except DisconnectError as exc:  # as asyncssh's parser handles errors from a handler
         conn._send_disconnect(exc.code, exc.reason, exc.lang)
         conn._force_close(exc)

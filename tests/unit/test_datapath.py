@@ -11,6 +11,7 @@ as exactly the payload asyncssh would have built.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
@@ -49,13 +50,19 @@ class _Echo(asyncssh.SSHServerSession[bytes]):
 
 
 class _Server(asyncssh.SSHServer):
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, flip_at: int | None = None) -> None:
         self._rng = random.Random(seed)  # noqa: S311 (test data, not secrets)
+        self._flip_at, self._seen = flip_at, 0
+        self.lost: list[Exception | None] = []
 
     def connection_made(self, conn: Any) -> None:
         whole = conn.data_received
 
         def chopped(data: bytes, datatype: Any = None) -> None:
+            if self._flip_at is not None and self._seen <= self._flip_at < self._seen + len(data):
+                i = self._flip_at - self._seen  # one bit flipped on the wire
+                data = data[:i] + bytes((data[i] ^ 1,)) + data[i + 1:]
+            self._seen += len(data)
             while data:  # cut every read at random points: 1 byte to 40 KiB at a time
                 n = self._rng.choice((1, 3, 7, 16, 100, 4096, 33000, 40000))
                 whole(data[:n])
@@ -68,6 +75,9 @@ class _Server(asyncssh.SSHServer):
 
     def session_requested(self) -> _Echo:
         return _Echo()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.append(exc)
 
 
 class _Counts:
@@ -145,6 +155,37 @@ async def test_other_ciphers_take_asyncssh_path(monkeypatch: pytest.MonkeyPatch)
     out, err, status = await _echo_through("chacha20-poly1305@openssh.com", 3)
     assert err == hashlib.sha256(out).hexdigest().encode() and status == 0
     assert counts.sent == counts.opened == 0
+
+
+async def test_a_flipped_bit_ends_the_connection_and_nothing_of_it_is_delivered() -> None:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    srv = _Server(4, flip_at=200_000)  # well after the handshake, inside bulk data
+    server = await asyncssh.create_server(
+        lambda: srv, "127.0.0.1", 0, server_host_keys=[key],
+        encryption_algs=["aes128-gcm@openssh.com"], encoding=None,
+    )
+    payload = os.urandom(1 << 20)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        async with asyncssh.connect("127.0.0.1", port, known_hosts=None, username="u",
+                                    client_keys=None, agent_path=None, config=None,
+                                    encryption_algs=["aes128-gcm@openssh.com"]) as conn:
+            proc = await conn.create_process(encoding=None)
+            out = b""
+            with contextlib.suppress(asyncssh.Error, ConnectionError):
+                proc.stdin.write(payload)
+                proc.stdin.write_eof()
+                out = await asyncio.wait_for(proc.stdout.read(), 30)
+            # the server echoed what it received before the flipped bit, then the connection ended
+            assert len(out) < 200_000 and out == payload[:len(out)]
+        for _ in range(100):
+            if srv.lost:
+                break
+            await asyncio.sleep(0.05)
+        assert len(srv.lost) == 1 and isinstance(srv.lost[0], asyncssh.MACError), srv.lost
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 class _Chan:
