@@ -27,6 +27,7 @@ incomplete packet at the end waits in asyncssh's input buffer for the next read.
 from __future__ import annotations
 
 import os
+import struct
 import time
 from typing import Any
 
@@ -41,6 +42,7 @@ from broker.ssh.gcm import KeyedGCMEncryption
 _original_write = SSHChannel.write
 _original_flush = SSHChannel._flush_send_buf
 _asyncssh_data_received = SSHConnection.data_received
+_HEADS = {9: struct.Struct(">BBII").pack, 13: struct.Struct(">BBIII").pack}  # padlen, type, ...
 TAG = 16  # AES-GCM tag; the length header is authenticated, not encrypted (RFC 5647)
 
 
@@ -61,24 +63,18 @@ def _send_data(chan: SSHChannel[Any], conn: Any, enc: KeyedGCMEncryption,
     """One CHANNEL_DATA / CHANNEL_EXTENDED_DATA packet, as asyncssh would frame it (RFC 4253
     section 6: length, padding length, payload, random padding; RFC 4254 section 5.2)."""
     n = len(data)
+    fields: tuple[int | None, ...]
     if datatype is None:
-        head = bytes((MSG_CHANNEL_DATA,)) + chan._send_chan.to_bytes(4, "big")  # type: ignore[union-attr]
+        head_len, fields = 9, (MSG_CHANNEL_DATA, chan._send_chan, n)
     else:
-        head = (bytes((MSG_CHANNEL_EXTENDED_DATA,)) + chan._send_chan.to_bytes(4, "big")  # type: ignore[union-attr]
-                + datatype.to_bytes(4, "big"))
-    head += n.to_bytes(4, "big")
-    payload_len = len(head) + n
-    padlen = -(conn._send_enchdrlen + payload_len) % conn._send_blocksize
+        head_len, fields = 13, (MSG_CHANNEL_EXTENDED_DATA, chan._send_chan, datatype, n)
+    padlen = -(conn._send_enchdrlen + head_len + n) % conn._send_blocksize
     if padlen < 4:
         padlen += conn._send_blocksize
-    plain = bytearray(1 + payload_len + padlen)
-    plain[0] = padlen
-    start = 1 + len(head)
-    plain[1:start] = head
-    plain[start:start + n] = data
-    plain[start + n:] = os.urandom(padlen)
-    pktlen = len(plain)
+    pktlen = 1 + head_len + n + padlen
     hdr = pktlen.to_bytes(4, "big")
+    # one copy of the data, and no zero-filled buffer first (bytearray(n) would memset it)
+    plain = b"".join((_HEADS[head_len](padlen, *fields), data, os.urandom(padlen)))
     conn._send_parts(hdr, enc.seal(plain, hdr))
     conn._send_seq = (conn._send_seq + 1) & 0xFFFFFFFF
     conn._rekey_bytes_sent += pktlen
