@@ -2,17 +2,17 @@
 
 A client's direct-tcpip channel to port 22 of a granted Linux target (``ssh -J``, ``scp -J``,
 ``sftp -J``, rsync over ``ssh -J``, VS Code Remote-SSH) is not passed through as opaque bytes:
-the broker serves the inner SSH connection itself over a socketpair, with a host certificate for
-the target's names signed by its host CA (users trust it with the one ``@cert-authority`` line of
-``bastion-broker ca known-hosts``). The inner login needs no second authentication: the outer
-connection already proved password + code, and the channel was checked against a live grant.
+the broker serves the inner SSH connection itself (over an in-memory transport pair, ``memlink``),
+with a host certificate for the target's names signed by its host CA (users trust it with the one
+``@cert-authority`` line of ``bastion-broker ca known-hosts``). The inner login needs no second
+authentication: the outer connection already proved password + code, and the channel was
+checked against a live grant.
 Each inner session then goes through the same recorded relay as ``ssh user+target@bastion``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -94,25 +94,38 @@ class JumpServer(asyncssh.SSHServer):
 
 
 def start_inner(deps: RelayDeps, principal: Principal, instance: Instance, peer: str,
-                names: list[str], sock: socket.socket) -> asyncio.Task[None]:
-    """Serve the inner SSH connection on ``sock`` (one end of a socketpair) in the background."""
+                names: list[str], transport: asyncio.Transport) -> asyncio.Task[None]:
+    """Serve the inner SSH connection on ``transport`` (one end of a ``memlink`` pair, the
+    tunnel holds the other) in the background.
+
+    What ``asyncssh.run_server`` does for a socket: the options, then a server connection that
+    waits for authentication, on the transport given."""
     ssh = deps.config.ssh
     key, cert = host_certificate(deps.config, names, deps.clock.now())
+    loop = asyncio.get_running_loop()
 
     async def run() -> None:
+        conn: asyncssh.SSHServerConnection | None = None
         try:
-            conn = await asyncssh.run_server(
-                sock, server_factory=lambda: JumpServer(deps, principal, instance, peer),
+            options = await asyncssh.SSHServerConnectionOptions.construct(
+                server_factory=lambda: JumpServer(deps, principal, instance, peer),
                 server_host_keys=[(key, cert)], kex_algs=ssh.kex_algs,
                 encryption_algs=ssh.ciphers, mac_algs=ssh.macs, compression_algs=["none"],
                 login_timeout=ssh.login_grace_seconds, agent_forwarding=False,
                 x11_forwarding=False, allow_pty=True, line_editor=False,
                 server_version="bastion-broker")
+            options.waiter = loop.create_future()
+            conn = asyncssh.SSHServerConnection(loop, options, wait="auth")
+            transport.set_protocol(conn)
+            conn.connection_made(transport)
+            await options.waiter  # the handshake failed or timed out: raises
             await conn.wait_closed()
         except (OSError, asyncssh.Error) as exc:
             log.info("jump.inner_ended", user=str(principal), target=instance.id,
                      error=str(exc))
         finally:
-            sock.close()
+            if conn is not None:
+                conn.abort()
+            transport.close()
 
-    return asyncio.get_running_loop().create_task(run())
+    return loop.create_task(run())

@@ -29,7 +29,7 @@ from broker.domain import rdp
 from broker.domain.models import Grant, Instance, Principal
 from broker.errors import BrokerError
 from broker.services.sessions import LiveSession, SessionRequest
-from broker.ssh import jump, wire
+from broker.ssh import jump, memlink, wire
 from broker.ssh.relay import RelayDeps
 
 log = structlog.get_logger("broker.tunnel")
@@ -169,24 +169,10 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
     async def open(self) -> Tunnel:
         """Dial the destination and, for plain TCP, write the session before any byte flows."""
         v = self._v
-        ours: socket.socket | None = None
-        if v.service == "ssh" and v.instance is not None:
-            # recorded ProxyJump: the inner SSH connection is served here, over a socketpair
-            ours, inner = socket.socketpair()
-            ours.setblocking(False)
-            inner.setblocking(False)
-            names = list(dict.fromkeys([self._host, v.instance.id, v.instance.name]))
-            try:
-                self._inner = jump.start_inner(self._deps, self._principal, v.instance,
-                                               self._peer, names, inner)
-            except BrokerError:
-                ours.close()
-                inner.close()
-                raise
         try:
-            if ours is not None:
-                transport, _ = await self._loop.create_connection(lambda: _Target(self),
-                                                                  sock=ours)
+            if v.service == "ssh" and v.instance is not None:
+                # recorded ProxyJump: the inner SSH connection is served here, in memory
+                transport = self._serve_jump(v.instance)
             else:
                 transport, _ = await asyncio.wait_for(
                     self._loop.create_connection(lambda: _Target(self), v.dial_host,
@@ -210,6 +196,19 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
                 raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED,
                                                 exc.user_message) from None
         return self
+
+    def _serve_jump(self, instance: Instance) -> asyncio.Transport:
+        """The tunnel's end of an in-memory pair whose other end serves the inner connection."""
+        ours, inner = memlink.pair(self._loop)
+        ours.set_protocol(_Target(self))
+        names = list(dict.fromkeys([self._host, instance.id, instance.name]))
+        try:
+            self._inner = jump.start_inner(self._deps, self._principal, instance, self._peer,
+                                           names, inner)
+        except BrokerError:
+            ours.abort()
+            raise
+        return ours
 
     async def _start_session(self) -> LiveSession:
         v = self._v
