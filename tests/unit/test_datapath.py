@@ -230,3 +230,11 @@ def test_packet_is_what_asyncssh_would_build(datatype: int | None, n: int) -> No
         assert plain[1:-padlen] == expected + n.to_bytes(4, "big") + data
         total += 4 + len(plain)
     assert conn._rekey_bytes_sent == total - 8
+
+
+def test_padding_bytes_are_never_reused() -> None:
+    pad = datapath._Random()
+    taken = [pad(n) for n in [4, 19, 7] * 5000]  # more than one 64 KiB pool
+    assert [len(t) for t in taken] == [4, 19, 7] * 5000
+    joined = b"".join(taken)
+    assert len(set(joined[i:i + 16] for i in range(0, len(joined) - 16, 16))) > 0.99 * len(joined) / 16
