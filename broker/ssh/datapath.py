@@ -42,7 +42,8 @@ from broker.ssh.gcm import KeyedGCMEncryption
 _original_write = SSHChannel.write
 _original_flush = SSHChannel._flush_send_buf
 _asyncssh_data_received = SSHConnection.data_received
-_HEADS = {9: struct.Struct(">BBII").pack, 13: struct.Struct(">BBIII").pack}  # padlen, type, ...
+_HEAD_DATA = struct.Struct(">BBII").pack  # padding length, type, channel, data length
+_HEAD_EXTENDED = struct.Struct(">BBIII").pack  # ... channel, data type, data length
 TAG = 16  # AES-GCM tag; the length header is authenticated, not encrypted (RFC 5647)
 
 
@@ -75,26 +76,43 @@ class _Random:
 _padding = _Random()
 
 
-def _send_data(chan: SSHChannel[Any], conn: Any, enc: KeyedGCMEncryption,
-               datatype: int | None, data: memoryview) -> None:
-    """One CHANNEL_DATA / CHANNEL_EXTENDED_DATA packet, as asyncssh would frame it (RFC 4253
-    section 6: length, padding length, payload, random padding; RFC 4254 section 5.2)."""
-    n = len(data)
-    fields: tuple[int | None, ...]
+def _send_run(chan: SSHChannel[Any], conn: Any, enc: KeyedGCMEncryption,
+              datatype: int | None, view: memoryview) -> int:
+    """CHANNEL_DATA (or CHANNEL_EXTENDED_DATA) packets from ``view``, as many as the window and
+    the rekey limit admit, framed as asyncssh would (RFC 4253 section 6: length, padding
+    length, payload, random padding; RFC 4254 section 5.2) and handed to the transport
+    together. Returns how many bytes of ``view`` were sent."""
+    pack: Any
+    prefix: tuple[int | None, ...]
     if datatype is None:
-        head_len, fields = 9, (MSG_CHANNEL_DATA, chan._send_chan, n)
+        head_len, pack, prefix = 9, _HEAD_DATA, (MSG_CHANNEL_DATA, chan._send_chan)
     else:
-        head_len, fields = 13, (MSG_CHANNEL_EXTENDED_DATA, chan._send_chan, datatype, n)
-    padlen = -(conn._send_enchdrlen + head_len + n) % conn._send_blocksize
-    if padlen < 4:
-        padlen += conn._send_blocksize
-    pktlen = 1 + head_len + n + padlen
-    hdr = pktlen.to_bytes(4, "big")
-    # one copy of the data, and no zero-filled buffer first (bytearray(n) would memset it)
-    plain = b"".join((_HEADS[head_len](padlen, *fields), data, _padding(padlen)))
-    conn._send_parts(hdr, enc.seal(plain, hdr))
-    conn._send_seq = (conn._send_seq + 1) & 0xFFFFFFFF
-    conn._rekey_bytes_sent += pktlen
+        head_len, pack = 13, _HEAD_EXTENDED
+        prefix = (MSG_CHANNEL_EXTENDED_DATA, chan._send_chan, datatype)
+    enchdr, block, pktsize = conn._send_enchdrlen, conn._send_blocksize, chan._send_pktsize
+    total, off, window = len(view), 0, chan._send_window
+    seq, sent_bytes, rekey_at = conn._send_seq, conn._rekey_bytes_sent, conn._rekey_bytes
+    seal, parts = enc.seal, list[bytes]()
+    while off < total and window and sent_bytes < rekey_at:
+        n = min(total - off, window, pktsize)
+        padlen = -(enchdr + head_len + n) % block
+        if padlen < 4:
+            padlen += block
+        pktlen = 1 + head_len + n + padlen
+        hdr = pktlen.to_bytes(4, "big")
+        # one copy of the data, and no zero-filled buffer first (bytearray(n) would memset it)
+        plain = b"".join((pack(padlen, *prefix, n), view[off:off + n], _padding(padlen)))
+        parts += (hdr, seal(plain, hdr))
+        off += n
+        window -= n
+        seq += 1
+        sent_bytes += pktlen
+    chan._send_window = window
+    conn._send_seq = seq & 0xFFFFFFFF
+    conn._rekey_bytes_sent = sent_bytes
+    if parts:
+        conn._send_parts(parts)
+    return off
 
 
 def _flush_send_buf(self: SSHChannel[Any]) -> None:
@@ -105,15 +123,13 @@ def _flush_send_buf(self: SSHChannel[Any]) -> None:
         return
     while self._send_buf and self._send_window and conn._rekey_bytes_sent < conn._rekey_bytes:
         buf, datatype = self._send_buf[0]
-        n = min(len(buf), self._send_window, self._send_pktsize)
-        with memoryview(buf) as view, view[:n] as data:
-            _send_data(self, conn, enc, datatype, data)
+        with memoryview(buf) as view:
+            n = _send_run(self, conn, enc, datatype, view)
         if n == len(buf):
             del self._send_buf[0]
         else:
             del buf[:n]
         self._send_buf_len -= n
-        self._send_window -= n
     _original_flush(self)  # pause/resume, a pending EOF or close; sends only if a rekey is due
 
 
@@ -131,18 +147,12 @@ def _write(self: SSHChannel[Any], data: Any, datatype: int | None = None) -> Non
         _original_write(self, data, datatype)
         return
     with memoryview(data) as view:
-        total, off = len(view), 0
-        while off < total and self._send_window and conn._rekey_bytes_sent < conn._rekey_bytes:
-            n = min(total - off, self._send_window, self._send_pktsize)
-            with view[off:off + n] as part:
-                _send_data(self, conn, enc, datatype, part)
-            self._send_window -= n
-            off += n
-        if off == total:
+        off = _send_run(self, conn, enc, datatype, view)
+        if off == len(view):
             self._pause_resume_writing()
             return
         self._send_buf.append((bytearray(view[off:]), datatype))
-        self._send_buf_len += total - off
+        self._send_buf_len += len(view) - off
     self._flush_send_buf()  # the window is closed, or asyncssh's path starts the due rekey
 
 

@@ -109,7 +109,10 @@ QUICKACK_BELOW = 16384  # bytes per read: handshakes, keystrokes and short outpu
 def _data_received(self: SSHConnection, data: bytes, datatype: Any = None) -> None:
     datapath.receive(self, data)
     if len(data) < QUICKACK_BELOW and self._transport is not None:
-        sock = self._transport.get_extra_info("socket")
+        try:
+            sock = self._bb_sock  # type: ignore[attr-defined]
+        except AttributeError:  # uvloop builds a new socket object on every call: ask once
+            sock = self._bb_sock = self._transport.get_extra_info("socket")  # type: ignore[attr-defined]
         if sock is not None:  # not re-armed by the kernel: set after every read that needs it
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
@@ -130,23 +133,23 @@ def _send(self: SSHConnection, data: bytes) -> None:
 SMALL_PACKET = 2048  # below this one concatenation is cheaper than a two-buffer write
 
 
-def _send_parts(self: SSHConnection, header: bytes, body: bytes) -> None:
-    """Send header and body of one packet without joining them (bulk packets)."""
+def _send_parts(self: SSHConnection, parts: list[bytes]) -> None:
+    """Send the headers and bodies of packets without joining them (``datapath``)."""
     transport = self._transport
     if not transport:
         return
     if _corked is not None:
         for t, packets in _corked:
             if t is transport:
-                packets += (header, body)
+                packets += parts
                 return
-        _corked.append((transport, [header, body]))
+        _corked.append((transport, parts))
         return
     with contextlib.suppress(ConnectionError):
-        if len(body) < SMALL_PACKET:
-            transport.write(header + body)
+        if len(parts) == 2 and len(parts[1]) < SMALL_PACKET:
+            transport.write(parts[0] + parts[1])
         else:
-            transport.writelines((header, body))
+            transport.writelines(parts)
 
 
 @contextmanager

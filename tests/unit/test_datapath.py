@@ -24,6 +24,7 @@ from asyncssh.encryption import GCMEncryption
 
 from broker.ssh import datapath, wire
 from broker.ssh.gcm import KeyedGCMEncryption
+from tests import sshloop
 
 SIZE = 3 << 20
 REKEY = 512 << 10  # bytes: several key re-exchanges during one transfer
@@ -82,60 +83,51 @@ class _Server(asyncssh.SSHServer):
 
 class _Counts:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.sent = self.opened = 0
-        send, deliver = datapath._send_data, datapath._deliver
+        self.sent = self.opened = 0  # bytes sent, packets opened by the one-pass paths
+        send, deliver = datapath._send_run, datapath._deliver
 
-        def counted_send(*args: Any) -> None:
-            self.sent += 1
-            send(*args)
+        def counted_send(*args: Any) -> int:
+            n = send(*args)
+            self.sent += n
+            return n
 
         def counted_deliver(conn: Any, plain: bytes) -> bool:
             ok = deliver(conn, plain)
             self.opened += ok
             return ok
 
-        monkeypatch.setattr(datapath, "_send_data", counted_send)
+        monkeypatch.setattr(datapath, "_send_run", counted_send)
         monkeypatch.setattr(datapath, "_deliver", counted_deliver)
 
 
 async def _echo_through(cipher: str, seed: int) -> tuple[bytes, bytes, int]:
-    key = asyncssh.generate_private_key("ssh-ed25519")
-    server = await asyncssh.create_server(
-        lambda: _Server(seed), "127.0.0.1", 0, server_host_keys=[key], encryption_algs=[cipher],
-        encoding=None, rekey_bytes=REKEY,
-    )
     payload = os.urandom(SIZE)
-    try:
-        port = server.sockets[0].getsockname()[1]
-        async with asyncssh.connect("127.0.0.1", port, known_hosts=None, username="u",
-                                    encryption_algs=[cipher], client_keys=None, agent_path=None,
-                                    config=None, rekey_bytes=REKEY) as conn:
-            enc0 = conn._send_encryption
-            if "gcm" in cipher:  # the framing test's stand-in uses the same values
-                assert (conn._send_enchdrlen, conn._send_blocksize) == (1, 16)
-            proc = await conn.create_process(encoding=None)
-            rng, off = random.Random(seed + 1), 0  # noqa: S311 (test data)
-            while off < SIZE:
-                n = rng.choice((1, 500, 32768, 100000))
-                proc.stdin.write(payload[off:off + n])
-                off += n
-                await proc.stdin.drain()
-            proc.stdin.write_eof()
-            out = await asyncio.wait_for(proc.stdout.read(), 60)
-            err = await asyncio.wait_for(proc.stderr.read(), 60)
-            await proc.wait()
-            assert conn._send_encryption is not enc0  # keys were re-exchanged
-            assert out == payload, (len(out), len(payload))
-            return out, err, proc.exit_status
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with sshloop.server(lambda: _Server(seed), encryption_algs=[cipher], encoding=None,
+                              rekey_bytes=REKEY) as port, \
+            sshloop.connect(port, encryption_algs=[cipher], rekey_bytes=REKEY) as conn:
+        enc0 = conn._send_encryption
+        if "gcm" in cipher:  # the framing test's stand-in uses the same values
+            assert (conn._send_enchdrlen, conn._send_blocksize) == (1, 16)
+        proc = await conn.create_process(encoding=None)
+        rng, off = random.Random(seed + 1), 0  # noqa: S311 (test data)
+        while off < SIZE:
+            n = rng.choice((1, 500, 32768, 100000))
+            proc.stdin.write(payload[off:off + n])
+            off += n
+            await proc.stdin.drain()
+        proc.stdin.write_eof()
+        out = await asyncio.wait_for(proc.stdout.read(), 60)
+        err = await asyncio.wait_for(proc.stderr.read(), 60)
+        await proc.wait()
+        assert conn._send_encryption is not enc0  # keys were re-exchanged
+        assert out == payload, (len(out), len(payload))
+        return out, err, proc.exit_status
 
 
 @pytest.fixture(autouse=True)
 def _installed() -> None:
     wire.install()
-    assert wire.installed() and datapath.installed()
+    assert wire.installed()  # datapath's patches included
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -146,8 +138,8 @@ async def test_data_arrives_intact_both_ways_through_rekeys(
     assert err == hashlib.sha256(out).hexdigest().encode()  # stderr: extended data
     assert status == 0
     # both directions went through the one-pass paths (2 x 3 MiB is at least 192 packets of
-    # 32 KiB; those queued during a key exchange take asyncssh's path)
-    assert counts.sent > 100 and counts.opened > 100, (counts.sent, counts.opened)
+    # 32 KiB; what is queued during a key exchange takes asyncssh's path)
+    assert counts.sent > SIZE and counts.opened > 100, (counts.sent, counts.opened)
 
 
 async def test_other_ciphers_take_asyncssh_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,18 +150,11 @@ async def test_other_ciphers_take_asyncssh_path(monkeypatch: pytest.MonkeyPatch)
 
 
 async def test_a_flipped_bit_ends_the_connection_and_nothing_of_it_is_delivered() -> None:
-    key = asyncssh.generate_private_key("ssh-ed25519")
     srv = _Server(4, flip_at=200_000)  # well after the handshake, inside bulk data
-    server = await asyncssh.create_server(
-        lambda: srv, "127.0.0.1", 0, server_host_keys=[key],
-        encryption_algs=["aes128-gcm@openssh.com"], encoding=None,
-    )
+    gcm = ["aes128-gcm@openssh.com"]
     payload = os.urandom(1 << 20)
-    try:
-        port = server.sockets[0].getsockname()[1]
-        async with asyncssh.connect("127.0.0.1", port, known_hosts=None, username="u",
-                                    client_keys=None, agent_path=None, config=None,
-                                    encryption_algs=["aes128-gcm@openssh.com"]) as conn:
+    async with sshloop.server(lambda: srv, encryption_algs=gcm, encoding=None) as port:
+        async with sshloop.connect(port, encryption_algs=gcm) as conn:
             proc = await conn.create_process(encoding=None)
             out = b""
             with contextlib.suppress(asyncssh.Error, ConnectionError):
@@ -183,38 +168,44 @@ async def test_a_flipped_bit_ends_the_connection_and_nothing_of_it_is_delivered(
                 break
             await asyncio.sleep(0.05)
         assert len(srv.lost) == 1 and isinstance(srv.lost[0], asyncssh.MACError), srv.lost
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 class _Chan:
     _send_chan = 7
 
+    def __init__(self, window: int) -> None:
+        self._send_window, self._send_pktsize = window, 32768
+
 
 class _Conn:
     _send_enchdrlen, _send_blocksize = 1, 16  # what asyncssh sets for AES-GCM
 
-    def __init__(self, key: bytes, iv: bytes) -> None:
-        self._send_seq = self._rekey_bytes_sent = 0
+    def __init__(self, key: bytes, iv: bytes, rekey_at: int) -> None:
+        self._send_seq, self._rekey_bytes_sent, self._rekey_bytes = 0xFFFFFFFE, 0, rekey_at
         self.enc = KeyedGCMEncryption(key, iv)
         self.wire: list[bytes] = []
 
-    def _send_parts(self, header: bytes, body: bytes) -> None:
-        self.wire.append(header + body)
+    def _send_parts(self, parts: list[bytes]) -> None:
+        self.wire += [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
 
 
 @pytest.mark.parametrize("datatype", [None, asyncssh.EXTENDED_DATA_STDERR])
-@pytest.mark.parametrize("n", [0, 1, 11, 12, 13, 32768])
-def test_packet_is_what_asyncssh_would_build(datatype: int | None, n: int) -> None:
+@pytest.mark.parametrize(("n", "window", "rekey_at", "sent"), [
+    (1, 1 << 21, 1 << 40, 1), (11, 1 << 21, 1 << 40, 11), (12, 1 << 21, 1 << 40, 12),
+    (3 * 32768 + 5, 1 << 21, 1 << 40, 3 * 32768 + 5),  # split into 32 KiB packets
+    (100_000, 50_000, 1 << 40, 50_000),  # stops where the window closes
+    (100_000, 1 << 21, 1, 32768),  # stops once a rekey is due (asyncssh's path starts it)
+])
+def test_packets_are_what_asyncssh_would_build(datatype: int | None, n: int, window: int,
+                                               rekey_at: int, sent: int) -> None:
     key, iv = os.urandom(16), os.urandom(12)
-    conn, data = _Conn(key, iv), os.urandom(n)
-    for seq in range(2):  # the nonce and sequence number advance per packet
-        datapath._send_data(_Chan(), conn, conn.enc, datatype,  # type: ignore[arg-type]
-                            memoryview(data))
-        assert conn._send_seq == seq + 1
+    conn, chan, data = _Conn(key, iv, rekey_at), _Chan(window), os.urandom(n)
+    assert datapath._send_run(chan, conn, conn.enc, datatype,  # type: ignore[arg-type]
+                              memoryview(data)) == sent
+    assert chan._send_window == window - sent
+    assert conn._send_seq == (0xFFFFFFFE + len(conn.wire)) & 0xFFFFFFFF  # wraps like asyncssh's
     theirs = GCMEncryption.new("aes128-gcm", key, iv)
-    total = 0
+    total, payload = 0, b""
     for packet in conn.wire:
         header, ct, tag = packet[:4], packet[4:-16], packet[-16:]
         plain = theirs.decrypt_packet(0, header + ct[:12], ct[12:], 4, tag)
@@ -222,14 +213,16 @@ def test_packet_is_what_asyncssh_would_build(datatype: int | None, n: int) -> No
         padlen = plain[0]
         assert padlen >= 4 and len(plain) % 16 == 0  # RFC 5647: the length is not encrypted
         assert len(plain) == int.from_bytes(header, "big")
-        if datatype is None:
-            expected = bytes((MSG_CHANNEL_DATA,)) + (7).to_bytes(4, "big")
-        else:
-            expected = (bytes((MSG_CHANNEL_EXTENDED_DATA,)) + (7).to_bytes(4, "big")
-                        + (1).to_bytes(4, "big"))
-        assert plain[1:-padlen] == expected + n.to_bytes(4, "big") + data
-        total += 4 + len(plain)
-    assert conn._rekey_bytes_sent == total - 8
+        head = bytes((MSG_CHANNEL_DATA,)) + (7).to_bytes(4, "big")
+        if datatype is not None:
+            head = bytes((MSG_CHANNEL_EXTENDED_DATA,)) + (7).to_bytes(4, "big") + (1).to_bytes(4, "big")
+        body = plain[1:-padlen]
+        assert body[:len(head)] == head and len(body) <= len(head) + 4 + 32768
+        size = int.from_bytes(body[len(head):len(head) + 4], "big")
+        assert body[len(head) + 4:] == data[len(payload):len(payload) + size]
+        payload += body[len(head) + 4:]
+        total += len(plain)
+    assert payload == data[:sent] and conn._rekey_bytes_sent == total
 
 
 def test_padding_bytes_are_never_reused() -> None:

@@ -16,8 +16,9 @@ import asyncssh
 import pytest
 from asyncssh.encryption import GCMEncryption
 
-from broker.ssh import wire
+from broker.ssh import datapath, wire
 from broker.ssh.gcm import KeyedGCMEncryption
+from tests import sshloop
 
 WRITES = 50
 
@@ -47,22 +48,12 @@ class _Server(asyncssh.SSHServer):
 
 
 async def _packets_for(cipher: str) -> int:
-    key = asyncssh.generate_private_key("ssh-ed25519")
-    server = await asyncssh.create_server(
-        _Server, "127.0.0.1", 0, server_host_keys=[key], encryption_algs=[cipher], encoding=None,
-    )
-    try:
-        port = server.sockets[0].getsockname()[1]
-        async with asyncssh.connect("127.0.0.1", port, known_hosts=None, username="u",
-                                    encryption_algs=[cipher], client_keys=None,
-                                    agent_path=None, config=None) as conn:
-            out = await asyncio.wait_for(conn.run(encoding=None), 10)
-        assert isinstance(out.stdout, bytes)
-        assert len(out.stdout) > WRITES * 100, (len(out.stdout), out.exit_status, out.stderr)
-        return int(out.stdout[WRITES * 100:].decode())
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with sshloop.server(_Server, encryption_algs=[cipher], encoding=None) as port, \
+            sshloop.connect(port, encryption_algs=[cipher]) as conn:
+        out = await asyncio.wait_for(conn.run(encoding=None), 10)
+    assert isinstance(out.stdout, bytes)
+    assert len(out.stdout) > WRITES * 100, (len(out.stdout), out.exit_status, out.stderr)
+    return int(out.stdout[WRITES * 100:].decode())
 
 
 @pytest.fixture(autouse=True)
@@ -194,21 +185,13 @@ class _Names(asyncssh.SSHServer):
 
 
 async def test_a_non_ascii_user_name_still_reaches_the_server_prepared() -> None:
-    key = asyncssh.generate_private_key("ssh-ed25519")
-    server = await asyncssh.create_server(_Names, "127.0.0.1", 0, server_host_keys=[key],
-                                          encoding=None)
     _Names.names = []
-    try:
-        port = server.sockets[0].getsockname()[1]
+    async with sshloop.server(_Names, encoding=None) as port:
         for sent, seen in (("al\u00adice+web01", "alice+web01"), ("bob", "bob")):
-            async with asyncssh.connect("127.0.0.1", port, known_hosts=None, username=sent,
-                                        password="pw", client_keys=None, agent_path=None,
-                                        config=None, preferred_auth=["password"]) as conn:
+            async with sshloop.connect(port, sent, password="pw",
+                                       preferred_auth=["password"]) as conn:
                 assert conn.get_extra_info("username") == seen
             assert _Names.names[-1] == seen
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 class _Counted:
@@ -257,6 +240,7 @@ class _QuickConn:
         self.received: list[bytes] = []
 
     def get_extra_info(self, name: str) -> _Sock | None:
+        self.asked = getattr(self, "asked", 0) + 1
         return self._sock if name == "socket" else None
 
 
@@ -267,7 +251,7 @@ def test_small_reads_are_acknowledged_at_once_and_bulk_reads_are_not(
     def _process(conn: _QuickConn, data: bytes) -> None:
         conn.received.append(data)  # the data path's handling comes first
 
-    monkeypatch.setattr(wire.datapath, "receive", _process)
+    monkeypatch.setattr(datapath, "receive", _process)
     sock = _Sock()
     conn = _QuickConn(sock)
     wire._data_received(conn, b"x" * 100)  # type: ignore[arg-type]
@@ -276,6 +260,7 @@ def test_small_reads_are_acknowledged_at_once_and_bulk_reads_are_not(
     wire._data_received(conn, b"z" * wire.QUICKACK_BELOW)  # type: ignore[arg-type]
     assert len(sock.opts) == 2  # bulk: the kernel's delayed ACKs stay
     assert [len(d) for d in conn.received] == [100, wire.QUICKACK_BELOW - 1, wire.QUICKACK_BELOW]
+    assert conn.asked == 1  # the socket is looked up once per connection
     # no socket (closed transport) or an option the socket refuses: the data is still handled
     for other in (_QuickConn(None), _QuickConn(_Sock(fail=True))):
         wire._data_received(other, b"k")  # type: ignore[arg-type]
