@@ -4,14 +4,15 @@ relay hands over, and opened straight from the bytes the socket delivered.
 asyncssh builds a CHANNEL_DATA packet in layers, each concatenating what the one above made:
 the channel copies the data into its send buffer, slices a packet's worth off, prefixes the
 length (``String``), the channel number, the message type, then the padding length and padding,
-then the cipher's output is joined to the length header. That is about seven copies of every
-32 KiB packet before the socket sees it, a large part of the relay's CPU. Here, once the
+then the cipher's output is joined to the length header: about seven Python calls and copies
+per 32 KiB packet before the socket sees it (the calls cost more than the copies). Here, once the
 connection is in its steady state (AES-GCM keyed by ``KeyedGCMEncryption``, no compression,
 key exchange and authentication complete, no rekey due), the plaintext packet is assembled with
-one copy of the data, encrypted once, and handed to the transport as header and ciphertext
-(``writelines``: no concatenation). Data the window does not admit yet is buffered as asyncssh
-does. Anything else (other ciphers, compression, a key exchange in progress or due, closing
-channels, encoded channels) takes asyncssh's own path unchanged, which also starts the rekey.
+one copy of the data, encrypted once, and a run of packets from one write is handed to the
+transport as one list of headers and ciphertexts (``writelines``: no concatenation). Data the
+window does not admit yet is buffered as asyncssh does. Anything else (other ciphers,
+compression, a key exchange in progress or due, closing channels, encoded channels) takes
+asyncssh's own path unchanged, which also starts the rekey.
 
 Receiving is the mirror image: asyncssh appends every read to its input buffer and re-slices that
 buffer twice per packet (so a 256 KiB read of eight packets copies most of itself sixteen times),
@@ -219,16 +220,19 @@ def receive(conn: Any, data: bytes) -> None:
         pending, start = conn._inpbuf, 0
         if pending:  # the last read ended inside a packet: join only that packet
             need = _completing(conn, pending, data)
-            if need is None or need < 0:
+            if need is None:  # still incomplete
                 conn._inpbuf = pending + data
-                if need is not None:
-                    conn._recv_data()
+                return
+            if need <= 0:  # a length asyncssh refuses (or a whole packet was already waiting)
+                conn._inpbuf = pending + data
+                conn._recv_data()
                 return
             first = pending + data[:need]
-            conn._inpbuf = b""
-            if _walk(conn, dec, first, 0)[1]:
-                conn._inpbuf = first + data[need:]
-                conn._recv_data()
+            taken, handed_back = _walk(conn, dec, first, 0)
+            if handed_back or taken < len(first):  # asyncssh's turn, or the connection closed
+                conn._inpbuf = first[taken:] + data[need:]
+                if handed_back:
+                    conn._recv_data()
                 return
             start = need
         off, handed_back = _walk(conn, dec, data, start)
