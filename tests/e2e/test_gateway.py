@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import subprocess
 import time
@@ -71,9 +73,22 @@ def test_large_upload_backpressure(demo: Demo) -> None:
     payload = bytes(range(256)) * 40_000  # ~10 MB
     r = demo.ssh(user, "web01", "sha256sum", stdin=payload)
     assert r.returncode == 0, r.stderr
-    import hashlib
-
     assert r.stdout.split()[0].decode() == hashlib.sha256(payload).hexdigest()
+
+
+def test_data_survives_key_reexchanges_in_both_directions(demo: Demo, tmp_path: Path) -> None:
+    """OpenSSH re-keys every 256 KiB (``RekeyLimit``) while 6 MB go up and the same 6 MB come
+    back: the broker's one-pass data path hands the client's KEXINIT to asyncssh mid-stream,
+    sends nothing of its own across the key change, and continues under the new keys."""
+    user = demo.take_user()
+    payload = os.urandom(6_000_000)
+    log = tmp_path / "ssh.log"
+    r = demo.ssh(user, "web01", "tee /dev/stderr | sha256sum", stdin=payload,
+                 extra=("-o", "RekeyLimit=256K", "-v", "-E", str(log)))
+    assert r.returncode == 0, log.read_text()[-2000:]
+    assert log.read_text().count("SSH2_MSG_NEWKEYS received") > 20  # 12 MB at 256 KiB a key
+    assert r.stdout.split()[0].decode() == hashlib.sha256(payload).hexdigest()
+    assert r.stderr == payload  # the echo came back intact, as extended data
 
 
 def _rss_kib(pid: int) -> int:
