@@ -1,6 +1,8 @@
 """Recorded ProxyJump with the real OpenSSH client: ``ssh -J`` exec and shell, ``scp -J`` and
 ``sftp -J`` both ways (byte-identical), each recorded like a direct session; the broker's host
-certificate is accepted with the ``@cert-authority`` line and refused without it."""
+certificate is accepted with the ``@cert-authority`` line and refused without it. Both the outer
+and the inner connection re-key every 256 KiB (``RekeyLimit``), so the copies cross many key
+changes on both."""
 
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ def _config(demo: Demo, tmp: Path, user: str, *, trust: bool) -> Path:
         f"Host bastion\n  HostName 127.0.0.1\n  Port {demo.port}\n  User {user}\n"
         f"  UserKnownHostsFile {demo.known_hosts}\n  StrictHostKeyChecking yes\n"
         "  PreferredAuthentications keyboard-interactive\n  BatchMode no\n"
-        "  NumberOfPasswordPrompts 1\n"
-        f"Host web01 i-0web01\n  ProxyJump bastion\n  User ec2-user\n"
+        "  NumberOfPasswordPrompts 1\n  RekeyLimit 256K\n"
+        f"Host web01 i-0web01\n  ProxyJump bastion\n  User ec2-user\n  RekeyLimit 256K\n"
         f"  UserKnownHostsFile {kh}\n  StrictHostKeyChecking yes\n  BatchMode no\n"
         "  ConnectTimeout 20\n")
     return cfg
