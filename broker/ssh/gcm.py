@@ -33,15 +33,15 @@ class KeyedGCMEncryption(GCMEncryption):
     def encrypt_packet(self, seq: int, header: bytes, packet: bytes) -> tuple[bytes, bytes]:
         # The tag stays attached: asyncssh only sends ``packet + mac``, and ``x + b""`` is ``x``
         # itself, so the 32 KiB packet is copied once here instead of three times.
-        return header + self._aead.encrypt(self._nonce(), packet, header), b""
+        return header + self.seal(packet, header), b""
 
     def seal(self, plain: bytes | bytearray, header: bytes) -> bytes:
         """Ciphertext and tag of the next packet (``datapath`` sends the header separately)."""
         return self._aead.encrypt(self._nonce(), plain, header)
 
-    def open(self, header: memoryview, body: memoryview) -> bytes | None:
+    def open(self, header: bytes | memoryview, body: bytes | memoryview) -> bytes | None:
         """Plaintext of the next packet from its header and ciphertext + tag, or None if the tag
-        does not verify (the nonce is used up either way, as in ``decrypt_packet``)."""
+        does not verify (the nonce is used up either way)."""
         try:
             return self._aead.decrypt(self._nonce(), body, header)
         except InvalidTag:
@@ -54,9 +54,4 @@ class KeyedGCMEncryption(GCMEncryption):
 
     def decrypt_packet(self, seq: int, first: bytes, rest: bytes, header_len: int,
                        mac: bytes) -> bytes | None:
-        nonce = self._nonce()
-        try:
-            return self._aead.decrypt(nonce, b"".join((first[header_len:], rest, mac)),
-                                      first[:header_len])
-        except InvalidTag:
-            return None
+        return self.open(first[:header_len], b"".join((first[header_len:], rest, mac)))

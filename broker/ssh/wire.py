@@ -118,16 +118,21 @@ def _data_received(self: SSHConnection, data: bytes, datatype: Any = None) -> No
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
 
+def _cork(corked: list[tuple[Any, list[bytes]]], transport: Any, parts: list[bytes]) -> None:
+    """Queue ``parts`` for ``transport`` in the open ``corked()`` scope."""
+    for t, packets in corked:
+        if t is transport:
+            packets += parts
+            return
+    corked.append((transport, parts))
+
+
 def _send(self: SSHConnection, data: bytes) -> None:
     transport = self._transport
     if _corked is None or not transport:
         _original_send(self, data)
         return
-    for t, packets in _corked:
-        if t is transport:
-            packets.append(data)
-            return
-    _corked.append((transport, [data]))
+    _cork(_corked, transport, [data])
 
 
 SMALL_PACKET = 2048  # below this one concatenation is cheaper than a two-buffer write
@@ -139,11 +144,7 @@ def _send_parts(self: SSHConnection, parts: list[bytes]) -> None:
     if not transport:
         return
     if _corked is not None:
-        for t, packets in _corked:
-            if t is transport:
-                packets += parts
-                return
-        _corked.append((transport, parts))
+        _cork(_corked, transport, parts)
         return
     with contextlib.suppress(ConnectionError):
         if len(parts) == 2 and len(parts[1]) < SMALL_PACKET:
@@ -197,4 +198,3 @@ def installed() -> bool:
             and _auth.saslprep is _saslprep  # type: ignore[attr-defined]
             and SSHLogger.log is _log and SSHConnection.data_received is _data_received
             and datapath.installed())
-
