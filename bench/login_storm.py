@@ -6,6 +6,12 @@ relayed PTY session measures keystroke echo round trips: idle, during the storm,
 control with one CPU-bound process per core and no logins (what CPU contention alone does).
 
     .venv/bin/python bench/login_storm.py [--users 200] [--clients 20] [--client-procs 4]
+                                          [--lab-nice N]
+
+``--lab-nice N`` runs the lab's own processes (the Samba DC, the load clients and the control's
+CPU-bound processes) at nice N, the broker, the target and the echo probe at 0: on a real bastion
+the DC and the clients are other machines, and at nice 19 they take only CPU nothing else wants,
+so what is left of the disturbance is the broker's own login work.
 
 Clients are asyncssh, spread over ``--client-procs`` processes, not OpenSSH: 20 ssh processes per
 second would cost this 2-core machine more than the broker does. The echo probe has a process
@@ -150,14 +156,16 @@ def _echo_probe(port: int, user: str, code: str, idle_done: Event, stop: Event,
 CONTROL_SAMPLES = 1500
 
 
-def _spin() -> None:
+def _spin(nice: int) -> None:
+    os.nice(nice)
     while True:
         pass
 
 
 def _client_proc(port: int, work: list[tuple[str, str]], clients: int, go: Event,
-                 out: Queue) -> None:
+                 out: Queue, nice: int) -> None:
     """Child process: ``clients`` concurrent logins over its share of (user, code) pairs."""
+    os.nice(nice)
     async def run() -> tuple[list[float], int, float]:
         lat: list[float] = []
         errors = 0
@@ -182,8 +190,8 @@ def _client_proc(port: int, work: list[tuple[str, str]], clients: int, go: Event
     out.put(("clients", *asyncio.run(run())))
 
 
-def storm(port: int, users: list[str], secrets: dict[str, str], clients: int, procs: int
-          ) -> dict[str, float]:
+def storm(port: int, users: list[str], secrets: dict[str, str], clients: int, procs: int,
+          nice: int) -> dict[str, float]:
     """``clients`` concurrent logins spread over ``procs`` client processes, and an echo probe
     in a process of its own; every (user, TOTP step) pair is used once."""
     ctx = mp.get_context("fork")
@@ -199,7 +207,8 @@ def storm(port: int, users: list[str], secrets: dict[str, str], clients: int, pr
             for u in users[1:]]
     shares = [work[i::procs] for i in range(procs)]
     per_proc = [clients // procs + (i < clients % procs) for i in range(procs)]
-    children = [ctx.Process(target=_client_proc, args=(port, shares[i], per_proc[i], go, out))
+    children = [ctx.Process(target=_client_proc,
+                            args=(port, shares[i], per_proc[i], go, out, nice))
                 for i in range(procs)]
     for c in children:
         c.start()
@@ -216,7 +225,8 @@ def storm(port: int, users: list[str], secrets: dict[str, str], clients: int, pr
     stop.set()
     # the control: as many CPU-bound processes as cores, no logins (what CPU contention alone
     # does to the echo on this machine)
-    hogs = [ctx.Process(target=_spin, daemon=True) for _ in range(os.cpu_count() or 1)]
+    hogs = [ctx.Process(target=_spin, args=(nice,), daemon=True)
+            for _ in range(os.cpu_count() or 1)]
     for h in hogs:
         h.start()
     hogs_on.set()
@@ -259,12 +269,16 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1, help="broker worker processes")
     ap.add_argument("--client-procs", type=int, default=4,
                     help="processes the clients are spread over (the echo probe has its own)")
+    ap.add_argument("--lab-nice", type=int, default=0, choices=range(20), metavar="0-19",
+                    help="nice level of the DC, the load clients and the control's hogs")
     args = ap.parse_args()
     started = datetime.now(UTC)
     load0 = os.getloadavg()
     with running_dc() as dc, tempfile.TemporaryDirectory() as tmp:
         users = [f"storm{i:03d}" for i in range(args.users)]
         dc.add_users(users, ["bastion-users"])
+        if args.lab_nice and dc.proc is not None:  # the DC's processes share a process group
+            os.setpriority(os.PRIO_PGRP, os.getpgid(dc.proc.pid), args.lab_nice)
         demo = start_demo(Path(tmp) / "state", users=1)
         proc = None
         try:
@@ -292,7 +306,7 @@ def main() -> int:
                 proc = subprocess.Popen([str(BIN), "--config", str(cfg), "serve"],
                                         stderr=log_file, stdout=subprocess.DEVNULL)
             port = wait_listening(log_path, proc, args.workers)
-            r = storm(port, users, secrets, args.clients, args.client_procs)
+            r = storm(port, users, secrets, args.clients, args.client_procs, args.lab_nice)
         finally:
             if proc is not None:
                 proc.send_signal(signal.SIGTERM)
@@ -301,12 +315,16 @@ def main() -> int:
     load1 = os.getloadavg()
     cmd = "`.venv/bin/python bench/login_storm.py" + (
         f" --users {args.users}" if args.users != 200 else "") + (
-        f" --workers {args.workers}" if args.workers != 1 else "") + "`"
+        f" --workers {args.workers}" if args.workers != 1 else "") + (
+        f" --lab-nice {args.lab_nice}" if args.lab_nice else "") + "`"
+    lab = (f"The DC, the load clients and the control's CPU-bound processes ran at nice "
+           f"{args.lab_nice}; the broker, the target and the echo probe at 0. "
+           if args.lab_nice else "")
     lines = [
         "# Login storm through the broker (AD + TOTP)", "",
         f"Generated {started:%Y-%m-%d %H:%M} UTC by {cmd}. Samba AD DC, broker, targets and "
         f"clients on one 2-core machine; load average {load0[0]:.2f} before, "
-        f"{load1[0]:.2f} after.", "",
+        f"{load1[0]:.2f} after. {lab}".rstrip(), "",
         f"{r['logins']:.0f} logins ({r['errors']:.0f} errors), {args.clients} concurrent "
         f"clients, broker with {args.workers} worker process(es); "
         "asyncssh clients, each a new connection: SSH handshake, keyboard-interactive password "
