@@ -236,6 +236,7 @@ class _Sock:
 class _QuickConn:
     def __init__(self, sock: _Sock | None) -> None:
         self._transport = self
+        self._auth_complete = True  # an established connection: reads are handled at once
         self._sock = sock
         self.received: list[bytes] = []
 
