@@ -108,8 +108,9 @@ def ad_config(demo_state: Path, info: dict[str, object], dc_settings: dict[str, 
         f'[upstream]\nadmin_login = "{info["admin_login"]}"\n'
         f'read_only_login = "{info["read_only_login"]}"\n'
         '[identity]\nbackend = "ad"\n[identity.ad]\n'
-        f"max_concurrency = {os.environ.get('BB_AD_CONCURRENCY', '16')}\n"
-        "[[identity.ad.domains]]\n"
+        + (f"max_concurrency = {os.environ['BB_AD_CONCURRENCY']}\n"
+           if os.environ.get("BB_AD_CONCURRENCY") else "")
+        + "[[identity.ad.domains]]\n"
         + "".join(f"{k} = {json.dumps(v)}\n" for k, v in dom.items())
         + f'[inventory]\nfile = "{demo_state / "inventory.toml"}"\n'
         '[limits]\npenalty_exempt = ["127.0.0.0/8"]\nmax_startups = 1000\n'

@@ -91,7 +91,11 @@ class ADSettings(BaseModel):
     connect_timeout_seconds: float = Field(5.0, gt=0, le=120)
     # The whole login (queueing, every DC tried); past it the login fails closed.
     operation_timeout_seconds: float = Field(10.0, gt=0, le=600)
-    max_concurrency: int = Field(16, ge=1, le=512)
+    # Logins talking to the DCs at once (a thread each); the rest wait in arrival order. ldap3
+    # is pure Python, so its threads share one interpreter lock: past what hides the DCs'
+    # round trips, more of them only slow every login down together. Measured in a login storm
+    # (docs/benchmarks.md): login p99 ~1.2 s with 16, ~1.0 s with 8, ~0.95 s with 4, same rate.
+    max_concurrency: int = Field(8, ge=1, le=512)
     # How long a failed DC is tried only after the others.
     dc_retry_seconds: float = Field(30.0, ge=0)
     # Idle TLS connections kept per DC and kind (service-account searches; users' password
