@@ -110,6 +110,8 @@ def ad_config(demo_state: Path, info: dict[str, object], dc_settings: dict[str, 
         '[identity]\nbackend = "ad"\n[identity.ad]\n'
         + (f"max_concurrency = {os.environ['BB_AD_CONCURRENCY']}\n"
            if os.environ.get("BB_AD_CONCURRENCY") else "")
+        + (f"group_cache_seconds = {os.environ['BB_AD_GROUP_CACHE']}\n"
+           if os.environ.get("BB_AD_GROUP_CACHE") else "")
         + "[[identity.ad.domains]]\n"
         + "".join(f"{k} = {json.dumps(v)}\n" for k, v in dom.items())
         + f'[inventory]\nfile = "{demo_state / "inventory.toml"}"\n'

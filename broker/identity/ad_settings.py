@@ -104,6 +104,9 @@ class ADSettings(BaseModel):
     # An idle connection older than this is closed instead of reused (DCs drop idle ones: AD's
     # MaxConnIdleTime is 900 s).
     pool_max_idle_seconds: float = Field(120.0, gt=0, le=3600)
+    # How long a group's CN and parent groups are reused instead of searched again (the user's
+    # own entry and direct groups are always read fresh). 0: search at every login.
+    group_cache_seconds: float = Field(60.0, ge=0, le=3600)
 
     @model_validator(mode="after")
     def _consistent(self) -> ADSettings:

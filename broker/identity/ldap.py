@@ -9,7 +9,8 @@ one deadline:
    instead, so it costs the same round trips as a wrong password, and is padded to look the same;
 3. the service connection follows ``memberOf`` upwards, one search per nesting level, for the
    nested groups (the same set as the LDAP_MATCHING_RULE_IN_CHAIN filter, at a fraction of the
-   DC's work); the user must be in at least one required group.
+   DC's work), skipping groups the short-lived group cache knows (``group_cache_seconds``);
+   the user must be in at least one required group.
 
 Connections are pooled per DC (``pool_size``), already TLS-protected: service-account ones (the
 only ones that search) and password-bind ones (bound as whichever user bound last, used for
@@ -58,6 +59,7 @@ from ldap3.utils.conv import escape_filter_chars  # type: ignore[import-untyped]
 from broker.domain.models import Principal
 from broker.errors import ConfigError
 from broker.identity.ad_settings import ADDomain, ADSettings, DCAddress, parse_server_uri
+from broker.identity.group_cache import GroupCache, GroupFacts
 from broker.ports import AuthOutcome
 
 log = structlog.get_logger("broker.identity.ad")
@@ -74,6 +76,7 @@ _STATE_ATTRS = ("userAccountControl", "accountExpires", "lockoutTime", "pwdLastS
                 "msDS-User-Account-Control-Computed")
 _MAX_NESTING = 64  # group nesting levels followed (cycles stop earlier: groups are seen once)
 _DN_CHUNK = 100  # group DNs per search filter
+_NO_GROUP = GroupFacts("", ())
 
 # AD's "data" code in a result-49 bind message -> reason for the audit log.
 AD_BIND_CODES: dict[str, str] = {
@@ -510,6 +513,7 @@ class ADDirectory:
         self._fail_cost = {fqdn: _FailureCost() for fqdn in self._domains}
         self._pools: dict[tuple[str, str, str], _Pool] = {}
         self._pools_lock = threading.Lock()
+        self._group_cache = GroupCache(settings.group_cache_seconds)
         self._closed = False
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=settings.max_concurrency, thread_name_prefix="bb-ad")
@@ -803,11 +807,12 @@ class ADDirectory:
         """The user's groups, nested ones included: normalised DN -> CN.
 
         Walks memberOf upwards, one search per nesting level for all groups of that level
-        (the user's direct groups came with the user search). Same answer as the
-        LDAP_MATCHING_RULE_IN_CHAIN filter ``(member:1.2.840.113556.1.4.1941:=DN)``, which
-        Samba answers by expanding every group of the domain (~20-40 ms a login against
-        ~2 ms a level here). Groups outside ``base_dn`` are followed but not reported, as the
-        IN_CHAIN search under ``base_dn`` would not return them.
+        (the user's direct groups came with the user search) that the group cache does not
+        already know. Same answer as the LDAP_MATCHING_RULE_IN_CHAIN filter
+        ``(member:1.2.840.113556.1.4.1941:=DN)``, which Samba answers by expanding every group
+        of the domain (~20-40 ms a login against ~2 ms a level here). Groups outside
+        ``base_dn`` are followed but not reported, as the IN_CHAIN search under ``base_dn``
+        would not return them.
         """
         found: dict[str, str] = {}
         seen: set[str] = set()
@@ -818,29 +823,51 @@ class ADDirectory:
             if levels > _MAX_NESTING:
                 raise _DCFailure(f"group nesting deeper than {_MAX_NESTING} levels")
             seen.update(frontier)
+            facts = self._group_facts(session, dom, frontier, deadline)
             parents: dict[str, str] = {}
-            todo = list(frontier.values())
-            for i in range(0, len(todo), _DN_CHUNK):
-                chunk = todo[i:i + _DN_CHUNK]
-                flt = "(&(objectClass=group)(|" + "".join(
-                    f"(distinguishedName={escape_filter_chars(g)})" for g in chunk) + "))"
-
-                def search(c: Any, flt: str = flt) -> list[dict[str, Any]]:
-                    self._search(c, deadline, "group search", dom.domain_dn, flt,
-                                 attributes=["cn", "memberOf"])
-                    return [r for r in c.response or [] if r.get("type") == "searchResEntry"]
-
-                for r in session.run("svc", search):
-                    key = normalize_dn(str(r["dn"]))
-                    cn = _first(r["attributes"].get("cn"))
-                    if cn and (key == dom.base_key or key.endswith("," + dom.base_key)):
-                        found[key] = cn
-                    for p in _all(r["attributes"].get("memberOf")):
-                        pk = normalize_dn(str(p))
-                        if pk not in seen:
-                            parents[pk] = str(p)
+            for key, fact in facts.items():
+                if fact.cn and (key == dom.base_key or key.endswith("," + dom.base_key)):
+                    found[key] = fact.cn
+                for p in fact.parents:
+                    pk = normalize_dn(p)
+                    if pk not in seen:
+                        parents[pk] = p
             frontier = parents
         return found
+
+    def _group_facts(self, session: _Session, dom: _Domain, groups: dict[str, str],
+                     deadline: float) -> dict[str, GroupFacts]:
+        """CN and parents of each group (normalised DN -> DN), from the cache or one search per
+        ``_DN_CHUNK`` groups; a DN the search does not return is remembered as no group."""
+        facts: dict[str, GroupFacts] = {}
+        todo: list[str] = []
+        for key, dn in groups.items():
+            cached = self._group_cache.get(dom.fqdn, key)
+            if cached is None:
+                todo.append(dn)
+            else:
+                facts[key] = cached
+        for i in range(0, len(todo), _DN_CHUNK):
+            chunk = todo[i:i + _DN_CHUNK]
+            flt = "(&(objectClass=group)(|" + "".join(
+                f"(distinguishedName={escape_filter_chars(g)})" for g in chunk) + "))"
+
+            def search(c: Any, flt: str = flt) -> list[dict[str, Any]]:
+                self._search(c, deadline, "group search", dom.domain_dn, flt,
+                             attributes=["cn", "memberOf"])
+                return [r for r in c.response or [] if r.get("type") == "searchResEntry"]
+
+            answered: dict[str, GroupFacts] = {}
+            for r in session.run("svc", search):
+                answered[normalize_dn(str(r["dn"]))] = GroupFacts(
+                    _first(r["attributes"].get("cn")),
+                    tuple(str(p) for p in _all(r["attributes"].get("memberOf"))))
+            for dn in chunk:
+                key = normalize_dn(dn)
+                fact = answered.get(key, _NO_GROUP)
+                self._group_cache.put(dom.fqdn, key, fact)
+                facts[key] = fact
+        return facts
 
     def _authorise(self, session: _Session, dom: _Domain, entry: _UserEntry, deadline: float,
                    ok_reason: str) -> AuthOutcome:

@@ -358,7 +358,7 @@ def ad_settings_dict(dc: SambaDC, **overrides: Any) -> dict[str, Any]:
 
 
 _TOP_LEVEL = frozenset({"connect_timeout_seconds", "operation_timeout_seconds", "max_concurrency",
-                        "default_domain", "dc_retry_seconds", "pool_size"})
+                        "default_domain", "dc_retry_seconds", "pool_size", "group_cache_seconds"})
 
 
 def ad_settings(dc: SambaDC, **overrides: Any) -> Any:
