@@ -31,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
@@ -81,17 +83,43 @@ class Echo(asyncssh.SSHClientSession[bytes]):
         self.got.set()
 
 
-async def echo_samples(chan: asyncssh.SSHClientChannel[bytes], sess: Echo,
-                       stop: asyncio.Event | None, count: int) -> list[float]:
-    out = []
-    while (stop is None and len(out) < count) or (stop is not None and not stop.is_set()):
-        sess.got.clear()
-        t0 = time.perf_counter()
-        chan.write(b"x")
-        await asyncio.wait_for(sess.got.wait(), 10)
-        out.append((time.perf_counter() - t0) * 1000)
-        await asyncio.sleep(0.005)
+async def echo_samples(paths: list[tuple[asyncssh.SSHClientChannel[bytes], Echo]],
+                       stop: asyncio.Event | Event | None, count: int) -> list[list[float]]:
+    """Round trips of one byte, one per path in turn, until ``count`` rounds or ``stop``."""
+    out: list[list[float]] = [[] for _ in paths]
+    while (stop is None and len(out[0]) < count) or (stop is not None and not stop.is_set()):
+        for (chan, sess), samples in zip(paths, out, strict=True):
+            sess.got.clear()
+            t0 = time.perf_counter()
+            chan.write(b"x")
+            await asyncio.wait_for(sess.got.wait(), 10)
+            samples.append((time.perf_counter() - t0) * 1000)
+            await asyncio.sleep(0.005)
     return out
+
+
+async def direct_session(target: DirectTarget) -> tuple[
+        asyncssh.SSHClientConnection, asyncssh.SSHClientChannel[bytes], Echo]:
+    """A PTY session straight to the target's sshd (no broker), with a certificate from the
+    broker's CA as the broker would present: the reference path for the echo."""
+    ca = asyncssh.read_private_key(target.ca_key)
+    key = asyncssh.generate_private_key("ecdsa-sha2-nistp256")
+    cert = ca.generate_user_certificate(key, "bench-direct", principals=[target.login],
+                                        valid_before=int(time.time()) + 3600)
+    conn = await asyncssh.connect(target.host, target.port, username=target.login,
+                                  client_keys=[(key, cert)], known_hosts=None, agent_path=None,
+                                  config=None, encryption_algs=["aes128-gcm@openssh.com"])
+    chan, sess = await conn.create_session(Echo, "stty raw -echo; cat", term_type="xterm",
+                                           request_pty="force", encoding=None)
+    return conn, chan, cast(Echo, sess)
+
+
+@dataclass(frozen=True)
+class DirectTarget:
+    host: str
+    port: int
+    login: str
+    ca_key: Path
 
 
 def q(xs: list[float], p: float) -> float:
@@ -126,34 +154,38 @@ def _steps_ready() -> int:
     return int(time.time()) // 30
 
 
-def _echo_probe(port: int, user: str, code: str, idle_done: Event, stop: Event,
-                hogs_on: Event, out: Queue) -> None:
-    """Child process: one open PTY session; echo samples idle, then until ``stop``, then
-    ``CONTROL_SAMPLES`` more once ``hogs_on`` (CPU-bound processes, no logins: the control).
+def _echo_probe(port: int, user: str, code: str, direct: DirectTarget, idle_done: Event,
+                stop: Event, hogs_on: Event, out: Queue) -> None:
+    """Child process: one open PTY session through the broker and one straight to the target,
+    sampled in turn; echo samples idle, then until ``stop``, then ``CONTROL_SAMPLES`` more once
+    ``hogs_on`` (CPU-bound processes, no logins: the control).
 
     Its own process and event loop, so the samples measure the broker's relay, not the clients'
     handshake work (an earlier version shared one loop with them and measured that instead).
+    The direct session shows what the same machine does to an echo that never meets the broker.
     """
-    async def run() -> tuple[list[float], list[float], list[float]]:
+    async def run() -> list[list[float]]:
         conn = await login(port, user, code)
         chan, raw_sess = await conn.create_session(Echo, "stty raw -echo; cat", term_type="xterm",
                                                    request_pty="force", encoding=None)
-        sess = cast(Echo, raw_sess)
+        dconn, dchan, dsess = await direct_session(direct)
+        paths = [(chan, cast(Echo, raw_sess)), (dchan, dsess)]
         await asyncio.sleep(0.5)
-        idle = await echo_samples(chan, sess, None, 300)
+        idle = await echo_samples(paths, None, 300)
         idle_done.set()
-        during = await echo_samples(chan, sess, stop, 0)
+        during = await echo_samples(paths, stop, 0)
         await asyncio.to_thread(hogs_on.wait, 60)  # a process-shared event, not an asyncio one
         await asyncio.sleep(0.5)
-        control = await echo_samples(chan, sess, None, CONTROL_SAMPLES)
+        control = await echo_samples(paths, None, CONTROL_SAMPLES)
         conn.close()
-        return idle, during, control
+        dconn.close()
+        return [*idle, *during, *control]
 
     try:
         out.put(("echo", *asyncio.run(run())))
     except BaseException as exc:
         idle_done.set()
-        out.put(("echo-error", repr(exc), [], []))
+        out.put(("echo-error", repr(exc), [], [], [], [], []))
 
 
 CONTROL_SAMPLES = 1500
@@ -194,7 +226,7 @@ def _client_proc(port: int, work: list[tuple[str, str]], clients: int, go: Event
 
 
 def storm(port: int, users: list[str], secrets: dict[str, str], clients: int, procs: int,
-          nice: int) -> dict[str, float]:
+          nice: int, direct: DirectTarget) -> dict[str, float]:
     """``clients`` concurrent logins spread over ``procs`` client processes, and an echo probe
     in a process of its own; every (user, TOTP step) pair is used once."""
     ctx = mp.get_context("fork")
@@ -203,8 +235,8 @@ def storm(port: int, users: list[str], secrets: dict[str, str], clients: int, pr
     step = _steps_ready()
     echo_user = users[0]
     probe = ctx.Process(target=_echo_probe, args=(
-        port, echo_user, totp.code_at_step(secrets[echo_user], step - 1), idle_done, stop,
-        hogs_on, out))
+        port, echo_user, totp.code_at_step(secrets[echo_user], step - 1), direct, idle_done,
+        stop, hogs_on, out))
     probe.start()
     work = [(u, totp.code_at_step(secrets[u], s)) for s in (step - 1, step, step + 1)
             for u in users[1:]]
@@ -234,7 +266,7 @@ def storm(port: int, users: list[str], secrets: dict[str, str], clients: int, pr
         h.start()
     hogs_on.set()
     try:
-        kind, idle, during, control = out.get(timeout=120)
+        kind, idle, d_idle, during, d_during, control, d_control = out.get(timeout=120)
     finally:
         for h in hogs:
             h.kill()
@@ -248,7 +280,17 @@ def storm(port: int, users: list[str], secrets: dict[str, str], clients: int, pr
             "p50": statistics.median(lat), "p99": q(lat, 0.99),
             "idle_p50": statistics.median(idle), "idle_p99": q(idle, 0.99),
             "storm_p50": statistics.median(during), "storm_p99": q(during, 0.99),
-            "control_p50": statistics.median(control), "control_p99": q(control, 0.99)}
+            "control_p50": statistics.median(control), "control_p99": q(control, 0.99),
+            "d_idle_p50": statistics.median(d_idle), "d_idle_p99": q(d_idle, 0.99),
+            "d_storm_p50": statistics.median(d_during), "d_storm_p99": q(d_during, 0.99),
+            "d_control_p50": statistics.median(d_control), "d_control_p99": q(d_control, 0.99)}
+
+
+def direct_target(state_dir: Path, login: str) -> DirectTarget:
+    """The demo's web01 sshd, reached without the broker."""
+    inv = tomllib.loads((state_dir / "inventory.toml").read_text())
+    web01 = next(i for st in inv["stacks"] for i in st["instances"] if i["name"] == "web01")
+    return DirectTarget(web01["address"], web01["port"], login, state_dir / "ca" / "user_ca")
 
 
 def wait_listening(log_path: Path, proc: subprocess.Popen[bytes], workers: int) -> int:
@@ -309,7 +351,8 @@ def main() -> int:
                 proc = subprocess.Popen([str(BIN), "--config", str(cfg), "serve"],
                                         stderr=log_file, stdout=subprocess.DEVNULL)
             port = wait_listening(log_path, proc, args.workers)
-            r = storm(port, users, secrets, args.clients, args.client_procs, args.lab_nice)
+            r = storm(port, users, secrets, args.clients, args.client_procs, args.lab_nice,
+                      direct_target(demo.state_dir, str(demo.info["read_only_login"])))
         finally:
             if proc is not None:
                 proc.send_signal(signal.SIGTERM)
@@ -343,6 +386,10 @@ def main() -> int:
         f"<= 2x idle | {'yes' if r['storm_p99'] <= 2 * r['idle_p99'] else '**no**'} |",
         f"| control: echo p50 / p99 with {os.cpu_count()} CPU-bound processes and no logins, ms "
         f"| {r['control_p50']:.2f} / {r['control_p99']:.2f} | | |",
+        f"| reference, straight to the target's sshd: echo p99 idle / during storm / control, ms "
+        f"| {r['d_idle_p99']:.2f} / {r['d_storm_p99']:.2f} / {r['d_control_p99']:.2f} | | |",
+        f"| reference: echo p50 idle / during storm / control, ms "
+        f"| {r['d_idle_p50']:.2f} / {r['d_storm_p50']:.2f} / {r['d_control_p50']:.2f} | | |",
     ]
     text = "\n".join(lines) + "\n"
     OUT.write_text(text)
