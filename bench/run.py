@@ -149,6 +149,12 @@ def cpu_seconds(pid: int, children: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all cores; everything but idle and iowait)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
 class Procs:
     """Every long-running process this benchmark starts; ``stop_all`` ends them (and only them)."""
 
@@ -879,11 +885,13 @@ def argon2_cpu_ms() -> float:
 
 
 def session_rate(env: Env, path: str, clients: int,
-                 seconds: float) -> tuple[float, int, str, float, float]:
+                 seconds: float) -> tuple[float, int, str, float, float, float]:
     """New connections/s, each fully authenticated on every hop, running `true`; the bastion's
     CPU seconds per session (broker process, or OpenSSH bastion sshd with its per-connection
-    processes; 0 for the direct path); and the target sshd's, likewise."""
+    processes; 0 for the direct path); the target sshd's, likewise; and the whole machine's
+    (clients, bastion, target, kernel: everything one session costs on this shared machine)."""
     deadline = time.monotonic() + seconds
+    machine0 = machine_busy_seconds()
     pid = {"broker": env.broker_pid, "brokerkey": env.broker_pid, "jump": env.jump_pid}.get(path)
     cpu0 = cpu_seconds(pid, children=True) if pid else 0.0
     target = env.target_pids[path]
@@ -910,13 +918,32 @@ def session_rate(env: Env, path: str, clients: int,
     with ThreadPoolExecutor(clients) as ex:
         list(ex.map(worker, range(clients)))
     elapsed = time.perf_counter() - t0
+    machine = (machine_busy_seconds() - machine0) / max(1, sum(ok))
     first_error = errors[0] if errors else ""
     cpu = 0.0
     time.sleep(0.5)  # the last per-connection sshd processes are reaped
     if pid:
         cpu = (cpu_seconds(pid, children=True) - cpu0) / max(1, sum(ok))
     target_cpu = (cpu_seconds(target, children=True) - target0) / max(1, sum(ok))
-    return sum(ok) / elapsed, len(errors), first_error, cpu, target_cpu
+    return sum(ok) / elapsed, len(errors), first_error, cpu, target_cpu, machine
+
+
+def rate_ceiling(res: Results) -> str:
+    """What the session-rate ratio could be at most on this machine: clients, target and
+    kernel share the same cores, so the OpenSSH bastion path's machine CPU per session divided
+    by what a broker session costs the machine *outside* the broker is the ratio a broker that
+    took no CPU at all would reach."""
+    jump = res.med("rate_machine_cpu_ms", "jump")
+    parts = []
+    for p, label in (("broker", "password + code"), ("brokerkey", "key + code")):
+        m, b = res.med("rate_machine_cpu_ms", p), res.med("rate_cpu_ms", p)
+        if jump and m and b is not None and m > b:
+            parts.append(f"{label} {fmt(m)} ms, of which the broker {fmt(b)} ms, so at most "
+                         f"{jump / (m - b):.2f}x with a broker that cost nothing")
+    if not jump or not parts:
+        return ""
+    return (f"Whole-machine CPU per new session (median; clients, bastion, target, kernel): "
+            f"OpenSSH bastion path {fmt(jump)} ms; broker with " + "; with ".join(parts) + ".")
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -984,17 +1011,19 @@ def run_all(args: argparse.Namespace) -> Results:
                     log(f"  {kind:8s} {path:6s} {args.size / secs / (1 << 20):8.1f} MiB/s"
                         + (f"  broker CPU {cpu / secs:.0%}" if path == "broker" else ""))
             for path in (*order, "brokerkey") if "rate" in args.only else ():
-                rate, errs, first, cpu, target_cpu = session_rate(env, path, args.clients,
-                                                                  args.rate_seconds)
+                rate, errs, first, cpu, target_cpu, machine = session_rate(
+                    env, path, args.clients, args.rate_seconds)
                 res.add("rate", path, rate)
                 res.add("rate_target_cpu_ms", path, target_cpu * 1000)
+                res.add("rate_machine_cpu_ms", path, machine * 1000)
                 if path != "direct":
                     res.add("rate_cpu_ms", path, cpu * 1000)
                 if errs:
                     res.extra.setdefault("rate_errors", []).append(f"{path}: {errs} x {first}")
                 log(f"  sessions {path:9s} {rate:6.1f}/s ({errs} errors)"
                     + (f"  bastion CPU {cpu * 1000:.1f} ms/session" if cpu else "")
-                    + f"  target CPU {target_cpu * 1000:.1f} ms/session")
+                    + f"  target CPU {target_cpu * 1000:.1f} ms/session"
+                    + f"  machine {machine * 1000:.1f} ms/session")
             if "echo" in args.only:
                 log("  echo p50 ms: " + ", ".join(
                     f"{p} {res.values['echo_p50'][p][-1]:.3f}" for p in PATHS))
@@ -1110,7 +1139,7 @@ def render(res: Results, args: argparse.Namespace, command: str, when: datetime 
         f"{fmt(res.med('rate_cpu_ms', 'jump'))} ms. Target sshd CPU per session, likewise: "
         + ", ".join(f"{p} {fmt(res.med('rate_target_cpu_ms', p))} ms"
                     for p in (*PATHS, "brokerkey")) + " (the broker's certificate logins "
-        "included; its CA is ECDSA P-256, see docs/benchmarks.md).",
+        "included; its CA is ECDSA P-256, see docs/benchmarks.md). " + rate_ceiling(res),
         "",
         f"Memory detail: OpenSSH bastion {fmt(mem['jump_processes'], 0)} sshd processes, "
         f"RSS sum {fmt(mem['jump_rss_before_kib'], 0)} -> {fmt(mem['jump_rss_after_kib'], 0)} "
