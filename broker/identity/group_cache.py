@@ -59,7 +59,3 @@ class GroupCache:
                 if len(self._entries) >= self._max:  # all fresh: start over rather than grow
                     self._entries.clear()
             self._entries[(domain, key)] = (now + self._ttl, facts)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
