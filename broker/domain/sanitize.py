@@ -16,6 +16,7 @@ chunks of a recording is still recognised.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 
 ESC = "\x1b"
@@ -32,6 +33,12 @@ _PRIVATE_FINALS = frozenset("hlJKr")  # DEC private: modes, selective erase, res
 _DENIED_PRIVATE_MODES = frozenset({9, 1000, 1001, 1002, 1003, 1004, 1005, 1006, 1015, 1016})
 _ALLOWED_PLAIN_MODES = frozenset({4, 20})  # insert mode, new-line mode (not 2: keyboard lock)
 _MAX_CSI = 128
+# In the text state every character but ESC, ENQ and the C1 controls is printed as it is, and a
+# complete SGR sequence (colours, attributes; the commonest sequence by far) is kept whole (see
+# ``_step``, which allows it at most _MAX_CSI - 2 parameter characters): a run of those is
+# copied in one step instead of one character at a time.
+_SAFE_RUN = re.compile(
+    f"(?:[^\\x1b\\x05\\x80-\\x9f]+|\\x1b\\[[0-9;:]{{0,{_MAX_CSI - 2}}}m)+")
 
 
 def _csi_allowed(body: str) -> bool:
@@ -69,9 +76,20 @@ class ViewerSafeFilter:
         self._string_ends_on_bel = False
 
     def feed(self, text: str) -> str:
+        """The same as ``_step`` for each character in turn (the tests check it), with plain
+        runs and complete SGR sequences copied whole (``_SAFE_RUN``)."""
         out: list[str] = []
-        for ch in text:
-            self._step(ch, out)
+        i, n = 0, len(text)
+        while i < n:
+            if self._state == "text":
+                run = _SAFE_RUN.match(text, i)
+                if run is not None:
+                    out.append(run.group())
+                    i = run.end()
+                    if i == n:
+                        break
+            self._step(text[i], out)
+            i += 1
         return "".join(out)
 
     def flush(self) -> str:

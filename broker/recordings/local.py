@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from broker.domain import recording as fmt
+from broker.domain.sanitize import ViewerSafeFilter
 from broker.errors import NotFoundError, RecordingError
 
 _SESSION_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-")
@@ -218,11 +219,15 @@ def _fsync_dir(path: Path) -> None:
 def render_cast(rec_path: Path) -> Path:
     """Write ``SESSION_ID.cast`` (asciicast v2) beside a finished recording; returns its path.
 
-    Frame by frame: a session that printed gigabytes is rendered in bounded memory."""
+    Viewer-safe, like ``export``: whoever runs ``asciinema play`` on it must not have their
+    clipboard, title or terminal answers driven by what the target printed (see
+    ``broker.domain.sanitize``). The ``.rec`` stays byte-exact, and ``export --raw`` renders
+    every byte. Frame by frame: a session that printed gigabytes is rendered in bounded memory."""
     out = rec_path.with_suffix(".cast")
     with open(rec_path, "rb") as src:
         reader = fmt.FrameReader(src, os.fstat(src.fileno()).st_size)
-        write_lines_atomically(out, fmt.to_asciicast(reader), mode=0o600)
+        lines = fmt.to_asciicast(reader, output_filter=ViewerSafeFilter().feed)
+        write_lines_atomically(out, lines, mode=0o600)
     return out
 
 

@@ -220,3 +220,23 @@ def test_render_cast_of_a_large_recording_holds_one_frame_at_a_time(
         events = [json.loads(x) for x in f]
     assert "".join(e[2] for e in events if e[1] == "o") == (chunk * (48 << 20 >> 15)).decode()
     assert events[-1][1:] == ["x", "0"]
+
+
+def test_render_cast_is_safe_to_play_and_the_rec_keeps_every_byte(
+    sink: LocalRecordingSink,
+) -> None:
+    """What a target prints must not reach the clipboard, title or answers of whoever replays
+    the .cast with asciinema; the .rec (and ``export --raw``) keep it for forensics."""
+    w = sink.open("cast-osc", META)
+    hostile = b"\x1b]52;c;ZWNobyBwd25lZA==\x07\x1b]0;fake title\x07\x1b[6n"
+    w.write(fmt.OUTPUT, b"ok " + hostile[:5])  # a sequence split across two frames
+    w.write(fmt.ERROR, hostile[5:] + b"\x1b[31mred\x1b[0m\r\n")
+    w.write(fmt.OUTPUT, b"\x1b]0;only a title\x07")  # an event left empty is dropped
+    w.write(fmt.INPUT, b"\x1b[A")  # input events are not sent to the viewer's terminal
+    w.write(fmt.EXIT, b"0")
+    w.close()
+    lines = render_cast(Path(w.location)).read_text(encoding="utf-8").splitlines()
+    events = [json.loads(x)[1:] for x in lines[1:]]
+    assert events == [["o", "ok "], ["o", "\x1b[31mred\x1b[0m\r\n"], ["i", "\x1b[A"], ["x", "0"]]
+    raw = Path(w.location).read_bytes()
+    assert b"ok " + hostile[:5] in raw and hostile[5:] in raw

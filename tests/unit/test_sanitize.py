@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -130,3 +131,54 @@ def test_safe_asciicast_filters_output_events_only() -> None:
         [0.1, "o", "hi"], [0.3, "i", "ls\r"], [0.4, "o", ESC + "[32mgreen"],
         [0.5, "r", "100x30"], [0.6, "x", "0"]]
     assert list(safe_asciicast([])) == []
+
+
+def _one_char_at_a_time(chunks: list[str]) -> list[str]:
+    """The filter's definition: ``_step`` for every character, no fast paths."""
+    f = ViewerSafeFilter()
+    res = []
+    for chunk in chunks:
+        out: list[str] = []
+        for ch in chunk:
+            f._step(ch, out)
+        res.append("".join(out))
+    return res
+
+
+# characters that steer the state machine, and some that do not
+_ALPHABET = [ESC, "[", "]", "P", "_", "^", "X", "(", "#", " ", "?", ">", "0", "1", "2", "5", "6",
+             "9", ";", ":", "m", "h", "l", "n", "c", "t", "q", "T", "Z", "\\", "\x07", "\x05",
+             "\x9b", "\x9c", "\x9d", "\x90", "\x85", "\x01", "a", "é", "\r", "\n"]
+
+
+def _piece(rng: random.Random) -> str:
+    """Plain text, a CSI sequence of random shape, a string sequence, or a few loose characters."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        return rng.choice(["plain text ", "été ", "x" * rng.randint(1, 40), "\r\n"])
+    if kind == 1:
+        params = "".join(rng.choice("0123456789;:") for _ in range(
+            rng.choice([0, 1, 2, 5, rng.randint(124, 129)])))
+        return (ESC + "[" + rng.choice(["", "", "", "?", ">", "=", "<"]) + params
+                + rng.choice(["", "", "", " ", "!"]) + rng.choice("mmmmhlnctqTJKrABZ@`"))
+    if kind == 2:
+        return (rng.choice([ESC + "]", ESC + "P", "\x9d", ESC + "_"]) + "0;title"
+                + rng.choice(["\x07", ESC + "\\", "\x9c", ""]))
+    return "".join(rng.choice(_ALPHABET) for _ in range(rng.randint(1, 6)))
+
+
+def test_fast_paths_give_what_one_character_at_a_time_gives() -> None:
+    for k in range(120, 131):  # around the CSI length limit, whole and cut anywhere
+        for seq in (ESC + "[" + "1" * k + "m", ESC + "[?" + "1" * k + "m", ESC + "[" + "2;" * k + "h"):
+            text = "a" + seq + "b"
+            for cut in range(len(text) + 1):
+                chunks = [text[:cut], text[cut:]]
+                f = ViewerSafeFilter()
+                assert [f.feed(c) for c in chunks] == _one_char_at_a_time(chunks), (k, seq, cut)
+    rng = random.Random(20261128)  # noqa: S311 - test data, not secrets
+    for _ in range(4000):
+        text = "".join(_piece(rng) for _ in range(rng.randint(0, 8)))
+        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 3))))
+        chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        f = ViewerSafeFilter()
+        assert [f.feed(c) for c in chunks] == _one_char_at_a_time(chunks), repr(chunks)
