@@ -34,11 +34,13 @@ _DENIED_PRIVATE_MODES = frozenset({9, 1000, 1001, 1002, 1003, 1004, 1005, 1006, 
 _ALLOWED_PLAIN_MODES = frozenset({4, 20})  # insert mode, new-line mode (not 2: keyboard lock)
 _MAX_CSI = 128
 # In the text state every character but ESC, ENQ and the C1 controls is printed as it is, and a
-# complete SGR sequence (colours, attributes; the commonest sequence by far) is kept whole (see
-# ``_step``, which allows it at most _MAX_CSI - 2 parameter characters): a run of those is
-# copied in one step instead of one character at a time.
+# complete CSI sequence with only digits, ";" and ":" as parameters and a final that
+# ``_csi_allowed`` then always accepts (colours, cursor movement, erase: most of what terminal
+# programs print) is kept whole, at most _MAX_CSI - 2 parameter characters long as ``_step``
+# allows: a run of those is copied in one step instead of one character at a time.
+_FAST_FINALS = "".join(sorted(_PLAIN_FINALS - set("hlT")))  # h/l: modes; T: old mouse tracking
 _SAFE_RUN = re.compile(
-    f"(?:[^\\x1b\\x05\\x80-\\x9f]+|\\x1b\\[[0-9;:]{{0,{_MAX_CSI - 2}}}m)+")
+    f"(?:[^\\x1b\\x05\\x80-\\x9f]+|\\x1b\\[[0-9;:]{{0,{_MAX_CSI - 2}}}[{_FAST_FINALS}])+")
 
 
 def _csi_allowed(body: str) -> bool:

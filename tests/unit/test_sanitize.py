@@ -160,7 +160,7 @@ def _piece(rng: random.Random) -> str:
         params = "".join(rng.choice("0123456789;:") for _ in range(
             rng.choice([0, 1, 2, 5, rng.randint(124, 129)])))
         return (ESC + "[" + rng.choice(["", "", "", "?", ">", "=", "<"]) + params
-                + rng.choice(["", "", "", " ", "!"]) + rng.choice("mmmmhlnctqTJKrABZ@`"))
+                + rng.choice(["", "", "", " ", "!"]) + rng.choice("mmmmhlnctqTJKrABHfdZ@`su"))
     if kind == 2:
         return (rng.choice([ESC + "]", ESC + "P", "\x9d", ESC + "_"]) + "0;title"
                 + rng.choice(["\x07", ESC + "\\", "\x9c", ""]))
@@ -169,7 +169,8 @@ def _piece(rng: random.Random) -> str:
 
 def test_fast_paths_give_what_one_character_at_a_time_gives() -> None:
     for k in range(120, 131):  # around the CSI length limit, whole and cut anywhere
-        for seq in (ESC + "[" + "1" * k + "m", ESC + "[?" + "1" * k + "m", ESC + "[" + "2;" * k + "h"):
+        for seq in (ESC + "[" + "1" * k + "m", ESC + "[?" + "1" * k + "m", ESC + "[" + "2;" * k + "h",
+                    ESC + "[" + "3;" * (k // 2) + "H", ESC + "[1;" + "2" * k + "T"):
             text = "a" + seq + "b"
             for cut in range(len(text) + 1):
                 chunks = [text[:cut], text[cut:]]
