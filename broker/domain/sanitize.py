@@ -78,8 +78,8 @@ class ViewerSafeFilter:
         self._string_ends_on_bel = False
 
     def feed(self, text: str) -> str:
-        """The same as ``_step`` for each character in turn (the tests check it), with plain
-        runs and complete SGR sequences copied whole (``_SAFE_RUN``)."""
+        """The same as ``_step`` for each character in turn (the tests check it), with runs of
+        plain text and always-kept sequences copied whole (``_SAFE_RUN``)."""
         out: list[str] = []
         i, n = 0, len(text)
         while i < n:
