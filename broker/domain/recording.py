@@ -13,7 +13,7 @@ from __future__ import annotations
 import codecs
 import json
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -159,14 +159,11 @@ def exit_status(frames: Iterable[Frame]) -> str | None:
     return result
 
 
-def to_asciicast(rec: Recording, output_filter: Callable[[str], str] | None = None
-                 ) -> Iterator[str]:
+def to_asciicast(rec: Recording) -> Iterator[str]:
     """Yield asciicast v2 lines (header first) for a recording (parsed, or read frame by frame).
 
     Output and error streams both become ``"o"`` events as a terminal shows them; the exit status
     is an ``"x"`` event at the end, as asciicast v3 defines it (asciinema 2 ignores unknown codes).
-    ``output_filter`` (one stateful filter for both, as they share the terminal) rewrites the
-    text of ``"o"`` events before they are encoded; an event it leaves empty is dropped.
     """
     meta = rec.meta
     header: dict[str, Any] = {
@@ -191,8 +188,6 @@ def to_asciicast(rec: Recording, output_filter: Callable[[str], str] | None = No
         last_t = t
         if f.kind in decoders:
             text = decoders[f.kind].decode(f.data)
-            if text and output_filter is not None and f.kind != INPUT:
-                text = output_filter(text)
             if text:
                 code = "i" if f.kind == INPUT else "o"
                 yield json.dumps([t, code, text], ensure_ascii=False)
@@ -202,7 +197,5 @@ def to_asciicast(rec: Recording, output_filter: Callable[[str], str] | None = No
             yield json.dumps([t, "x", f.data.decode("ascii", "replace")])
     for kind, dec in decoders.items():
         tail = dec.decode(b"", final=True)
-        if tail and output_filter is not None and kind != INPUT:
-            tail = output_filter(tail)
         if tail:
             yield json.dumps([last_t, "i" if kind == INPUT else "o", tail], ensure_ascii=False)

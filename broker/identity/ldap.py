@@ -840,17 +840,17 @@ class ADDirectory:
         """CN and parents of each group (normalised DN -> DN), from the cache or one search per
         ``_DN_CHUNK`` groups; a DN the search does not return is remembered as no group."""
         facts: dict[str, GroupFacts] = {}
-        todo: list[str] = []
+        todo: list[tuple[str, str]] = []  # (normalised DN, DN) not in the cache
         for key, dn in groups.items():
             cached = self._group_cache.get(dom.fqdn, key)
             if cached is None:
-                todo.append(dn)
+                todo.append((key, dn))
             else:
                 facts[key] = cached
         for i in range(0, len(todo), _DN_CHUNK):
             chunk = todo[i:i + _DN_CHUNK]
             flt = "(&(objectClass=group)(|" + "".join(
-                f"(distinguishedName={escape_filter_chars(g)})" for g in chunk) + "))"
+                f"(distinguishedName={escape_filter_chars(dn)})" for _, dn in chunk) + "))"
 
             def search(c: Any, flt: str = flt) -> list[dict[str, Any]]:
                 self._search(c, deadline, "group search", dom.domain_dn, flt,
@@ -862,8 +862,7 @@ class ADDirectory:
                 answered[normalize_dn(str(r["dn"]))] = GroupFacts(
                     _first(r["attributes"].get("cn")),
                     tuple(str(p) for p in _all(r["attributes"].get("memberOf"))))
-            for dn in chunk:
-                key = normalize_dn(dn)
+            for key, _ in chunk:
                 fact = answered.get(key, _NO_GROUP)
                 self._group_cache.put(dom.fqdn, key, fact)
                 facts[key] = fact

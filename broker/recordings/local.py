@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from broker.domain import recording as fmt
-from broker.domain.sanitize import ViewerSafeFilter
+from broker.domain.sanitize import safe_asciicast
 from broker.errors import NotFoundError, RecordingError
 
 _SESSION_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-")
@@ -226,8 +226,7 @@ def render_cast(rec_path: Path) -> Path:
     out = rec_path.with_suffix(".cast")
     with open(rec_path, "rb") as src:
         reader = fmt.FrameReader(src, os.fstat(src.fileno()).st_size)
-        lines = fmt.to_asciicast(reader, output_filter=ViewerSafeFilter().feed)
-        write_lines_atomically(out, lines, mode=0o600)
+        write_lines_atomically(out, safe_asciicast(fmt.to_asciicast(reader)), mode=0o600)
     return out
 
 

@@ -336,8 +336,8 @@ class SqliteGrantStore:
 
     @_on_db_thread
     def search(self, *, username: str | None = None, stack: str | None = None,
-                     states: list[str] | None = None, since: datetime | None = None,
-                     until: datetime | None = None, limit: int = 500) -> list[Grant]:
+               states: list[str] | None = None, since: datetime | None = None,
+               until: datetime | None = None, limit: int = 500) -> list[Grant]:
         """Filtered listing, newest first. ``states`` are stored states (expired is derived)."""
         sql = ["SELECT * FROM grants WHERE 1=1"]
         args: list[object] = []
@@ -430,7 +430,7 @@ class SqliteThrottleStore:
 
     @_on_db_thread
     def failed(self, account: str, now: float, free: int, max_backoff: float,
-                     lock_after: int) -> ThrottleState:
+               lock_after: int) -> ThrottleState:
         self._c.execute("BEGIN IMMEDIATE")
         try:
             r = self._c.execute(
