@@ -257,6 +257,9 @@ class ForwardingSettings(_Model):
     connect_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
     # instance ids/names whose SSH port may be reached as a raw, unrecorded channel (ssh -J)
     raw_ssh_targets: list[str] = Field(default_factory=list)
+    # inside a recorded ProxyJump connection: ssh -L/-D/-W to the target's own loopback (VS Code
+    # Remote-SSH reaches its server that way), opened from the target; never to other hosts
+    target_loopback: bool = True
 
 
 class AuditSettings(_Model):

@@ -112,7 +112,10 @@ def _write_sshd_config(t: Target, ca_pub: Path) -> Path:
             f"TrustedUserCAKeys {ca_pub}",
             "PermitRootLogin no",
             "AllowAgentForwarding no",
-            "AllowTcpForwarding no",
+            # the broker's forwarding certificates only (ProxyJump -L/-D to the target's
+            # loopback, VS Code Remote-SSH); session certificates do not permit it
+            "AllowTcpForwarding local",
+            "PermitOpen localhost:* 127.0.0.1:* [::1]:*",
             "X11Forwarding no",
             "AcceptEnv LANG LC_*",
             "MaxStartups 200:30:400",

@@ -50,7 +50,8 @@ class Verdict:
     grant: Grant | None = None
     dial_host: str = ""
     dial_port: int = 0
-    service: str = "tcp"  # tcp | rdp | ssh (recorded ProxyJump) | ssh-raw
+    # tcp | rdp | ssh (recorded ProxyJump) | ssh-raw | target-local (from the target itself)
+    service: str = "tcp"
 
 
 def _deny(reason: str, detail: str | None = None, inst: Instance | None = None) -> Verdict:
@@ -156,8 +157,38 @@ def decide(
     return next((v for v in verdicts if v.allowed), verdicts[0])
 
 
+TARGET_LOCAL_ONLY = ("only the target's own loopback can be forwarded to from a ProxyJump "
+                     "connection; other hosts need their own grant")
+LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+def decide_target_local(host: str, port: int, inst: Instance, decision: Decision, *,
+                        enabled: bool) -> Verdict:
+    """Decide a direct-tcpip request made inside a recorded ProxyJump connection to ``inst``.
+
+    There, ``localhost`` means the target (what ``ssh -L 8080:localhost:8080 target`` and VS
+    Code Remote-SSH's SOCKS proxy ask for): the broker opens the channel *from the target*, over
+    its own connection to the target's sshd. Only the target's loopback is allowed, so a grant
+    for one instance never reaches another host through it (no pivoting)."""
+    if not enabled:
+        return _deny("forwarding from the target is disabled on this bastion",
+                     f"{inst.id}: target_loopback is off", inst)
+    if not decision.allowed or decision.grant is None:
+        return _deny(NO_GRANT, f"{inst.id}: {decision.reason}", inst)
+    if not 1 <= port <= 65535:
+        return _deny("not a valid destination port", inst=inst)
+    ip = ip_of(host)
+    if not (host.casefold() in LOCAL_NAMES or (ip is not None and ip.is_loopback)):
+        return _deny(TARGET_LOCAL_ONLY, f"{inst.id}: {host}:{port} is not the target's loopback",
+                     inst)
+    dial = str(ip) if ip is not None else "localhost"
+    return Verdict(True, "granted", "granted", inst, decision.grant, dial, port, "target-local")
+
+
 def summary(host: str, port: int, v: Verdict) -> str:
     """The ``command`` text of a tunnel session: what was asked and where it went."""
     if v.instance is None:
         return f"forward {host}:{port}"
+    if v.service == "target-local":
+        return f"forward {host}:{port} -> {v.instance.id} (from the target) {v.dial_host}:{v.dial_port}"
     return f"forward {host}:{port} -> {v.instance.id} {v.dial_host}:{v.dial_port}"

@@ -39,8 +39,10 @@ class UserCA:
         ttl: timedelta,
         not_after: datetime,
         permit_pty: bool,
+        permit_port_forwarding: bool = False,
     ) -> tuple[asyncssh.SSHKey, asyncssh.SSHCertificate]:
-        """A fresh key (of ``session_key_alg``) and its certificate for ``login``."""
+        """A fresh key (of ``session_key_alg``) and its certificate for ``login``; port
+        forwarding only for the connection that carries a forward from the target."""
         user_key = asyncssh.generate_private_key(self.session_key_alg)
         valid_before = min(now + ttl, not_after)
         cert = self._key.generate_user_certificate(
@@ -51,7 +53,7 @@ class UserCA:
             valid_before=int(valid_before.timestamp()),
             permit_x11_forwarding=False,
             permit_agent_forwarding=False,
-            permit_port_forwarding=False,
+            permit_port_forwarding=permit_port_forwarding,
             permit_pty=permit_pty,
             permit_user_rc=False,
         )

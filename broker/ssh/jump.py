@@ -8,13 +8,18 @@ with a host certificate for the target's names signed by its host CA (users trus
 authentication: the outer connection already proved password + code, and the channel was
 checked against a live grant.
 Each inner session then goes through the same recorded relay as ``ssh user+target@bastion``.
+Forwards inside the inner connection (``-L``/``-D``/``-W``; VS Code Remote-SSH reaches its
+server so) may go only to the target's own loopback, opened from the target
+(``broker.ssh.via_target``) and recorded as tunnels; remote, agent and X11 forwarding stay off.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 import structlog
@@ -29,6 +34,8 @@ log = structlog.get_logger("broker.jump")
 HOST_CERT_TTL = timedelta(hours=1)
 CLOCK_SKEW = timedelta(minutes=5)
 _keys: dict[Path, asyncssh.SSHKey] = {}
+# (inner connection, host=, port=) -> what connection_requested returns (``tunnel``'s opener)
+Forward = Callable[..., Any]
 
 
 def host_ca_path(config: BrokerConfig) -> Path:
@@ -70,11 +77,12 @@ class JumpServer(asyncssh.SSHServer):
     """The inner connection: no authentication of its own, sessions relayed and recorded."""
 
     def __init__(self, deps: RelayDeps, principal: Principal, instance: Instance,
-                 peer: str) -> None:
+                 peer: str, forward: Forward) -> None:
         self._deps = deps
         self._principal = principal
         self._instance = instance
         self._peer = peer
+        self._forward = forward
         self._conn: asyncssh.SSHServerConnection | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -92,11 +100,19 @@ class JumpServer(asyncssh.SSHServer):
             max_pktsize=self._deps.config.ssh.max_packet_bytes)
         return chan, ClientSession(self._deps, self._principal, self._instance, self._peer)
 
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> Any:
+        """``ssh -L``/``-D``/``-W`` inside this connection: the target's own loopback only."""
+        if self._conn is None:
+            return False
+        return self._forward(self._conn, host=dest_host, port=dest_port)
+
 
 def start_inner(deps: RelayDeps, principal: Principal, instance: Instance, peer: str,
-                names: list[str], transport: asyncio.Transport) -> asyncio.Task[None]:
+                names: list[str], transport: asyncio.Transport, forward: Forward,
+                ) -> asyncio.Task[None]:
     """Serve the inner SSH connection on ``transport`` (one end of a ``memlink`` pair, the
-    tunnel holds the other) in the background.
+    tunnel holds the other) in the background; ``forward`` answers its direct-tcpip requests.
 
     What ``asyncssh.run_server`` does for a socket: the options, then a server connection that
     waits for authentication, on the transport given."""
@@ -108,7 +124,7 @@ def start_inner(deps: RelayDeps, principal: Principal, instance: Instance, peer:
         conn: asyncssh.SSHServerConnection | None = None
         try:
             options = await asyncssh.SSHServerConnectionOptions.construct(
-                server_factory=lambda: JumpServer(deps, principal, instance, peer),
+                server_factory=lambda: JumpServer(deps, principal, instance, peer, forward),
                 server_host_keys=[(key, cert)], kex_algs=ssh.kex_algs,
                 encryption_algs=ssh.ciphers, mac_algs=ssh.macs, compression_algs=["none"],
                 login_timeout=ssh.login_grace_seconds, agent_forwarding=False,

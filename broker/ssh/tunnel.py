@@ -27,9 +27,9 @@ from asyncssh.channel import SSHChannel
 from broker.domain import forwarding as fwd
 from broker.domain import rdp
 from broker.domain.models import Grant, Instance, Principal
-from broker.errors import BrokerError
+from broker.errors import BrokerError, UpstreamError
 from broker.services.sessions import LiveSession, SessionRequest
-from broker.ssh import jump, memlink, wire
+from broker.ssh import jump, memlink, via_target, wire
 from broker.ssh.relay import RelayDeps
 
 log = structlog.get_logger("broker.tunnel")
@@ -173,12 +173,17 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
             if v.service == "ssh" and v.instance is not None:
                 # recorded ProxyJump: the inner SSH connection is served here, in memory
                 transport = self._serve_jump(v.instance)
+            elif v.service == "target-local" and v.instance is not None and v.grant is not None:
+                # inside a ProxyJump: the target's loopback, reached from the target itself
+                transport = await asyncio.wait_for(via_target.dial(
+                    self._deps, self._principal, v.instance, v.grant, v.dial_host, v.dial_port,
+                    _Target(self)), self._cfg.connect_timeout_seconds)
             else:
                 transport, _ = await asyncio.wait_for(
                     self._loop.create_connection(lambda: _Target(self), v.dial_host,
                                                  v.dial_port),
                     self._cfg.connect_timeout_seconds)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, asyncssh.Error, UpstreamError) as exc:
             self._audit("tunnel.failed", reason=f"connect {v.dial_host}:{v.dial_port}: {exc}")
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED,
                                             "destination unavailable") from None
@@ -203,8 +208,10 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         ours.set_protocol(_Target(self))
         names = list(dict.fromkeys([self._host, instance.id, instance.name]))
         try:
+            forward = functools.partial(open_from_target, self._deps, principal=self._principal,
+                                        peer=self._peer, instance=instance)
             self._inner = jump.start_inner(self._deps, self._principal, instance, self._peer,
-                                           names, inner)
+                                           names, inner, forward)
         except BrokerError:
             ours.abort()
             raise
@@ -522,16 +529,42 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
             log.error("tunnel.finish_failed", session_id=live.id, error=str(exc))
 
 
+ChannelAndOpener = tuple[asyncssh.SSHTCPChannel[bytes], Coroutine[Any, Any, "Tunnel"]]
+
+
 def open_tunnel(deps: RelayDeps, conn: asyncssh.SSHServerConnection, principal: Principal,
                 peer: str, host: str, port: int, own: frozenset[tuple[str, int]],
-                ) -> tuple[asyncssh.SSHTCPChannel[bytes], Coroutine[Any, Any, Tunnel]]:
+                ) -> ChannelAndOpener:
     """What ``connection_requested`` returns: a channel and the coroutine that decides/opens."""
+
+    async def verdict() -> fwd.Verdict:
+        return await decide(deps, principal, host, port, own)
+
+    return _channel(deps, conn, principal, peer, host, port, verdict)
+
+
+def open_from_target(deps: RelayDeps, conn: asyncssh.SSHServerConnection, principal: Principal,
+                     peer: str, instance: Instance, host: str, port: int) -> ChannelAndOpener:
+    """``connection_requested`` inside a recorded ProxyJump connection to ``instance``: only its
+    own loopback, with a fresh grant decision (``fwd.decide_target_local``)."""
+
+    async def verdict() -> fwd.Verdict:
+        result = await deps.access.decide(principal, instance.id)
+        return fwd.decide_target_local(host, port, result.instance or instance, result.decision,
+                                       enabled=deps.config.forwarding.target_loopback)
+
+    return _channel(deps, conn, principal, peer, host, port, verdict)
+
+
+def _channel(deps: RelayDeps, conn: asyncssh.SSHServerConnection, principal: Principal,
+             peer: str, host: str, port: int,
+             verdict: Callable[[], Coroutine[Any, Any, fwd.Verdict]]) -> ChannelAndOpener:
     chan = conn.create_tcp_channel(window=deps.config.ssh.window_bytes,
                                    max_pktsize=deps.config.ssh.max_packet_bytes)
 
     async def run() -> Tunnel:
         try:
-            return await _open(deps, principal, peer, host, port, own)
+            return await _open(deps, principal, peer, host, port, await verdict())
         except asyncssh.ChannelOpenError:
             raise
         except BrokerError as exc:  # e.g. the audit log cannot be written: refuse (fail closed)
@@ -549,9 +582,8 @@ def open_tunnel(deps: RelayDeps, conn: asyncssh.SSHServerConnection, principal: 
 
 
 async def _open(deps: RelayDeps, principal: Principal, peer: str, host: str, port: int,
-                own: frozenset[tuple[str, int]]) -> Tunnel:
-    """Decide, then dial: a refusal is audited and reaches the client with its reason."""
-    v = await decide(deps, principal, host, port, own)
+                v: fwd.Verdict) -> Tunnel:
+    """Dial what was decided: a refusal is audited and reaches the client with its reason."""
     if not v.allowed:
         deps.audit.emit("tunnel.denied", user=str(principal), peer=peer,
                         destination=f"{host}:{port}", reason=v.detail)

@@ -1,6 +1,7 @@
 """Recorded ProxyJump with the real OpenSSH client: ``ssh -J`` exec and shell, ``scp -J`` and
 ``sftp -J`` both ways (byte-identical), each recorded like a direct session; the broker's host
-certificate is accepted with the ``@cert-authority`` line and refused without it. Both the outer
+certificate is accepted with the ``@cert-authority`` line and refused without it; forwards inside
+the jump reach the target's own loopback only (VS Code Remote-SSH). Both the outer
 and the inner connection re-key every 256 KiB (``RekeyLimit``), so the copies cross many key
 changes on both."""
 
@@ -13,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from broker.demo import free_port
 from tests.conftest import Demo
-from tests.e2e.test_tunnel_lab import wait_for
+from tests.e2e.test_tunnel_lab import _recv_exact, port_of, socks5_connect, tcp_server, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -130,3 +132,67 @@ def _copy(demo: Demo, tmp_path: Path, user: str, cfg: Path, tool: str, src: Path
         batch.write_text(f"put {src} {remote}\nget {remote} {back}\nrm {remote}\n")
         down = _run(demo, user, ["sftp", "-F", str(cfg), "-b", str(batch), "web01"])
     assert down.returncode == 0, down.stderr.decode(errors="replace")
+
+
+def _jump_socks(demo: Demo, cfg: Path, user: str, tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """``ssh -N -D`` to web01 through the bastion: what VS Code Remote-SSH runs."""
+    lp = free_port()
+    log = tmp / f"socks-{user}.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            ["ssh", "-F", str(cfg), "-N", "-v", "-o", "ExitOnForwardFailure=yes",
+             "-D", f"127.0.0.1:{lp}", "web01"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=f, env=demo.env(user))
+    wait_for(lambda: "forwarding listening on 127.0.0.1 port" in log.read_text(errors="replace")
+             or proc.poll() is not None, "the SOCKS forwarder")
+    assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+    return proc, lp
+
+
+def test_forward_to_the_target_loopback_is_a_recorded_tunnel(demo: Demo, tmp_path: Path) -> None:
+    """``ssh -J -W`` and ``ssh -J -D`` (VS Code Remote-SSH) to a port on the target's own
+    loopback: opened from the target, byte-identical, recorded as tunnel sessions."""
+    user = demo.take_user()
+    cfg = _config(demo, tmp_path, user, trust=True)
+    payload = os.urandom(200_000)
+    with tcp_server("echo") as echo:
+        port = port_of(echo)
+        r = _run(demo, user, ["ssh", "-F", str(cfg), "-W", f"localhost:{port}", "web01"],
+                 stdin=payload)
+        assert r.returncode == 0, r.stderr.decode(errors="replace")
+        assert r.stdout == payload
+        proc, lp = _jump_socks(demo, cfg, user, tmp_path)
+        try:
+            with socks5_connect(lp, "127.0.0.1", port) as s:
+                assert s.recv(10)[:2] == b"\x05\x00"
+                s.sendall(b"vscode-server-hello")
+                assert _recv_exact(s, 19) == b"vscode-server-hello"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    wait_for(lambda: sum(1 for s in _sessions(demo, user)
+                         if s["kind"] == "tunnel" and s["ended_at"]) == 2, "two tunnel sessions")
+    tunnels = sorted((s for s in _sessions(demo, user) if s["kind"] == "tunnel"),
+                     key=lambda s: s["started_at"])
+    assert tunnels[0]["command"] == (f"forward localhost:{port} -> i-0web01 (from the target) "
+                                     f"localhost:{port}")
+    assert tunnels[0]["bytes_in"] == tunnels[0]["bytes_out"] == len(payload)
+    assert tunnels[1]["command"].startswith(f"forward 127.0.0.1:{port} -> i-0web01 (from")
+    assert tunnels[1]["bytes_in"] == tunnels[1]["bytes_out"] == 19
+    assert all(t["target"] == "i-0web01" for t in tunnels)
+
+
+def test_forward_from_the_target_elsewhere_is_refused(demo: Demo, tmp_path: Path) -> None:
+    """No pivoting: from inside a jump to web01, neither another instance (db01 is granted to
+    nobody here, web01's own name is not its loopback) nor any other address is reachable."""
+    user = demo.take_user()
+    cfg = _config(demo, tmp_path, user, trust=True)
+    for dest in ("10.255.255.1:80", "db01:22", "web01:22", "169.254.169.254:80"):
+        r = _run(demo, user, ["ssh", "-F", str(cfg), "-W", dest, "web01"])
+        assert r.returncode == 255, (dest, r.stdout)
+        assert b"only the target's own loopback" in r.stderr, (dest, r.stderr)
+    denied = [e for e in demo.audit_lines()
+              if e.get("event") == "tunnel.denied" and e.get("user", "").startswith(user + "@")]
+    assert len(denied) == 4
+    assert all("is not the target's loopback" in e["reason"] for e in denied)
+    assert not [s for s in _sessions(demo, user) if s["kind"] == "tunnel"]

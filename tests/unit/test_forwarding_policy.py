@@ -133,3 +133,30 @@ def test_summary() -> None:
     v = by_name(WIN_LAB)
     assert fwd.summary("winlab", 3389, v) == "forward winlab:3389 -> i-0winlab 127.0.0.1:33389"
     assert fwd.summary("x", 1, fwd.Verdict(False, "r", "r")) == "forward x:1"
+
+
+@pytest.mark.parametrize(("host", "dial"), [
+    ("localhost", "localhost"), ("LOCALHOST", "localhost"), ("127.0.0.1", "127.0.0.1"),
+    ("127.3.4.5", "127.3.4.5"), ("::1", "::1"), ("[::1]", "::1")])
+def test_inside_a_jump_the_target_loopback_is_allowed(host: str, dial: str) -> None:
+    v = fwd.decide_target_local(host, 8080, LINUX, OK, enabled=True)
+    assert v.allowed
+    assert (v.dial_host, v.dial_port, v.service, v.instance, v.grant) == (
+        dial, 8080, "target-local", LINUX, GRANT)
+    assert fwd.summary(host, 8080, v) == f"forward {host}:8080 -> i-0lin (from the target) {dial}:8080"
+
+
+@pytest.mark.parametrize("host", ["10.0.0.5", "lin01", "i-0oth", "169.254.169.254", "0.0.0.0",  # noqa: S104
+                                  "localhost.evil.example", "::ffff:10.0.0.7", ""])
+def test_inside_a_jump_nothing_else_is_reachable(host: str) -> None:
+    v = fwd.decide_target_local(host, 22, LINUX, OK, enabled=True)
+    assert not v.allowed
+    assert v.reason == fwd.TARGET_LOCAL_ONLY
+
+
+def test_inside_a_jump_the_grant_and_the_switch_still_decide() -> None:
+    assert fwd.decide_target_local("localhost", 80, LINUX, NO, enabled=True).reason == fwd.NO_GRANT
+    off = fwd.decide_target_local("localhost", 80, LINUX, OK, enabled=False)
+    assert not off.allowed
+    assert "disabled" in off.reason
+    assert not fwd.decide_target_local("localhost", 0, LINUX, OK, enabled=True).allowed
