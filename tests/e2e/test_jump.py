@@ -8,6 +8,7 @@ changes on both."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,14 @@ import pytest
 
 from broker.demo import free_port
 from tests.conftest import Demo
-from tests.e2e.test_tunnel_lab import _recv_exact, port_of, socks5_connect, tcp_server, wait_for
+from tests.e2e.test_tunnel_lab import (
+    _recv_exact,
+    closed_by_peer,
+    port_of,
+    socks5_connect,
+    tcp_server,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -134,24 +142,18 @@ def _copy(demo: Demo, tmp_path: Path, user: str, cfg: Path, tool: str, src: Path
     assert down.returncode == 0, down.stderr.decode(errors="replace")
 
 
-def _jump_socks(demo: Demo, cfg: Path, user: str, tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """``ssh -N -D`` to web01 through the bastion: what VS Code Remote-SSH runs."""
-    lp = free_port()
-    log = tmp / f"socks-{user}.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            ["ssh", "-F", str(cfg), "-N", "-v", "-o", "ExitOnForwardFailure=yes",
-             "-D", f"127.0.0.1:{lp}", "web01"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=f, env=demo.env(user))
-    wait_for(lambda: "forwarding listening on 127.0.0.1 port" in log.read_text(errors="replace")
-             or proc.poll() is not None, "the SOCKS forwarder")
-    assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-    return proc, lp
+# What VS Code Remote-SSH pipes into ``ssh -T -D PORT host bash``: start its server on the
+# target's loopback and print the port; VS Code then connects through the SOCKS forward.
+_SERVER = (b"exec python3 -c 'import socket\n"
+           b"s = socket.create_server((\"127.0.0.1\", 0))\n"
+           b"print(\"listeningOn==%d==\" % s.getsockname()[1], flush=True)\n"
+           b"c, _ = s.accept()\nc.sendall(c.recv(64).upper())\nc.close()'\n")
 
 
 def test_forward_to_the_target_loopback_is_a_recorded_tunnel(demo: Demo, tmp_path: Path) -> None:
-    """``ssh -J -W`` and ``ssh -J -D`` (VS Code Remote-SSH) to a port on the target's own
-    loopback: opened from the target, byte-identical, recorded as tunnel sessions."""
+    """``ssh -J -W`` and VS Code Remote-SSH's way (``ssh -T -D PORT web01 bash``, its server
+    started on the target's loopback, reached through SOCKS) to the target's own loopback:
+    opened from the target, byte-identical, each recorded as a tunnel session."""
     user = demo.take_user()
     cfg = _config(demo, tmp_path, user, trust=True)
     payload = os.urandom(200_000)
@@ -159,40 +161,78 @@ def test_forward_to_the_target_loopback_is_a_recorded_tunnel(demo: Demo, tmp_pat
         port = port_of(echo)
         r = _run(demo, user, ["ssh", "-F", str(cfg), "-W", f"localhost:{port}", "web01"],
                  stdin=payload)
-        assert r.returncode == 0, r.stderr.decode(errors="replace")
-        assert r.stdout == payload
-        proc, lp = _jump_socks(demo, cfg, user, tmp_path)
-        try:
-            with socks5_connect(lp, "127.0.0.1", port) as s:
-                assert s.recv(10)[:2] == b"\x05\x00"
-                s.sendall(b"vscode-server-hello")
-                assert _recv_exact(s, 19) == b"vscode-server-hello"
-        finally:
-            proc.terminate()
-            proc.wait(10)
-    wait_for(lambda: sum(1 for s in _sessions(demo, user)
-                         if s["kind"] == "tunnel" and s["ended_at"]) == 2, "two tunnel sessions")
-    tunnels = sorted((s for s in _sessions(demo, user) if s["kind"] == "tunnel"),
-                     key=lambda s: s["started_at"])
-    assert tunnels[0]["command"] == (f"forward localhost:{port} -> i-0web01 (from the target) "
-                                     f"localhost:{port}")
-    assert tunnels[0]["bytes_in"] == tunnels[0]["bytes_out"] == len(payload)
-    assert tunnels[1]["command"].startswith(f"forward 127.0.0.1:{port} -> i-0web01 (from")
-    assert tunnels[1]["bytes_in"] == tunnels[1]["bytes_out"] == 19
-    assert all(t["target"] == "i-0web01" for t in tunnels)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    assert r.stdout == payload
+    lp = free_port()
+    vs_user = demo.take_user()  # a second login of one user would wait for the next TOTP step
+    vs_cfg = _config(demo, tmp_path, vs_user, trust=True)
+    vscode = subprocess.Popen(["ssh", "-F", str(vs_cfg), "-T", "-D", f"127.0.0.1:{lp}", "web01",
+                               "bash"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=demo.env(vs_user))
+    try:
+        assert vscode.stdin is not None and vscode.stdout is not None
+        vscode.stdin.write(_SERVER)
+        vscode.stdin.close()
+        line = vscode.stdout.readline().decode()
+        assert line.startswith("listeningOn=="), line
+        server_port = int(line.split("==")[1])
+        with socks5_connect(lp, "127.0.0.1", server_port) as s:
+            assert s.recv(10)[:2] == b"\x05\x00"
+            s.sendall(b"vscode")
+            assert _recv_exact(s, 6) == b"VSCODE"
+        assert vscode.wait(30) == 0
+    finally:
+        if vscode.poll() is None:
+            vscode.kill()
+            vscode.wait()
+    def tunnels() -> list[dict[str, Any]]:
+        return sorted((s for u in (user, vs_user) for s in _sessions(demo, u)
+                       if s["kind"] == "tunnel" and s["ended_at"]), key=lambda s: s["started_at"])
+
+    wait_for(lambda: len(tunnels()) == 2, "two tunnel sessions")
+    w, vs = tunnels()
+    assert w["command"] == f"forward localhost:{port} -> i-0web01 (from the target) localhost:{port}"
+    assert w["bytes_in"] == w["bytes_out"] == len(payload)
+    assert w["user"].startswith(user + "@")
+    assert vs["command"] == (f"forward 127.0.0.1:{server_port} -> i-0web01 (from the target) "
+                             f"127.0.0.1:{server_port}")
+    assert vs["bytes_in"] == vs["bytes_out"] == 6
+    assert w["target"] == vs["target"] == "i-0web01"
+    # the script VS Code sent is in the recording of the exec session that ran it
+    wait_for(lambda: any(s["kind"] == "exec" and s["ended_at"] for s in _sessions(demo, vs_user)),
+             "the recorded exec session")
+    ex = next(s for s in _sessions(demo, vs_user) if s["kind"] == "exec")
+    with open(ex["recording"], "rb") as f:
+        assert b"listeningOn" in f.read()
 
 
 def test_forward_from_the_target_elsewhere_is_refused(demo: Demo, tmp_path: Path) -> None:
-    """No pivoting: from inside a jump to web01, neither another instance (db01 is granted to
-    nobody here, web01's own name is not its loopback) nor any other address is reachable."""
+    """No pivoting: from inside a jump to web01, neither another instance nor web01's own name
+    (not its loopback) nor any other address is reachable; each refusal says why."""
     user = demo.take_user()
     cfg = _config(demo, tmp_path, user, trust=True)
-    for dest in ("10.255.255.1:80", "db01:22", "web01:22", "169.254.169.254:80"):
-        r = _run(demo, user, ["ssh", "-F", str(cfg), "-W", dest, "web01"])
-        assert r.returncode == 255, (dest, r.stdout)
-        assert b"only the target's own loopback" in r.stderr, (dest, r.stderr)
+    dests = ["10.255.255.1:80", "db01:22", "web01:22", "169.254.169.254:80"]
+    ports = [free_port() for _ in dests]
+    log = tmp_path / "refused.log"
+    with open(log, "wb") as f:  # one login, one -L per destination
+        fw = subprocess.Popen(
+            ["ssh", "-F", str(cfg), "-N", "-v",
+             *[a for lp, d in zip(ports, dests, strict=True) for a in ("-L", f"127.0.0.1:{lp}:{d}")],
+             "web01"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=f,
+            env=demo.env(user))
+    try:
+        wait_for(lambda: log.read_text(errors="replace").count("forwarding listening on 127.0.0.1")
+                 == len(dests) or fw.poll() is not None, "the forwards")
+        for lp in ports:
+            with socket.create_connection(("127.0.0.1", lp), timeout=20) as s:
+                assert closed_by_peer(s)
+        wait_for(lambda: log.read_text(errors="replace").count(
+            "only the target's own loopback") == len(dests), "the refusals with their reason")
+    finally:
+        fw.terminate()
+        fw.wait(10)
     denied = [e for e in demo.audit_lines()
               if e.get("event") == "tunnel.denied" and e.get("user", "").startswith(user + "@")]
-    assert len(denied) == 4
+    assert sorted(e["destination"] for e in denied) == sorted(dests)
     assert all("is not the target's loopback" in e["reason"] for e in denied)
     assert not [s for s in _sessions(demo, user) if s["kind"] == "tunnel"]
