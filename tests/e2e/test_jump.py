@@ -1,9 +1,9 @@
-"""Recorded ProxyJump with the real OpenSSH client: ``ssh -J`` exec and shell, ``scp -J`` and
-``sftp -J`` both ways (byte-identical), each recorded like a direct session; the broker's host
-certificate is accepted with the ``@cert-authority`` line and refused without it; forwards inside
-the jump reach the target's own loopback only (VS Code Remote-SSH). Both the outer
-and the inner connection re-key every 256 KiB (``RekeyLimit``), so the copies cross many key
-changes on both."""
+"""Recorded ProxyJump with the real OpenSSH client: ``ssh -J`` exec and shell, ``scp -J``,
+``sftp -J`` and ``rsync`` both ways (byte-identical), each recorded like a direct session; the
+broker's host certificate is accepted with the ``@cert-authority`` line and refused without it;
+forwards inside the jump reach the target's own loopback only (VS Code Remote-SSH). Both the
+outer and the inner connection re-key every 256 KiB (``RekeyLimit``), so the copies cross many
+key changes on both."""
 
 from __future__ import annotations
 
@@ -140,6 +140,42 @@ def _copy(demo: Demo, tmp_path: Path, user: str, cfg: Path, tool: str, src: Path
         batch.write_text(f"put {src} {remote}\nget {remote} {back}\nrm {remote}\n")
         down = _run(demo, user, ["sftp", "-F", str(cfg), "-b", str(batch), "web01"])
     assert down.returncode == 0, down.stderr.decode(errors="replace")
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_rsync_over_the_jump_both_ways(demo: Demo, tmp_path: Path) -> None:
+    """``rsync -e ssh`` through the recorded jump: a tree up and back, identical; each run is
+    the recorded exec of ``rsync --server`` on the target."""
+    src = tmp_path / "tree"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    (src / "a.bin").write_bytes(os.urandom(1_500_000))
+    (src / "sub" / "b.txt").write_text("hello rsync\n" * 1000)
+    (src / "sub" / "deeper" / "empty").write_bytes(b"")
+    users = [demo.take_user(), demo.take_user()]  # one login each: a fresh TOTP code
+    remote = f"/tmp/bb-jump-rsync-{users[0]}"
+    back = tmp_path / "back"
+    try:
+        for user, (frm, to) in zip(users, [(f"{src}/", f"web01:{remote}/"),
+                                           (f"web01:{remote}/", f"{back}/")], strict=True):
+            cfg = _config(demo, tmp_path, user, trust=True)
+            r = _run(demo, user, ["rsync", "-a", "-e", f"ssh -F {cfg}", frm, to])
+            assert r.returncode == 0, r.stderr.decode(errors="replace")
+    finally:
+        subprocess.run(["rm", "-rf", remote], check=False)  # the demo targets run here
+    assert _tree(back) == _tree(src)
+    for user in users:
+        wait_for(lambda u=user: any(s["kind"] == "exec" and s["ended_at"]
+                                    for s in _sessions(demo, u)), "the recorded rsync")
+        [ex] = [s for s in _sessions(demo, user) if s["kind"] == "exec"]
+        assert ex["command"].startswith("rsync --server")
+        assert ex["exit_status"] == "0"
+        assert ex["target"] == "i-0web01"
+    up = next(s for s in _sessions(demo, users[0]) if s["kind"] == "exec")
+    assert up["bytes_in"] > 1_500_000  # the file went through the recorded session
 
 
 # What VS Code Remote-SSH pipes into ``ssh -T -D PORT host bash``: start its server on the
