@@ -11,7 +11,10 @@ medians of the rounds and their ratio are printed and written to their own secti
 Then ``scp -J`` of JUMP_SIZE up and down to the demo's ``web01`` sshd, (a) through the OpenSSH
 bastion (a client certificate from the demo's user CA, signed for the run) and (b) through the
 broker's recorded ProxyJump (a new broker login per copy, one demo user each: TOTP codes are
-single use). Recordings are deleted after each copy to keep the disk free.
+single use) and (c) through the broker with the raw, unrecorded channel that ``raw_ssh_targets``
+allows (the same sshd under a second inventory name, ``web01-raw``; the inner connection then
+ends at the target, authenticated with the same client certificate as (a)). Recordings are
+deleted after each copy to keep the disk free.
 
 Usage (repository root, as root: the demo creates its target accounts)::
 
@@ -195,6 +198,10 @@ def broker_forward(work: Path, procs: Procs, sink: int) -> tuple[int, int, dict[
     inv.write_text((state / "inventory.toml").read_text() +
                    '\n[[stacks]]\nid = "stack-web"\nvpc = "vpc-0demo"\n[[stacks.instances]]\n'
                    'id = "i-0sink"\nname = "sink"\naddress = "127.0.0.1"\nport = 22\n'
+                   'os = "linux"\n'
+                   # web01 again under a name whose ProxyJump is the raw channel (column c)
+                   '[[stacks.instances]]\nid = "i-0web01raw"\nname = "web01-raw"\n'
+                   f'address = "127.0.0.1"\nport = {info["target_ports"]["web01"]}\n'
                    'os = "linux"\n')
     cfg = work / "broker.toml"
     cfg.write_text(
@@ -204,7 +211,7 @@ def broker_forward(work: Path, procs: Procs, sink: int) -> tuple[int, int, dict[
         f'[identity]\nusers_file = "{state / "users.toml"}"\n'
         f'default_domain = "{info["domain"]}"\n[inventory]\nfile = "{inv}"\n'
         "[limits]\npenalty_exempt = ['127.0.0.0/8']\n[web]\nenabled = false\n"
-        f"[forwarding]\nports = {{ linux = [22, {sink}] }}\n")
+        f"[forwarding]\nports = {{ linux = [22, {sink}] }}\nraw_ssh_targets = ['web01-raw']\n")
     broker = procs.start([str(BIN), "--config", str(cfg), "serve"], work / "broker.log")
     text = wait_text(work / "broker.log", '"broker.listening"', broker)
     port = next(json.loads(x)["port"] for x in text.splitlines() if '"broker.listening"' in x)
@@ -246,7 +253,10 @@ def jump_configs(work: Path, broker_port: int, bastion_port: int, info: dict[str
     broker.write_text(
         f"Host bbastion\n  HostName 127.0.0.1\n  Port {broker_port}\n  User @@USER@@\n"
         f"  PreferredAuthentications keyboard-interactive\n  BatchMode no\n{common}"
-        f"Host web01\n  ProxyJump bbastion\n  User ec2-user\n{common}")
+        f"Host web01\n  ProxyJump bbastion\n  User ec2-user\n{common}"
+        f"Host web01raw\n  HostName web01-raw\n  ProxyJump bbastion\n"
+        f"  User {info['read_only_login']}\n  IdentityFile {d / 'client'}\n"
+        f"  CertificateFile {d / 'client-cert.pub'}\n{common}")
     return openssh, broker
 
 
@@ -270,9 +280,9 @@ class JumpLogins:
 
 
 def scp_jump(config: Path, direction: str, local: Path, remote: str,
-             env: dict[str, str] | None) -> float:
+             env: dict[str, str] | None, host: str = "web01") -> float:
     """Seconds for one scp (SFTP protocol) through the ProxyJump in ``config``."""
-    src, dst = (str(local), f"web01:{remote}") if direction == "U" else (f"web01:{remote}",
+    src, dst = (str(local), f"{host}:{remote}") if direction == "U" else (f"{host}:{remote}",
                                                                           "/dev/null")
     t0 = time.perf_counter()
     r = subprocess.run(["scp", "-q", "-F", str(config), src, dst], capture_output=True,
@@ -285,7 +295,8 @@ def scp_jump(config: Path, direction: str, local: Path, remote: str,
 
 def jump_bench(work: Path, args: argparse.Namespace, broker_port: int, bastion_port: int,
                info: dict[str, Any], jump: dict[str, dict[str, list[float]]]) -> None:
-    """scp -J up and down: OpenSSH bastion vs the broker's recorded ProxyJump, alternating."""
+    """scp -J up and down: OpenSSH bastion, the broker's recorded ProxyJump and its raw
+    channel, the order of the paths rotating from round to round."""
     os_cfg, bb_cfg = jump_configs(work, broker_port, bastion_port, info)
     logins = JumpLogins(work, info, bb_cfg)
     local = work / "jump.bin"
@@ -294,12 +305,13 @@ def jump_bench(work: Path, args: argparse.Namespace, broker_port: int, bastion_p
     remote = f"/tmp/bb-forward-bench-{os.getpid()}.bin"
     recordings = work / "demo" / "recordings"
     try:
+        paths = list(jump)
         for r in range(args.rounds):
-            order = ("openssh", "broker") if r % 2 == 0 else ("broker", "openssh")
-            for p in order:
+            for p in paths[r % len(paths):] + paths[:r % len(paths)]:
                 for d in ("U", "D"):
                     cfg, env = (os_cfg, None) if p == "openssh" else logins.next()
-                    secs = scp_jump(cfg, d, local, remote, env)
+                    host = "web01raw" if p == "raw" else "web01"
+                    secs = scp_jump(cfg, d, local, remote, env, host)
                     jump[p][d].append(secs)
                     log(f"round {r + 1} scp -J {p:8} {'down' if d == 'D' else 'up':4} "
                         f"{args.jump_size / secs / 1e6:8.1f} MB/s")
@@ -317,14 +329,22 @@ def jump_section(args: argparse.Namespace, jump: dict[str, dict[str, list[float]
     for d, name in (("U", "up (scp file -> target)"), ("D", "down (target -> client)")):
         ratio = mbps["broker"][d] / mbps["openssh"][d]
         rows.append(f"| {name} | {mbps['openssh'][d]:.0f} MB/s | {mbps['broker'][d]:.0f} MB/s "
-                    f"| {ratio:.2f}x | {'met' if ratio >= 0.75 else 'missed'} |")
+                    f"| {ratio:.2f}x | {'met' if ratio >= 0.75 else 'missed'} "
+                    f"| {mbps['raw'][d]:.0f} MB/s ({mbps['raw'][d] / mbps['openssh'][d]:.2f}x) |")
     size = (f"{args.jump_size >> 30} GiB" if args.jump_size % (1 << 30) == 0
             else f"{args.jump_size >> 20} MiB")
     return (f"`scp -J` of {size} (SFTP protocol, a new login per copy) to the demo's `web01` "
             "sshd, through an OpenSSH sshd bastion (raw channel) and through the broker's "
-            "recorded ProxyJump (inner connection terminated, sftp recorded and audited):\n\n"
-            "| direction | (a) OpenSSH bastion | (b) broker, recorded | ratio | goal >= 0.75x |\n"
-            "|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n")
+            "recorded ProxyJump (inner connection terminated, sftp recorded and audited), and "
+            "through the broker's raw channel (`raw_ssh_targets`: unrecorded, as OpenSSH does it), "
+            f"median of {args.rounds} rounds:\n\n"
+            "| direction | (a) OpenSSH bastion | (b) broker, recorded | ratio b/a | goal >= 0.75x "
+            "| (c) broker, raw channel (c/a) |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+            "Rounds (MB/s, up/down): " + "; ".join(
+                f"{p} " + ", ".join(f"{args.jump_size / u / 1e6:.0f}/{args.jump_size / d / 1e6:.0f}"
+                                    for u, d in zip(jump[p]["U"], jump[p]["D"], strict=True))
+                for p in jump) + ".\n\n")
 
 
 def write_docs(section: str) -> None:
@@ -361,7 +381,7 @@ def main() -> int:
     results: dict[str, dict[str, list[float]]] = {
         p: {"D": [], "U": []} for p in ("openssh", "broker")}
     jump: dict[str, dict[str, list[float]]] = {
-        p: {"D": [], "U": []} for p in ("openssh", "broker")}
+        p: {"D": [], "U": []} for p in ("openssh", "broker", "raw")}
     with tempfile.TemporaryDirectory(prefix="bb-forward-") as tmp:
         try:
             work = Path(tmp)
