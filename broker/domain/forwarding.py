@@ -159,17 +159,27 @@ def decide(
 
 TARGET_LOCAL_ONLY = ("only the target's own loopback can be forwarded to from a ProxyJump "
                      "connection; other hosts need their own grant")
+TARGET_SSH_PORT = ("the target's SSH port is reached through the recorded jump, not through a "
+                   "forward")
 LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+def names_loopback(host: str) -> bool:
+    """``localhost`` (and its usual aliases) or a loopback address literal."""
+    ip = ip_of(host)
+    return host.casefold() in LOCAL_NAMES or (ip is not None and ip.is_loopback)
 
 
 def decide_target_local(host: str, port: int, inst: Instance, decision: Decision, *,
                         enabled: bool) -> Verdict:
-    """Decide a direct-tcpip request made inside a recorded ProxyJump connection to ``inst``.
+    """Decide a direct-tcpip request made inside a recorded ProxyJump connection to ``inst``
+    (or on a connection logged in as ``user+inst``).
 
     There, ``localhost`` means the target (what ``ssh -L 8080:localhost:8080 target`` and VS
     Code Remote-SSH's SOCKS proxy ask for): the broker opens the channel *from the target*, over
     its own connection to the target's sshd. Only the target's loopback is allowed, so a grant
-    for one instance never reaches another host through it (no pivoting)."""
+    for one instance never reaches another host through it (no pivoting), and not its SSH port
+    (a nested SSH session in a forward would not be recorded)."""
     if not enabled:
         return _deny("forwarding from the target is disabled on this bastion",
                      f"{inst.id}: target_loopback is off", inst)
@@ -177,10 +187,15 @@ def decide_target_local(host: str, port: int, inst: Instance, decision: Decision
         return _deny(NO_GRANT, f"{inst.id}: {decision.reason}", inst)
     if not 1 <= port <= 65535:
         return _deny("not a valid destination port", inst=inst)
-    ip = ip_of(host)
-    if not (host.casefold() in LOCAL_NAMES or (ip is not None and ip.is_loopback)):
+    if inst.os != "linux":
+        return _deny("forwarding from the target needs an SSH (Linux) target", inst=inst)
+    if not names_loopback(host):
         return _deny(TARGET_LOCAL_ONLY, f"{inst.id}: {host}:{port} is not the target's loopback",
                      inst)
+    if port in (SSH_PORT, inst.port):
+        # a nested SSH connection through a forward would be a session nobody records
+        return _deny(TARGET_SSH_PORT, f"{inst.id}: {host}:{port} is its SSH port", inst)
+    ip = ip_of(host)
     dial = str(ip) if ip is not None else "localhost"
     return Verdict(True, "granted", "granted", inst, decision.grant, dial, port, "target-local")
 

@@ -18,6 +18,7 @@ from asyncssh.auth import KbdIntChallenge, KbdIntResponse
 from asyncssh.public_key import decode_ssh_public_key
 
 from broker.config import LimitsSettings
+from broker.domain import forwarding as fwd
 from broker.domain.models import Instance, Principal
 from broker.domain.ratelimit import SourceGuard
 from broker.domain.selector import Selector, SelectorError, parse_selector
@@ -25,7 +26,7 @@ from broker.ports import KeyStore
 from broker.services.auth import Authenticator
 from broker.ssh.menu import MenuSession
 from broker.ssh.relay import ClientSession, RelayDeps
-from broker.ssh.tunnel import open_tunnel
+from broker.ssh.tunnel import open_from_target, open_tunnel
 
 log = structlog.get_logger("broker.ssh")
 
@@ -232,11 +233,16 @@ class BrokerConnection(asyncssh.SSHServer):
 
 
     # -- forwarding: ssh -L / -D are policy-checked tunnels; -R and streamlocal are refused ----
+    # (after a ``user+target`` login, -L/-D to localhost go to the target's own loopback)
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> tuple[asyncssh.SSHTCPChannel[bytes], Any]:
         if self._conn is None or self._principal is None:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             "not authenticated")
+        if self._instance is not None and fwd.names_loopback(dest_host):
+            # logged in as alice+web01: "localhost" is web01's, as with ssh straight to web01
+            return open_from_target(self._deps, self._conn, self._principal, self._peer,
+                                    self._instance, dest_host, dest_port)
         return open_tunnel(self._deps, self._conn, self._principal, self._peer, dest_host,
                            dest_port, self._own)
 

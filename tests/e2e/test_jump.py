@@ -242,12 +242,38 @@ def test_forward_to_the_target_loopback_is_a_recorded_tunnel(demo: Demo, tmp_pat
         assert b"listeningOn" in f.read()
 
 
+def test_forward_after_a_target_login_starts_from_the_target(demo: Demo) -> None:
+    """Logged in as ``user+web01`` (no jump), ``localhost`` is web01's too, as with ssh straight
+    to web01; with the menu login (no target) it stays the bastion's own, refused."""
+    user = demo.take_user()
+    payload = os.urandom(50_000)
+    with tcp_server("echo") as echo:
+        port = port_of(echo)
+        r = subprocess.run(demo.ssh_args(f"{user}+web01", "-W", f"localhost:{port}"),
+                           input=payload, capture_output=True, timeout=60, env=demo.env(user))
+        assert r.returncode == 0, r.stderr.decode(errors="replace")
+        assert r.stdout == payload
+        menu = demo.take_user()
+        r = subprocess.run(demo.ssh_args(menu, "-W", f"localhost:{port}"), capture_output=True,
+                           timeout=60, env=demo.env(menu), stdin=subprocess.DEVNULL)
+        assert r.returncode == 255
+        assert b"the bastion itself is not a forwarding destination" in r.stderr
+    wait_for(lambda: any(s["kind"] == "tunnel" and s["ended_at"] for s in _sessions(demo, user)),
+             "the tunnel session")
+    [t] = [s for s in _sessions(demo, user) if s["kind"] == "tunnel"]
+    assert t["command"] == f"forward localhost:{port} -> i-0web01 (from the target) localhost:{port}"
+    assert t["bytes_in"] == t["bytes_out"] == len(payload)
+
+
 def test_forward_from_the_target_elsewhere_is_refused(demo: Demo, tmp_path: Path) -> None:
     """No pivoting: from inside a jump to web01, neither another instance nor web01's own name
-    (not its loopback) nor any other address is reachable; each refusal says why."""
+    (not its loopback) nor any other address is reachable, nor web01's own SSH port (a nested
+    SSH session would go unrecorded); each refusal says why."""
     user = demo.take_user()
     cfg = _config(demo, tmp_path, user, trust=True)
-    dests = ["10.255.255.1:80", "db01:22", "web01:22", "169.254.169.254:80"]
+    web01 = demo.info["target_ports"]["web01"]
+    dests = ["10.255.255.1:80", "db01:22", "web01:22", "169.254.169.254:80",
+             f"localhost:{web01}", "127.0.0.1:22"]
     ports = [free_port() for _ in dests]
     log = tmp_path / "refused.log"
     with open(log, "wb") as f:  # one login, one -L per destination
@@ -262,13 +288,17 @@ def test_forward_from_the_target_elsewhere_is_refused(demo: Demo, tmp_path: Path
         for lp in ports:
             with socket.create_connection(("127.0.0.1", lp), timeout=20) as s:
                 assert closed_by_peer(s)
-        wait_for(lambda: log.read_text(errors="replace").count(
-            "only the target's own loopback") == len(dests), "the refusals with their reason")
+        wait_for(lambda: log.read_text(errors="replace").count("open failed") == len(dests),
+                 "the refusals")
+        text = log.read_text(errors="replace")
+        assert text.count("only the target's own loopback") == 4
+        assert text.count("the target's SSH port is reached through the recorded jump") == 2
     finally:
         fw.terminate()
         fw.wait(10)
     denied = [e for e in demo.audit_lines()
               if e.get("event") == "tunnel.denied" and e.get("user", "").startswith(user + "@")]
     assert sorted(e["destination"] for e in denied) == sorted(dests)
-    assert all("is not the target's loopback" in e["reason"] for e in denied)
+    assert sum("is not the target's loopback" in e["reason"] for e in denied) == 4
+    assert sum("is its SSH port" in e["reason"] for e in denied) == 2
     assert not [s for s in _sessions(demo, user) if s["kind"] == "tunnel"]

@@ -160,3 +160,17 @@ def test_inside_a_jump_the_grant_and_the_switch_still_decide() -> None:
     assert not off.allowed
     assert "disabled" in off.reason
     assert not fwd.decide_target_local("localhost", 0, LINUX, OK, enabled=True).allowed
+
+
+@pytest.mark.parametrize("port", [22, 2222])
+def test_inside_a_jump_the_target_ssh_port_is_refused(port: int) -> None:
+    inst = Instance("i-0lab", "lab01", "stack-a", "vpc-1", "127.0.0.1", 2222, "linux")
+    v = fwd.decide_target_local("localhost", port, inst, OK, enabled=True)
+    assert not v.allowed
+    assert v.reason == fwd.TARGET_SSH_PORT
+
+
+def test_inside_a_jump_a_windows_target_has_no_ssh_to_forward_from() -> None:
+    v = fwd.decide_target_local("localhost", 8080, WIN, OK, enabled=True)
+    assert not v.allowed
+    assert "Linux" in v.reason
