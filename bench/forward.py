@@ -322,6 +322,15 @@ def jump_bench(work: Path, args: argparse.Namespace, broker_port: int, bastion_p
         Path(remote).unlink(missing_ok=True)
 
 
+def rounds(size: int, secs: dict[str, dict[str, list[float]]], order: str) -> str:
+    """Each path's rate per round, as 'Rounds (MB/s, down/up): openssh 600/500, ...; broker ...'."""
+    names = "/".join("down" if d == "D" else "up" for d in order)
+    return f"Rounds (MB/s, {names}): " + "; ".join(
+        f"{p} " + ", ".join("/".join(f"{size / s / 1e6:.0f}" for s in pair)
+                            for pair in zip(*(dirs[d] for d in order), strict=True))
+        for p, dirs in secs.items()) + ".\n\n"
+
+
 def jump_section(args: argparse.Namespace, jump: dict[str, dict[str, list[float]]]) -> str:
     mbps = {p: {d: args.jump_size / statistics.median(v) / 1e6 for d, v in dirs.items()}
             for p, dirs in jump.items()}
@@ -341,10 +350,7 @@ def jump_section(args: argparse.Namespace, jump: dict[str, dict[str, list[float]
             "| direction | (a) OpenSSH bastion | (b) broker, recorded | ratio b/a | goal >= 0.75x "
             "| (c) broker, raw channel (c/a) |\n"
             "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
-            "Rounds (MB/s, up/down): " + "; ".join(
-                f"{p} " + ", ".join(f"{args.jump_size / u / 1e6:.0f}/{args.jump_size / d / 1e6:.0f}"
-                                    for u, d in zip(jump[p]["U"], jump[p]["D"], strict=True))
-                for p in jump) + ".\n\n")
+            + rounds(args.jump_size, jump, "UD"))
 
 
 def write_docs(section: str) -> None:
@@ -421,10 +427,7 @@ def main() -> int:
         "Command: `.venv/bin/python bench/forward.py`\n\n"
         "| direction | (a) OpenSSH sshd bastion | (b) broker | ratio | goal >= 0.8x |\n"
         "|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
-        "Rounds (MB/s, down/up): " + "; ".join(
-            f"{p} " + ", ".join(f"{args.size / d / 1e6:.0f}/{args.size / u / 1e6:.0f}"
-                                for d, u in zip(results[p]["D"], results[p]["U"], strict=True))
-            for p in ("openssh", "broker")) + ".\n\n")
+        + rounds(args.size, results, "DU"))
     if args.jump_size:
         section += jump_section(args, jump)
     print(section)

@@ -29,7 +29,6 @@ class ChannelTransport(asyncio.Transport):
         super().__init__({"peername": None, "socket": None})
         self._conn = conn
         self._chan: asyncssh.SSHTCPChannel[bytes] | None = None
-        self._proto: asyncio.Protocol | None = None
 
     def attach(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self._chan = chan
@@ -65,15 +64,7 @@ class ChannelTransport(asyncio.Transport):
     def is_reading(self) -> bool:
         return self._chan is not None and not self._chan.is_closing()
 
-    # -- protocol, closing ----------------------------------------------------------------
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._proto = protocol  # type: ignore[assignment]
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        if self._proto is None:
-            raise RuntimeError("no protocol set")
-        return self._proto
-
+    # -- closing (the protocol is fixed: the channel's session feeds it) ---------------------
     def is_closing(self) -> bool:
         return self._chan is None or self._chan.is_closing()
 
@@ -128,7 +119,6 @@ async def dial(deps: RelayDeps, principal: Principal, instance: Instance, grant:
         not_after=grant.expires_at, permit_pty=False, permit_port_forwarding=True)
     conn = await upstream.connect(instance, login, key, cert, deps.config.upstream)
     transport = ChannelTransport(conn)
-    transport.set_protocol(proto)
     try:
         await conn.create_connection(
             lambda: _Channel(transport, proto), host, port,
