@@ -107,6 +107,27 @@ class JumpServer(asyncssh.SSHServer):
             return False
         return self._forward(self._conn, host=dest_host, port=dest_port)
 
+    # -R and UNIX sockets stay refused inside the jump too, and each refusal is audited
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        self._refused("remote", f"{listen_host}:{listen_port}",
+                      "remote forwarding (-R) is not allowed")
+        return False
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        self._refused("streamlocal", dest_path, "UNIX socket forwarding is not allowed")
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                        "UNIX socket forwarding is not allowed")
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        self._refused("remote-streamlocal", listen_path,
+                      "remote UNIX socket forwarding is not allowed")
+        return False
+
+    def _refused(self, kind: str, what: str, reason: str) -> None:
+        self._deps.audit.emit("tunnel.denied", user=str(self._principal), peer=self._peer,
+                              kind=kind, destination=what, target=self._instance.id,
+                              reason=reason)
+
 
 def start_inner(deps: RelayDeps, principal: Principal, instance: Instance, peer: str,
                 names: list[str], transport: asyncio.Transport, forward: Forward,

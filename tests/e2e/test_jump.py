@@ -302,3 +302,16 @@ def test_forward_from_the_target_elsewhere_is_refused(demo: Demo, tmp_path: Path
     assert sum("is not the target's loopback" in e["reason"] for e in denied) == 4
     assert sum("is its SSH port" in e["reason"] for e in denied) == 2
     assert not [s for s in _sessions(demo, user) if s["kind"] == "tunnel"]
+
+
+def test_remote_forwarding_inside_the_jump_is_refused_and_audited(demo: Demo,
+                                                                  tmp_path: Path) -> None:
+    user = demo.take_user()
+    cfg = _config(demo, tmp_path, user, trust=True)
+    r = _run(demo, user, ["ssh", "-F", str(cfg), "-N", "-o", "ExitOnForwardFailure=yes",
+                          "-R", "0:127.0.0.1:9", "web01"])
+    assert r.returncode == 255
+    assert b"remote port forwarding failed" in r.stderr
+    assert any(e["event"] == "tunnel.denied" and e.get("kind") == "remote"
+               and e.get("target") == "i-0web01" and e["user"].startswith(user + "@")
+               for e in demo.audit_lines())
