@@ -26,6 +26,7 @@ import structlog
 
 from broker.config import BrokerConfig
 from broker.domain.models import Instance, Principal
+from broker.ssh import via_target
 from broker.ssh.keys import load_or_create_key
 from broker.ssh.relay import ClientSession, RelayDeps
 
@@ -34,7 +35,8 @@ log = structlog.get_logger("broker.jump")
 HOST_CERT_TTL = timedelta(hours=1)
 CLOCK_SKEW = timedelta(minutes=5)
 _keys: dict[Path, asyncssh.SSHKey] = {}
-# (inner connection, host=, port=) -> what connection_requested returns (``tunnel``'s opener)
+# (inner connection, links=, host=, port=) -> what connection_requested returns
+# (``tunnel.open_from_target``)
 Forward = Callable[..., Any]
 
 
@@ -83,10 +85,14 @@ class JumpServer(asyncssh.SSHServer):
         self._instance = instance
         self._peer = peer
         self._forward = forward
+        self._links = via_target.TargetLinks(deps, principal, instance)
         self._conn: asyncssh.SSHServerConnection | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._links.close()  # forwards from the target end with the inner connection
 
     def begin_auth(self, username: str) -> bool:
         return False  # the outer connection authenticated the user; the grant was checked
@@ -105,7 +111,7 @@ class JumpServer(asyncssh.SSHServer):
         """``ssh -L``/``-D``/``-W`` inside this connection: the target's own loopback only."""
         if self._conn is None:
             return False
-        return self._forward(self._conn, host=dest_host, port=dest_port)
+        return self._forward(self._conn, links=self._links, host=dest_host, port=dest_port)
 
     # -R and UNIX sockets stay refused inside the jump too, and each refusal is audited
     def server_requested(self, listen_host: str, listen_port: int) -> bool:

@@ -27,6 +27,7 @@ from broker.services.auth import Authenticator
 from broker.ssh.menu import MenuSession
 from broker.ssh.relay import ClientSession, RelayDeps
 from broker.ssh.tunnel import open_from_target, open_tunnel
+from broker.ssh.via_target import TargetLinks
 
 log = structlog.get_logger("broker.ssh")
 
@@ -53,6 +54,7 @@ class BrokerConnection(asyncssh.SSHServer):
         self._peer = "?"
         self._ip = "?"
         self._selector: Selector | None = None
+        self._links: TargetLinks | None = None  # forwards from the target (user+target login)
         self._password: str | None = None
         self._phase = "password"
         self._key_fp: str | None = None  # SHA256 fingerprint of a proven registered key
@@ -90,6 +92,8 @@ class BrokerConnection(asyncssh.SSHServer):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._uncount()
+        if self._links is not None:
+            self._links.close()
         if exc is not None and self._principal is None:
             log.info("connection.closed_before_auth", peer=self._peer, error=str(exc))
 
@@ -241,8 +245,10 @@ class BrokerConnection(asyncssh.SSHServer):
                                             "not authenticated")
         if self._instance is not None and fwd.names_loopback(dest_host):
             # logged in as alice+web01: "localhost" is web01's, as with ssh straight to web01
+            if self._links is None:
+                self._links = TargetLinks(self._deps, self._principal, self._instance)
             return open_from_target(self._deps, self._conn, self._principal, self._peer,
-                                    self._instance, dest_host, dest_port)
+                                    self._links, dest_host, dest_port)
         return open_tunnel(self._deps, self._conn, self._principal, self._peer, dest_host,
                            dest_port, self._own)
 

@@ -133,8 +133,9 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
     """One tunnel; also the ``SessionControl`` the grant enforcer uses to end it."""
 
     def __init__(self, deps: RelayDeps, principal: Principal, peer: str, host: str, port: int,
-                 verdict: fwd.Verdict) -> None:
+                 verdict: fwd.Verdict, links: via_target.TargetLinks | None = None) -> None:
         self._deps = deps
+        self._links = links  # forwards from the target go over these connections
         self._principal = principal
         self._peer = peer
         self._host = host
@@ -173,11 +174,11 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
             if v.service == "ssh" and v.instance is not None:
                 # recorded ProxyJump: the inner SSH connection is served here, in memory
                 transport = self._serve_jump(v.instance)
-            elif v.service == "target-local" and v.instance is not None and v.grant is not None:
+            elif v.service == "target-local" and self._links is not None and v.grant is not None:
                 # inside a ProxyJump: the target's loopback, reached from the target itself
-                transport = await asyncio.wait_for(via_target.dial(
-                    self._deps, self._principal, v.instance, v.grant, v.dial_host, v.dial_port,
-                    _Target(self)), self._cfg.connect_timeout_seconds)
+                transport = await asyncio.wait_for(self._links.open(
+                    v.grant, v.dial_host, v.dial_port, _Target(self)),
+                    self._cfg.connect_timeout_seconds)
             else:
                 transport, _ = await asyncio.wait_for(
                     self._loop.create_connection(lambda: _Target(self), v.dial_host,
@@ -209,7 +210,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         names = list(dict.fromkeys([self._host, instance.id, instance.name]))
         try:
             forward = functools.partial(open_from_target, self._deps, principal=self._principal,
-                                        peer=self._peer, instance=instance)
+                                        peer=self._peer)
             self._inner = jump.start_inner(self._deps, self._principal, instance, self._peer,
                                            names, inner, forward)
         except BrokerError:
@@ -544,27 +545,31 @@ def open_tunnel(deps: RelayDeps, conn: asyncssh.SSHServerConnection, principal: 
 
 
 def open_from_target(deps: RelayDeps, conn: asyncssh.SSHServerConnection, principal: Principal,
-                     peer: str, instance: Instance, host: str, port: int) -> ChannelAndOpener:
-    """``connection_requested`` inside a recorded ProxyJump connection to ``instance``: only its
-    own loopback, with a fresh grant decision (``fwd.decide_target_local``)."""
+                     peer: str, links: via_target.TargetLinks, host: str, port: int,
+                     ) -> ChannelAndOpener:
+    """``connection_requested`` inside a recorded ProxyJump connection to ``links.instance``
+    (or after a ``user+target`` login): only its own loopback, with a fresh grant decision
+    (``fwd.decide_target_local``), over the client connection's ``links``."""
+    instance = links.instance
 
     async def verdict() -> fwd.Verdict:
         result = await deps.access.decide(principal, instance.id)
         return fwd.decide_target_local(host, port, result.instance or instance, result.decision,
                                        enabled=deps.config.forwarding.target_loopback)
 
-    return _channel(deps, conn, principal, peer, host, port, verdict)
+    return _channel(deps, conn, principal, peer, host, port, verdict, links)
 
 
 def _channel(deps: RelayDeps, conn: asyncssh.SSHServerConnection, principal: Principal,
              peer: str, host: str, port: int,
-             verdict: Callable[[], Coroutine[Any, Any, fwd.Verdict]]) -> ChannelAndOpener:
+             verdict: Callable[[], Coroutine[Any, Any, fwd.Verdict]],
+             links: via_target.TargetLinks | None = None) -> ChannelAndOpener:
     chan = conn.create_tcp_channel(window=deps.config.ssh.window_bytes,
                                    max_pktsize=deps.config.ssh.max_packet_bytes)
 
     async def run() -> Tunnel:
         try:
-            return await _open(deps, principal, peer, host, port, await verdict())
+            return await _open(deps, principal, peer, host, port, await verdict(), links)
         except asyncssh.ChannelOpenError:
             raise
         except BrokerError as exc:  # e.g. the audit log cannot be written: refuse (fail closed)
@@ -582,7 +587,7 @@ def _channel(deps: RelayDeps, conn: asyncssh.SSHServerConnection, principal: Pri
 
 
 async def _open(deps: RelayDeps, principal: Principal, peer: str, host: str, port: int,
-                v: fwd.Verdict) -> Tunnel:
+                v: fwd.Verdict, links: via_target.TargetLinks | None) -> Tunnel:
     """Dial what was decided: a refusal is audited and reaches the client with its reason."""
     if not v.allowed:
         deps.audit.emit("tunnel.denied", user=str(principal), peer=peer,
@@ -590,4 +595,4 @@ async def _open(deps: RelayDeps, principal: Principal, peer: str, host: str, por
         log.info("tunnel.denied", user=str(principal), destination=f"{host}:{port}",
                  reason=v.detail)
         raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, v.reason)
-    return await Tunnel(deps, principal, peer, host, port, v).open()
+    return await Tunnel(deps, principal, peer, host, port, v, links).open()

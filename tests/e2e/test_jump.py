@@ -183,7 +183,8 @@ def test_rsync_over_the_jump_both_ways(demo: Demo, tmp_path: Path) -> None:
 _SERVER = (b"exec python3 -c 'import socket\n"
            b"s = socket.create_server((\"127.0.0.1\", 0))\n"
            b"print(\"listeningOn==%d==\" % s.getsockname()[1], flush=True)\n"
-           b"c, _ = s.accept()\nc.sendall(c.recv(64).upper())\nc.close()'\n")
+           b"for _ in range(2):\n"
+           b"    c, _ = s.accept()\n    c.sendall(c.recv(64).upper())\n    c.close()'\n")
 
 
 def test_forward_to_the_target_loopback_is_a_recorded_tunnel(demo: Demo, tmp_path: Path) -> None:
@@ -212,10 +213,11 @@ def test_forward_to_the_target_loopback_is_a_recorded_tunnel(demo: Demo, tmp_pat
         line = vscode.stdout.readline().decode()
         assert line.startswith("listeningOn=="), line
         server_port = int(line.split("==")[1])
-        with socks5_connect(lp, "127.0.0.1", server_port) as s:
-            assert s.recv(10)[:2] == b"\x05\x00"
-            s.sendall(b"vscode")
-            assert _recv_exact(s, 6) == b"VSCODE"
+        for word in (b"vscode", b"second"):  # VS Code opens several: one handshake for all
+            with socks5_connect(lp, "127.0.0.1", server_port) as s:
+                assert s.recv(10)[:2] == b"\x05\x00"
+                s.sendall(word)
+                assert _recv_exact(s, 6) == word.upper()
         assert vscode.wait(30) == 0
     finally:
         if vscode.poll() is None:
@@ -225,15 +227,19 @@ def test_forward_to_the_target_loopback_is_a_recorded_tunnel(demo: Demo, tmp_pat
         return sorted((s for u in (user, vs_user) for s in _sessions(demo, u)
                        if s["kind"] == "tunnel" and s["ended_at"]), key=lambda s: s["started_at"])
 
-    wait_for(lambda: len(tunnels()) == 2, "two tunnel sessions")
-    w, vs = tunnels()
+    wait_for(lambda: len(tunnels()) == 3, "three tunnel sessions")
+    w, vs, vs2 = tunnels()
     assert w["command"] == f"forward localhost:{port} -> i-0web01 (from the target) localhost:{port}"
     assert w["bytes_in"] == w["bytes_out"] == len(payload)
     assert w["user"].startswith(user + "@")
     assert vs["command"] == (f"forward 127.0.0.1:{server_port} -> i-0web01 (from the target) "
                              f"127.0.0.1:{server_port}")
-    assert vs["bytes_in"] == vs["bytes_out"] == 6
-    assert w["target"] == vs["target"] == "i-0web01"
+    assert vs["bytes_in"] == vs["bytes_out"] == vs2["bytes_in"] == vs2["bytes_out"] == 6
+    assert w["target"] == vs["target"] == vs2["target"] == "i-0web01"
+    # the two SOCKS connections shared one forwarding connection to web01 (one login there)
+    logins = [line for line in Path(demo.info["target_logs"]["web01"]).read_text().splitlines()
+              if "Accepted publickey" in line and f"user={vs_user}@" in line]
+    assert len([line for line in logins if " forwards" in line]) == 1, logins
     # the script VS Code sent is in the recording of the exec session that ran it
     wait_for(lambda: any(s["kind"] == "exec" and s["ended_at"] for s in _sessions(demo, vs_user)),
              "the recorded exec session")
