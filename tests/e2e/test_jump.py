@@ -239,7 +239,11 @@ def test_forward_to_the_target_loopback_is_a_recorded_tunnel(demo: Demo, tmp_pat
     # the two SOCKS connections shared one forwarding connection to web01 (one login there)
     logins = [line for line in Path(demo.info["target_logs"]["web01"]).read_text().splitlines()
               if "Accepted publickey" in line and f"user={vs_user}@" in line]
-    assert len([line for line in logins if " forwards" in line]) == 1, logins
+    [fwd_login] = [line for line in logins if " forwards" in line]
+    # ... which ended with the client's connection
+    port = fwd_login.split(" port ")[1].split()[0]
+    wait_for(lambda: f"Disconnected from user {demo.info['read_only_login']} 127.0.0.1 port {port}"
+             in Path(demo.info["target_logs"]["web01"]).read_text(), "the link to end")
     # the script VS Code sent is in the recording of the exec session that ran it
     wait_for(lambda: any(s["kind"] == "exec" and s["ended_at"] for s in _sessions(demo, vs_user)),
              "the recorded exec session")
