@@ -28,6 +28,7 @@ from broker.config import BrokerConfig
 from broker.domain.models import Instance, Principal
 from broker.ssh import via_target
 from broker.ssh.keys import load_or_create_key
+from broker.ssh.refusals import ForwardRefusingServer
 from broker.ssh.relay import ClientSession, RelayDeps
 
 log = structlog.get_logger("broker.jump")
@@ -75,7 +76,7 @@ def host_certificate(config: BrokerConfig, names: list[str], now: datetime,
     return key, cert
 
 
-class JumpServer(asyncssh.SSHServer):
+class JumpServer(ForwardRefusingServer):
     """The inner connection: no authentication of its own, sessions relayed and recorded."""
 
     def __init__(self, deps: RelayDeps, principal: Principal, instance: Instance,
@@ -113,23 +114,7 @@ class JumpServer(asyncssh.SSHServer):
             return False
         return self._forward(self._conn, links=self._links, host=dest_host, port=dest_port)
 
-    # -R and UNIX sockets stay refused inside the jump too, and each refusal is audited
-    def server_requested(self, listen_host: str, listen_port: int) -> bool:
-        self._refused("remote", f"{listen_host}:{listen_port}",
-                      "remote forwarding (-R) is not allowed")
-        return False
-
-    def unix_connection_requested(self, dest_path: str) -> bool:
-        self._refused("streamlocal", dest_path, "UNIX socket forwarding is not allowed")
-        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
-                                        "UNIX socket forwarding is not allowed")
-
-    def unix_server_requested(self, listen_path: str) -> bool:
-        self._refused("remote-streamlocal", listen_path,
-                      "remote UNIX socket forwarding is not allowed")
-        return False
-
-    def _refused(self, kind: str, what: str, reason: str) -> None:
+    def _refuse_forward(self, kind: str, what: str, reason: str) -> None:
         self._deps.audit.emit("tunnel.denied", user=str(self._principal), peer=self._peer,
                               kind=kind, destination=what, target=self._instance.id,
                               reason=reason)

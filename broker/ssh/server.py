@@ -25,6 +25,7 @@ from broker.domain.selector import Selector, SelectorError, parse_selector
 from broker.ports import KeyStore
 from broker.services.auth import Authenticator
 from broker.ssh.menu import MenuSession
+from broker.ssh.refusals import ForwardRefusingServer
 from broker.ssh.relay import ClientSession, RelayDeps
 from broker.ssh.tunnel import open_from_target, open_tunnel
 from broker.ssh.via_target import TargetLinks
@@ -43,7 +44,7 @@ def enrolment_text(secret: str, uri: str) -> str:
             f"app, then type the code it shows.\nKey: {secret}\n{uri}\n")
 
 
-class BrokerConnection(asyncssh.SSHServer):
+class BrokerConnection(ForwardRefusingServer):
     def __init__(self, deps: RelayDeps, authenticator: Authenticator, guard: SourceGuard,
                  keys: KeyStore) -> None:
         self._deps = deps
@@ -251,21 +252,6 @@ class BrokerConnection(asyncssh.SSHServer):
                                     self._links, dest_host, dest_port)
         return open_tunnel(self._deps, self._conn, self._principal, self._peer, dest_host,
                            dest_port, self._own)
-
-    def server_requested(self, listen_host: str, listen_port: int) -> bool:
-        self._refuse_forward("remote", f"{listen_host}:{listen_port}",
-                             "remote forwarding (-R) is not allowed")
-        return False
-
-    def unix_connection_requested(self, dest_path: str) -> bool:
-        self._refuse_forward("streamlocal", dest_path, "UNIX socket forwarding is not allowed")
-        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
-                                        "UNIX socket forwarding is not allowed")
-
-    def unix_server_requested(self, listen_path: str) -> bool:
-        self._refuse_forward("remote-streamlocal", listen_path,
-                             "remote UNIX socket forwarding is not allowed")
-        return False
 
     def _refuse_forward(self, kind: str, what: str, reason: str) -> None:
         self._deps.audit.emit("tunnel.denied", user=str(self._principal), peer=self._peer,
