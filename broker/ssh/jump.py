@@ -79,6 +79,9 @@ def host_certificate(config: BrokerConfig, names: list[str], now: datetime,
 class JumpServer(ForwardRefusingServer):
     """The inner connection: no authentication of its own, sessions relayed and recorded."""
 
+    _principal: Principal
+    _instance: Instance
+
     def __init__(self, deps: RelayDeps, principal: Principal, instance: Instance,
                  peer: str, forward: Forward) -> None:
         self._deps = deps
@@ -113,11 +116,6 @@ class JumpServer(ForwardRefusingServer):
         if self._conn is None:
             return False
         return self._forward(self._conn, links=self._links, host=dest_host, port=dest_port)
-
-    def _refuse_forward(self, kind: str, what: str, reason: str) -> None:
-        self._deps.audit.emit("tunnel.denied", user=str(self._principal), peer=self._peer,
-                              kind=kind, destination=what, target=self._instance.id,
-                              reason=reason)
 
 
 def start_inner(deps: RelayDeps, principal: Principal, instance: Instance, peer: str,

@@ -253,11 +253,6 @@ class BrokerConnection(ForwardRefusingServer):
         return open_tunnel(self._deps, self._conn, self._principal, self._peer, dest_host,
                            dest_port, self._own)
 
-    def _refuse_forward(self, kind: str, what: str, reason: str) -> None:
-        self._deps.audit.emit("tunnel.denied", user=str(self._principal), peer=self._peer,
-                              kind=kind, destination=what, reason=reason)
-        log.info("tunnel.denied", peer=self._peer, kind=kind, destination=what)
-
 
 def own_endpoints(deps: RelayDeps, sockname: Any) -> frozenset[tuple[str, int]]:
     """This bastion's own listeners (SSH and web), which a tunnel must never reach."""

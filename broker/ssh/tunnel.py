@@ -174,8 +174,11 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
             if v.service == "ssh" and v.instance is not None:
                 # recorded ProxyJump: the inner SSH connection is served here, in memory
                 transport = self._serve_jump(v.instance)
-            elif v.service == "target-local" and self._links is not None and v.grant is not None:
+            elif v.service == "target-local":
                 # inside a ProxyJump: the target's loopback, reached from the target itself
+                # (never dialled here: on the bastion it would be the bastion's own loopback)
+                if self._links is None or v.grant is None:
+                    raise BrokerError("a forward from the target without its connection")
                 transport = await asyncio.wait_for(self._links.open(
                     v.grant, v.dial_host, v.dial_port, _Target(self)),
                     self._cfg.connect_timeout_seconds)
