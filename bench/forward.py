@@ -353,14 +353,22 @@ def jump_section(args: argparse.Namespace, jump: dict[str, dict[str, list[float]
             + rounds(args.jump_size, jump, "UD"))
 
 
-def write_docs(section: str) -> None:
+def write_block(section: str, begin: str, end: str, where: str) -> None:
+    """Replace the generated block between ``begin`` and ``end`` in docs/benchmarks.md with
+    ``section``; without one yet, insert it before the heading ``where`` (or at the end)."""
     text = DOCS.read_text()
-    block = f"{BEGIN}\n{section}{END}\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END) + 1:]
+    block = f"{begin}\n{section}{end}\n"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end) + 1:]
+    elif where in text:
+        text = text.replace(where, block + "\n" + where, 1)
     else:
-        text = text.rstrip("\n") + "\n\n## Port forwarding (issue 5)\n\n" + block
+        text = text.rstrip("\n") + "\n\n" + block
     DOCS.write_text(text)
+
+
+def write_docs(section: str) -> None:
+    write_block(section, BEGIN, END, "## SFTP file-transfer audit")
 
 
 def main() -> int:

@@ -74,7 +74,7 @@ def main() -> int:
     sink = int(srv.stdout.readline())
     paths = ("openssh", "broker")
     connect: dict[str, list[float]] = {p: [] for p in paths}
-    rates: dict[str, dict[str, list[float]]] = {p: {"D": [], "U": []} for p in paths}
+    secs: dict[str, dict[str, list[float]]] = {p: {"D": [], "U": []} for p in paths}
     with tempfile.TemporaryDirectory(prefix="bb-jumpfwd-") as tmp:
         try:
             work = Path(tmp)
@@ -90,16 +90,17 @@ def main() -> int:
             for r in range(args.rounds):
                 for p in paths if r % 2 == 0 else paths[::-1]:
                     for d in ("D", "U"):
-                        secs = fw.transfer(ports[p], d, args.size)
-                        rates[p][d].append(args.size / secs / 1e6)
+                        t = fw.transfer(ports[p], d, args.size)
+                        secs[p][d].append(t)
                         log(f"round {r + 1} {p:8} {'down' if d == 'D' else 'up':4} "
-                            f"{args.size / secs / 1e6:8.1f} MB/s")
+                            f"{args.size / t / 1e6:8.1f} MB/s")
         finally:
             procs.stop_all()
             srv.terminate()
             srv.wait()
     ms = {p: (statistics.median(v) * 1e3, pct(v, 0.9) * 1e3) for p, v in connect.items()}
-    mbps = {p: {d: statistics.median(v) for d, v in dirs.items()} for p, dirs in rates.items()}
+    mbps = {p: {d: args.size / statistics.median(v) / 1e6 for d, v in dirs.items()}
+            for p, dirs in secs.items()}
     size = f"{args.size >> 20} MiB"
     rows = [f"| open a forwarded connection, request and answer (median / p90 of {args.connects}) "
             f"| {ms['openssh'][0]:.2f} / {ms['openssh'][1]:.2f} ms "
@@ -118,19 +119,10 @@ def main() -> int:
         "| measure | (a) OpenSSH bastion (forward opened by the target's sshd) | (b) broker "
         "(recorded jump, forward opened from the target by the broker) | b/a |\n"
         "|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
-        + fw.rounds(1, {p: {d: [1e-6 / x for x in v] for d, v in dirs.items()}
-                        for p, dirs in rates.items()}, "DU"))
+        + fw.rounds(args.size, secs, "DU"))
     print(section)
     if not args.no_docs:
-        text = fw.DOCS.read_text()
-        block = f"{BEGIN}\n{section}{END}\n"
-        if BEGIN in text and END in text:
-            text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END) + 1:]
-        else:
-            anchor = "## SFTP file-transfer audit"
-            text = text.replace(anchor, "### Forwards inside the jump (issue 5, VS Code)\n\n"
-                                + block + "\n" + anchor, 1)
-        fw.DOCS.write_text(text)
+        fw.write_block(section, BEGIN, END, "## SFTP file-transfer audit")
     return 0
 
 
