@@ -18,6 +18,7 @@ import pytest
 from broker.demo import free_port
 from tests.conftest import Demo
 from tests.e2e.test_tunnel_lab import (
+    Forwarder,
     _recv_exact,
     closed_by_peer,
     port_of,
@@ -304,8 +305,7 @@ def test_forward_from_the_target_elsewhere_is_refused(demo: Demo, tmp_path: Path
         assert text.count("only the target's own loopback") == 4
         assert text.count("the target's SSH port is reached through the recorded jump") == 2
     finally:
-        fw.terminate()
-        fw.wait(10)
+        Forwarder(fw, log).stop()  # SIGTERM, then SIGKILL if ssh does not exit within 10 s
     denied = [e for e in demo.audit_lines()
               if e.get("event") == "tunnel.denied" and e.get("user", "").startswith(user + "@")]
     assert sorted(e["destination"] for e in denied) == sorted(dests)
