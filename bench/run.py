@@ -43,7 +43,7 @@ from typing import Any
 import asyncssh
 import pyotp
 
-from broker.demo import free_port
+from broker.runtime import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"

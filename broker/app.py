@@ -3,29 +3,36 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Literal, Protocol
 
 import asyncssh
 import structlog
 
-from broker import eventloop
+from broker import runtime
 from broker.audit.jsonl import JsonlAuditLog
 from broker.config import BrokerConfig
-from broker.errors import BrokerError, ConfigError
+from broker.errors import AuditError, BrokerError, ConfigError, StoreError
 from broker.identity.static import StaticDirectory
-from broker.integrity.keys import SigningKey, default_key_path, load_or_create_signing_key
+from broker.integrity.keys import (
+    SigningKey,
+    default_key_path,
+    load_or_create_signing_key,
+    load_signing_key,
+)
 from broker.integrity.manifest import RecordingSealer
 from broker.inventory.static import StaticInventory
 from broker.ports import (
+    AuditSink,
+    Clock,
     Directory,
     GrantStore,
     Inventory,
     KeyStore,
     ReauthStore,
+    RecordingSink,
     SessionIndex,
     ThrottleStore,
     TokenStore,
@@ -43,9 +50,10 @@ from broker.services.roles import grant_policy
 from broker.services.sessions import SessionService
 from broker.services.totp_secrets import EncryptedTotpStore, load_key
 from broker.shipping.service import Shipping
-from broker.ssh import wire
+from broker.ssh import patches
 from broker.ssh.ca import UserCA
-from broker.ssh.keys import load_or_create_key, load_or_create_user_ca
+from broker.ssh.jump import host_ca
+from broker.ssh.keys import load_or_create_key, load_or_create_user_ca, parse_public_key
 from broker.ssh.relay import RelayDeps
 from broker.ssh.server import start_server
 from broker.store.sqlite import (
@@ -73,9 +81,9 @@ class Stores:
     reauth: ReauthStore
     tokens: TokenStore
     sessions: SessionIndex
-    recordings: LocalRecordingSink
-    audit: JsonlAuditLog
-    clock: SystemClock
+    recordings: RecordingSink
+    audit: AuditLog
+    clock: Clock
     closer: Callable[[], Awaitable[None]]
 
     async def close(self) -> None:
@@ -83,72 +91,125 @@ class Stores:
         self.audit.close()
 
 
-def signing_key(config: BrokerConfig) -> SigningKey:
-    """The bastion's Ed25519 key for manifests and audit checkpoints (created on first use)."""
-    return load_or_create_signing_key(default_key_path(config.state_dir))
+class AuditLog(AuditSink, Protocol):
+    """The audit sink a process owns: it signs checkpoints and closes the chain at exit."""
+
+    def checkpoint_if_due(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
-def _local(config: BrokerConfig, clock: SystemClock) -> tuple[LocalRecordingSink, JsonlAuditLog]:
-    return LocalRecordingSink(config.recordings_dir), JsonlAuditLog(
-        config.audit_path, clock, signer=signing_key(config))
+class ReadOnlyAudit:
+    """The audit sink of a read-only command. Such a command writes nothing; an event emitted
+    here is a bug, refused loudly rather than written without a signature or dropped."""
+
+    def emit(self, event: str, **fields: Any) -> None:
+        raise AuditError(f"a read-only command tried to write the audit event {event}")
+
+    def checkpoint_if_due(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
 
 
-def open_stores(config: BrokerConfig) -> Stores:
+# who opens the stores: the broker creates keys on first start; a command that writes uses the
+# keys that exist (never mints one: a new signing key would fail every earlier recording's
+# verify); a command that only reads opens the embedded database read-only and writes nothing
+Access = Literal["broker", "command", "read"]
+
+
+def signing_key(config: BrokerConfig, *, create: bool = True) -> SigningKey:
+    """The bastion's Ed25519 key for manifests and audit checkpoints."""
+    path = default_key_path(config.state_dir)
+    return load_or_create_signing_key(path) if create else load_signing_key(path)
+
+
+def _local(config: BrokerConfig, clock: Clock, access: Access) -> tuple[RecordingSink, AuditLog]:
+    recordings = LocalRecordingSink(config.recordings_dir)
+    if access == "read":
+        return recordings, ReadOnlyAudit()
+    return recordings, JsonlAuditLog(config.audit_path, clock,
+                                     signer=signing_key(config, create=access == "broker"))
+
+
+def _totp_key(config: BrokerConfig, access: Access) -> bytes | None:
+    if access == "read":
+        return None  # secrets are neither read nor written by read-only commands
+    return load_key(config.totp.key_file, config.totp_key_default_path,
+                    create=access == "broker")
+
+
+def open_stores(config: BrokerConfig, access: Access = "command") -> Stores:
     """The embedded SQLite store (synchronous open); see ``connect_stores`` for any backend."""
     if config.store.backend != "sqlite":
         raise ConfigError("this command opens the SQLite store only; the config names "
                           f"store backend '{config.store.backend}'")
     clock = SystemClock()
-    db = SqliteDatabase(config.db_path)
-    recordings, audit = _local(config, clock)
+    db = SqliteDatabase(config.db_path, read_only=access == "read")
+    recordings, audit = _local(config, clock, access)
 
     async def close() -> None:
         db.close()
 
     return Stores(
         grants=SqliteGrantStore(db),
-        totp=EncryptedTotpStore(
-            SqliteTotpStore(db), load_key(config.totp.key_file, config.totp_key_default_path)),
-        throttle=SqliteThrottleStore(db), keys=SqliteKeyStore(db), reauth=SqliteReauthStore(db),
+        totp=_totp(SqliteTotpStore(db), _totp_key(config, access)),
+        throttle=SqliteThrottleStore(db), keys=SqliteKeyStore(db, parse_public_key),
+        reauth=SqliteReauthStore(db),
         tokens=SqliteApiTokenStore(db),
         sessions=SqliteSessionIndex(db), recordings=recordings, audit=audit, clock=clock,
         closer=close,
     )
 
 
-async def connect_stores(config: BrokerConfig) -> Stores:
-    """Open the configured store: SQLite, or a PostgreSQL pool shared by a fleet of bastions."""
+class _ClosedTotp:
+    """TOTP secrets are not opened by read-only commands (they need no key to list sessions)."""
+
+    async def _refuse(self) -> Any:
+        raise StoreError("TOTP secrets are not available to a read-only command")
+
+    async def get_secret(self, user_key: str) -> str | None:
+        return await self._refuse()  # type: ignore[no-any-return]
+
+    async def set_secret(self, user_key: str, secret: str) -> None:
+        await self._refuse()
+
+    async def last_step(self, user_key: str) -> int | None:
+        return await self._refuse()  # type: ignore[no-any-return]
+
+    async def advance_step(self, user_key: str, step: int) -> bool:
+        return await self._refuse()  # type: ignore[no-any-return]
+
+
+def _totp(inner: TotpStore, key: bytes | None) -> TotpStore:
+    return _ClosedTotp() if key is None else EncryptedTotpStore(inner, key)
+
+
+async def connect_stores(config: BrokerConfig, access: Access = "command", *,
+                         read_only: bool = False) -> Stores:
+    """Open the configured store: SQLite, or a PostgreSQL pool shared by a fleet of bastions.
+    ``read_only`` is ``access="read"`` (commands that only look)."""
+    if read_only:
+        access = "read"
     if config.store.backend == "sqlite":
-        return open_stores(config)
+        return open_stores(config, access)
     from broker.store import postgres as pg
 
     st = config.store
+    totp_key = _totp_key(config, access)
+    clock = SystemClock()
+    recordings, audit = _local(config, clock, access)
     db = await pg.PostgresDatabase.connect(pg.load_dsn(st.dsn, st.dsn_file), st.pool_min,
                                            st.pool_max)
-    clock = SystemClock()
-    recordings, audit = _local(config, clock)
     return Stores(
         grants=pg.PostgresGrantStore(db),
-        totp=EncryptedTotpStore(
-            pg.PostgresTotpStore(db),
-            load_key(config.totp.key_file, config.totp_key_default_path)),
-        throttle=pg.PostgresThrottleStore(db), keys=pg.PostgresKeyStore(db),
+        totp=_totp(pg.PostgresTotpStore(db), totp_key),
+        throttle=pg.PostgresThrottleStore(db), keys=pg.PostgresKeyStore(db, parse_public_key),
         reauth=pg.PostgresReauthStore(db), tokens=pg.PostgresApiTokenStore(db),
         sessions=pg.PostgresSessionIndex(db),
         recordings=recordings, audit=audit, clock=clock, closer=db.close,
     )
-
-
-def _sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about state changes; a no-op outside systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(addr)
-        s.sendall(message.encode())
 
 
 def _disk_guard(config: BrokerConfig) -> DiskGuard:
@@ -186,7 +247,7 @@ class Broker:
                 "(benchmarks only: sessions would not be recorded)"
             )
         self.config = config
-        self.stores = stores or open_stores(config)
+        self.stores = stores or open_stores(config, "broker")
         s = self.stores
         directory = build_directory(config)
         self._directory = directory
@@ -200,7 +261,7 @@ class Broker:
             guard=_disk_guard(config), disk_policy=config.recordings.disk_policy,
             sync_interval=config.recordings.sync_interval_seconds,
             disk_check_interval=config.recordings.disk_check_interval_seconds,
-            release_scope=wire.corked,
+            release_scope=patches.corked,
         )
         limits = config.limits
         self.authenticator = Authenticator(
@@ -214,6 +275,7 @@ class Broker:
         )
         self.ca = UserCA(load_or_create_user_ca(config.ca_key_path))
         self.host_key = load_or_create_key(config.host_key_path, "bastion-broker host key")
+        host_ca(config)  # created now, so `ca known-hosts` can print it before the first jump
         self.grants = GrantService(s.grants, s.audit, s.clock, grant_policy(config.grants))
         self.deps = RelayDeps(config, self.access, self.sessions, self.ca, s.audit, s.clock)
         self._acceptor: asyncssh.SSHAcceptor | None = None
@@ -245,7 +307,7 @@ class Broker:
             if r.path is not None:
                 await self.sealer.seal_interrupted(r.session_id, r.path, self.stores.clock.now(),
                                                    INTERRUPTED)
-        wire.install()
+        patches.install()
         self._acceptor = await start_server(
             self.deps, self.authenticator, self.stores.keys, self.host_key, ssh.listen_host,
             ssh.listen_port, reuse_port=reuse_port,
@@ -300,7 +362,7 @@ async def serve(config: BrokerConfig, on_ready: Callable[[int], None] | None = N
     """Run one broker process until SIGINT/SIGTERM (see ``broker.workers`` for several)."""
     import signal
 
-    broker = Broker(config, await connect_stores(config))
+    broker = Broker(config, await connect_stores(config, "broker"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -309,10 +371,10 @@ async def serve(config: BrokerConfig, on_ready: Callable[[int], None] | None = N
     if on_ready:
         on_ready(port)
     if notify:
-        _sd_notify("READY=1")
+        runtime.sd_notify("READY=1")
     await stop.wait()
     if notify:
-        _sd_notify("STOPPING=1")
+        runtime.sd_notify("STOPPING=1")
     await broker.stop()
 
 
@@ -321,6 +383,24 @@ def run(config: BrokerConfig, on_ready: Callable[[int], None] | None = None) -> 
     from broker.workers import run_workers, worker_count
 
     if worker_count(config) == 1:
-        eventloop.run(serve(config, on_ready), config.ssh.event_loop)
+        runtime.run_loop(serve(config, on_ready), config.ssh.event_loop)
         return 0
-    return run_workers(config, on_ready)
+    return run_workers(config, _serve_worker, lambda: prepare_state(config), on_ready)
+
+
+def _serve_worker(config: BrokerConfig, on_ready: Callable[[int], None]) -> None:
+    runtime.run_loop(serve(config, on_ready=on_ready, reuse_port=True, notify=False),
+                     config.ssh.event_loop)
+
+
+def prepare_state(config: BrokerConfig) -> None:
+    """Create keys and migrate the embedded store once, before workers race to do it."""
+    from broker.services.totp_secrets import load_key
+
+    load_or_create_key(config.host_key_path, "bastion-broker host key")
+    load_or_create_user_ca(config.ca_key_path)
+    host_ca(config)
+    signing_key(config)
+    load_key(config.totp.key_file, config.totp_key_default_path)
+    if config.store.backend == "sqlite":
+        asyncio.run(open_stores(config, "broker").close())

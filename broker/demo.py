@@ -14,7 +14,6 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from broker.domain import totp
 from broker.domain.models import Grant, GrantState, Level, Trigger
 from broker.errors import BrokerError, ConfigError
 from broker.identity.passwords import hash_password
+from broker.runtime import free_port
 from broker.ssh.keys import load_or_create_key, load_or_create_user_ca
 
 DOMAIN = "corp.example.com"
@@ -40,12 +40,6 @@ INSTANCES = [  # (id, name, stack)
 GRANTED_STACK = "stack-web"
 ADMIN_LOGIN = "bb-admin"
 READ_ONLY_LOGIN = "bb-readonly"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def find_sshd() -> str:
@@ -234,7 +228,7 @@ async def _seed(config_path: Path, names: list[str],
     from broker.app import open_stores
 
     config = load_config(config_path)
-    stores = open_stores(config)
+    stores = open_stores(config, "broker")
     now = stores.clock.now()
     secrets_by_user: dict[str, str] = {}
     try:

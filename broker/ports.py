@@ -6,7 +6,7 @@ files, Active Directory or AWS can replace one another without touching the serv
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, BinaryIO, Protocol
@@ -18,6 +18,13 @@ from broker.domain.workflow import HistoryEntry
 class Clock(Protocol):
     def now(self) -> datetime:
         """Current time, timezone-aware UTC."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds from an arbitrary origin, never going back (durations: the idle timeout).
+
+        Called on the relay's hot path (every chunk stamps a session's activity): keep it as
+        cheap as ``time.monotonic``."""
         ...
 
 
@@ -95,6 +102,22 @@ class ThrottleStore(Protocol):
     async def unlock(self, account: str) -> bool: ...
 
     async def listing(self) -> list[ThrottleState]: ...
+
+    async def summary(self, now: float) -> ThrottleSummary:
+        """How many accounts are locked, and how many (not locked) wait out a back-off at
+        ``now`` (epoch seconds): one aggregate query, cheap enough for every metrics scrape."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleSummary:
+    locked: int
+    throttled: int
+
+
+# an OpenSSH public key line -> (normalised line, SHA256 fingerprint); raises StoreError if it is
+# not a key. Given to the key stores by the app (the SSH adapter owns key parsing).
+ParsePublicKey = Callable[[str], tuple[str, str]]
 
 
 class KeyStore(Protocol):
@@ -250,4 +273,80 @@ class RecordingSink(Protocol):
 class AuditSink(Protocol):
     def emit(self, event: str, **fields: Any) -> None:
         """Append one event durably; raise AuditError if it cannot be written (fail closed)."""
+        ...
+
+
+class Metrics(Protocol):
+    """What the services report for monitoring (``broker/diag``; ``NullMetrics`` when it is off).
+
+    Each call is made once per login, access decision, session, or store or directory call, never
+    per relayed chunk: live sessions and their byte counters are read when metrics are scraped.
+    Reasons and statuses are passed as the audit log has them; the adapter maps them to a
+    bounded set of label values.
+    """
+
+    def login(self, ok: bool, reason: str) -> None:
+        """A login ended (SSH or API): the method if ``ok`` (``password+totp``...), else the
+        audit reason of the failure."""
+        ...
+
+    def login_seconds(self, outcome: str, seconds: float) -> None:
+        """How long a login took to answer: ``success``, ``failure`` or ``enrolment``."""
+        ...
+
+    def account_locked(self) -> None:
+        """An account reached its lock threshold."""
+        ...
+
+    def access_decision(self, decision: str) -> None:
+        """A grant check: ``allow``, ``deny`` (no live grant) or ``unknown_target``."""
+        ...
+
+    def session_ended(self, kind: str, exit_status: str | None) -> None:
+        """A recorded session ended with this status (as in its ``session.end`` event)."""
+        ...
+
+    def directory_call(self, op: str, seconds: float) -> None:
+        """One ``Directory.authenticate`` or ``lookup`` took ``seconds``."""
+        ...
+
+    def store_call(self, seconds: float) -> None:
+        """One store call (queueing for the database included) took ``seconds``."""
+        ...
+
+
+class NullMetrics:
+    """``Metrics`` when the diagnostics listener is off: every report is dropped."""
+
+    def login(self, ok: bool, reason: str) -> None:
+        return None
+
+    def login_seconds(self, outcome: str, seconds: float) -> None:
+        return None
+
+    def account_locked(self) -> None:
+        return None
+
+    def access_decision(self, decision: str) -> None:
+        return None
+
+    def session_ended(self, kind: str, exit_status: str | None) -> None:
+        return None
+
+    def directory_call(self, op: str, seconds: float) -> None:
+        return None
+
+    def store_call(self, seconds: float) -> None:
+        return None
+
+
+class Database(Protocol):
+    """The connection or pool behind every store of one backend (readiness and latency)."""
+
+    async def ping(self) -> None:
+        """One cheap round trip; raises StoreError if the store cannot answer."""
+        ...
+
+    def observe(self, metrics: Metrics) -> None:
+        """Report the duration of every store call to ``metrics`` from now on."""
         ...

@@ -8,7 +8,6 @@ starts them, reports readiness once all listen, forwards SIGTERM, and restarts a
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import sys
@@ -17,32 +16,20 @@ from collections.abc import Callable
 
 import structlog
 
-from broker import eventloop
 from broker.config import BrokerConfig
+from broker.runtime import free_port, sd_notify
 
 log = structlog.get_logger("broker.workers")
 
-
-def _prepare_state(config: BrokerConfig) -> None:
-    """Create keys and migrate the embedded store once, before the workers race to do it."""
-    from broker.app import open_stores
-    from broker.services.totp_secrets import load_key
-    from broker.ssh.keys import load_or_create_key, load_or_create_user_ca
-
-    load_or_create_key(config.host_key_path, "bastion-broker host key")
-    load_or_create_user_ca(config.ca_key_path)
-    load_key(config.totp.key_file, config.totp_key_default_path)
-    if config.store.backend == "sqlite":
-        asyncio.run(open_stores(config).close())
+# serves one worker: (config, on_ready) -> returns when that worker has stopped
+ServeWorker = Callable[[BrokerConfig, Callable[[int], None]], None]
 
 
 def worker_count(config: BrokerConfig) -> int:
     return config.ssh.workers or os.cpu_count() or 1
 
 
-def _child(config: BrokerConfig, index: int, ready_fd: int) -> None:
-    from broker.app import serve
-
+def _child(config: BrokerConfig, index: int, ready_fd: int, serve: ServeWorker) -> None:
     os.environ.pop("NOTIFY_SOCKET", None)  # only the parent talks to systemd
     if index > 0:  # one API server is enough; it is stateless over the shared store
         config = config.model_copy(update={"web": config.web.model_copy(update={"enabled": False})})
@@ -52,22 +39,22 @@ def _child(config: BrokerConfig, index: int, ready_fd: int) -> None:
         os.close(ready_fd)
 
     try:
-        eventloop.run(serve(config, on_ready=ready, reuse_port=True, notify=False),
-                      config.ssh.event_loop)
+        serve(config, ready)
     except Exception as exc:  # a worker must never take the parent down with a traceback
         log.error("worker.crashed", worker=index, error=str(exc))
         os._exit(1)
     os._exit(0)
 
 
-def run_workers(config: BrokerConfig, on_ready: Callable[[int], None] | None = None) -> int:
-    """Fork the workers and supervise them until SIGINT/SIGTERM; returns an exit status."""
-    from broker.app import _sd_notify
-    from broker.demo import free_port
+def run_workers(config: BrokerConfig, serve: ServeWorker, prepare: Callable[[], None],
+                on_ready: Callable[[int], None] | None = None) -> int:
+    """Fork the workers and supervise them until SIGINT/SIGTERM; returns an exit status.
 
+    ``prepare`` runs once in the parent before the fork (keys, store migrations) so that workers
+    do not race to create them; ``serve`` runs one worker. ``broker.app`` passes both."""
     n = worker_count(config)
     port = config.ssh.listen_port or free_port(config.ssh.listen_host)
-    _prepare_state(config)
+    prepare()
     config = config.model_copy(update={"ssh": config.ssh.model_copy(update={"listen_port": port})})
     stopping = False
     children: dict[int, int] = {}  # pid -> worker index
@@ -79,7 +66,7 @@ def run_workers(config: BrokerConfig, on_ready: Callable[[int], None] | None = N
             os.close(r)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            _child(config, index, w)
+            _child(config, index, w, serve)
         os.close(w)
         children[pid] = index
         return r
@@ -105,7 +92,7 @@ def run_workers(config: BrokerConfig, on_ready: Callable[[int], None] | None = N
         log.info("workers.listening", port=port, workers=n)
         if on_ready:
             on_ready(port)
-        _sd_notify("READY=1")
+        sd_notify("READY=1")
     status = 0
     while children:
         try:
@@ -125,6 +112,6 @@ def run_workers(config: BrokerConfig, on_ready: Callable[[int], None] | None = N
             os.close(r)
         elif code != 0:
             status = 1
-    _sd_notify("STOPPING=1")
+    sd_notify("STOPPING=1")
     sys.stdout.flush()
     return status

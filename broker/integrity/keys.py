@@ -74,7 +74,17 @@ def _write_public(key_path: Path, private: Ed25519PrivateKey) -> None:
     tmp.replace(pub)
 
 
-def load_or_create_signing_key(path: Path) -> SigningKey:
+def load_signing_key(path: Path) -> SigningKey:
+    """The existing key; ``ConfigError`` when there is none. Commands use this: only the broker
+    creates keys, so a command run against a copied or damaged state directory cannot mint a
+    key that would make every earlier recording fail ``verify``."""
+    if not path.exists():
+        raise ConfigError(f"{path}: no signing key (the broker creates it when it first "
+                          "starts: run serve once)")
+    return load_or_create_signing_key(path, create_public=False)
+
+
+def load_or_create_signing_key(path: Path, *, create_public: bool = True) -> SigningKey:
     """Load the key, creating it on first start; two processes starting at once keep one key."""
     if path.exists():
         try:
@@ -83,7 +93,7 @@ def load_or_create_signing_key(path: Path) -> SigningKey:
             raise ConfigError(f"{path}: cannot read the signing key: {exc}") from None
         if not isinstance(private, Ed25519PrivateKey):
             raise ConfigError(f"{path}: the signing key is not an Ed25519 key")
-        if not public_path(path).exists():
+        if create_public and not public_path(path).exists():
             _write_public(path, private)
         return SigningKey(private)
     private = Ed25519PrivateKey.generate()

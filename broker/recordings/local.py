@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable
@@ -34,6 +35,7 @@ from broker.domain import recording as fmt
 from broker.domain.sanitize import safe_asciicast
 from broker.errors import NotFoundError, RecordingError
 
+_DAY_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _SESSION_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-")
 
 
@@ -180,11 +182,19 @@ class LocalRecordingSink:
         return self._root
 
     def path_of(self, location: str) -> Path:
-        """Resolve a stored location, refusing anything outside the recordings directory."""
+        """Resolve a stored location, refusing anything outside the recordings directory.
+
+        A location recorded under another root (a state directory restored from a backup to a
+        new place) is found by its ``DAY/SESSION.rec`` tail in this one."""
         p = Path(location).resolve()
-        if not p.is_relative_to(self._root.resolve()):
-            raise NotFoundError(f"recording {location} is outside the recordings directory")
-        return p
+        root = self._root.resolve()
+        if p.is_relative_to(root):
+            return p
+        day, name = p.parent.name, p.name
+        if _DAY_RE.fullmatch(day) and name.endswith(".rec") \
+                and set(name.removesuffix(".rec")) <= _SESSION_ID_CHARS:
+            return root / day / name
+        raise NotFoundError(f"recording {location} is outside the recordings directory")
 
     def read(self, location: str) -> bytes:
         with self.open_read(location) as f:

@@ -6,9 +6,40 @@ the principal's groups; the static directory lists plain group names, mapped her
 
 from __future__ import annotations
 
-from broker.config import GrantSettings, RoleSettings
-from broker.domain.models import Level, Principal
+from collections.abc import Sequence
+from typing import Protocol
+
+from broker.domain.models import Level, Principal, Trigger
 from broker.domain.workflow import Actor, AutoApprove, GrantPolicy, Role
+
+
+class RoleSettings(Protocol):
+    """What roles are read from (``[roles]`` in the config; services never import the config
+    module, which belongs to the adapters and the app)."""
+
+    @property
+    def approver_groups(self) -> Sequence[str]: ...
+    @property
+    def auditor_groups(self) -> Sequence[str]: ...
+    @property
+    def admin_groups(self) -> Sequence[str]: ...
+
+
+class GrantSettings(Protocol):
+    """What the workflow policy is built from (``[grants]`` in the config)."""
+
+    @property
+    def default_hours(self) -> float: ...
+    @property
+    def max_hours_admin(self) -> float: ...
+    @property
+    def max_hours_read_only(self) -> float: ...
+    @property
+    def two_approvers_for_admin(self) -> bool: ...
+    @property
+    def auto_approve_read_only_groups(self) -> Sequence[str]: ...
+    @property
+    def auto_approve_read_only_triggers(self) -> Sequence[Trigger]: ...
 
 
 def roles_of(principal: Principal, settings: RoleSettings) -> frozenset[Role]:

@@ -33,9 +33,10 @@ def _decode_key(text: str, origin: str) -> bytes:
     return key
 
 
-def load_key(key_file: Path | None, default_path: Path) -> bytes:
+def load_key(key_file: Path | None, default_path: Path, *, create: bool = True) -> bytes:
     """The key from, in order: the environment, a systemd credential, ``key_file``, or a key
-    generated once at ``default_path`` (mode 0600)."""
+    generated once at ``default_path`` (mode 0600; only with ``create``: the broker creates
+    keys, commands do not)."""
     if os.environ.get(ENV_KEY):
         return _decode_key(os.environ[ENV_KEY], f"${ENV_KEY}")
     cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
@@ -50,6 +51,9 @@ def load_key(key_file: Path | None, default_path: Path) -> bytes:
             raise ConfigError(f"{path}: cannot read TOTP key: {exc.strerror}") from None
     if key_file is not None:
         raise ConfigError(f"{key_file}: TOTP key file not found")
+    if not create:
+        raise ConfigError(f"{path}: no TOTP key (the broker creates it when it first starts: "
+                          "run serve once)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

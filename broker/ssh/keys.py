@@ -60,3 +60,19 @@ def parse_public_key(line: str) -> tuple[str, str]:
     except (asyncssh.KeyImportError, ValueError) as exc:
         raise StoreError(f"not an SSH public key: {exc}") from None
     return key.export_public_key().decode().strip(), key.get_fingerprint("sha256")
+
+
+def read_public_key(path: Path, what: str) -> str:
+    """The OpenSSH public key line of the private key at ``path`` (from its ``.pub``, else from
+    the key itself), without ever creating one: read-only commands must not mint keys that
+    the running broker does not use."""
+    pub = path.with_name(path.name + ".pub")
+    try:
+        if pub.exists():
+            return asyncssh.import_public_key(pub.read_bytes()).export_public_key().decode().strip()
+        if path.exists():
+            return asyncssh.read_private_key(path).export_public_key().decode().strip()
+    except (OSError, asyncssh.KeyImportError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc}") from None
+    raise ConfigError(f"{path}: {what} does not exist yet (the broker creates it when it "
+                      "first starts: run serve once)")

@@ -13,6 +13,7 @@ import asyncio
 import builtins
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -25,8 +26,15 @@ from broker.domain.models import Grant, GrantState, Level, Trigger
 from broker.domain.ratelimit import account_backoff
 from broker.domain.workflow import HistoryEntry
 from broker.errors import ConflictError, StoreError
-from broker.ports import ApiTokenRecord, SessionRecord, ThrottleState
-from broker.ssh.keys import parse_public_key
+from broker.ports import (
+    ApiTokenRecord,
+    Metrics,
+    NullMetrics,
+    ParsePublicKey,
+    SessionRecord,
+    ThrottleState,
+    ThrottleSummary,
+)
 from broker.store.pg_migrations import MIGRATIONS
 
 # pg_advisory_xact_lock key owned by the migrator ("bb-migr" in ASCII): one constant, so every
@@ -88,6 +96,7 @@ class PostgresDatabase:
     def __init__(self, pool: Any, acquire_timeout: float) -> None:
         self._pool = pool
         self._acquire_timeout = acquire_timeout
+        self._metrics: Metrics = NullMetrics()
 
     @classmethod
     async def connect(
@@ -114,11 +123,22 @@ class PostgresDatabase:
     @contextlib.asynccontextmanager
     async def acquire(self, what: str) -> AsyncIterator[Any]:
         """A pooled connection; driver errors inside the block become ``StoreError(what: ...)``."""
+        started = time.perf_counter()
         try:
             async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
                 yield conn
         except _DRIVER_ERRORS as exc:
             raise StoreError(f"{what}: {exc}") from exc
+        finally:  # the wait for a pooled connection included: what the caller waited
+            self._metrics.store_call(time.perf_counter() - started)
+
+    def observe(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def ping(self) -> None:
+        """``SELECT 1`` on a pooled connection (waiting for one, as a login would)."""
+        async with self.acquire("the PostgreSQL store does not answer") as conn:
+            await conn.fetchval("SELECT 1")
 
     async def migrate(self) -> list[int]:
         """Apply the missing migrations in one transaction; returns the versions applied.
@@ -396,13 +416,22 @@ class PostgresThrottleStore:
             )
         return [ThrottleState(r[0], int(r[1]), float(r[2]), bool(r[3])) for r in rows]
 
+    async def summary(self, now: float) -> ThrottleSummary:
+        async with self._db.acquire("cannot count throttle state") as conn:
+            r = await conn.fetchrow(
+                "SELECT count(*) FILTER (WHERE locked) AS locked,"
+                " count(*) FILTER (WHERE NOT locked AND next_allowed > $1) AS throttled"
+                " FROM auth_throttle", now)
+        return ThrottleSummary(int(r["locked"]), int(r["throttled"]))
+
 
 class PostgresKeyStore:
-    def __init__(self, db: PostgresDatabase) -> None:
+    def __init__(self, db: PostgresDatabase, parse: ParsePublicKey) -> None:
         self._db = db
+        self._parse = parse
 
     async def add(self, account: str, public_key: str, comment: str) -> str:
-        line, fp = parse_public_key(public_key)
+        line, fp = self._parse(public_key)
         async with self._db.acquire("cannot store SSH key") as conn:
             # re-adding a key refreshes comment and date, like SQLite's INSERT OR REPLACE
             await conn.execute(

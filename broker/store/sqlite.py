@@ -18,6 +18,7 @@ import asyncio
 import functools
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -29,7 +30,15 @@ from broker.domain.models import Grant, GrantState, Level, Trigger
 from broker.domain.ratelimit import account_backoff
 from broker.domain.workflow import HistoryEntry
 from broker.errors import ConflictError, StoreError
-from broker.ports import ApiTokenRecord, SessionRecord, ThrottleState
+from broker.ports import (
+    ApiTokenRecord,
+    Metrics,
+    NullMetrics,
+    ParsePublicKey,
+    SessionRecord,
+    ThrottleState,
+    ThrottleSummary,
+)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -171,7 +180,10 @@ def _dt(s: str | None) -> datetime | None:
 class SqliteDatabase:
     """Owns the connection and applies migrations once at open."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        if read_only:
+            self._open_read_only(path)
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # used from the constructing thread (migrations) and then only from ``_thread``
@@ -184,6 +196,25 @@ class SqliteDatabase:
             self._migrate()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open state database {path}: {exc}") from exc
+
+    def _open_read_only(self, path: Path) -> None:
+        """For commands that only read: no file is created, nothing is migrated or written."""
+        if not path.exists():
+            raise StoreError(f"no state database at {path} (the broker creates it when it "
+                             "first starts)")
+        try:
+            self.conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
+                                        timeout=10.0, isolation_level=None,
+                                        check_same_thread=False)
+            self.conn.row_factory = sqlite3.Row
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open state database {path}: {exc}") from exc
+        if version < len(MIGRATIONS):
+            self.conn.close()
+            raise StoreError(f"state database {path} is at schema version {version}, this "
+                             f"version needs {len(MIGRATIONS)}: start the broker once to "
+                             "migrate it")
 
     def _migrate(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -203,12 +234,31 @@ class SqliteDatabase:
                 raise
 
     _thread: ThreadPoolExecutor | None = None
+    _metrics: Metrics = NullMetrics()
 
     async def run(self, fn: Callable[[], R]) -> R:
         """``fn()`` on the database's thread (started on first use, after any fork)."""
         if self._thread is None:
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bb-sqlite")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+        started = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+        finally:  # the wait behind earlier queries included: what the caller waited
+            self._metrics.store_call(time.perf_counter() - started)
+
+    def observe(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def ping(self) -> None:
+        """Read the database header on the database's thread (behind the queries asked for
+        before it, as a login's would be)."""
+        def header() -> None:
+            try:
+                self.conn.execute("PRAGMA user_version").fetchone()
+            except sqlite3.Error as exc:
+                raise StoreError(f"the state database does not answer: {exc}") from exc
+
+        await self.run(header)
 
     def close(self) -> None:
         if self._thread is not None:
@@ -469,17 +519,24 @@ class SqliteThrottleStore:
         ).fetchall()
         return [ThrottleState(r[0], int(r[1]), float(r[2]), bool(r[3])) for r in rows]
 
+    @_on_db_thread
+    def summary(self, now: float) -> ThrottleSummary:
+        r = self._c.execute(
+            "SELECT COALESCE(SUM(locked != 0), 0),"
+            " COALESCE(SUM(locked = 0 AND next_allowed > ?), 0) FROM auth_throttle", (now,)
+        ).fetchone()
+        return ThrottleSummary(int(r[0]), int(r[1]))
+
 
 class SqliteKeyStore:
-    def __init__(self, db: SqliteDatabase) -> None:
+    def __init__(self, db: SqliteDatabase, parse: ParsePublicKey) -> None:
         self._db = db
         self._c = db.conn
+        self._parse = parse
 
     @_on_db_thread
     def add(self, account: str, public_key: str, comment: str) -> str:
-        from broker.ssh.keys import parse_public_key
-
-        line, fp = parse_public_key(public_key)
+        line, fp = self._parse(public_key)
         self._c.execute(
             "INSERT OR REPLACE INTO user_keys (account, fingerprint, public_key, comment,"
             " added_at) VALUES (?,?,?,?,?)",

@@ -32,6 +32,7 @@ from broker.services.auth import Authenticator
 from broker.services.grants import GrantFilter, GrantService
 from broker.services.roles import roles_of
 from broker.web import schema as S
+from broker.web.routes import Caller, Route
 from broker.web.schema import ApiError
 from broker.web.signing import SessionSigner
 
@@ -75,41 +76,6 @@ class WebContext:
     @property
     def csrf_cookie(self) -> str:
         return "__Host-bb_csrf" if self.settings.secure_cookies else "bb_csrf"
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """An authenticated caller: a browser/CLI session or an API token."""
-
-    actor: Actor
-    username: str
-    domain: str
-    groups: frozenset[str]
-    via: str  # "session" or "token"
-    scopes: frozenset[str]
-    sid: str = ""
-    csrf: str = ""
-    exp: float = 0.0
-    token_id: str = ""
-
-
-Handler = Callable[[web.Request, Caller | None], Awaitable[web.StreamResponse]]
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """One endpoint: router entry and OpenAPI operation at once."""
-
-    method: str
-    path: str
-    handler: Handler
-    summary: str
-    auth: str  # "public", "session" (cookie only) or "any" (cookie or token)
-    scopes: tuple[str, ...] = ()  # a token needs one of these
-    body: str | None = None  # name of a schema in the OpenAPI components
-    query: tuple[tuple[str, str], ...] = ()  # (name, description)
-    responses: tuple[int, ...] = (200,)
-    ok_schema: str | None = None
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

@@ -4,13 +4,11 @@ served route is documented (a test checks it)."""
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from broker.domain.models import Level, Trigger
+from broker.web.routes import Route
 from broker.web.schema import SCOPES, STATES
-
-if TYPE_CHECKING:
-    from broker.web.api import Route
 
 _TIME = {"type": "string", "format": "date-time"}
 _TEXT = {"type": "string", "maxLength": 2000}

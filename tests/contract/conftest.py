@@ -27,6 +27,7 @@ from broker.ports import (
     TokenStore,
     TotpStore,
 )
+from broker.ssh.keys import parse_public_key
 from broker.store.postgres import (
     PostgresApiTokenStore,
     PostgresDatabase,
@@ -85,7 +86,7 @@ def _sqlite_bundle(path: Path, closers: list[Callable[[], Awaitable[None]]]) -> 
     closers.append(close)
     return StoreBundle(
         "sqlite", db, SqliteGrantStore(db), SqliteTotpStore(db), SqliteThrottleStore(db),
-        SqliteSessionIndex(db), SqliteKeyStore(db), SqliteReauthStore(db),
+        SqliteSessionIndex(db), SqliteKeyStore(db, parse_public_key), SqliteReauthStore(db),
         SqliteApiTokenStore(db), twin,
     )
 
@@ -99,7 +100,7 @@ async def _postgres_bundle(dsn: str, closers: list[Callable[[], Awaitable[None]]
     closers.append(db.close)
     return StoreBundle(
         "postgres", db, PostgresGrantStore(db), PostgresTotpStore(db), PostgresThrottleStore(db),
-        PostgresSessionIndex(db), PostgresKeyStore(db), PostgresReauthStore(db),
+        PostgresSessionIndex(db), PostgresKeyStore(db, parse_public_key), PostgresReauthStore(db),
         PostgresApiTokenStore(db), twin,
     )
 

@@ -14,6 +14,7 @@ import pytest
 
 from broker.errors import StoreError
 from broker.ports import SessionRecord
+from broker.ssh.keys import parse_public_key
 from broker.store.pg_migrations import MIGRATIONS
 from broker.store.postgres import (
     PostgresDatabase,
@@ -107,7 +108,7 @@ async def _exercise(db: PostgresDatabase, n: int) -> None:
     await PostgresTotpStore(db).advance_step("alice@corp", n)
     await PostgresThrottleStore(db).failed("alice", 1.0, 3, 60.0, 10)
     await PostgresSessionIndex(db).list(user="alice")
-    await PostgresKeyStore(db).listing()
+    await PostgresKeyStore(db, parse_public_key).listing()
     await PostgresReauthStore(db).valid("alice", "10.0.0.1", "k", 0.0)
 
 
@@ -125,7 +126,7 @@ async def test_server_outage_is_store_error_and_pool_recovers(restartable_pg: Pg
             PostgresThrottleStore(db).failed("alice", 1.0, 3, 60.0, 10),
             PostgresSessionIndex(db).get("sess-0000"),
             PostgresSessionIndex(db).started(make_session("sess-000002")),
-            PostgresKeyStore(db).has("alice", "SHA256:x"),
+            PostgresKeyStore(db, parse_public_key).has("alice", "SHA256:x"),
             PostgresReauthStore(db).remember("alice", "10.0.0.1", "k", 100.0),
         ]
         for call in calls:

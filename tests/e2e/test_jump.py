@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from broker.demo import free_port
+from broker.runtime import free_port
 from tests.conftest import Demo
 from tests.e2e.test_tunnel_lab import (
     Forwarder,

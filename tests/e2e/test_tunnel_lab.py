@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.demo import free_port
 from broker.domain import rdp
+from broker.runtime import free_port
 from tests.conftest import BIN, Demo
 
 

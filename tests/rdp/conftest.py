@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.demo import free_port
+from broker.runtime import free_port
 
 RDP_USER = "rdpuser"
 RDP_PASSWORD = "Corr3ct-horse-battery"  # a throwaway test account

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.cli_output import printable, table
+from broker.cli.output import printable, table
 
 
 def test_table_escapes_control_characters(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from broker.cli import _write_export
+from broker.cli.sessions import write_export as _write_export
 from broker.domain import recording as fmt
 from broker.play import play
 from broker.recordings.local import LocalRecordingSink

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from broker.sftp.cli import file_events
+from broker.cli.files import file_events
 
 
 def test_only_this_sessions_sftp_events_in_order() -> None:

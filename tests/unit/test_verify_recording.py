@@ -210,7 +210,7 @@ def test_hostile_file_names_in_a_manifest_are_refused(sealed: Sealed) -> None:
 
 
 def test_cli_output_escapes_control_characters() -> None:
-    from broker.cli_output import printable
+    from broker.cli.output import printable
 
     assert printable("key '\x1b]0;x\x07' ok é\x9b") == "key '\\x1b]0;x\\x07' ok é\\x9b"
 

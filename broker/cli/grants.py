@@ -25,9 +25,10 @@ from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 
-from broker.cli_output import out as _out
-from broker.cli_output import printable
-from broker.cli_output import table as _table
+from broker.cli.common import config_path, leaf, unix_user
+from broker.cli.output import out as _out
+from broker.cli.output import printable
+from broker.cli.output import table as _table
 from broker.domain.models import Level, Trigger
 from broker.domain.workflow import WorkflowError
 from broker.errors import BrokerError, UsageError
@@ -41,14 +42,6 @@ class RemoteError(BrokerError):
     @property
     def user_message(self) -> str:  # type: ignore[override]
         return str(self)
-
-
-
-
-
-def unix_user() -> str:
-    """Who runs the CLI on the bastion (the sudo caller, not root), for operator actions."""
-    return os.environ.get("SUDO_USER") or getpass.getuser()
 
 
 def session_path() -> Path:
@@ -147,14 +140,14 @@ class Remote:
 # -- operator mode -----------------------------------------------------------------------------
 async def _run_local(config_arg: str | None, op: Op) -> Any:
     from broker.app import connect_stores
-    from broker.cli import _config
+    from broker.config import load_config
     from broker.domain.workflow import Actor, Role
     from broker.services.grants import GrantFilter, GrantService
     from broker.services.roles import grant_policy
     from broker.web import schema as S
 
-    config = _config(argparse.Namespace(config=config_arg))
-    stores = await connect_stores(config)
+    config = load_config(config_path(argparse.Namespace(config=config_arg)))
+    stores = await connect_stores(config, read_only=op[0] in ("list", "show"))
     try:
         svc = GrantService(stores.grants, stores.audit, stores.clock, grant_policy(config.grants))
         actor = Actor(f"operator:{unix_user()}", frozenset({Role.ADMIN, Role.REQUESTER}))
@@ -240,7 +233,7 @@ def _api_of(args: argparse.Namespace) -> str | None:
     """``--api`` wins; then an explicit ``--config`` (operator); then $BASTION_BROKER_API."""
     if getattr(args, "api", None):
         return str(args.api)
-    if args.config:
+    if getattr(args, "config", None):
         return None
     return os.environ.get("BASTION_BROKER_API") or None
 
@@ -252,7 +245,7 @@ def _execute(args: argparse.Namespace, op: Op) -> Any:
     try:
         if api:
             return Remote(api).run(op)
-        return asyncio.run(_run_local(args.config, op))
+        return asyncio.run(_run_local(getattr(args, "config", None), op))
     except (ApiError, WorkflowError) as exc:
         raise UsageError(str(exc)) from None
 
@@ -436,9 +429,7 @@ def cmd_logout(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add ``grant``, ``login`` and ``logout`` to the top-level subcommands."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--api", help="API base URL: remote mode (default: $BASTION_BROKER_API "
-                        "unless --config is given)")
+    common = argparse.ArgumentParser(add_help=False, parents=leaf())
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
     g = sub.add_parser("grant", help="access grants: request, approve, list, ...",

@@ -11,14 +11,14 @@ import sqlite3
 import time
 from typing import Any
 
-from broker.cli_output import out, table
+from broker.cli.common import config_of, leaf
+from broker.cli.output import out, table
 from broker.errors import StoreError
 
 
 def _status(args: argparse.Namespace) -> dict[str, Any]:
-    from broker.cli import _config
 
-    cfg = _config(args)
+    cfg = config_of(args)
     sh = cfg.shipping
     db_path = cfg.shipping_spool_dir / "spool.db"
     result: dict[str, Any] = {
@@ -77,7 +77,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sh = sub.add_parser("shipping", help="copies to S3 and CloudWatch Logs"
                         ).add_subparsers(dest="sub", required=True)
-    s = sh.add_parser("status", help="sessions waiting for S3, audit backlog, last errors")
+    s = sh.add_parser("status", parents=leaf(),
+                       help="sessions waiting for S3, audit backlog, last errors")
     s.add_argument("--limit", type=int, default=20, help="waiting sessions to list")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)

@@ -11,18 +11,18 @@ import argparse
 import json
 from pathlib import Path
 
-from broker.cli_output import out, printable
+from broker.cli.common import config_of, leaf
+from broker.cli.output import out, printable
 from broker.errors import NotFoundError, UsageError
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from broker.cli import _config
     from broker.integrity.keys import default_key_path, load_verify_key, public_path
     from broker.integrity.verify import Report, read_lines, verify_audit, verify_session
 
     if not args.session_id and not args.audit:
         raise UsageError("give a SESSION_ID, or --audit (or both)")
-    config = _config(args)
+    config = config_of(args)
     key_file = Path(args.public_key) if args.public_key else public_path(
         default_key_path(config.state_dir))
     key = load_verify_key(key_file)
@@ -52,7 +52,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    s = sub.add_parser("verify", help="check a recording's signed manifest, or the audit chain")
+    s = sub.add_parser("verify", parents=leaf(),
+                        help="check a recording's signed manifest, or the audit chain")
     s.add_argument("session_id", nargs="?", help="session to check")
     s.add_argument("--audit", action="store_true",
                    help="check the audit log's hash chain and signed checkpoints")

@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from broker.cli_output import out, table
+from broker.cli.common import config_of, leaf, run_async
+from broker.cli.output import out, table
 
 
 def file_events(lines: Iterable[bytes], session_id: str) -> list[dict[str, Any]]:
@@ -41,15 +42,18 @@ def _read(path: Path, session_id: str) -> list[dict[str, Any]]:
 
 async def _files(args: argparse.Namespace) -> int:
     from broker.app import connect_stores
-    from broker.cli import _config
     from broker.errors import NotFoundError
 
-    config = _config(args)
-    stores = await connect_stores(config)
-    if await stores.sessions.get(args.session_id) is None:
+    config = config_of(args)
+    stores = await connect_stores(config, read_only=True)
+    try:
+        rec = await stores.sessions.get(args.session_id)  # a unique prefix of the id counts
+    finally:
+        await stores.close()
+    if rec is None:
         raise NotFoundError(f"no session {args.session_id}")
     try:
-        events = await asyncio.to_thread(_read, config.audit_path, args.session_id)
+        events = await asyncio.to_thread(_read, config.audit_path, rec.id)
     except FileNotFoundError:
         events = []
     except OSError as exc:
@@ -74,7 +78,8 @@ async def _files(args: argparse.Namespace) -> int:
 
 def register(sessions: Any) -> None:
     """Add ``files`` to the ``sessions`` sub-commands."""
-    s = sessions.add_parser("files", help="file operations (sftp/scp) of a session, from the audit log")
+    s = sessions.add_parser("files", parents=leaf(),
+                             help="file operations (sftp/scp) of a session, from the audit log")
     s.add_argument("session_id")
     s.add_argument("--json", action="store_true")
-    s.set_defaults(func=lambda args: asyncio.run(_files(args)))
+    s.set_defaults(func=run_async(_files))

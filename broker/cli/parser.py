@@ -1,0 +1,29 @@
+"""The argument parser: global options, then one ``register`` per command group."""
+
+from __future__ import annotations
+
+import argparse
+
+from broker import __version__
+from broker.cli import auth, ca, grants, keys, serve, sessions, shipping, totp, users, verify
+from broker.cli.common import add_global_options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bastion-broker",
+        description="run the broker or the demo, and operate it (grants, sessions, TOTP, users)")
+    add_global_options(p, top=True)
+    p.add_argument("--version", action="version", version=f"bastion-broker {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve.register(sub)      # serve, demo
+    grants.register(sub)     # grant request|approve|...|list|show|add, login, logout
+    verify.register(sub)     # verify SESSION_ID | --audit
+    shipping.register(sub)   # shipping status
+    sessions.register(sub)   # sessions list|files, play, export
+    totp.register(sub)
+    auth.register(sub)
+    keys.register(sub)
+    ca.register(sub)
+    users.register(sub)
+    return p

@@ -1,0 +1,162 @@
+"""The CLI prints only what was asked for, and commands that look never write.
+
+Every command that succeeds against the demo leaves stderr empty: a dependency's warning (say,
+a deprecation at import) goes through logging, not onto the operator's terminal. Read-only
+commands run against a copy of a state directory change no file in it, even when its keys are
+missing: only ``serve``/``demo`` create keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, Demo
+
+pytestmark = pytest.mark.e2e
+
+
+def _run(args: list[str], stdin: str = "", env: dict[str, str] | None = None,
+         ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN), *args], input=stdin, capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def _session_with_a_file(demo: Demo) -> str:
+    """One recorded exec session (its id), made for this test."""
+    user = demo.take_user()
+    r = demo.ssh(user, "web01", "echo quiet-cli-check")
+    assert r.returncode == 0, r.stderr
+    rows = [s for s in demo.sessions() if s["user"].startswith(user)]
+    assert rows, "the session is not listed"
+    return str(rows[0]["id"])
+
+
+def test_every_successful_command_leaves_stderr_empty(demo: Demo, tmp_path: Path) -> None:
+    sid = _session_with_a_file(demo)
+    cfg = ["--config", demo.config]
+    pub = (tmp_path / "k.pub")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")],
+                   check=True)
+    key_line = pub.read_text().strip()
+    fingerprint = subprocess.run(["ssh-keygen", "-lf", str(pub)], capture_output=True, text=True,
+                                 check=True).stdout.split()[1]
+    grant = json.loads(_run([*cfg, "grant", "add", "--user", "quietcheck", "--domain",
+                             demo.info["domain"], "--stack", "stack-web", "--vpc", "vpc-0demo",
+                             "--level", "read-only", "--ticket", "T-1", "--reason", "check",
+                             "--json"]).stdout)
+    commands: list[tuple[list[str], str]] = [
+        (["--version"], ""),
+        (["totp", "code", "--secret", demo.secret("alice")], ""),
+        ([*cfg, "sessions", "list"], ""),
+        ([*cfg, "sessions", "list", "--json"], ""),
+        ([*cfg, "sessions", "files", sid], ""),
+        ([*cfg, "play", sid, "--speed", "1000"], ""),
+        ([*cfg, "export", sid], ""),
+        ([*cfg, "export", sid, "-o", str(tmp_path / "s.cast")], ""),
+        ([*cfg, "verify", sid], ""),
+        ([*cfg, "verify", "--audit"], ""),
+        ([*cfg, "grant", "list"], ""),
+        ([*cfg, "grant", "show", grant["id"]], ""),
+        ([*cfg, "grant", "revoke", grant["id"], "--comment", "done"], ""),
+        ([*cfg, "auth", "status"], ""),
+        ([*cfg, "key", "add", "quietcheck", "-"], key_line + "\n"),
+        ([*cfg, "key", "list"], ""),
+        ([*cfg, "key", "remove", "quietcheck", fingerprint], ""),
+        ([*cfg, "totp", "enroll", "quietcheck"], ""),
+        ([*cfg, "totp", "reset", "quietcheck"], ""),
+        ([*cfg, "ca", "known-hosts"], ""),
+        ([*cfg, "shipping", "status"], ""),
+        (["sessions", "list", *cfg], ""),  # the global option after the command works too
+    ]
+    for args, stdin in commands:
+        r = _run(args, stdin)
+        assert r.returncode == 0, f"{args}: {r.stderr}"
+        assert r.stderr == "", f"bastion-broker {' '.join(args)} wrote to stderr:\n{r.stderr}"
+
+
+def test_api_login_works_before_and_after_the_command(demo: Demo, tmp_path: Path) -> None:
+    """``bastion-broker --api URL login`` (what the demo banner prints) and ``login --api URL``."""
+    import os
+
+    user = demo.take_user()
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path)}
+    env.pop("BASTION_BROKER_CONFIG", None)
+    for args in (["--api", demo.info["web_url"], "login", "--user", user, "--password-stdin"],
+                 ["login", "--api", demo.info["web_url"], "--user", user, "--password-stdin"]):
+        r = _run(args, f"{demo.info['password']}\n{demo.next_code(user)}\n", env)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == ""
+        assert f"logged in to {demo.info['web_url']}" in r.stdout
+        r = _run(["--api", demo.info["web_url"], "grant", "list", "--json"], env=env)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        r = _run(["logout"], env=env)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_user_add_without_a_terminal_is_one_line(demo: Demo, tmp_path: Path) -> None:
+    for stdin in ("", "secret-password\nsecret-password\n"):
+        r = subprocess.run([str(BIN), "--config", demo.config, "user", "add", "nobody-here"],
+                           input=stdin, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2
+        assert r.stderr == ("bastion-broker: error: standard input is not a terminal: give the "
+                            "password with --password-stdin\n")
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with its content hash, but SQLite's WAL index and an empty WAL:
+    a read-only reader of a WAL database makes those two if they are missing (they exist
+    anyway while the broker runs) and keeps read marks in the index."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.name.endswith("-shm")
+            and not (p.name.endswith("-wal") and p.stat().st_size == 0)}
+
+
+def _copy_state(demo: Demo, dest: Path) -> Path:
+    shutil.copytree(demo.state_dir, dest, ignore=shutil.ignore_patterns(
+        "broker.db*", "*.sock", "sshd*", "demo.json"))
+    src = sqlite3.connect(demo.state_dir / "broker.db")
+    dst = sqlite3.connect(dest / "broker.db")
+    with dst:
+        src.backup(dst)
+    src.close()
+    dst.close()
+    return dest / "broker.toml"
+
+
+def test_read_only_commands_write_nothing_even_without_keys(demo: Demo, tmp_path: Path) -> None:
+    sid = _session_with_a_file(demo)
+    cfg_path = _copy_state(demo, tmp_path / "state")
+    state = cfg_path.parent
+    (state / "integrity_ed25519_key").unlink()  # the private half; .pub stays for verify
+    (state / "totp.key").unlink()
+    before = _snapshot(state)
+    cfg = ["--config", str(cfg_path)]
+    for args in ([*cfg, "sessions", "list"], [*cfg, "sessions", "files", sid],
+                 [*cfg, "play", sid, "--speed", "1000"], [*cfg, "export", sid],
+                 [*cfg, "verify", sid], [*cfg, "verify", "--audit"], [*cfg, "grant", "list"],
+                 [*cfg, "ca", "known-hosts"], [*cfg, "auth", "status"], [*cfg, "key", "list"],
+                 [*cfg, "shipping", "status"]):
+        r = _run(args)
+        assert r.returncode in (0, 1), f"{args}: {r.stderr}"  # verify may report problems
+        assert "Traceback" not in r.stderr
+    assert _snapshot(state) == before
+    assert not (state / "integrity_ed25519_key").exists()
+    assert not (state / "totp.key").exists()
+
+
+def test_writing_commands_never_mint_a_missing_key(demo: Demo, tmp_path: Path) -> None:
+    cfg_path = _copy_state(demo, tmp_path / "state")
+    state = cfg_path.parent
+    (state / "integrity_ed25519_key").unlink()
+    r = _run(["--config", str(cfg_path), "totp", "enroll", "someone"])
+    assert r.returncode == 2
+    assert r.stderr.startswith("bastion-broker: error: ")
+    assert "no signing key" in r.stderr and "run serve once" in r.stderr
+    assert not (state / "integrity_ed25519_key").exists()
