@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -45,11 +43,9 @@ def _why_not_live(g: Grant | None, now: datetime) -> str:
 class GrantEnforcer:
     def __init__(self, sessions: SessionService, grants: GrantReader, audit: AuditSink,
                  clock: Clock, *, interval: float, warn_before: timedelta,
-                 idle_timeout: float = 0.0,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 idle_timeout: float = 0.0) -> None:
         self._sessions = sessions
         self._idle_timeout = idle_timeout  # seconds; 0 = never
-        self._monotonic = monotonic
         self._grants = grants
         self._audit = audit
         self._clock = clock
@@ -90,7 +86,7 @@ class GrantEnforcer:
     def _ended_idle(self, s: LiveSession) -> bool:
         if s.request.kind not in IDLE_KINDS:
             return False
-        idle = self._monotonic() - s.last_activity
+        idle = s.idle_seconds()  # the clock that stamped its activity: never mixed with another
         if s.closed or s.control is None or idle < self._idle_timeout:
             return False
         self._audit.emit("session.terminated", session_id=s.id, user=str(s.request.principal),

@@ -96,14 +96,18 @@ class LiveSession:
 
     def __init__(self, sid: str, req: SessionRequest, writer: RecordingWriter,
                  started_at: datetime, on_write_error: WriteErrorHandler | None = None,
-                 release_scope: ReleaseScope = contextlib.nullcontext) -> None:
+                 release_scope: ReleaseScope = contextlib.nullcontext, *,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.id = sid
         self.request = req
         self.writer = writer
         self.started_at = started_at
         self.bytes_in = 0
         self.bytes_out = 0
-        self.last_activity = time.monotonic()  # a byte either way; for the idle timeout
+        # a byte either way, for the idle timeout: stamped and read (``idle_seconds``) on one
+        # clock, the service's (``Clock.monotonic``)
+        self._monotonic = monotonic
+        self.last_activity = monotonic()
         self.closed = False
         self.deadline = req.grant.expires_at  # moves when the grant is extended
         self.warned = False
@@ -177,15 +181,21 @@ class LiveSession:
     def output(self, data: bytes, stderr: bool, action: Callable[[], None]) -> None:
         self.record(fmt.ERROR if stderr else fmt.OUTPUT, data, action)
         self.bytes_out += len(data)
-        self.last_activity = time.monotonic()
+        monotonic = self._monotonic  # a local call: as cheap as ``time.monotonic()`` (3.11)
+        self.last_activity = monotonic()
 
     def input(self, data: bytes, action: Callable[[], None]) -> None:
         self.record(fmt.INPUT, data, action)
         self.bytes_in += len(data)
-        self.last_activity = time.monotonic()
+        monotonic = self._monotonic
+        self.last_activity = monotonic()
 
     def resize(self, width: int, height: int, action: Callable[[], None]) -> None:
         self.record(fmt.RESIZE, f"{width}x{height}".encode(), action)
+
+    def idle_seconds(self) -> float:
+        """Seconds since the last byte either way, on the clock that stamped it."""
+        return self._monotonic() - self.last_activity
 
 
 class SessionService:
@@ -274,7 +284,8 @@ class SessionService:
             if local is not None:  # the session never started: nothing to repair later
                 local.release()
             raise
-        live = LiveSession(sid, req, writer, now, self._write_failed, self._release_scope)
+        live = LiveSession(sid, req, writer, now, self._write_failed, self._release_scope,
+                           monotonic=self._clock.monotonic)
         self.live[sid] = live
         log.info("session.start", session_id=sid, user=str(req.principal),
                  target=req.instance.id, kind=req.kind)
