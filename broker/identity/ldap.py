@@ -483,8 +483,10 @@ def _domain_dn(fqdn: str, base_dn: str) -> str:
 class ADDirectory:
     """``Directory`` over one or more Active Directory domains (see the module docstring)."""
 
-    def __init__(self, settings: ADSettings) -> None:
+    def __init__(self, settings: ADSettings, *,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self._s = settings
+        self._sleep = sleep  # the unknown-user padding's wait (in a worker thread); tests record it
         self._domains: dict[str, _Domain] = {}
         self._names: dict[str, str] = {}
         for d in settings.domains:
@@ -690,7 +692,7 @@ class ADDirectory:
         took = timed[-1]
         cost = self._fail_cost[dom.fqdn.casefold()]
         if entry is None or ambiguous:
-            time.sleep(min(cost.pad(took), max(0.0, deadline - time.monotonic())))
+            self._sleep(min(cost.pad(took), max(0.0, deadline - time.monotonic())))
             return AuthOutcome(None, "ambiguous user name" if ambiguous else "unknown user")
         if reason == AD_BIND_CODES["52e"]:
             cost.record(took)
