@@ -48,7 +48,9 @@ class SSHSettings(_Model):
     listen_host: str = "127.0.0.1"
     listen_port: Port = 2222
     host_key: Path | None = None  # default: STATE_DIR/ssh_host_ed25519_key
-    login_grace_seconds: float = Field(default=30.0, gt=0, le=600)
+    # from connect to authenticated, as OpenSSH's LoginGraceTime (also 120 s): long enough to
+    # type the password, open the authenticator app and wait for a fresh code
+    login_grace_seconds: float = Field(default=120.0, gt=0, le=600)
     # broker processes sharing the port (SO_REUSEPORT); 0 = one per core
     workers: int = Field(default=1, ge=0, le=64)
     kex_algs: list[str] = Field(default_factory=lambda: list(DEFAULT_KEX))
