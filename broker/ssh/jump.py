@@ -2,7 +2,8 @@
 
 A client's direct-tcpip channel to port 22 of a granted Linux target (``ssh -J``, ``scp -J``,
 ``sftp -J``, rsync over ``ssh -J``, VS Code Remote-SSH) is not passed through as opaque bytes:
-the broker serves the inner SSH connection itself (over an in-memory transport pair, ``memlink``),
+the broker serves the inner SSH connection itself (over an in-memory transport pair, ``memlink``,
+or a socketpair when the asyncssh patches are off: ``broker.ssh.patches.server_link``),
 with a host certificate for the target's names signed by its host CA (users trust it with the one
 ``@cert-authority`` line of ``bastion-broker ca known-hosts``). The inner login needs no second
 authentication: the outer connection already proved password + code, and the channel was
@@ -26,7 +27,7 @@ import structlog
 
 from broker.config import BrokerConfig
 from broker.domain.models import Instance, Principal
-from broker.ssh import via_target
+from broker.ssh import patches, via_target
 from broker.ssh.keys import load_or_create_key
 from broker.ssh.refusals import ForwardRefusingServer
 from broker.ssh.relay import ClientSession, RelayDeps
@@ -118,33 +119,26 @@ class JumpServer(ForwardRefusingServer):
         return self._forward(self._conn, links=self._links, host=dest_host, port=dest_port)
 
 
-def start_inner(deps: RelayDeps, principal: Principal, instance: Instance, peer: str,
-                names: list[str], transport: asyncio.Transport, forward: Forward,
-                ) -> asyncio.Task[None]:
-    """Serve the inner SSH connection on ``transport`` (one end of a ``memlink`` pair, the
-    tunnel holds the other) in the background; ``forward`` answers its direct-tcpip requests.
-
-    What ``asyncssh.run_server`` does for a socket: the options, then a server connection that
-    waits for authentication, on the transport given."""
+async def start_inner(deps: RelayDeps, principal: Principal, instance: Instance, peer: str,
+                      names: list[str], protocol: asyncio.Protocol, forward: Forward,
+                      ) -> tuple[asyncio.Transport, asyncio.Task[None]]:
+    """A transport for ``protocol`` (the tunnel's end) whose other end serves the inner SSH
+    connection in the background (``patches.server_link``: an in-memory pair, or a socketpair
+    on stock asyncssh); ``forward`` answers its direct-tcpip requests."""
     ssh = deps.config.ssh
     key, cert = host_certificate(deps.config, names, deps.clock.now())
-    loop = asyncio.get_running_loop()
+    transport, end = await patches.server_link(protocol)
 
     async def run() -> None:
         conn: asyncssh.SSHServerConnection | None = None
         try:
-            options = await asyncssh.SSHServerConnectionOptions.construct(
+            conn = await end.run_server(
                 server_factory=lambda: JumpServer(deps, principal, instance, peer, forward),
                 server_host_keys=[(key, cert)], kex_algs=ssh.kex_algs,
                 encryption_algs=ssh.ciphers, mac_algs=ssh.macs, compression_algs=["none"],
                 login_timeout=ssh.login_grace_seconds, agent_forwarding=False,
                 x11_forwarding=False, allow_pty=True, line_editor=False,
                 server_version="bastion-broker")
-            options.waiter = loop.create_future()
-            conn = asyncssh.SSHServerConnection(loop, options, wait="auth")
-            transport.set_protocol(conn)
-            conn.connection_made(transport)
-            await options.waiter  # the handshake failed or timed out: raises
             await conn.wait_closed()
         except (OSError, asyncssh.Error) as exc:
             log.info("jump.inner_ended", user=str(principal), target=instance.id,
@@ -152,6 +146,6 @@ def start_inner(deps: RelayDeps, principal: Principal, instance: Instance, peer:
         finally:
             if conn is not None:
                 conn.abort()
-            transport.close()
+            end.close()
 
-    return loop.create_task(run())
+    return transport, asyncio.get_running_loop().create_task(run())

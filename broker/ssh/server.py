@@ -15,7 +15,6 @@ from typing import Any
 import asyncssh
 import structlog
 from asyncssh.auth import KbdIntChallenge, KbdIntResponse
-from asyncssh.public_key import decode_ssh_public_key
 
 from broker.config import LimitsSettings
 from broker.domain import forwarding as fwd
@@ -24,6 +23,7 @@ from broker.domain.ratelimit import SourceGuard
 from broker.domain.selector import Selector, SelectorError, parse_selector
 from broker.ports import KeyStore
 from broker.services.auth import Authenticator
+from broker.ssh import patches
 from broker.ssh.menu import MenuSession
 from broker.ssh.refusals import ForwardRefusingServer
 from broker.ssh.relay import ClientSession, RelayDeps
@@ -67,6 +67,7 @@ class BrokerConnection(ForwardRefusingServer):
         self._failures = 0
         self._max_failures = deps.config.limits.max_auth_failures_per_connection
         self._own: frozenset[tuple[str, int]] = frozenset()  # this bastion's listeners
+        self._keys_offered = False  # [identity] public_keys, if the asyncssh patches are on
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
@@ -80,8 +81,8 @@ class BrokerConnection(ForwardRefusingServer):
             return
         self._counted = True
         self._own = own_endpoints(self._deps, conn.get_extra_info("sockname"))
-        if self._deps.config.identity.public_keys:
-            self._wrap_key_check(conn)
+        if self._deps.config.identity.public_keys:  # without the asyncssh patches: not offered
+            self._keys_offered = patches.on_key_proven(conn, self._key_proven)
 
     def _uncount(self) -> None:
         if self._counted:
@@ -112,7 +113,7 @@ class BrokerConnection(ForwardRefusingServer):
         return False
 
     def public_key_auth_supported(self) -> bool:
-        return self._deps.config.identity.public_keys
+        return self._keys_offered
 
     async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         sel = self._selector
@@ -121,27 +122,16 @@ class BrokerConnection(ForwardRefusingServer):
         account = self._auth.account_of(sel.username, sel.domain)
         return await self._keys.has(account, key.get_fingerprint("sha256"))
 
-    def _wrap_key_check(self, conn: asyncssh.SSHServerConnection) -> None:
-        original = conn.validate_public_key
-
-        async def checked(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
-            ok = await original(username, key_data, msg, signature)
-            if not (ok and msg):
-                return ok  # a query (no signature) or a key we do not accept
-            try:
-                fp = decode_ssh_public_key(key_data).get_fingerprint("sha256")
-            except asyncssh.KeyImportError:
-                return False  # e.g. a certificate: only plain registered keys count
-            sel = self._selector
-            if sel is not None and await self._auth.reauth_allowed(
-                    sel.username, sel.domain, self._ip, fp):
-                return await self._finish_login(
-                    await self._auth.login_within_window(
-                        sel.username, sel.domain, None, self._peer, fp))
-            self._key_fp = fp  # proven: keyboard-interactive will ask for the code only
-            return False
-
-        setattr(conn, "validate_public_key", checked)  # noqa: B010 - instance override
+    async def _key_proven(self, fp: str) -> bool:
+        """A signature verified with the accepted key ``fp`` (``patches.on_key_proven``)."""
+        sel = self._selector
+        if sel is not None and await self._auth.reauth_allowed(
+                sel.username, sel.domain, self._ip, fp):
+            return await self._finish_login(
+                await self._auth.login_within_window(
+                    sel.username, sel.domain, None, self._peer, fp))
+        self._key_fp = fp  # proven: keyboard-interactive will ask for the code only
+        return False
 
     def kbdint_auth_supported(self) -> bool:
         return True

@@ -29,7 +29,7 @@ from broker.domain import rdp
 from broker.domain.models import Grant, Instance, Principal
 from broker.errors import BrokerError, UpstreamError
 from broker.services.sessions import LiveSession, SessionRequest
-from broker.ssh import jump, memlink, via_target, wire
+from broker.ssh import jump, patches, via_target
 from broker.ssh.relay import RelayDeps
 
 log = structlog.get_logger("broker.tunnel")
@@ -172,8 +172,8 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         v = self._v
         try:
             if v.service == "ssh" and v.instance is not None:
-                # recorded ProxyJump: the inner SSH connection is served here, in memory
-                transport = self._serve_jump(v.instance)
+                # recorded ProxyJump: the inner SSH connection is served here
+                transport = await self._serve_jump(v.instance)
             elif v.service == "target-local":
                 # inside a ProxyJump: the target's loopback, reached from the target itself
                 # (never dialled here: on the bastion it would be the bastion's own loopback)
@@ -206,19 +206,13 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
                                                 exc.user_message) from None
         return self
 
-    def _serve_jump(self, instance: Instance) -> asyncio.Transport:
-        """The tunnel's end of an in-memory pair whose other end serves the inner connection."""
-        ours, inner = memlink.pair(self._loop)
-        ours.set_protocol(_Target(self))
+    async def _serve_jump(self, instance: Instance) -> asyncio.Transport:
+        """The tunnel's end of a link whose other end serves the inner connection."""
         names = list(dict.fromkeys([self._host, instance.id, instance.name]))
-        try:
-            forward = functools.partial(open_from_target, self._deps, principal=self._principal,
-                                        peer=self._peer)
-            self._inner = jump.start_inner(self._deps, self._principal, instance, self._peer,
-                                           names, inner, forward)
-        except BrokerError:
-            ours.abort()
-            raise
+        forward = functools.partial(open_from_target, self._deps, principal=self._principal,
+                                    peer=self._peer)
+        ours, self._inner = await jump.start_inner(self._deps, self._principal, instance,
+                                                   self._peer, names, _Target(self), forward)
         return ours
 
     async def _start_session(self) -> LiveSession:
@@ -453,7 +447,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
                 return
             live.bytes_out += len(data)
             self._last = self._loop.time()
-            with contextlib.suppress(OSError, asyncssh.Error), wire.corked():
+            with contextlib.suppress(OSError, asyncssh.Error), patches.corked():
                 chan.write(data)  # a large read becomes several packets: one writev for them
             return
         if self._phase == "closed":

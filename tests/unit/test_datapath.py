@@ -1,4 +1,4 @@
-"""broker.ssh.datapath: channel data framed, encrypted and opened in one pass.
+"""broker.ssh.patches.datapath: channel data framed, encrypted and opened in one pass.
 
 A real asyncssh server and client on loopback, both with the broker's transport patches: random
 data each way (stdout and stderr) must arrive byte-identical, with reads cut at random points
@@ -22,8 +22,9 @@ import pytest
 from asyncssh.constants import MSG_CHANNEL_DATA, MSG_CHANNEL_EXTENDED_DATA
 from asyncssh.encryption import GCMEncryption
 
-from broker.ssh import datapath, wire
-from broker.ssh.gcm import KeyedGCMEncryption
+from broker.ssh import patches
+from broker.ssh.patches import datapath, wire
+from broker.ssh.patches.gcm import KeyedGCMEncryption
 from tests import sshloop
 
 SIZE = 3 << 20
@@ -126,7 +127,7 @@ async def _echo_through(cipher: str, seed: int) -> tuple[bytes, bytes, int]:
 
 @pytest.fixture(autouse=True)
 def _installed() -> None:
-    wire.install()
+    assert patches.install(stock=False)  # through the version gate
     assert wire.installed()  # datapath's patches included
 
 

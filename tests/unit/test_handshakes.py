@@ -1,5 +1,6 @@
 """The handshake pump: pre-authentication reads parsed in bounded slices, oldest handshake first,
-in order per connection, with reading paused when too much waits (``broker.ssh.handshakes``)."""
+in order per connection, with reading paused when too much waits
+(``broker.ssh.patches.handshakes``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from broker.ssh import handshakes
+from broker.ssh.patches import handshakes
 
 
 class _Transport:

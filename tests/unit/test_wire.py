@@ -1,4 +1,4 @@
-"""broker.ssh.wire: no MSG_IGNORE per packet under AEAD ciphers, still sent under others; the
+"""broker.ssh.patches.wire: no MSG_IGNORE per packet under AEAD ciphers, still sent under others; the
 keyed AES-GCM packet cipher is interchangeable with asyncssh's own.
 
 A real asyncssh server and client on loopback; packets are counted by the sender's sequence
@@ -16,8 +16,9 @@ import asyncssh
 import pytest
 from asyncssh.encryption import GCMEncryption
 
-from broker.ssh import datapath, wire
-from broker.ssh.gcm import KeyedGCMEncryption
+from broker.ssh import patches
+from broker.ssh.patches import datapath, wire
+from broker.ssh.patches.gcm import KeyedGCMEncryption
 from tests import sshloop
 
 WRITES = 50
@@ -58,7 +59,7 @@ async def _packets_for(cipher: str) -> int:
 
 @pytest.fixture(autouse=True)
 def _installed() -> None:
-    wire.install()
+    assert patches.install(stock=False)  # through the version gate
     assert wire.installed()
 
 

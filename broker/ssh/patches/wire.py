@@ -60,8 +60,9 @@ from asyncssh.logging import SSHLogger
 from asyncssh.packet import SSHPacketLogger
 from asyncssh.saslprep import saslprep as _original_saslprep
 
-from broker.ssh import datapath, handshakes
-from broker.ssh.gcm import KeyedGCMEncryption
+from broker.ssh.patches import datapath, handshakes
+from broker.ssh.patches.gcm import KeyedGCMEncryption
+from broker.ssh.patches.private import replace, replace_item
 
 _AEAD = (GCMEncryption, ChachaEncryption)
 _original = SSHConnection.send_packet
@@ -175,19 +176,21 @@ def corked() -> Iterator[None]:
 
 
 def install() -> None:
-    """Idempotent; affects every asyncssh connection in the process (server and upstream legs)."""
-    SSHConnection.send_packet = _send_packet  # type: ignore[method-assign]
-    SSHConnection._send = _send  # type: ignore[method-assign]
-    SSHConnection._send_parts = _send_parts  # type: ignore[attr-defined]
+    """Idempotent; affects every asyncssh connection in the process (server and upstream legs).
+    Only through ``broker.ssh.patches.install()``, which checks the asyncssh version first."""
+    replace(SSHConnection, "send_packet", _send_packet)
+    replace(SSHConnection, "_send", _send)
+    replace(SSHConnection, "_send_parts", _send_parts)
     for alg in _GCM_ALGS:
-        _encryption._enc_params[alg] = (KeyedGCMEncryption, _encryption._enc_params[alg][1])
-    SSHPacketLogger.log_sent_packet = _log_sent  # type: ignore[method-assign]
-    SSHPacketLogger.log_received_packet = _log_received  # type: ignore[method-assign]
-    # the name each module imported (not re-exported, hence the ignores)
-    _connection.saslprep = _saslprep  # type: ignore[attr-defined]
-    _auth.saslprep = _saslprep  # type: ignore[attr-defined]
-    SSHLogger.log = _log  # type: ignore[method-assign]
-    SSHConnection.data_received = _data_received  # type: ignore[method-assign]
+        replace_item(_encryption, "_enc_params", alg,
+                     (KeyedGCMEncryption, _encryption._enc_params[alg][1]))
+    replace(SSHPacketLogger, "log_sent_packet", _log_sent)
+    replace(SSHPacketLogger, "log_received_packet", _log_received)
+    # the name each module imported (not re-exported)
+    replace(_connection, "saslprep", _saslprep)
+    replace(_auth, "saslprep", _saslprep)
+    replace(SSHLogger, "log", _log)
+    replace(SSHConnection, "data_received", _data_received)
     datapath.install()
 
 
@@ -195,6 +198,7 @@ def installed() -> bool:
     return (SSHConnection.send_packet is _send_packet and SSHConnection._send is _send
             and getattr(SSHConnection, "_send_parts", None) is _send_parts
             and all(_encryption._enc_params[alg][0] is KeyedGCMEncryption for alg in _GCM_ALGS)
+            and SSHPacketLogger.log_sent_packet is _log_sent
             and SSHPacketLogger.log_received_packet is _log_received
             and _connection.saslprep is _saslprep  # type: ignore[attr-defined]
             and _auth.saslprep is _saslprep  # type: ignore[attr-defined]

@@ -38,7 +38,8 @@ from asyncssh.constants import MSG_CHANNEL_DATA, MSG_CHANNEL_EXTENDED_DATA
 from asyncssh.logging import SSHLogger
 from asyncssh.misc import DisconnectError
 
-from broker.ssh.gcm import KeyedGCMEncryption
+from broker.ssh.patches.gcm import KeyedGCMEncryption
+from broker.ssh.patches.private import replace
 
 _original_write = SSHChannel.write
 _original_flush = SSHChannel._flush_send_buf
@@ -251,8 +252,8 @@ def receive(conn: Any, data: bytes) -> None:
 def install() -> None:
     """Idempotent; called by ``wire.install()``, which also routes reads to ``receive`` and
     provides ``_send_parts``."""
-    SSHChannel.write = _write  # type: ignore[method-assign]
-    SSHChannel._flush_send_buf = _flush_send_buf  # type: ignore[method-assign]
+    replace(SSHChannel, "write", _write)
+    replace(SSHChannel, "_flush_send_buf", _flush_send_buf)
 
 
 def installed() -> bool:
