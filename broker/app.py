@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import asyncssh
 import structlog
+from pydantic import BaseModel
 
 from broker import runtime
 from broker.audit.jsonl import JsonlAuditLog
-from broker.config import BrokerConfig
+from broker.config import BrokerConfig, load_config
 from broker.errors import AuditError, BrokerError, ConfigError, StoreError
 from broker.identity.static import StaticDirectory
 from broker.integrity.keys import (
@@ -55,7 +60,7 @@ from broker.ssh.ca import UserCA
 from broker.ssh.jump import host_ca
 from broker.ssh.keys import load_or_create_key, load_or_create_user_ca, parse_public_key
 from broker.ssh.relay import RelayDeps
-from broker.ssh.server import start_server
+from broker.ssh.server import configure_guard, source_guard, start_server
 from broker.store.sqlite import (
     SqliteApiTokenStore,
     SqliteDatabase,
@@ -237,16 +242,135 @@ def build_inventory(config: BrokerConfig) -> Inventory:
     return StaticInventory.from_file(config.inventory.file)
 
 
+def account_policy(config: BrokerConfig) -> AccountPolicy:
+    limits = config.limits
+    return AccountPolicy(limits.account_free_failures, limits.account_backoff_max_seconds,
+                         limits.account_lock_after)
+
+
+def totp_policy(config: BrokerConfig) -> TotpPolicy:
+    return TotpPolicy(config.totp.self_enroll, config.totp.reauth_window_seconds,
+                      config.totp.issuer)
+
+
+def _enforcer_settings(config: BrokerConfig) -> dict[str, Any]:
+    return {"interval": config.grants.enforce_interval_seconds,
+            "warn_before": timedelta(seconds=config.grants.warn_before_seconds),
+            "idle_timeout": config.ssh.session_idle_timeout_seconds}
+
+
+# -- configuration reload (SIGHUP) -------------------------------------------------------------
+# What a reload changes at once, per section (None: every key of it). It applies to the logins,
+# sessions, tunnels and API requests that start afterwards; what already runs keeps going as it
+# started. Every other key keeps its running value until a restart (config.reload_needs_restart).
+LIVE_KEYS: dict[str, frozenset[str] | None] = {
+    "limits": None,
+    "forwarding": None,
+    "grants": None,
+    "roles": None,
+    "inventory": None,
+    "identity": frozenset({"users_file", "default_domain", "domain_aliases", "public_keys"}),
+    "upstream": frozenset({"admin_login", "read_only_login", "cert_ttl_seconds",
+                           "connect_timeout_seconds"}),
+    "totp": frozenset({"self_enroll", "reauth_window_seconds", "issuer"}),
+    "ssh": frozenset({"window_bytes", "max_packet_bytes", "session_idle_timeout_seconds"}),
+    "shutdown": None,
+}
+
+
+def config_changes(old: BrokerConfig, new: BrokerConfig) -> list[str]:
+    """The keys whose values differ, as ``section.key`` (a top-level key by its own name).
+    Names only: a caller may log them, never the values (a DSN may hold a password)."""
+    changed: list[str] = []
+    for name in BrokerConfig.model_fields:
+        a, b = getattr(old, name), getattr(new, name)
+        if a == b:
+            continue
+        if isinstance(a, BaseModel) and type(a) is type(b):
+            changed += [f"{name}.{key}" for key in type(a).model_fields
+                        if getattr(a, key) != getattr(b, key)]
+        else:
+            changed.append(name)
+    return changed
+
+
+def reloads_live(key: str) -> bool:
+    """Whether a reload applies ``key`` (``section.key``) at once."""
+    section, _, name = key.partition(".")
+    if section not in LIVE_KEYS or not name:
+        return False
+    names = LIVE_KEYS[section]
+    return names is None or name in names
+
+
+def with_values(config: BrokerConfig, source: BrokerConfig, keys: Iterable[str]) -> BrokerConfig:
+    """``config`` with the values ``source`` has for ``keys`` (``section.key``)."""
+    updates: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        section, _, name = key.partition(".")
+        updates.setdefault(section, {})[name] = getattr(getattr(source, section), name)
+    return config.model_copy(update={
+        section: getattr(config, section).model_copy(update=values)
+        for section, values in updates.items()})
+
+
+@dataclass
+class ConfigSource:
+    """The file a broker was started from, as last applied: the keys a reload changes hold the
+    file's values of the last good reload, every other key the value the broker started with
+    (so a key that needs a restart is named again at every reload until there is one)."""
+
+    path: Path
+    applied: BrokerConfig
+
+
+@dataclass(frozen=True)
+class Reread:
+    """A config file read again and validated, with the files it names, and what it changes."""
+
+    applied: BrokerConfig  # the next ``ConfigSource.applied``
+    running: BrokerConfig  # what the broker runs with from now
+    live: tuple[str, ...]  # keys changed now
+    restart: tuple[str, ...]  # keys changed in the file that keep their value until a restart
+    inventory: Inventory | None  # the inventory to use from now (None: keep the one in use)
+    directory: Directory | None  # the static directory to use from now (None: keep it)
+
+
+def reread(source: ConfigSource, running: BrokerConfig) -> Reread:
+    """Read and validate the config file again, and the inventory and users files it names.
+    Raises ``ConfigError`` (file, key and problem) if any of them is invalid. Blocking: a
+    running broker calls it in a thread."""
+    new = load_config(source.path)
+    changed = config_changes(source.applied, new)
+    live = tuple(k for k in changed if reloads_live(k))
+    restart = tuple(k for k in changed if not reloads_live(k))
+    running = with_values(running, new, live)
+    inventory = None  # a static inventory file is read again even if its name is the same
+    if running.inventory.backend == "static" or any(k.startswith("inventory.") for k in live):
+        inventory = build_inventory(running)
+    directory = build_directory(running) if running.identity.backend == "static" else None
+    return Reread(with_values(source.applied, new, live), running, live, restart, inventory,
+                  directory)
+
+
+def _compare(old: Mapping[str, object], new: Mapping[str, object]) -> dict[str, list[str]]:
+    diff = {"added": sorted(new.keys() - old.keys()), "removed": sorted(old.keys() - new.keys()),
+            "changed": sorted(k for k in old.keys() & new.keys() if old[k] != new[k])}
+    return {k: v for k, v in diff.items() if v}
+
+
 class Broker:
     """A running broker: stores, services and the SSH listener."""
 
-    def __init__(self, config: BrokerConfig, stores: Stores | None = None) -> None:
+    def __init__(self, config: BrokerConfig, stores: Stores | None = None, *,
+                 source: ConfigSource | None = None) -> None:
         if not config.recordings.enabled and not config.recordings.allow_unrecorded:
             raise ConfigError(
                 "recordings.enabled = false requires recordings.allow_unrecorded = true "
                 "(benchmarks only: sessions would not be recorded)"
             )
         self.config = config
+        self.source = source  # the config file a reload reads (SIGHUP); None: no reloads
         self.stores = stores or open_stores(config, "broker")
         s = self.stores
         directory = build_directory(config)
@@ -263,16 +387,12 @@ class Broker:
             disk_check_interval=config.recordings.disk_check_interval_seconds,
             release_scope=patches.corked,
         )
-        limits = config.limits
         self.authenticator = Authenticator(
             directory, TotpSecondFactor(s.totp, s.clock), s.audit, s.throttle, s.clock,
-            AccountPolicy(limits.account_free_failures, limits.account_backoff_max_seconds,
-                          limits.account_lock_after),
-            totp_store=s.totp,
-            totp_policy=TotpPolicy(config.totp.self_enroll, config.totp.reauth_window_seconds,
-                                   config.totp.issuer),
+            account_policy(config), totp_store=s.totp, totp_policy=totp_policy(config),
             reauth=s.reauth,
         )
+        self.guard = source_guard(config.limits)  # MaxStartups and penalties, per process
         self.ca = UserCA(load_or_create_user_ca(config.ca_key_path))
         self.host_key = load_or_create_key(config.host_key_path, "bastion-broker host key")
         host_ca(config)  # created now, so `ca known-hosts` can print it before the first jump
@@ -286,16 +406,13 @@ class Broker:
         self.web = web_server_for(config, self.grants, self.authenticator, s.audit, s.clock,
                                   s.tokens)
         self.web_url: str | None = None  # the API's base URL once started
-        self.enforcer = GrantEnforcer(
-            self.sessions, s.grants, s.audit, s.clock,
-            interval=config.grants.enforce_interval_seconds,
-            warn_before=timedelta(seconds=config.grants.warn_before_seconds),
-            idle_timeout=config.ssh.session_idle_timeout_seconds,
-        )
+        self.enforcer = GrantEnforcer(self.sessions, s.grants, s.audit, s.clock,
+                                      **_enforcer_settings(config))
 
         # copies off the bastion (S3, CloudWatch Logs), in threads of their own
         self.shipping = Shipping(config.shipping, config.shipping_spool_dir,
                                  config.recordings_dir, config.audit_path, s.audit)
+        self.reload = BrokerReload(self)  # SIGHUP: the config file again, applied live
 
     async def start(self, *, reuse_port: bool = False) -> int:
         """Start listening; returns the bound port (useful with port 0)."""
@@ -310,7 +427,7 @@ class Broker:
         patches.install()
         self._acceptor = await start_server(
             self.deps, self.authenticator, self.stores.keys, self.host_key, ssh.listen_host,
-            ssh.listen_port, reuse_port=reuse_port,
+            ssh.listen_port, reuse_port=reuse_port, guard=self.guard,
         )
         port = int(self._acceptor.get_port())
         if self.web is not None:
@@ -357,17 +474,152 @@ class Broker:
         await self.stores.close()
 
 
+class BrokerReload:
+    """``Broker.reload``: read the config file again, apply what can change live."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._b = broker
+
+    async def __call__(self) -> bool:
+        b = self._b
+        source = b.source
+        if source is None:
+            log.warning("config.reload_unavailable", reason="the broker was started without a "
+                        "config file")
+            return False
+        try:
+            r = await asyncio.to_thread(reread, source, b.config)
+            details = await self._content_changes(r)
+            changed = [*r.live, *details]
+            # audited before it applies: no change stands without its audit line
+            b.stores.audit.emit("config.reloaded", config=str(source.path), pid=os.getpid(),
+                                changed=changed, needs_restart=list(r.restart),
+                                **{k.rpartition(".")[2]: v for k, v in details.items()})
+        except BrokerError as exc:
+            self._failed(source, exc.user_message)
+            return False
+        self._apply(r)
+        source.applied = r.applied
+        log.info("config.reloaded", config=str(source.path), changed=changed)
+        if r.restart:
+            log.warning("config.reload_needs_restart", config=str(source.path),
+                        keys=list(r.restart))
+        return True
+
+    def _failed(self, source: ConfigSource, reason: str) -> None:
+        log.error("config.reload_failed", config=str(source.path), error=reason)
+        try:
+            self._b.stores.audit.emit("config.reload_failed", config=str(source.path),
+                                      pid=os.getpid(), reason=reason)
+        except AuditError as exc:
+            log.error("audit.write_failed", event="config.reload_failed", error=str(exc))
+
+    async def _content_changes(self, r: Reread) -> dict[str, dict[str, list[str]]]:
+        """What changed inside the inventory and users files (instance ids, user names)."""
+        b = self._b
+        details: dict[str, dict[str, list[str]]] = {}
+        old_inv = b.access.inventory
+        if isinstance(r.inventory, StaticInventory) and isinstance(old_inv, StaticInventory):
+            diff = _compare({i.id: i for i in await old_inv.instances()},
+                            {i.id: i for i in await r.inventory.instances()})
+            if diff:
+                details["inventory.instances"] = diff
+        old_dir = b._directory
+        if isinstance(r.directory, StaticDirectory) and isinstance(old_dir, StaticDirectory):
+            diff = _compare({u.name: u for u in old_dir.users_file.users},
+                            {u.name: u for u in r.directory.users_file.users})
+            if diff:
+                details["identity.users"] = diff
+        return details
+
+    def _apply(self, r: Reread) -> None:
+        """Swap the new immutable settings in. Synchronous: a login, session or request sees
+        either all of the old configuration or all of the new."""
+        b, c = self._b, r.running
+        if r.inventory is not None:
+            b.access.use_inventory(r.inventory)
+        if r.directory is not None:
+            b.authenticator.use_directory(r.directory)
+            b._directory = r.directory
+        b.authenticator.configure(account_policy(c), totp_policy(c))
+        configure_guard(b.guard, c.limits)
+        b.grants.policy = grant_policy(c.grants)
+        b.enforcer.configure(**_enforcer_settings(c))
+        if b.web is not None:
+            b.web.reconfigure(c.roles, tuple(c.grants.auto_approve_read_only_groups))
+        b.deps.config = c
+        b.config = c
+
+
+class Reloader:
+    """SIGHUP -> reload, one at a time. A signal during a reload asks for exactly one more (the
+    file may have changed after it was read); any number of signals then coalesce into it."""
+
+    def __init__(self) -> None:
+        self._reload: Callable[[], Awaitable[object]] | None = None
+        self._wanted = False
+        self._task: asyncio.Task[None] | None = None
+        self.runs = 0  # reloads started
+
+    def request(self) -> None:
+        self._wanted = True
+        if self._reload is not None and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._run(self._reload))
+
+    def start(self, reload: Callable[[], Awaitable[object]]) -> None:
+        """Serve requests from now (one that came while the broker started runs at once)."""
+        self._reload = reload
+        if self._wanted:
+            self.request()
+
+    async def _run(self, reload: Callable[[], Awaitable[object]]) -> None:
+        while self._wanted:
+            self._wanted = False
+            self.runs += 1
+            try:
+                await reload()
+            except Exception as exc:  # a bug: logged, and the next SIGHUP still reloads
+                log.error("config.reload_failed", error=repr(exc), exc_info=True)
+
+    async def stop(self) -> None:
+        self._reload = None
+        if self._task is not None:
+            self._task.cancel()  # a reload cut short applies nothing
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+def _with_reload_notices(reload: Callable[[], Awaitable[object]]
+                         ) -> Callable[[], Awaitable[object]]:
+    """Tell systemd a reload is under way (RELOADING=1) and when it is over (READY=1)."""
+
+    async def notified() -> object:
+        runtime.sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            return await reload()
+        finally:
+            runtime.sd_notify("READY=1")
+
+    return notified
+
+
 async def serve(config: BrokerConfig, on_ready: Callable[[int], None] | None = None, *,
-                reuse_port: bool = False, notify: bool = True) -> None:
-    """Run one broker process until SIGINT/SIGTERM (see ``broker.workers`` for several)."""
+                reuse_port: bool = False, notify: bool = True,
+                source: ConfigSource | None = None, worker: int | None = None) -> None:
+    """Run one broker process until SIGINT/SIGTERM; SIGHUP reloads ``source`` (see
+    ``broker.workers`` for several processes; ``worker`` is this one's index among them)."""
     import signal
 
-    broker = Broker(config, await connect_stores(config, "broker"))
     stop = asyncio.Event()
+    reloader = Reloader()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)  # held until the broker is up
+    broker = Broker(config, await connect_stores(config, "broker"), source=source)
     port = await broker.start(reuse_port=reuse_port)
+    reloader.start(_with_reload_notices(broker.reload) if notify else broker.reload)
     if on_ready:
         on_ready(port)
     if notify:
@@ -375,22 +627,46 @@ async def serve(config: BrokerConfig, on_ready: Callable[[int], None] | None = N
     await stop.wait()
     if notify:
         runtime.sd_notify("STOPPING=1")
+    await reloader.stop()
     await broker.stop()
+    if worker is None:
+        log.info("broker.stopped", pid=os.getpid())
+    else:  # the parent logs broker.stopped once every worker has
+        log.info("worker.stopped", worker=worker, pid=os.getpid())
 
 
-def run(config: BrokerConfig, on_ready: Callable[[int], None] | None = None) -> int:
-    """The broker with ``[ssh] workers`` processes (one per core with 0)."""
+def run(config: BrokerConfig, on_ready: Callable[[int], None] | None = None, *,
+        config_path: Path | None = None) -> int:
+    """The broker with ``[ssh] workers`` processes (one per core with 0). With ``config_path``
+    (the file ``config`` was loaded from), SIGHUP reloads it; with several workers the parent
+    passes SIGHUP on to each of them."""
     from broker.workers import run_workers, worker_count
 
+    source = ConfigSource(config_path, config) if config_path is not None else None
     if worker_count(config) == 1:
-        runtime.run_loop(serve(config, on_ready), config.ssh.event_loop)
+        runtime.run_loop(serve(config, on_ready, source=source), config.ssh.event_loop)
         return 0
-    return run_workers(config, _serve_worker, lambda: prepare_state(config), on_ready)
+
+    def serve_worker(worker_config: BrokerConfig, index: int,
+                     ready: Callable[[int], None]) -> None:
+        runtime.run_loop(serve(worker_config, ready, reuse_port=True, notify=False,
+                               source=source, worker=index), worker_config.ssh.event_loop)
+
+    return run_workers(config, serve_worker, lambda: prepare_state(config), on_ready,
+                       reread=None if source is None else _parent_reread(source))
 
 
-def _serve_worker(config: BrokerConfig, on_ready: Callable[[int], None]) -> None:
-    runtime.run_loop(serve(config, on_ready=on_ready, reuse_port=True, notify=False),
-                     config.ssh.event_loop)
+def _parent_reread(source: ConfigSource) -> Callable[[BrokerConfig], BrokerConfig]:
+    """The workers parent's reload: its own copy of the configuration, for a worker it starts
+    later. Each running worker reloads itself (and logs and audits the outcome); the parent
+    says nothing and raises ``ConfigError`` for an invalid file."""
+
+    def parent_reread(running: BrokerConfig) -> BrokerConfig:
+        r = reread(source, running)
+        source.applied = r.applied
+        return r.running
+
+    return parent_reread
 
 
 def prepare_state(config: BrokerConfig) -> None:

@@ -314,7 +314,8 @@ def run_demo(state_dir: Path, ssh_port: int, users: int, workers: int = 1,
                 flush=True,
             )
 
-        status = run(config, on_ready=ready)
+        # SIGHUP to the pid in demo.json reloads config_path (with workers: in each of them)
+        status = run(config, on_ready=ready, config_path=config_path)
     except BrokerError as exc:
         print(f"bastion-broker: error: {exc.user_message}", file=sys.stderr)  # noqa: T201
         return 2

@@ -156,14 +156,16 @@ class Demo:
         return self.stderr_path.read_text(errors="replace")
 
 
-def start_demo(state_dir: Path, users: int = 150, workers: int = 1) -> Demo:
+def start_demo(state_dir: Path, users: int = 150, workers: int = 1,
+               env: dict[str, str] | None = None) -> Demo:
+    """``bastion-broker demo`` in a process of its own (``env``: its environment, default ours)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     stderr_path = state_dir.parent / f"{state_dir.name}.stderr"
     err = open(stderr_path, "wb")
     proc = subprocess.Popen(
         [str(BIN), "demo", "--state-dir", str(state_dir), "--users", str(users),
          "--workers", str(workers)],
-        stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, env=env,
     )
     err.close()
     demo_json = state_dir / "demo.json"

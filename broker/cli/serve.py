@@ -7,17 +7,19 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from broker.cli.common import config_of, leaf
+from broker.cli.common import config_path, leaf
 from broker.errors import UsageError
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from broker import logs
     from broker.app import run
+    from broker.config import load_config
 
-    config = config_of(args)
+    path = config_path(args)
+    config = load_config(path)
     logs.configure(config.log_level)
-    return run(config)
+    return run(config, config_path=path)  # SIGHUP reads this file again
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

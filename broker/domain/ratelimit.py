@@ -50,6 +50,18 @@ class SourceGuard:
         penalty_max_seconds: float,
         exempt: Iterable[str] = (),
     ) -> None:
+        self._sources: dict[str, _Source] = {}
+        self.unauthenticated = 0
+        self.configure(max_startups=max_startups, max_startups_per_source=max_startups_per_source,
+                       penalty_after=penalty_after, penalty_window=penalty_window,
+                       penalty_seconds=penalty_seconds, penalty_max_seconds=penalty_max_seconds,
+                       exempt=exempt)
+
+    def configure(self, *, max_startups: int, max_startups_per_source: int, penalty_after: int,
+                  penalty_window: float, penalty_seconds: float, penalty_max_seconds: float,
+                  exempt: Iterable[str] = ()) -> None:
+        """New limits (a configuration reload); what is counted so far, and running penalties,
+        are kept: a reload neither frees a flood's slots nor lifts a penalty."""
         self._max = max_startups
         self._max_per_source = max_startups_per_source
         self._penalty_after = penalty_after
@@ -57,8 +69,6 @@ class SourceGuard:
         self._penalty = penalty_seconds
         self._penalty_max = penalty_max_seconds
         self._exempt = [ipaddress.ip_network(n, strict=False) for n in exempt]
-        self._sources: dict[str, _Source] = {}
-        self.unauthenticated = 0
 
     def _exempt_ip(self, ip: str) -> bool:
         try:

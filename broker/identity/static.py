@@ -77,6 +77,7 @@ class StaticDirectory:
     """``Directory`` over a users file; one domain (plus NetBIOS aliases) as in a single AD forest."""
 
     def __init__(self, users: UsersFile, domain: str, aliases: dict[str, str]) -> None:
+        self._file = users
         self._users = {u.name.casefold(): u for u in users.users}
         self._domain = domain
         self._aliases = {k.casefold(): v for k, v in aliases.items()}
@@ -84,6 +85,11 @@ class StaticDirectory:
     @classmethod
     def from_file(cls, path: Path, domain: str, aliases: dict[str, str]) -> StaticDirectory:
         return cls(load_users(path), domain, aliases)
+
+    @property
+    def users_file(self) -> UsersFile:
+        """The users file this directory was built from (a reload compares it)."""
+        return self._file
 
     def canonical_domain(self, domain: str | None) -> str | None:
         if domain is None or domain.casefold() == self._domain.casefold():

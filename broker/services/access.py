@@ -21,6 +21,15 @@ class AccessService:
         self._grants = grants
         self._clock = clock
 
+    @property
+    def inventory(self) -> Inventory:
+        return self._inventory
+
+    def use_inventory(self, inventory: Inventory) -> None:
+        """A reloaded inventory, for every decision from now on (one in progress keeps the
+        instance it resolved)."""
+        self._inventory = inventory
+
     async def decide(self, principal: Principal, target: str) -> AccessResult:
         instance = await self._inventory.resolve(target)
         if instance is None:

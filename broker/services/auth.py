@@ -93,6 +93,15 @@ class Authenticator:
         self._totp_policy = totp_policy or TotpPolicy()
         self._reauth = reauth
 
+    def use_directory(self, directory: Directory) -> None:
+        """A reloaded directory (a new static users file) for the logins that start from now."""
+        self._directory = directory
+
+    def configure(self, policy: AccountPolicy, totp_policy: TotpPolicy) -> None:
+        """Reloaded limits and TOTP options, for the logins that start from now."""
+        self._policy = policy
+        self._totp_policy = totp_policy
+
     def account_of(self, username: str, domain: str | None) -> str:
         """The throttling key: the name as typed (so unknown names are throttled alike)."""
         fqdn = self._directory.canonical_domain(domain) or domain or "?"

@@ -53,6 +53,12 @@ class GrantEnforcer:
         self._warn_before = warn_before
         self._task: asyncio.Task[None] | None = None
 
+    def configure(self, *, interval: float, warn_before: timedelta, idle_timeout: float) -> None:
+        """Reloaded settings: the next check uses them (sessions already warned stay warned)."""
+        self._interval = interval
+        self._warn_before = warn_before
+        self._idle_timeout = idle_timeout
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 

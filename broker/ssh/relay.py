@@ -34,8 +34,10 @@ log = structlog.get_logger("broker.relay")
 _FORWARD_ENV = ("LANG", "LC_")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RelayDeps:
+    # read when a connection, session or tunnel starts, never kept by one that runs: a reload
+    # (SIGHUP) replaces ``config`` with a new immutable one for what starts afterwards
     config: BrokerConfig
     access: AccessService
     sessions: SessionService

@@ -259,24 +259,35 @@ def own_endpoints(deps: RelayDeps, sockname: Any) -> frozenset[tuple[str, int]]:
     return frozenset(own)
 
 
+def _guard_limits(limits: LimitsSettings) -> dict[str, Any]:
+    return {
+        "max_startups": limits.max_startups,
+        "max_startups_per_source": limits.max_startups_per_source,
+        "penalty_after": limits.source_penalty_after,
+        "penalty_window": limits.source_penalty_window_seconds,
+        "penalty_seconds": limits.source_penalty_seconds,
+        "penalty_max_seconds": limits.source_penalty_max_seconds,
+        "exempt": limits.penalty_exempt,
+    }
+
+
 def source_guard(limits: LimitsSettings) -> SourceGuard:
-    return SourceGuard(
-        max_startups=limits.max_startups,
-        max_startups_per_source=limits.max_startups_per_source,
-        penalty_after=limits.source_penalty_after,
-        penalty_window=limits.source_penalty_window_seconds,
-        penalty_seconds=limits.source_penalty_seconds,
-        penalty_max_seconds=limits.source_penalty_max_seconds,
-        exempt=limits.penalty_exempt,
-    )
+    return SourceGuard(**_guard_limits(limits))
+
+
+def configure_guard(guard: SourceGuard, limits: LimitsSettings) -> None:
+    """``[limits]`` again (a reload): the guard keeps its counts and penalties."""
+    guard.configure(**_guard_limits(limits))
 
 
 async def start_server(
     deps: RelayDeps, authenticator: Authenticator, keys: KeyStore, host_key: asyncssh.SSHKey,
-    host: str, port: int, *, reuse_port: bool = False,
+    host: str, port: int, *, reuse_port: bool = False, guard: SourceGuard | None = None,
 ) -> asyncssh.SSHAcceptor:
+    """The listener. ``guard`` (default: one from ``[limits]``) is shared by every connection;
+    pass one to change its limits later (``configure_guard``)."""
     ssh = deps.config.ssh
-    guard = source_guard(deps.config.limits)
+    guard = guard or source_guard(deps.config.limits)
     return await asyncssh.create_server(
         lambda: BrokerConnection(deps, authenticator, guard, keys),
         host,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import structlog
 from aiohttp import web
 
-from broker.config import BrokerConfig, WebSettings
+from broker.config import BrokerConfig, RoleSettings, WebSettings
 from broker.ports import AuditSink, Clock, TokenStore
 from broker.services.auth import Authenticator
 from broker.services.grants import GrantService
@@ -26,6 +26,12 @@ class WebServer:
         self._on_close = on_close
         self._runner: web.AppRunner | None = None
         self.url: str | None = None
+
+    def reconfigure(self, roles: RoleSettings, auto_approve_groups: tuple[str, ...]) -> None:
+        """Reloaded ``[roles]`` and ``[grants]`` groups, for the requests that start from now
+        (the listener, TLS files and cookies stay until a restart)."""
+        self._ctx.roles = roles
+        self._ctx.auto_approve_groups = auto_approve_groups
 
     async def start(self) -> str:
         """Listen; returns the base URL actually bound (port 0 picks a free one)."""
