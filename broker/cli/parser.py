@@ -5,7 +5,19 @@ from __future__ import annotations
 import argparse
 
 from broker import __version__
-from broker.cli import auth, ca, grants, keys, serve, sessions, shipping, totp, users, verify
+from broker.cli import (
+    auth,
+    ca,
+    configcheck,
+    grants,
+    keys,
+    serve,
+    sessions,
+    shipping,
+    totp,
+    users,
+    verify,
+)
 from broker.cli.common import add_global_options
 
 
@@ -26,4 +38,5 @@ def build_parser() -> argparse.ArgumentParser:
     keys.register(sub)
     ca.register(sub)
     users.register(sub)
+    configcheck.register(sub)  # config check
     return p

@@ -73,6 +73,7 @@ def test_every_successful_command_leaves_stderr_empty(demo: Demo, tmp_path: Path
         ([*cfg, "totp", "reset", "quietcheck"], ""),
         ([*cfg, "ca", "known-hosts"], ""),
         ([*cfg, "shipping", "status"], ""),
+        ([*cfg, "config", "check"], ""),
         (["sessions", "list", *cfg], ""),  # the global option after the command works too
     ]
     for args, stdin in commands:
@@ -160,3 +161,24 @@ def test_writing_commands_never_mint_a_missing_key(demo: Demo, tmp_path: Path) -
     assert r.stderr.startswith("bastion-broker: error: ")
     assert "no signing key" in r.stderr and "run serve once" in r.stderr
     assert not (state / "integrity_ed25519_key").exists()
+
+
+def test_config_check_names_the_file_key_and_problem(demo: Demo, tmp_path: Path) -> None:
+    r = _run(["--config", demo.config, "config", "check"])
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout.startswith(f"{demo.config}: OK (identity: static, store: sqlite, "
+                               "inventory: static (")
+    bad_inventory = tmp_path / "inventory.toml"
+    bad_inventory.write_text("[[stacks]]\nid = 'stack-x'\n[[stacks.instances]]\nid = 3\n")
+    cfg = demo.variant_config(tmp_path, inventory=bad_inventory.read_text())
+    r = _run(["--config", str(cfg), "config", "check"])
+    assert r.returncode == 2, r.stdout
+    lines = r.stderr.removeprefix("bastion-broker: error: ").splitlines()
+    assert lines and all(line.startswith(f"{bad_inventory}: key 'stacks.0.") for line in lines), \
+        r.stderr  # one line per problem, each with the file and the key
+    (tmp_path / "b").mkdir()
+    cfg = demo.variant_config(tmp_path / "b", limits="max_startups = 'many'")
+    r = _run(["--config", str(cfg), "config", "check"])
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"bastion-broker: error: {cfg}: key 'limits.max_startups': ")
+    assert r.stderr.count("\n") == 1
