@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import asyncssh
 import structlog
@@ -32,10 +32,13 @@ from broker.inventory.static import StaticInventory
 from broker.ports import (
     AuditSink,
     Clock,
+    Database,
     Directory,
     GrantStore,
     Inventory,
     KeyStore,
+    Metrics,
+    NullMetrics,
     ReauthStore,
     RecordingSink,
     SessionIndex,
@@ -72,6 +75,9 @@ from broker.store.sqlite import (
     SqliteTotpStore,
 )
 
+if TYPE_CHECKING:
+    from broker.diag.server import DiagServer
+
 log = structlog.get_logger("broker.app")
 
 
@@ -89,6 +95,7 @@ class Stores:
     recordings: RecordingSink
     audit: AuditLog
     clock: Clock
+    database: Database  # the connection or pool under them all (readiness, latency)
     closer: Callable[[], Awaitable[None]]
 
     async def close(self) -> None:
@@ -164,7 +171,7 @@ def open_stores(config: BrokerConfig, access: Access = "command") -> Stores:
         reauth=SqliteReauthStore(db),
         tokens=SqliteApiTokenStore(db),
         sessions=SqliteSessionIndex(db), recordings=recordings, audit=audit, clock=clock,
-        closer=close,
+        database=db, closer=close,
     )
 
 
@@ -213,7 +220,7 @@ async def connect_stores(config: BrokerConfig, access: Access = "command", *,
         throttle=pg.PostgresThrottleStore(db), keys=pg.PostgresKeyStore(db, parse_public_key),
         reauth=pg.PostgresReauthStore(db), tokens=pg.PostgresApiTokenStore(db),
         sessions=pg.PostgresSessionIndex(db),
-        recordings=recordings, audit=audit, clock=clock, closer=db.close,
+        recordings=recordings, audit=audit, clock=clock, database=db, closer=db.close,
     )
 
 
@@ -222,6 +229,37 @@ def _disk_guard(config: BrokerConfig) -> DiskGuard:
     return DiskGuard(config.recordings_dir, min_free_percent=r.min_free_percent,
                      min_free_bytes=r.min_free_bytes, critical_free_percent=r.critical_free_percent,
                      critical_free_bytes=r.critical_free_bytes)
+
+
+def _metrics(config: BrokerConfig) -> Metrics:
+    if not config.diag.enabled:
+        return NullMetrics()
+    from broker.diag.metrics import PrometheusMetrics  # prometheus-client only where it serves
+
+    return PrometheusMetrics()
+
+
+def _diag_server(b: Broker, disk: DiskGuard) -> DiagServer | None:
+    """The ``[diag]`` listener of this process (None when off). With several workers, each
+    takes the first free port of ``listen_port`` .. ``listen_port + workers - 1``."""
+    from broker.diag.metrics import PrometheusMetrics
+
+    c = b.config
+    if not isinstance(b.metrics, PrometheusMetrics):
+        return None
+    from broker.diag.server import diag_server_for
+    from broker.shipping.backlog import read_backlog
+    from broker.workers import worker_count
+
+    n, first = worker_count(c), c.diag.listen_port
+    ports = [p for p in range(first, first + n) if p <= 65535] if n > 1 and first else None
+    spool = c.shipping_spool_dir / "spool.db"
+    return diag_server_for(
+        c.diag, b.metrics, b.sessions, database=b.stores.database, audit_path=c.audit_path,
+        directory=lambda: b._directory, throttle=b.stores.throttle,
+        disk=disk.status if c.recordings.enabled else None,
+        backlog=(lambda: read_backlog(spool, c.recordings_dir, c.audit_path, time.time()))
+        if b.shipping.enabled else None, ports=ports)
 
 
 def build_directory(config: BrokerConfig) -> Directory:
@@ -373,24 +411,28 @@ class Broker:
         self.source = source  # the config file a reload reads (SIGHUP); None: no reloads
         self.stores = stores or open_stores(config, "broker")
         s = self.stores
+        # monitoring ([diag]): what the services count, or nothing when it is off
+        self.metrics = _metrics(config)
+        s.database.observe(self.metrics)
         directory = build_directory(config)
         self._directory = directory
         inventory = build_inventory(config)
-        self.access = AccessService(inventory, s.grants, s.clock)
+        self.access = AccessService(inventory, s.grants, s.clock, metrics=self.metrics)
         self.sealer = RecordingSealer(signing_key(config), s.audit)  # signed manifests
+        disk_guard = _disk_guard(config)  # new sessions; readiness and metrics too
         self.sessions = SessionService(
             s.recordings, s.sessions, s.audit, s.clock,
             recording_enabled=config.recordings.enabled,
             on_recorded=self.sealer,
-            guard=_disk_guard(config), disk_policy=config.recordings.disk_policy,
+            guard=disk_guard, disk_policy=config.recordings.disk_policy,
             sync_interval=config.recordings.sync_interval_seconds,
             disk_check_interval=config.recordings.disk_check_interval_seconds,
-            release_scope=patches.corked,
+            release_scope=patches.corked, metrics=self.metrics,
         )
         self.authenticator = Authenticator(
             directory, TotpSecondFactor(s.totp, s.clock), s.audit, s.throttle, s.clock,
             account_policy(config), totp_store=s.totp, totp_policy=totp_policy(config),
-            reauth=s.reauth,
+            reauth=s.reauth, metrics=self.metrics,
         )
         self.guard = source_guard(config.limits)  # MaxStartups and penalties, per process
         self.ca = UserCA(load_or_create_user_ca(config.ca_key_path))
@@ -412,6 +454,8 @@ class Broker:
         # copies off the bastion (S3, CloudWatch Logs), in threads of their own
         self.shipping = Shipping(config.shipping, config.shipping_spool_dir,
                                  config.recordings_dir, config.audit_path, s.audit)
+        self.diag = _diag_server(self, disk_guard)  # /healthz, /readyz, /metrics ([diag])
+        self.diag_url: str | None = None  # its base URL once started
         self.reload = BrokerReload(self)  # SIGHUP: the config file again, applied live
 
     async def start(self, *, reuse_port: bool = False) -> int:
@@ -432,6 +476,8 @@ class Broker:
         port = int(self._acceptor.get_port())
         if self.web is not None:
             self.web_url = await self.web.start_or_warn()
+        if self.diag is not None:
+            self.diag_url = await self.diag.start()
         self.enforcer.start()
         self._checkpoints = asyncio.create_task(self._sign_audit_periodically())
         self.sessions.start_maintenance()
@@ -455,6 +501,8 @@ class Broker:
             self._checkpoints = None
         if self.web is not None:
             await self.web.stop()
+        if self.diag is not None:  # from now on, probes fail: no new sessions are sent here
+            await self.diag.stop()
         await self.enforcer.stop()
         if self._acceptor is not None:
             self._acceptor.close()

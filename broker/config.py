@@ -184,6 +184,20 @@ class WebSettings(_Model):
     secure_cookies: bool = True  # False only for the loopback demo over plain HTTP
 
 
+class DiagSettings(_Model):
+    """Health and metrics for monitoring: ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus).
+    Plain HTTP without authentication: keep it on loopback or a management network.
+
+    With ``[ssh] workers`` > 1 every worker serves its own metrics, on the first free port of
+    ``listen_port`` .. ``listen_port + workers - 1``: scrape them all (see broker/diag)."""
+
+    enabled: bool = False
+    listen_host: str = "127.0.0.1"
+    listen_port: Port = 9482
+    # each readiness check (store, audit file, recordings disk, directory) fails after this long
+    check_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
+
+
 class InventorySettings(_Model):
     backend: Literal["static", "aws"] = "static"
     file: Path = Path("inventory.toml")  # static
@@ -278,6 +292,7 @@ class BrokerConfig(_Model):
     limits: LimitsSettings = LimitsSettings()
     roles: RoleSettings = RoleSettings()
     web: WebSettings = WebSettings()
+    diag: DiagSettings = DiagSettings()  # health and metrics, off by default
     grants: GrantSettings = GrantSettings()
     inventory: InventorySettings = InventorySettings()
     store: StoreSettings = StoreSettings()

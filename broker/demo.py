@@ -192,6 +192,7 @@ def prepare(state_dir: Path, ssh_port: int, users: int, workers: int = 1,
     pw_hash = hash_password(password)  # one hash shared by all demo users: the demo is one person
     names = ["alice"] + [f"user{n:03d}" for n in range(2, users + 1)]
     web_port = free_port()
+    diag_port = free_port()
     (state_dir / "users.toml").write_text("".join(
         f'[[users]]\nname = "{n}"\npassword_hash = {_toml_str(pw_hash)}\ngroups = ["ops"]\n\n'
         for n in names
@@ -207,11 +208,15 @@ def prepare(state_dir: Path, ssh_port: int, users: int, workers: int = 1,
         "# Every demo client comes from loopback: never penalise it for failed logins\n"
         '[limits]\npenalty_exempt = ["127.0.0.0/8", "::1/128"]\n\n'
         "# The grant API over plain HTTP on loopback: cookies without the Secure flag\n"
-        f'[web]\nlisten_host = "127.0.0.1"\nlisten_port = {web_port}\nsecure_cookies = false\n'
+        f'[web]\nlisten_host = "127.0.0.1"\nlisten_port = {web_port}\nsecure_cookies = false\n\n'
+        "# Health and metrics (/healthz, /readyz, /metrics) on loopback; with workers, one port\n"
+        "# each from this one up\n"
+        f'[diag]\nenabled = true\nlisten_host = "127.0.0.1"\nlisten_port = {diag_port}\n'
     )
     return {"targets": targets, "password": password, "names": names,
             "ca_pub": ca_pub, "logins": (admin_login, ro_login),
-            "web_url": f"http://127.0.0.1:{web_port}"}
+            "web_url": f"http://127.0.0.1:{web_port}",
+            "diag_url": f"http://127.0.0.1:{diag_port}"}
 
 
 def demo_user_key(state_dir: Path) -> Path:
@@ -291,6 +296,7 @@ def run_demo(state_dir: Path, ssh_port: int, users: int, workers: int = 1,
                 "target_ports": {t.name: t.port for t in targets},
                 "target_logs": {t.name: str(t.dir / "sshd.log") for t in targets},
                 "users": users_out, "pid": os.getpid(), "web_url": info["web_url"],
+                "diag_url": info["diag_url"],
                 "user_key": str(user_key) if user_key else None,
             }
             out = state_dir / "demo.json"
@@ -310,6 +316,7 @@ def run_demo(state_dir: Path, ssh_port: int, users: int, workers: int = 1,
                 f"  sessions:  bastion-broker --config {config_path} sessions list\n"
                 f"  API:       {info['web_url']}/api/openapi.json "
                 f"(bastion-broker --api {info['web_url']} login)\n"
+                f"  metrics:   {info['diag_url']}/metrics (/healthz, /readyz)\n"
                 f"  details:   {out}\n",
                 flush=True,
             )

@@ -128,8 +128,9 @@ class Demo:
 
     def variant_config(self, tmp: Path, *, ssh: str = "", limits: str = "",
                        inventory: str | None = None, identity: str = "", totp: str = "",
-                       users_file: Path | None = None) -> Path:
-        """A config for a second broker sharing this demo's state (store, CA, keys, audit)."""
+                       users_file: Path | None = None, extra: str = "") -> Path:
+        """A config for a second broker sharing this demo's state (store, CA, keys, audit);
+        ``extra`` is appended as is (more sections: ``[recordings]``, ``[diag]``...)."""
         state = self.state_dir
         inv = state / "inventory.toml"
         if inventory is not None:
@@ -142,7 +143,7 @@ class Demo:
             f'read_only_login = "{self.info["read_only_login"]}"\n'
             f'[identity]\nusers_file = "{users_file or state / "users.toml"}"\n'
             f'default_domain = "{self.info["domain"]}"\n{identity}\n'
-            f'[inventory]\nfile = "{inv}"\n[limits]\n{limits}\n[totp]\n{totp}\n'
+            f'[inventory]\nfile = "{inv}"\n[limits]\n{limits}\n[totp]\n{totp}\n{extra}'
         )
         return cfg
 

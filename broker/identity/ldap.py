@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 import structlog
 from ldap3 import (  # type: ignore[import-untyped]
+    BASE,
     NONE,
     SIMPLE,
     SUBTREE,
@@ -57,7 +58,7 @@ from ldap3.core.exceptions import LDAPException  # type: ignore[import-untyped]
 from ldap3.utils.conv import escape_filter_chars  # type: ignore[import-untyped]
 
 from broker.domain.models import Principal
-from broker.errors import ConfigError
+from broker.errors import BrokerError, ConfigError
 from broker.identity.ad_settings import ADDomain, ADSettings, DCAddress, parse_server_uri
 from broker.identity.group_cache import GroupCache, GroupFacts
 from broker.ports import AuthOutcome
@@ -569,6 +570,56 @@ class ADDirectory:
         except Exception as exc:  # fail closed, as authenticate
             log.error("ad_lookup_error", error=repr(exc)[:300])
             return AuthOutcome(None, f"directory error: {type(exc).__name__}")
+
+    async def ping(self) -> None:
+        """Readiness: in every domain, one DC answers a base search of ``base_dn`` on a pooled
+        service-account connection (no TLS handshake or bind when one is idle). In a thread of
+        its own, not the login threads, so a login storm does not make it fail. Raises
+        BrokerError naming each domain none of whose DCs answered."""
+        problems = await asyncio.to_thread(self._ping_all)
+        if problems:
+            raise BrokerError("directory unavailable: " + "; ".join(problems))
+
+    def _ping_all(self) -> list[str]:
+        problems = []
+        for dom in self._domains.values():
+            problem = self._ping(dom, time.monotonic() + self._s.operation_timeout_seconds)
+            if problem is not None:
+                problems.append(f"{dom.fqdn}: {problem}")
+        return problems
+
+    def _ping(self, dom: _Domain, deadline: float) -> str | None:
+        """None if a DC of ``dom`` answered, else what each one tried said. A DC that fails is
+        remembered as down, as after a failed login."""
+        failures: list[str] = []
+        for dc in self._health.order(dom.dcs, dom.round_robin):
+            if time.monotonic() >= deadline:
+                break
+            session = _Session(self, dom, dc, deadline)
+            try:
+                session.run("svc", lambda c: self._base_search(c, dom, deadline))
+            except _BindRefused as exc:
+                session.failed = True
+                failures.append(f"{dc.uri}: service account bind refused ({exc})")
+                continue
+            except (_DCFailure, LDAPException, OSError) as exc:
+                session.failed = True
+                self._health.mark(dc.uri, ok=False)
+                self._drop_pools(dom, dc)
+                failures.append(f"{dc.uri}: {_short(exc)}")
+                continue
+            finally:
+                session.close()
+            self._health.mark(dc.uri, ok=True)
+            return None
+        return "; ".join(failures) or "no DC answered before the deadline"
+
+    def _base_search(self, conn: Any, dom: _Domain, deadline: float) -> None:
+        self._arm(conn, deadline)
+        ok = conn.search(dom.base_dn, "(objectClass=*)", BASE, attributes=["1.1"])
+        if not ok and (conn.closed or (conn.result or {}).get("type") is None):
+            raise _DCFailure(f"closed: ping got no answer ({conn.last_error or 'connection lost'})")
+        self._check(conn, "ping")
 
     def _resolve(self, username: str, domain: str | None) -> tuple[str, _Domain | AuthOutcome]:
         if domain is None:

@@ -11,6 +11,7 @@ File format::
 
 from __future__ import annotations
 
+import asyncio
 import tomllib
 from pathlib import Path
 
@@ -73,10 +74,20 @@ def load_users(path: Path) -> UsersFile:
         raise ConfigError("\n".join(msgs)) from None
 
 
+def _readable(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read users file: {exc.strerror}") from None
+
+
 class StaticDirectory:
     """``Directory`` over a users file; one domain (plus NetBIOS aliases) as in a single AD forest."""
 
-    def __init__(self, users: UsersFile, domain: str, aliases: dict[str, str]) -> None:
+    def __init__(self, users: UsersFile, domain: str, aliases: dict[str, str], *,
+                 path: Path | None = None) -> None:
+        self._path = path  # the users file, if read from one (readiness reads it again)
         self._file = users
         self._users = {u.name.casefold(): u for u in users.users}
         self._domain = domain
@@ -84,7 +95,13 @@ class StaticDirectory:
 
     @classmethod
     def from_file(cls, path: Path, domain: str, aliases: dict[str, str]) -> StaticDirectory:
-        return cls(load_users(path), domain, aliases)
+        return cls(load_users(path), domain, aliases, path=path)
+
+    async def ping(self) -> None:
+        """Readiness: the users file can still be read (an operator may have broken its
+        permissions). Raises ConfigError naming the file."""
+        if self._path is not None:
+            await asyncio.to_thread(_readable, self._path)
 
     @property
     def users_file(self) -> UsersFile:

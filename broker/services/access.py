@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from broker.domain import grants as grant_rules
 from broker.domain.models import Decision, Grant, Instance, Principal
-from broker.ports import Clock, GrantStore, Inventory
+from broker.ports import Clock, GrantStore, Inventory, Metrics, NullMetrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,10 +16,12 @@ class AccessResult:
 
 
 class AccessService:
-    def __init__(self, inventory: Inventory, grants: GrantStore, clock: Clock) -> None:
+    def __init__(self, inventory: Inventory, grants: GrantStore, clock: Clock, *,
+                 metrics: Metrics | None = None) -> None:
         self._inventory = inventory
         self._grants = grants
         self._clock = clock
+        self._metrics = metrics or NullMetrics()
 
     @property
     def inventory(self) -> Inventory:
@@ -33,9 +35,11 @@ class AccessService:
     async def decide(self, principal: Principal, target: str) -> AccessResult:
         instance = await self._inventory.resolve(target)
         if instance is None:
+            self._metrics.access_decision("unknown_target")
             return AccessResult(Decision(False, "unknown target"), None)
         grants = await self._grants.for_user(principal.username, principal.domain)
         decision = grant_rules.evaluate(grants, principal, instance, self._clock.now())
+        self._metrics.access_decision("allow" if decision.allowed else "deny")
         return AccessResult(decision, instance)
 
     async def reachable(self, principal: Principal) -> list[tuple[Instance, Grant]]:

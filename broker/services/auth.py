@@ -9,6 +9,7 @@ password, and a short re-authentication window (same account, address and key) t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from broker.domain import totp
@@ -18,6 +19,8 @@ from broker.ports import (
     AuthOutcome,
     Clock,
     Directory,
+    Metrics,
+    NullMetrics,
     ReauthStore,
     ThrottleStore,
     TotpStore,
@@ -82,8 +85,10 @@ class Authenticator:
         totp_store: TotpStore | None = None,
         totp_policy: TotpPolicy | None = None,
         reauth: ReauthStore | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._directory = directory
+        self._metrics = metrics or NullMetrics()
         self._second = second
         self._audit = audit
         self._throttle = throttle
@@ -121,17 +126,31 @@ class Authenticator:
 
     async def _first_factor(self, username: str, domain: str | None, password: str | None,
                             key_fp: str | None) -> AuthOutcome:
+        started = time.perf_counter()  # durations for the metrics only, never for decisions
         if key_fp is not None:
             # the key was proven by the SSH layer; the directory still decides if the account
             # exists, is enabled and belongs to the required groups
-            return await self._directory.lookup(username, domain)
-        return await self._directory.authenticate(username, domain, password or "")
+            outcome = await self._directory.lookup(username, domain)
+            self._metrics.directory_call("lookup", time.perf_counter() - started)
+            return outcome
+        outcome = await self._directory.authenticate(username, domain, password or "")
+        self._metrics.directory_call("authenticate", time.perf_counter() - started)
+        return outcome
 
     async def login(
         self, username: str, domain: str | None, password: str | None, code: str, peer: str,
         *, key_fp: str | None = None,
     ) -> LoginResult:
         """Password (or a proven registered key) and a TOTP code; audits the precise reason."""
+        started = time.perf_counter()
+        result = await self._login(username, domain, password, code, peer, key_fp)
+        outcome = ("failure" if result.principal is None
+                   else "enrolment" if result.enrol_secret is not None else "success")
+        self._metrics.login_seconds(outcome, time.perf_counter() - started)
+        return result
+
+    async def _login(self, username: str, domain: str | None, password: str | None, code: str,
+                     peer: str, key_fp: str | None) -> LoginResult:
         account = self.account_of(username, domain)
         if await self._throttled(account, peer):
             return LoginResult(None)
@@ -183,6 +202,15 @@ class Authenticator:
                                   password: str | None, peer: str,
                                   key_fp: str | None) -> Principal | None:
         """The first factor only, inside a re-authentication window (audited as such)."""
+        started = time.perf_counter()
+        principal = await self._login_within_window(username, domain, password, peer, key_fp)
+        self._metrics.login_seconds("failure" if principal is None else "success",
+                                    time.perf_counter() - started)
+        return principal
+
+    async def _login_within_window(self, username: str, domain: str | None,
+                                   password: str | None, peer: str,
+                                   key_fp: str | None) -> Principal | None:
         account = self.account_of(username, domain)
         if await self._throttled(account, peer):
             return None
@@ -194,6 +222,7 @@ class Authenticator:
         method = ("publickey" if key_fp else "password") + "+reauth-window"
         self._audit.emit("auth.success", user=str(first.principal), peer=peer, method=method,
                          **({"key": key_fp} if key_fp else {}))
+        self._metrics.login(True, method)
         return first.principal
 
     async def _succeeded(self, account: str, principal: Principal, peer: str,
@@ -201,6 +230,7 @@ class Authenticator:
         await self._throttle.succeeded(account)
         self._audit.emit("auth.success", user=str(principal), peer=peer, method=method,
                          **({"key": key_fp} if key_fp else {}))
+        self._metrics.login(True, method)
         window = self._totp_policy.reauth_window_seconds
         if self._reauth is not None and window > 0:
             ip = peer.rsplit(":", 1)[0]
@@ -209,6 +239,7 @@ class Authenticator:
 
     def _fail(self, account: str, peer: str, reason: str) -> None:
         self._audit.emit("auth.failure", user=account, peer=peer, reason=reason)
+        self._metrics.login(False, reason)
 
     async def _count_failure(self, account: str, peer: str, reason: str) -> None:
         self._fail(account, peer, reason)
@@ -217,3 +248,4 @@ class Authenticator:
                                          p.free_failures, p.backoff_max_seconds, p.lock_after)
         if st.locked and st.failures == p.lock_after:
             self._audit.emit("account.locked", user=account, failures=st.failures, peer=peer)
+            self._metrics.account_locked()

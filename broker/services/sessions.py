@@ -30,6 +30,8 @@ from broker.errors import AuditError, BrokerError, RecordingError
 from broker.ports import (
     AuditSink,
     Clock,
+    Metrics,
+    NullMetrics,
     RecordingSink,
     RecordingWriter,
     SessionIndex,
@@ -213,8 +215,16 @@ class SessionService:
         sync_interval: float = 1.0,
         disk_check_interval: float = 1.0,
         release_scope: ReleaseScope = contextlib.nullcontext,
+        metrics: Metrics | None = None,
     ) -> None:
         self._release_scope = release_scope
+        self._metrics = metrics or NullMetrics()
+        # bytes relayed by the sessions that have ended, by (kind, "in" | "out"): with the live
+        # sessions' counters, what the metrics report (moved here when a session leaves ``live``,
+        # so the sum never goes back)
+        self.ended_bytes: dict[tuple[str, str], int] = {}
+        # the monotonic time up to which every live recording is known to be on disk
+        self.synced_through: float | None = None
         self._sink = sink
         self._index = index
         self._audit = audit
@@ -296,6 +306,10 @@ class SessionService:
             return
         live.closed = True
         self.live.pop(live.id, None)
+        kind, ended = live.request.kind, self.ended_bytes
+        ended[kind, "in"] = ended.get((kind, "in"), 0) + live.bytes_in
+        ended[kind, "out"] = ended.get((kind, "out"), 0) + live.bytes_out
+        self._metrics.session_ended(kind, exit_status)
         self._ending.add(live.id)  # shutdown waits for these too (index, audit still to write)
         live.flush()  # frames still queued, and the bytes held behind them
         now = self._clock.now()
@@ -399,7 +413,15 @@ class SessionService:
     def start_maintenance(self) -> None:
         """Start the broker-wide flush/disk task (idempotent)."""
         if self._recording_enabled and self._maintenance is None:
+            self.synced_through = self._clock.monotonic()
             self._maintenance = asyncio.create_task(self._maintain())
+
+    def sync_lag(self) -> float | None:
+        """Seconds of recorded data that may not be on disk yet (an upper bound: the age of the
+        last completed flush's start); None when recordings are not flushed (recording off)."""
+        if self._maintenance is None or self.synced_through is None:
+            return None
+        return self._clock.monotonic() - self.synced_through
 
     async def stop_maintenance(self) -> None:
         task, self._maintenance = self._maintenance, None
@@ -427,12 +449,15 @@ class SessionService:
 
     async def sync_all(self) -> None:
         """Flush every live recording with unsynced bytes to disk (in one worker thread)."""
+        started = self._clock.monotonic()
         writers = [(live, live.writer) for live in self.live.values()
                    if live.recording_suspended is None
                    and isinstance(live.writer, LocalRecordingWriter) and live.writer.dirty]
         if not writers:
+            self.synced_through = started
             return
         failures = await asyncio.to_thread(_sync_many, [w for _live, w in writers])
+        self.synced_through = started  # what failed ends or goes on unrecorded just below
         for live, w in writers:
             exc = failures.get(id(w))
             if exc is None or live.closed:

@@ -9,6 +9,7 @@ session starts, and no upstream connection is opened without a live grant.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -245,14 +246,18 @@ class BrokerConnection(ForwardRefusingServer):
 
 
 def own_endpoints(deps: RelayDeps, sockname: Any) -> frozenset[tuple[str, int]]:
-    """This bastion's own listeners (SSH and web), which a tunnel must never reach."""
+    """This bastion's own listeners (SSH, web, diagnostics), which a tunnel must never reach."""
     cfg = deps.config
     own: set[tuple[str, int]] = set()
     ports = {cfg.ssh.listen_port} | ({cfg.web.listen_port} if cfg.web.enabled else set())
+    if cfg.diag.enabled and cfg.diag.listen_port:  # one per worker (broker/diag/server.py)
+        workers = cfg.ssh.workers or os.cpu_count() or 1
+        ports |= set(range(cfg.diag.listen_port, cfg.diag.listen_port + workers))
     if sockname:
         own.add((str(sockname[0]), int(sockname[1])))
         ports.add(int(sockname[1]))
-    hosts = {"127.0.0.1", "::1", "localhost", cfg.ssh.listen_host, cfg.web.listen_host}
+    hosts = {"127.0.0.1", "::1", "localhost", cfg.ssh.listen_host, cfg.web.listen_host,
+             cfg.diag.listen_host}
     if sockname:
         hosts.add(str(sockname[0]))
     own.update((h, p) for h in hosts for p in ports if p)
