@@ -47,7 +47,7 @@ from broker.ports import (
     TotpStore,
 )
 from broker.recordings.diskguard import DiskGuard
-from broker.recordings.local import LocalRecordingSink
+from broker.recordings.local import LocalRecordingSink, render_cast
 from broker.recordings.repair import INTERRUPTED, Repaired, repair_interrupted
 from broker.services.access import AccessService
 from broker.services.auth import AccountPolicy, Authenticator, TotpPolicy, TotpSecondFactor
@@ -427,7 +427,7 @@ class Broker:
             guard=disk_guard, disk_policy=config.recordings.disk_policy,
             sync_interval=config.recordings.sync_interval_seconds,
             disk_check_interval=config.recordings.disk_check_interval_seconds,
-            release_scope=patches.corked, metrics=self.metrics,
+            release_scope=patches.corked, metrics=self.metrics, render_cast=render_cast,
         )
         self.authenticator = Authenticator(
             directory, TotpSecondFactor(s.totp, s.clock), s.audit, s.throttle, s.clock,

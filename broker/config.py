@@ -58,7 +58,7 @@ class SSHSettings(_Model):
     macs: list[str] = Field(default_factory=lambda: list(DEFAULT_MACS))
     window_bytes: int = Field(default=2 * 1024 * 1024, ge=64 * 1024, le=64 * 1024 * 1024)
     max_packet_bytes: int = Field(default=32768, ge=4096, le=256 * 1024)
-    event_loop: Literal["uvloop", "asyncio"] = "uvloop"  # see broker/eventloop.py
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"  # see broker/runtime.py
     # end a shell/exec/sftp session (ProxyJump's inner ones too) after this long with no byte
     # either way, like OpenSSH's ChannelTimeout; 0 = never (tunnels: [forwarding])
     session_idle_timeout_seconds: float = Field(default=0.0, ge=0, le=7 * 86400)

@@ -63,3 +63,10 @@ class UpstreamError(BrokerError):
     """The target could not be reached or did not accept the broker's certificate."""
 
     user_message = "target unavailable"
+
+
+class RecordingDiskFull(RecordingError):
+    """New sessions are refused: the recordings file system is below its free-space threshold."""
+
+    user_message = ("recording storage on this bastion is almost full: no new sessions can start "
+                    "now; try again later or contact the bastion operators")

@@ -6,10 +6,11 @@ files, Active Directory or AWS can replace one another without touching the serv
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 from broker.domain.models import Grant, Instance, Principal
 from broker.domain.workflow import HistoryEntry
@@ -258,6 +259,43 @@ class RecordingWriter(Protocol):
 
     @property
     def location(self) -> str: ...
+
+
+@runtime_checkable
+class FrameWriter(RecordingWriter, Protocol):
+    """A recording on local disk, as the session service's group commit and durability loop use
+    it: frames encoded once, appended in batches, flushed to disk off the event loop, and a
+    live marker released once the end is in the index (crash repair skips it then)."""
+
+    def frame(self, kind: bytes, data: bytes) -> list[bytes]: ...
+
+    def write_frames(self, parts: list[bytes]) -> None: ...
+
+    @property
+    def dirty(self) -> bool: ...
+
+    def sync(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
+class DiskLevel(enum.Enum):
+    OK = "ok"
+    LOW = "low"  # no new sessions
+    CRITICAL = "critical"  # live sessions end (strict) or go on unrecorded (best-effort)
+
+
+@dataclass(frozen=True, slots=True)
+class DiskStatus:
+    level: DiskLevel
+    free_bytes: int
+    total_bytes: int
+
+
+class DiskSpace(Protocol):
+    """Free space where recordings go (``broker.recordings.diskguard``)."""
+
+    def status(self) -> DiskStatus: ...
 
 
 class RecordingSink(Protocol):

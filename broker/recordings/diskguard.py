@@ -7,25 +7,13 @@ audit). One ``statvfs`` per check: cheap enough for every session start and a pe
 
 from __future__ import annotations
 
-import enum
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from broker.errors import RecordingError
+from broker.errors import RecordingDiskFull
+from broker.ports import DiskLevel, DiskStatus
 
-
-class DiskLevel(enum.Enum):
-    OK = "ok"
-    LOW = "low"  # no new sessions
-    CRITICAL = "critical"  # live sessions end (strict) or go on unrecorded (best-effort)
-
-
-@dataclass(frozen=True, slots=True)
-class DiskStatus:
-    level: DiskLevel
-    free_bytes: int
-    total_bytes: int
+__all__ = ["DiskGuard", "DiskLevel", "DiskStatus", "RecordingDiskFull", "classify"]
 
 
 def _threshold(total: int, percent: float, absolute: int) -> int:
@@ -65,10 +53,3 @@ class DiskGuard:
         level = classify(free, total, min_free_percent=self._min[0], min_free_bytes=self._min[1],
                          critical_free_percent=self._crit[0], critical_free_bytes=self._crit[1])
         return DiskStatus(level, free, total)
-
-
-class RecordingDiskFull(RecordingError):
-    """New sessions are refused: the recordings file system is below its free-space threshold."""
-
-    user_message = ("recording storage on this bastion is almost full: no new sessions can start "
-                    "now; try again later or contact the bastion operators")

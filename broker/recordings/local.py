@@ -1,7 +1,7 @@
 """Recordings on local disk: one framed file per session, appended with ``writev``.
 
 Each chunk reaches the kernel before the broker forwards it (``write`` for one frame, at once;
-``write_frames`` for a batch, see ``broker.recordings.pipeline``), so a broker crash loses
+``write_frames`` for a batch, see ``broker.services.recording_pipeline``), so a broker crash loses
 nothing the client saw. Against power loss, ``sync`` (called at least every second by the
 session service, in a thread, never per chunk) and ``close`` flush to the disk.
 
@@ -110,7 +110,7 @@ class LocalRecordingWriter:
 
     def write_frames(self, parts: list[bytes]) -> None:
         """Append frames from ``frame`` in one ``writev`` (a batch of
-        ``broker.recordings.pipeline``)."""
+        ``broker.services.recording_pipeline``)."""
         # No lock: ``sync`` holds it through a long fdatasync, which must not stall the relay;
         # ``close`` only comes after the pipeline has drained.
         if self._fd < 0:

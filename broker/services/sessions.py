@@ -26,10 +26,13 @@ import structlog
 
 from broker.domain import recording as fmt
 from broker.domain.models import Grant, Instance, Principal
-from broker.errors import AuditError, BrokerError, RecordingError
+from broker.errors import AuditError, BrokerError, RecordingDiskFull, RecordingError
 from broker.ports import (
     AuditSink,
     Clock,
+    DiskLevel,
+    DiskSpace,
+    FrameWriter,
     Metrics,
     NullMetrics,
     RecordingSink,
@@ -37,9 +40,7 @@ from broker.ports import (
     SessionIndex,
     SessionRecord,
 )
-from broker.recordings.diskguard import DiskGuard, DiskLevel, RecordingDiskFull
-from broker.recordings.local import LocalRecordingWriter, render_cast
-from broker.recordings.pipeline import RecordingPipeline, ReleaseScope
+from broker.services.recording_pipeline import RecordingPipeline, ReleaseScope
 
 log = structlog.get_logger("broker.sessions")
 
@@ -122,7 +123,7 @@ class LiveSession:
         # the relay; policy strict)
         self.on_recording_failed: Callable[[RecordingError], None] | None = None
         self._pipe: RecordingPipeline | None = None
-        if isinstance(writer, LocalRecordingWriter):
+        if isinstance(writer, FrameWriter):
             self._pipe = RecordingPipeline(writer, on_error=self._batch_failed,
                                            release_scope=release_scope)
 
@@ -210,14 +211,17 @@ class SessionService:
         *,
         recording_enabled: bool = True,
         on_recorded: Callable[[LiveSession, datetime, str | None], Awaitable[None]] | None = None,
-        guard: DiskGuard | None = None,
+        guard: DiskSpace | None = None,
         disk_policy: str = "strict",
         sync_interval: float = 1.0,
         disk_check_interval: float = 1.0,
         release_scope: ReleaseScope = contextlib.nullcontext,
         metrics: Metrics | None = None,
+        render_cast: Callable[[Path], object] | None = None,
     ) -> None:
         self._release_scope = release_scope
+        # writes the viewer-safe .cast beside a closed terminal recording (the sink's format)
+        self._render_cast = render_cast
         self._metrics = metrics or NullMetrics()
         # bytes relayed by the sessions that have ended, by (kind, "in" | "out"): with the live
         # sessions' counters, what the metrics report (moved here when a session leaves ``live``,
@@ -342,18 +346,20 @@ class SessionService:
                 local.release()
         log.info("session.end", session_id=live.id, exit_status=exit_status,
                  bytes_in=live.bytes_in, bytes_out=live.bytes_out)
-        if live.request.term_type and live.writer.location:
+        if live.request.term_type and live.writer.location and self._render_cast is not None:
             # terminal sessions also get an asciicast file, rendered off the relay path
-            task = asyncio.create_task(self._render(Path(live.writer.location)))
+            task = asyncio.create_task(self._render(self._render_cast,
+                                                    Path(live.writer.location)))
             self._bg.add(task)
             task.add_done_callback(self._bg.discard)
         self._ending.discard(live.id)
         if not self.live and not self._ending and self._idle is not None:
             self._idle.set()
 
-    async def _render(self, path: Path) -> None:
+    @staticmethod
+    async def _render(render: Callable[[Path], object], path: Path) -> None:
         try:
-            await asyncio.to_thread(render_cast, path)
+            await asyncio.to_thread(render, path)
         except (OSError, ValueError) as exc:
             log.error("recording.render_failed", path=str(path), error=str(exc))
 
@@ -452,7 +458,7 @@ class SessionService:
         started = self._clock.monotonic()
         writers = [(live, live.writer) for live in self.live.values()
                    if live.recording_suspended is None
-                   and isinstance(live.writer, LocalRecordingWriter) and live.writer.dirty]
+                   and isinstance(live.writer, FrameWriter) and live.writer.dirty]
         if not writers:
             self.synced_through = started
             return
@@ -521,11 +527,11 @@ class SessionService:
                                    max(0.0, until - asyncio.get_running_loop().time()))
 
 
-def local_writer(writer: RecordingWriter) -> LocalRecordingWriter | None:
+def local_writer(writer: RecordingWriter) -> FrameWriter | None:
     """The on-disk writer behind ``writer``, if any."""
     if isinstance(writer, _FailingWriter):
         writer = writer.inner
-    return writer if isinstance(writer, LocalRecordingWriter) else None
+    return writer if isinstance(writer, FrameWriter) else None
 
 
 class _FailingWriter:
@@ -546,7 +552,7 @@ class _FailingWriter:
         self.inner.close()
 
 
-def _sync_many(writers: list[LocalRecordingWriter]) -> dict[int, RecordingError]:
+def _sync_many(writers: list[FrameWriter]) -> dict[int, RecordingError]:
     failures: dict[int, RecordingError] = {}
     for w in writers:
         try:

@@ -14,7 +14,7 @@ import pytest
 from broker.domain import recording as fmt
 from broker.errors import RecordingError
 from broker.recordings.local import LocalRecordingSink, LocalRecordingWriter
-from broker.recordings.pipeline import INLINE_MAX, RecordingPipeline
+from broker.services.recording_pipeline import INLINE_MAX, RecordingPipeline
 
 BIG = INLINE_MAX + 1
 

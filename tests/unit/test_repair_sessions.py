@@ -11,9 +11,8 @@ import pytest
 
 from broker.domain import recording as fmt
 from broker.domain.models import Grant, GrantState, Instance, Level, Principal, Trigger
-from broker.errors import RecordingError
-from broker.ports import SessionRecord
-from broker.recordings.diskguard import DiskLevel, DiskStatus, RecordingDiskFull
+from broker.errors import RecordingDiskFull, RecordingError
+from broker.ports import DiskLevel, DiskStatus, SessionRecord
 from broker.recordings.local import OPEN_DIR, LocalRecordingSink
 from broker.services.sessions import LiveSession, SessionRequest, SessionService, ShuttingDown
 from tests.unit.test_services_enforcement import Audit, Clock, Control

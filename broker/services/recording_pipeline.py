@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 import structlog
 
 from broker.errors import RecordingError
-from broker.recordings.local import LocalRecordingWriter
+from broker.ports import FrameWriter
 
 log = structlog.get_logger("broker.recordings")
 
@@ -36,7 +36,7 @@ INLINE_MAX = 4096  # bytes: a frame up to this size is written at once when noth
 class RecordingPipeline:
     """One session's frames in order: written inline or batched, each action after its frame."""
 
-    def __init__(self, writer: LocalRecordingWriter, *,
+    def __init__(self, writer: FrameWriter, *,
                  on_error: Callable[[RecordingError], bool],
                  release_scope: ReleaseScope = contextlib.nullcontext,
                  inline_max: int = INLINE_MAX) -> None:
