@@ -44,10 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import asyncssh
 import pyotp
 
-from broker.app import open_stores
 from broker.config import load_config
 from broker.domain import totp
 from broker.domain.models import Grant, GrantState, Level, Trigger
+from broker.stores import open_stores
 from tests.ad.samba import FQDN, PASSWORD, ad_settings_dict, running_dc
 from tests.conftest import BIN, start_demo, stop_demo
 

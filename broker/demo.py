@@ -230,7 +230,7 @@ async def _seed(config_path: Path, names: list[str],
                 user_key: Path | None = None) -> dict[str, str]:
     """Enrol TOTP and grant read-only access to the web stack for every demo user (and register
     ``user_key`` for each, when given)."""
-    from broker.app import open_stores
+    from broker.stores import open_stores
 
     config = load_config(config_path)
     stores = open_stores(config, "broker")

@@ -14,7 +14,7 @@ from broker.errors import NotFoundError
 async def _auth_status(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from broker.app import connect_stores
+    from broker.stores import connect_stores
 
     stores = await connect_stores(config_of(args), read_only=True)
     try:
@@ -35,7 +35,7 @@ async def _auth_status(args: argparse.Namespace) -> int:
 
 
 async def _auth_unlock(args: argparse.Namespace) -> int:
-    from broker.app import connect_stores
+    from broker.stores import connect_stores
 
     config = config_of(args)
     stores = await connect_stores(config)

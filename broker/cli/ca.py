@@ -11,9 +11,9 @@ from broker.cli.output import out
 
 
 async def _ca_known_hosts(args: argparse.Namespace) -> int:
-    from broker.app import build_inventory
     from broker.ssh.jump import host_ca_path
     from broker.ssh.keys import read_public_key
+    from broker.wiring import build_inventory
 
     cfg = config_of(args)
     pub = read_public_key(host_ca_path(cfg), "the host CA")

@@ -16,7 +16,7 @@ from broker.cli.output import out
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from broker.app import build_directory, build_inventory
+    from broker.wiring import build_directory, build_inventory
 
     path = config_path(args)
     config = config_of(args)

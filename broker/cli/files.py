@@ -41,8 +41,8 @@ def _read(path: Path, session_id: str) -> list[dict[str, Any]]:
 
 
 async def _files(args: argparse.Namespace) -> int:
-    from broker.app import connect_stores
     from broker.errors import NotFoundError
+    from broker.stores import connect_stores
 
     config = config_of(args)
     stores = await connect_stores(config, read_only=True)

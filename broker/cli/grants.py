@@ -139,11 +139,11 @@ class Remote:
 
 # -- operator mode -----------------------------------------------------------------------------
 async def _run_local(config_arg: str | None, op: Op) -> Any:
-    from broker.app import connect_stores
     from broker.config import load_config
     from broker.domain.workflow import Actor, Role
     from broker.services.grants import GrantFilter, GrantService
     from broker.services.roles import grant_policy
+    from broker.stores import connect_stores
     from broker.web import schema as S
 
     config = load_config(config_path(argparse.Namespace(config=config_arg)))

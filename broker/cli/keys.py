@@ -13,8 +13,8 @@ from broker.errors import BrokerError, NotFoundError, UsageError
 
 
 async def _key_add(args: argparse.Namespace) -> int:
-    from broker.app import connect_stores
     from broker.ssh.keys import parse_public_key
+    from broker.stores import connect_stores
 
     config = config_of(args)
     acct = account(config, args.user)
@@ -36,7 +36,7 @@ async def _key_add(args: argparse.Namespace) -> int:
 
 
 async def _key_list(args: argparse.Namespace) -> int:
-    from broker.app import connect_stores
+    from broker.stores import connect_stores
 
     config = config_of(args)
     acct = account(config, args.user) if args.user else None
@@ -54,7 +54,7 @@ async def _key_list(args: argparse.Namespace) -> int:
 
 
 async def _key_remove(args: argparse.Namespace) -> int:
-    from broker.app import connect_stores
+    from broker.stores import connect_stores
 
     config = config_of(args)
     acct = account(config, args.user)

@@ -19,7 +19,7 @@ from broker.errors import NotFoundError, UsageError
 
 
 async def _sessions_list(args: argparse.Namespace) -> int:
-    from broker.app import connect_stores
+    from broker.stores import connect_stores
 
     stores = await connect_stores(config_of(args), read_only=True)
     try:
@@ -53,7 +53,7 @@ async def _sessions_list(args: argparse.Namespace) -> int:
 async def _open_recording(args: argparse.Namespace) -> tuple[fmt.FrameReader, BinaryIO]:
     """The session's recording as a ``FrameReader`` over its open file (the caller closes the
     file): replay and export hold one frame at a time, not the whole session."""
-    from broker.app import connect_stores
+    from broker.stores import connect_stores
 
     stores = await connect_stores(config_of(args), read_only=True)
     try:

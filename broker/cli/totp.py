@@ -15,7 +15,7 @@ from broker.errors import NotFoundError, UsageError
 async def _enroll(args: argparse.Namespace, *, reset: bool = False) -> int:
     import qrcode
 
-    from broker.app import connect_stores
+    from broker.stores import connect_stores
 
     config = config_of(args)
     stores = await connect_stores(config)

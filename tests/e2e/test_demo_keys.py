@@ -8,8 +8,8 @@ import asyncssh
 import pytest
 
 from broker import demo
-from broker.app import open_stores
 from broker.config import load_config
+from broker.stores import open_stores
 
 pytestmark = pytest.mark.e2e
 

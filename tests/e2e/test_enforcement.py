@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from broker.app import open_stores
 from broker.config import load_config
 from broker.domain.workflow import Actor, Role
 from broker.services.grants import GrantService
 from broker.services.roles import grant_policy
+from broker.stores import open_stores
 from tests.conftest import Demo
 from tests.e2e.test_terminal import Terminal
 

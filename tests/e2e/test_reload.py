@@ -22,8 +22,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from broker.app import Broker, ConfigSource, Reloader
+from broker.app import Broker
 from broker.config import load_config
+from broker.reload import ConfigSource, Reloader
 from broker.runtime import free_port
 from broker.ssh.tunnel import policy_of
 from tests.conftest import Demo, start_demo, stop_demo
