@@ -30,10 +30,9 @@ def _status(args: argparse.Namespace) -> dict[str, Any]:
     }
     if not db_path.exists():
         return result
-    try:
-        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot open {db_path}: {exc}") from None
+    from broker.shipping.backlog import open_spool_read_only
+
+    db = open_spool_read_only(db_path)
     try:
         result["uploads"] = dict(db.execute(
             "SELECT state, COUNT(*) FROM uploads GROUP BY state ORDER BY state").fetchall())

@@ -24,15 +24,21 @@ class ShippingBacklog:
     audit_bytes: dict[str, int] = field(default_factory=dict)  # shipper -> audit bytes unread
 
 
+def open_spool_read_only(spool_db: Path) -> sqlite3.Connection:
+    """The spool database for reading only (``StoreError`` if it cannot be opened): neither a
+    metrics scrape nor ``shipping status`` may take a write lock the shipper waits on."""
+    try:
+        return sqlite3.connect(f"{spool_db.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {spool_db}: {exc}") from None
+
+
 def read_backlog(spool_db: Path, recordings_dir: Path, audit_path: Path,
                  now: float) -> ShippingBacklog | None:
     """The backlog at ``now`` (epoch seconds); None before the spool exists (nothing shipped)."""
     if not spool_db.exists():
         return None
-    try:
-        db = sqlite3.connect(f"{spool_db.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot open {spool_db}: {exc}") from None
+    db = open_spool_read_only(spool_db)
     try:
         pending = dict(db.execute(
             "SELECT session_id, queued_at FROM uploads WHERE state = 'pending'").fetchall())

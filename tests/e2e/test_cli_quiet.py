@@ -182,3 +182,14 @@ def test_config_check_names_the_file_key_and_problem(demo: Demo, tmp_path: Path)
     assert r.returncode == 2
     assert r.stderr.startswith(f"bastion-broker: error: {cfg}: key 'limits.max_startups': ")
     assert r.stderr.count("\n") == 1
+
+
+def test_the_daemon_log_is_json_lines_only(demo: Demo) -> None:
+    """Dependency warnings at start (asyncssh's DSA import under recent cryptography, say) and
+    libraries' own logging come out as JSON events, never as raw text in the log."""
+    _session_with_a_file(demo)
+    lines = demo.broker_log().splitlines()
+    assert lines
+    for line in lines:
+        event = json.loads(line)  # raises on raw text
+        assert isinstance(event, dict) and "event" in event, line
