@@ -18,6 +18,8 @@ from typing import Any
 from broker.domain.audit import encode_event
 
 CHECKPOINT = "audit.checkpoint"
+# written by a process that finds the log shorter than it left it (lines cut off the end)
+CUT = "audit.cut"
 CONTEXT = b"bastion-broker audit checkpoint v1\n"
 
 

@@ -9,6 +9,10 @@ With a signing key, the log also appends signed ``audit.checkpoint`` lines (see
 the first event once ``checkpoint_seconds`` have passed since the last checkpoint, when
 ``checkpoint_if_due`` finds events waiting that long (the broker calls it periodically), and at
 ``close``. Each is written under the same lock as the event before it.
+
+Writers only append, so a log found shorter than this process left it was cut: the process
+appends an ``audit.cut`` event (seq it expected next, seq it found, bytes lost) before anything
+else, and ``verify --audit`` reports it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from broker.audit.checkpoint import CHECKPOINT, checkpoint_line
+from broker.audit.checkpoint import CHECKPOINT, CUT, checkpoint_line
 from broker.domain.audit import GENESIS, encode_event, line_hash
 from broker.errors import AuditError
 from broker.integrity.keys import SigningKey
@@ -112,13 +116,24 @@ class JsonlAuditLog:
         """With the lock held: the file size, the chain head re-read if another process wrote."""
         size = os.fstat(self._fd).st_size
         if size != self._known_size:
+            cut = 0 <= size < self._known_size
+            expected = self._seq
             if size and os.pread(self._fd, 1, size - 1) != b"\n":
                 # a torn last line (crash mid-write): end it, so the damage stays on
                 # its own line and the chain continues from it
                 os.write(self._fd, b"\n")
                 size += 1
+            lost = self._known_size - size
             self._refresh_head(size)
             self._known_size = size
+            if cut:
+                # writers only append: a shorter file was cut (lines after the last checkpoint
+                # removed). Say so in the chain, signed with the next checkpoint
+                line = encode_event(self._seq, self._prev, CUT, self._clock.now(),
+                                    {"expected_seq": expected, "found_seq": self._seq,
+                                     "lost_bytes": lost})
+                size = self._append(size, line, CUT)
+                self._since += 1
         return size
 
     def _append(self, size: int, line: bytes, event: str) -> int:
@@ -182,9 +197,12 @@ class JsonlAuditLog:
         if self._signer is None or self._fd < 0:
             return
         try:
-            others_wrote = os.fstat(self._fd).st_size != self._known_size
+            size = os.fstat(self._fd).st_size
         except OSError as exc:
             raise AuditError(f"cannot read audit log {self._path}: {exc.strerror}") from exc
+        others_wrote = size != self._known_size
+        if 0 <= size < self._known_size:
+            self._locked(lambda size: None)  # the file shrank: record the cut now
         if others_wrote and self._monotonic() - self._last_cp >= self._cp_seconds:
             self._since = max(self._since, 1)
         if self._due():

@@ -14,10 +14,11 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from broker.audit.checkpoint import CHECKPOINT, signature_of, signed_bytes
+from broker.audit.checkpoint import CHECKPOINT, CUT, signature_of, signed_bytes
 from broker.domain import recording as fmt
 from broker.domain.audit import GENESIS, line_hash
 from broker.errors import NotFoundError, UsageError
@@ -27,6 +28,9 @@ from broker.integrity.manifest import FORMAT, SIGNING_CONTEXT, canonical, digest
 _SESSION_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-")
 _MAX_RANGES = 5
 _SAFE_NAME = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z._-]{0,200}")
+# an unsigned audit tail older than this is an error: the broker signs within ~30 s (its timer
+# runs every 5 s) and at every clean stop, so only a cut or a killed writer leaves one this old
+TAIL_GRACE = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +81,10 @@ def _span(a: int, b: int) -> str:
     return str(a) if a == b else f"{a}-{b}"
 
 
-def verify_audit_lines(lines: list[bytes], key: VerifyKey, report: Report) -> None:
-    """Check the chain, the sequence numbers and every checkpoint signature of an audit log."""
+def verify_audit_lines(lines: list[bytes], key: VerifyKey, report: Report,
+                       now: datetime | None = None) -> None:
+    """Check the chain, the sequence numbers and every checkpoint signature of an audit log
+    (``now``: for the age of an unsigned tail; default the current time)."""
     parsed: list[dict[str, Any] | None] = []
     for raw in lines:
         try:
@@ -171,10 +177,44 @@ def verify_audit_lines(lines: list[bytes], key: VerifyKey, report: Report) -> No
         report.error("no_valid_checkpoint", "no line of the log is covered by a valid signed "
                      "checkpoint")
     elif signed_through < len(lines):
-        report.warning("unsigned_tail", f"lines {_span(signed_through + 1, len(lines))} come "
-                       "after the last signed checkpoint and are not signed yet (normal while "
-                       "the broker runs; it signs them within seconds and at shutdown)",
-                       lines=[signed_through + 1, len(lines)])
+        _unsigned_tail(report, lines[signed_through:], parsed[signed_through:],
+                       signed_through + 1, now)
+    for n, obj in enumerate(parsed, start=1):
+        if obj is not None and obj.get("event") == CUT:
+            report.error("audit_tail_cut", f"line {n}: the broker found the log cut while it "
+                         f"ran: seq {obj.get('expected_seq')} was next, the file ended at seq "
+                         f"{obj.get('found_seq')} ({obj.get('lost_bytes')} bytes gone)", line=n)
+
+
+def _unsigned_tail(report: Report, tail: list[bytes], parsed: list[dict[str, Any] | None],
+                   first: int, now: datetime | None) -> None:
+    """Lines after the last valid checkpoint: a warning while young (the broker signs them
+    within ~30 s and at shutdown), an error once the oldest is older than ``TAIL_GRACE``
+    seconds: no running broker left them, so the log was cut after them or the writer died."""
+    stamps = []
+    for obj in parsed:
+        try:
+            stamps.append(datetime.fromisoformat(str(obj["ts"])) if obj else None)
+        except (KeyError, ValueError):
+            stamps.append(None)
+    known = [t for t in stamps if t is not None and t.tzinfo is not None]
+    age = (now or datetime.now(UTC)) - min(known) if known else None
+    events = sum(obj is not None for obj in parsed)
+    span = _span(first, first + len(tail) - 1)
+    where = {"lines": [first, first + len(tail) - 1], "events": events,
+             "age_seconds": None if age is None else round(age.total_seconds(), 1)}
+    what = (f"{events} event{'s' if events != 1 else ''} (lines {span}) after the last signed "
+            "checkpoint")
+    if age is not None and age.total_seconds() < TAIL_GRACE:
+        report.warning("unsigned_tail", f"{what}, the oldest {age.total_seconds():.0f} s old: "
+                       "not signed yet (normal while the broker runs; it signs them within "
+                       "~30 s and at shutdown)", **where)
+    else:
+        old = "of unknown age" if age is None else f"the oldest {age.total_seconds():.0f} s old"
+        report.error("unsigned_tail_stale", f"{what}, {old}: a running broker signs events "
+                     f"within ~30 s and a clean stop signs them all, so the signed log was "
+                     "cut after them (lines removed from the end, or its last checkpoints) "
+                     "or the writer was killed", **where)
 
 
 def read_lines(path: Path) -> list[bytes]:
@@ -186,9 +226,9 @@ def read_lines(path: Path) -> list[bytes]:
         raise NotFoundError(f"cannot read the audit log {path}: {exc.strerror}") from None
 
 
-def verify_audit(path: Path, key: VerifyKey) -> Report:
+def verify_audit(path: Path, key: VerifyKey, now: datetime | None = None) -> Report:
     report = Report(subject=f"audit log {path}")
-    verify_audit_lines(read_lines(path), key, report)
+    verify_audit_lines(read_lines(path), key, report, now)
     return report
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -186,9 +186,9 @@ def test_flipped_byte_in_a_checkpoint(written: Path, key: SigningKey) -> None:
     lines = lines_of(written)
     lines[12] = lines[12].replace(b"2025", b"2026", 1)  # the closing checkpoint's timestamp
     rewrite(written, lines)
-    r = check(written, key)
-    assert codes(r) == [("checkpoint_bad_signature", 13), ("unsigned_tail", [11, 13])]
-    assert [f.severity for f in r.findings] == ["error", "warning"]
+    r = check(written, key)  # the lines are old: the unsigned tail is an error too
+    assert codes(r) == [("checkpoint_bad_signature", 13), ("unsigned_tail_stale", [11, 13])]
+    assert [f.severity for f in r.findings] == ["error", "error"]
 
 
 def test_truncated_mid_line(written: Path, key: SigningKey) -> None:
@@ -204,12 +204,63 @@ def test_truncated_newline_only(written: Path, key: SigningKey) -> None:
     assert codes(check(written, key)) == [("audit_truncated", 13)]
 
 
-def test_truncated_at_a_line_boundary_leaves_an_unsigned_tail(written: Path,
-                                                              key: SigningKey) -> None:
-    rewrite(written, lines_of(written)[:8])
+def test_truncated_at_a_line_boundary_leaves_an_old_unsigned_tail(written: Path,
+                                                                  key: SigningKey) -> None:
+    rewrite(written, lines_of(written)[:8])  # the last checkpoints cut off
     r = check(written, key)
-    assert r.ok  # whole lines cut after a checkpoint leave no trace in the file itself
-    assert codes(r) == [("unsigned_tail", [6, 8])]
+    assert not r.ok
+    assert codes(r) == [("unsigned_tail_stale", [6, 8])]
+    (f,) = r.findings
+    assert f.where["events"] == 3 and f.where["age_seconds"] > 60
+    assert "3 events (lines 6-8)" in f.message
+
+
+def test_a_young_unsigned_tail_is_a_warning_an_old_one_an_error(written: Path,
+                                                                key: SigningKey) -> None:
+    lines = lines_of(written)[:8]
+    rewrite(written, lines)
+    oldest = datetime.fromisoformat(json.loads(lines[5])["ts"])
+    young = verify_audit(written, key.public, now=oldest + timedelta(seconds=20))
+    assert young.ok and codes(young) == [("unsigned_tail", [6, 8])]
+    assert young.findings[0].where == {"lines": [6, 8], "events": 3, "age_seconds": 20.0}
+    old = verify_audit(written, key.public, now=oldest + timedelta(seconds=61))
+    assert not old.ok and codes(old) == [("unsigned_tail_stale", [6, 8])]
+
+
+def test_a_running_writer_records_a_cut_of_its_unsigned_tail(path: Path,
+                                                             key: SigningKey) -> None:
+    mono = Mono()
+    log = open_log(path, key, mono, lines=1000)
+    for i in range(3):
+        log.emit("e", n=i)
+    log.checkpoint()
+    for i in range(3):
+        log.emit("f", n=i)  # seq 4-6, not signed yet
+    cut_to = lines_of(path)[:5]
+    rewrite(path, cut_to)  # someone removes them before the next checkpoint
+    mono.t += 31
+    log.checkpoint_if_due()  # the broker's timer finds the file shorter than it left it
+    ev = events(path)
+    assert [e["event"] for e in ev][5:] == ["audit.cut", CHECKPOINT]
+    assert ev[5]["expected_seq"] == 7 and ev[5]["found_seq"] == 5 and ev[5]["seq"] == 5
+    log.emit("g")
+    log.close()
+    r = check(path, key)
+    assert codes(r) == [("audit_tail_cut", 6)]
+    assert "seq 7 was next" in r.findings[0].message
+
+
+def test_a_cut_found_by_the_next_event_is_recorded_before_it(path: Path,
+                                                             key: SigningKey) -> None:
+    log = open_log(path, key, lines=1000)
+    log.emit("e")
+    log.checkpoint()
+    log.emit("f")
+    rewrite(path, lines_of(path)[:2])
+    log.emit("g")
+    log.close()
+    assert [e["event"] for e in events(path)] == ["e", CHECKPOINT, "audit.cut", "g", CHECKPOINT]
+    assert codes(check(path, key)) == [("audit_tail_cut", 3)]
 
 
 def test_removed_line(written: Path, key: SigningKey) -> None:

@@ -1,0 +1,93 @@
+"""What the audit records must be what happened, through real broker processes: a clean stop
+signs the whole audit log (no unsigned tail), and a tail cut after the last signed checkpoint
+is reported by ``verify --audit``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import BIN, Demo
+from tests.e2e.test_durability import BrokerProcess, broker_config
+
+pytestmark = pytest.mark.e2e
+
+
+def verify_audit(cfg: Path) -> tuple[int, dict[str, Any]]:
+    r = subprocess.run([str(BIN), "--config", str(cfg), "verify", "--audit", "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode in (0, 1), r.stderr
+    return r.returncode, json.loads(r.stdout)
+
+
+def codes(result: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(f["severity"], f["code"]) for rep in result["reports"] for f in rep["findings"]]
+
+
+def run_broker(demo: Demo, tmp_path: Path, cfg: Path, cut: bool = False) -> None:
+    """One broker process: a session through it, optionally the audit tail cut while it runs,
+    then SIGTERM."""
+    log = tmp_path / "broker.log"
+    log.touch()
+    broker = BrokerProcess(cfg, log)
+    audit = tmp_path / "audit.jsonl"
+    try:
+        kh = demo.known_hosts_for(tmp_path, broker.port)
+        user = demo.take_user()
+        r = subprocess.run([*demo.ssh_args(f"{user}+web01", port=broker.port, known_hosts=kh),
+                            "echo hi"], capture_output=True, timeout=60, env=demo.env(user))
+        assert r.returncode == 0 and r.stdout == b"hi\n", r.stderr
+        if cut:
+            lines = audit.read_bytes().splitlines(keepends=True)
+            assert json.loads(lines[-1])["event"] == "session.end"
+            audit.write_bytes(b"".join(lines[:-2]))
+            deadline = time.monotonic() + 30  # the broker's 5 s timer notices
+            while b'"audit.cut"' not in audit.read_bytes():
+                assert time.monotonic() < deadline, "the cut was not recorded"
+                time.sleep(0.2)
+        broker.proc.send_signal(signal.SIGTERM)
+        assert broker.wait(60) == 0
+    finally:
+        broker.kill()
+
+
+def test_a_clean_stop_seals_the_audit_tail_and_a_cut_tail_is_reported(
+        demo: Demo, tmp_path: Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    cfg = broker_config(demo, tmp_path, f'[audit]\npath = "{audit}"\n')
+    run_broker(demo, tmp_path, cfg)
+    run_broker(demo, tmp_path, cfg)  # a restart: its own start and stop
+    lines = audit.read_bytes().splitlines(keepends=True)
+    events = [json.loads(x)["event"] for x in lines]
+    assert events.count("session.end") == 2 and events.count("broker.stop") == 2
+    assert events[-2:] == ["broker.stop", "audit.checkpoint"]
+    rc, result = verify_audit(cfg)
+    assert rc == 0 and codes(result) == [], result  # nothing unsigned after a clean stop
+
+    # the closing checkpoint cut off: the events after the previous one are reported, with
+    # their number (a warning while they are young, an error once older than 60 s)
+    cps = [i for i, e in enumerate(events) if e == "audit.checkpoint"]
+    audit.write_bytes(b"".join(lines[:-1]))
+    rc, result = verify_audit(cfg)
+    assert rc == 0 and codes(result) == [("warning", "unsigned_tail")], result
+    (finding,) = result["reports"][0]["findings"]
+    assert finding["where"]["events"] == len(lines) - 2 - cps[-2]
+    assert f"{finding['where']['events']} events" in finding["message"]
+
+
+def test_a_cut_while_the_broker_runs_is_recorded_and_reported(demo: Demo,
+                                                               tmp_path: Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    cfg = broker_config(demo, tmp_path, f'[audit]\npath = "{audit}"\n')
+    run_broker(demo, tmp_path, cfg, cut=True)
+    rc, result = verify_audit(cfg)
+    assert rc == 1 and codes(result) == [("error", "audit_tail_cut")], result
+    cut = [json.loads(x) for x in audit.read_bytes().splitlines()
+           if b'"audit.cut"' in x]
+    assert len(cut) == 1 and cut[0]["expected_seq"] == cut[0]["found_seq"] + 2
