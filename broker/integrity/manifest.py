@@ -42,7 +42,14 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("broker.integrity")
 
-FORMAT = "bastion-broker-manifest/1"
+# format 2 lists every file beside the recording a reviewer may open (the ``.cast`` too);
+# format 1 (older manifests, still verified) listed the ``.rec`` only
+FORMAT = "bastion-broker-manifest/2"
+FORMAT_V1 = "bastion-broker-manifest/1"
+FORMATS = (FORMAT_V1, FORMAT)
+# the files written beside SESSION_ID.rec that a manifest covers (the sessions code writes no
+# others: SFTP transfers are in the recording and the audit log)
+COMPANIONS = (".cast",)
 SIGNING_CONTEXT = b"bastion-broker recording manifest v1\n"
 MIN_BLOCK = 4096
 MAX_BLOCKS = 1024
@@ -123,6 +130,11 @@ def _read_block(f: io.FileIO, view: memoryview) -> int:
 
 def manifest_path(rec_path: Path) -> Path:
     return rec_path.with_name(rec_path.name.split(".", 1)[0] + ".manifest.json")
+
+
+def companions(rec_path: Path) -> tuple[Path, ...]:
+    """The files beside a recording that its manifest lists with it, those that exist."""
+    return tuple(p for p in (rec_path.with_suffix(ext) for ext in COMPANIONS) if p.exists())
 
 
 def sign_manifest(body: dict[str, Any], key: SigningKey) -> dict[str, Any]:
@@ -209,9 +221,11 @@ class RecordingSealer:
         await self._seal(session_id, rec, fields)
 
     async def _seal(self, sid: str, rec: Path, fields: Callable[[], dict[str, Any]]) -> None:
+        # the .cast of a terminal session is rendered before its seal (the session service and
+        # crash repair both render first), so the manifest covers it too
         try:
             path, digest = await asyncio.to_thread(
-                lambda: seal_recording(rec, fields(), self._key))
+                lambda: seal_recording(rec, fields(), self._key, companions(rec)))
         except (OSError, ValueError, BrokerError) as exc:
             log.error("recording.seal_failed", session_id=sid, error=str(exc))
             try:

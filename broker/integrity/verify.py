@@ -23,7 +23,14 @@ from broker.domain import recording as fmt
 from broker.domain.audit import GENESIS, line_hash
 from broker.errors import NotFoundError, UsageError
 from broker.integrity.keys import VerifyKey
-from broker.integrity.manifest import FORMAT, SIGNING_CONTEXT, canonical, digest_file
+from broker.integrity.manifest import (
+    COMPANIONS,
+    FORMAT_V1,
+    FORMATS,
+    SIGNING_CONTEXT,
+    canonical,
+    digest_file,
+)
 
 _SESSION_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz-")
 _MAX_RANGES = 5
@@ -374,7 +381,7 @@ def verify_session(recordings_dir: Path, sid: str, key: VerifyKey,
                      "damaged)", file=man.name)
         return report
     _check_signature(report, doc.get("signature"), body, key)
-    if body.get("format") != FORMAT:
+    if body.get("format") not in FORMATS:
         report.error("manifest_damaged", f"unknown manifest format {body.get('format')!r}")
     if body.get("session_id") != sid:
         report.error("manifest_wrong_session", f"the manifest is for session "
@@ -393,12 +400,32 @@ def verify_session(recordings_dir: Path, sid: str, key: VerifyKey,
             report.error("manifest_damaged", f"the manifest lists a bad file name {name!r}")
             continue
         _check_file(report, man.parent / name, entry)
+    _check_unlisted(report, man, sid, files, body.get("format") == FORMAT_V1)
     report.checked.update(
         files=[e.get("name") for e in files if isinstance(e, dict)],
         bytes=sum(int(e.get("size", 0)) for e in files if isinstance(e, dict)),
         **{k: body.get(k) for k in ("user", "target", "grant_id", "started_at", "ended_at",
                                     "exit_status", "interrupted")})
     return report
+
+
+def _check_unlisted(report: Report, man: Path, sid: str, files: list[Any], v1: bool) -> None:
+    """A file beside the recording that a reviewer may open (``SID.cast``) but that the
+    manifest does not list: planted or replaced after sealing. Format 1 manifests listed the
+    ``.rec`` only: their ``.cast`` is reported as a warning (regenerate it with ``export``)."""
+    listed = {str(e.get("name")) for e in files if isinstance(e, dict)}
+    for ext in COMPANIONS:
+        name = sid + ext
+        if name in listed or not (man.parent / name).exists():
+            continue
+        if v1:
+            report.warning("file_not_sealed", f"{name} is not covered by this format 1 manifest "
+                           "(it lists the .rec only): regenerate it from the recording with "
+                           "`export` rather than trust it", file=name)
+        else:
+            report.error("file_not_sealed", f"{name} is not listed in the signed manifest: it "
+                         "was written after sealing (planted or replaced); regenerate it with "
+                         "`export`", file=name)
 
 
 def _check_signature(report: Report, sig: Any, body: dict[str, Any], key: VerifyKey) -> None:

@@ -325,7 +325,9 @@ class SessionService:
         finally:
             # close fsyncs: a large recording can take seconds, so keep it off the event loop
             await asyncio.to_thread(live.writer.close)
-        if self._on_recorded is not None and live.writer.location:
+        render = (self._render_cast if live.request.term_type and live.writer.location
+                  else None)
+        if self._on_recorded is not None and live.writer.location and render is None:
             await self._on_recorded(live, now, exit_status)
         duration = (now - live.started_at).total_seconds()
         try:
@@ -346,10 +348,10 @@ class SessionService:
                 local.release()
         log.info("session.end", session_id=live.id, exit_status=exit_status,
                  bytes_in=live.bytes_in, bytes_out=live.bytes_out)
-        if live.request.term_type and live.writer.location and self._render_cast is not None:
-            # terminal sessions also get an asciicast file, rendered off the relay path
-            task = asyncio.create_task(self._render(self._render_cast,
-                                                    Path(live.writer.location)))
+        if render is not None:
+            # terminal sessions also get an asciicast file, rendered off the relay path; the
+            # seal waits for it, so the signed manifest covers the .cast as well
+            task = asyncio.create_task(self._render_then_seal(render, live, now, exit_status))
             self._bg.add(task)
             task.add_done_callback(self._bg.discard)
         self._ending.discard(live.id)
@@ -363,8 +365,17 @@ class SessionService:
         except (OSError, ValueError) as exc:
             log.error("recording.render_failed", path=str(path), error=str(exc))
 
+    async def _render_then_seal(self, render: Callable[[Path], object], live: LiveSession,
+                                now: datetime, exit_status: str | None) -> None:
+        await self._render(render, Path(live.writer.location))
+        if self._on_recorded is not None:
+            try:
+                await self._on_recorded(live, now, exit_status)
+            except Exception as exc:  # a background task: log it, never lose it
+                log.error("recording.seal_failed", session_id=live.id, error=str(exc))
+
     async def drain(self) -> None:
-        """Wait for background renders (at shutdown)."""
+        """Wait for background renders and the seals they start (at shutdown)."""
         if self._bg:
             await asyncio.gather(*self._bg, return_exceptions=True)
 

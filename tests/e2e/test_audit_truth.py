@@ -91,3 +91,29 @@ def test_a_cut_while_the_broker_runs_is_recorded_and_reported(demo: Demo,
     cut = [json.loads(x) for x in audit.read_bytes().splitlines()
            if b'"audit.cut"' in x]
     assert len(cut) == 1 and cut[0]["expected_seq"] == cut[0]["found_seq"] + 2
+
+
+def test_the_cast_of_a_terminal_session_is_sealed_and_checked(demo: Demo) -> None:
+    from tests.e2e.test_verify import session_of, verify, wait_sealed
+
+    user = demo.take_user()
+    r = demo.ssh(user, "web01", extra=("-tt",), stdin=b"echo CAST-$((6*7))\nexit\n")
+    assert r.returncode == 0, r.stderr
+    sid = session_of(demo, user)["id"]
+    ok = wait_sealed(demo.config, sid)["reports"][0]
+    assert [n.rsplit(".", 1)[-1] for n in ok["checked"]["files"]] == ["rec", "cast"]
+    (cast,) = demo.state_dir.glob(f"recordings/*/{sid}.cast")
+    original = cast.read_bytes()
+    assert b"CAST-42" in original
+    try:
+        cast.write_bytes(original.replace(b"CAST-42", b"CAST-43"))
+        rc, result = verify(demo.config, sid)
+        assert rc == 1, result
+        codes = [(f["code"], f["where"].get("file")) for f in result["reports"][0]["findings"]]
+        assert codes == [("file_modified", cast.name)]
+        cast.unlink()
+        rc, result = verify(demo.config, sid)
+        assert rc == 1 and result["reports"][0]["findings"][0]["code"] == "file_missing"
+    finally:
+        cast.write_bytes(original)
+    assert verify(demo.config, sid)[0] == 0

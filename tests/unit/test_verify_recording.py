@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -11,9 +14,14 @@ import pytest
 from broker.domain import recording as fmt
 from broker.errors import NotFoundError, UsageError
 from broker.integrity.keys import load_or_create_signing_key
-from broker.integrity.manifest import manifest_path, seal_recording
+from broker.integrity.manifest import (
+    RecordingSealer,
+    manifest_path,
+    seal_recording,
+    sign_manifest,
+)
 from broker.integrity.verify import Report, verify_session
-from broker.recordings.local import LocalRecordingSink
+from broker.recordings.local import LocalRecordingSink, render_cast
 
 SID = "0a1b2c3d-4e5f-4a5b-8c9d-0e1f2a3b4c5d"
 
@@ -224,3 +232,75 @@ def test_local_copy_removed_after_upload_is_not_tampering(sealed: Sealed) -> Non
     assert r.ok and [(f.severity, f.code) for f in r.findings] == [
         ("warning", "removed_after_upload")]
     assert "audit line 2" in r.findings[0].message
+
+
+class SealedTerminal(Sealed):
+    """A terminal session: its .cast rendered, then sealed by the sealer (as the broker does)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.root = tmp / "recordings"
+        self.key = load_or_create_signing_key(tmp / "key")
+        meta = {"session_id": SID, "user": "alice@corp", "term": "xterm", "width": 80,
+                "height": 24, "started_at": "2025-03-01T12:00:00+00:00"}
+        w = LocalRecordingSink(self.root).open(SID, meta)
+        w.write(fmt.OUTPUT, b"$ id\r\nuid=1000(alice)\r\n")
+        w.write(fmt.EXIT, b"0")
+        w.close()
+        self.rec = Path(w.location)
+        self.cast = render_cast(self.rec)
+        events: list[dict[str, object]] = []
+
+        class Audit:
+            def emit(self, event: str, **fields: object) -> None:
+                events.append({"seq": 0, "event": event, **fields})
+
+        asyncio.run(RecordingSealer(self.key, Audit()).seal_interrupted(
+            SID, self.rec, datetime.now(UTC), "interrupted"))
+        self.man = manifest_path(self.rec)
+        self.audit = [json.dumps(e).encode() + b"\n" for e in events]
+
+
+@pytest.fixture
+def terminal(tmp_path: Path) -> SealedTerminal:
+    return SealedTerminal(tmp_path)
+
+
+def test_the_cast_is_in_the_manifest_and_its_edits_are_named(terminal: SealedTerminal) -> None:
+    body = json.loads(terminal.man.read_bytes())["manifest"]
+    assert body["format"] == "bastion-broker-manifest/2"
+    assert [f["name"] for f in body["files"]] == [terminal.rec.name, terminal.cast.name]
+    assert terminal.verify().findings == []
+    original = terminal.cast.read_bytes()
+    terminal.cast.write_bytes(original.replace(b"uid=1000(alice)", b"uid=1000(alicf)"))
+    r = terminal.verify()
+    assert not r.ok and codes(r) == ["file_modified"]
+    assert r.findings[0].where["file"] == terminal.cast.name
+    terminal.cast.unlink()
+    r = terminal.verify()
+    assert codes(r) == ["file_missing"] and terminal.cast.name in r.findings[0].message
+    terminal.cast.write_bytes(original)
+    assert terminal.verify().ok
+
+
+def test_a_cast_the_manifest_does_not_list_is_reported(sealed: Sealed) -> None:
+    body = json.loads(sealed.man.read_bytes())["manifest"]
+    assert body["format"] == "bastion-broker-manifest/2"
+    cast = sealed.rec.with_suffix(".cast")
+    cast.write_text('{"version": 2}\n[0.1, "o", "planted"]\n')  # written after the seal
+    r = sealed.verify()
+    assert not r.ok and codes(r) == ["file_not_sealed"]
+
+
+def test_format_1_manifests_still_verify_and_their_cast_is_a_warning(sealed: Sealed) -> None:
+    doc = json.loads(sealed.man.read_bytes())
+    body = {**doc["manifest"], "format": "bastion-broker-manifest/1"}
+    data = json.dumps(sign_manifest(body, sealed.key)).encode()
+    sealed.man.write_bytes(data)
+    sealed.audit = [json.dumps({"seq": 0, "event": "recording.sealed", "session_id": SID,
+                                "manifest_sha256": hashlib.sha256(data).hexdigest()}).encode()
+                    + b"\n"]
+    assert sealed.verify().findings == []
+    sealed.rec.with_suffix(".cast").write_text("{}\n")
+    r = sealed.verify()
+    assert r.ok and codes(r) == ["file_not_sealed"]
+    assert r.findings[0].severity == "warning"
