@@ -39,8 +39,10 @@ def _restored() -> Iterator[None]:
 def _stock(snap: dict[tuple[str, str], object]) -> bool:
     """Every replaced name holds asyncssh's own object, and nothing of ours is added."""
     for value in snap.values():
-        if isinstance(value, dict):
-            if any(not cls.__module__.startswith("asyncssh") for cls, _ in value.values()):
+        if isinstance(value, dict):  # a registry (cipher -> (class, ...)) or a dispatch table
+            items = [v[0] if isinstance(v, tuple) else v for v in value.values()]
+            if any(not getattr(v, "__module__", "asyncssh").startswith("asyncssh")
+                   for v in items):
                 return False
         elif value is not private._MISSING and not getattr(
                 value, "__module__", "").startswith("asyncssh"):

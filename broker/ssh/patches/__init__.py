@@ -80,9 +80,10 @@ def install(*, stock: bool | None = None) -> bool:
         reasons = problems()
     if not reasons:
         try:
-            from broker.ssh.patches import wire
+            from broker.ssh.patches import service, wire
 
             wire.install()
+            service.install()
         except Exception as exc:  # a private name the table does not describe well enough
             reasons = [f"installing failed: {exc!r}"]
         else:

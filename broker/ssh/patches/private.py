@@ -83,6 +83,14 @@ TABLE: tuple[Private, ...] = (
         "MSG_CHANNEL_DATA": "framed and opened by the one-pass data path",
         "MSG_CHANNEL_EXTENDED_DATA": "framed by the one-pass data path (stderr)",
     }),
+    *_rows("asyncssh.constants", "read", {
+        "MSG_SERVICE_REQUEST": "the packet type whose handler accepts a repeated ssh-userauth",
+        "MSG_SERVICE_ACCEPT": "the answer to a repeated ssh-userauth request",
+    }),
+    *_rows("asyncssh.packet", "read", {
+        "SSHPacket": "a service request handed on to asyncssh's handler unread",
+        "String": "encodes the service name of a SERVICE_ACCEPT",
+    }),
     *_rows("asyncssh.public_key", "read", {
         "decode_ssh_public_key": "fingerprint of the key a public-key signature was made with",
     }),
@@ -99,6 +107,17 @@ TABLE: tuple[Private, ...] = (
         "_send_disconnect": "a DisconnectError from a channel, handled as asyncssh's parser does",
         "_force_close": "the same, after the disconnect is sent",
         "internal_error": "any other error from a channel, as asyncssh's parser handles it",
+    }),
+    *_rows(CONN, "replaced", {
+        "_packet_handlers": "dispatch table: MSG_SERVICE_REQUEST accepts a repeated "
+                            "ssh-userauth during authentication (paramiko sends one per method)",
+    }),
+    *_rows(CONN, "read", {
+        "is_server": "a repeated service request is accepted by servers only",
+        "logger": "the connection's logger (debug line for a repeated service request)",
+    }),
+    *_rows(CONN, "instance", {
+        "_auth_in_progress": "authentication under way: a repeated ssh-userauth is accepted",
     }),
     *_rows(CONN, "added", {
         "_send_parts": "ours: sends packet headers and ciphertexts without joining them",
