@@ -59,6 +59,9 @@ class SessionRequest:
     width: int
     height: int
     peer: str
+    # the pty-req size as the client sent it (cols, rows, pixels), when it was out of range
+    # and ``width``/``height`` are clamped (see ``broker.domain.terminal``): audited as sent
+    requested_size: tuple[int, int, int, int] | None = None
 
 
 class _NullWriter:
@@ -284,7 +287,9 @@ class SessionService:
                 "session.start", session_id=sid, user=str(req.principal), target=req.instance.id,
                 address=meta["address"], grant_id=req.grant.id, level=str(req.grant.level),
                 login=req.login, kind=req.kind, command=req.command, peer=req.peer,
-                recorded=self._recording_enabled,
+                recorded=self._recording_enabled, term=req.term_type,
+                **({"width": req.width, "height": req.height} if req.term_type else {}),
+                requested_size=list(req.requested_size) if req.requested_size else None,
             )
             await self._index.started(SessionRecord(
                 id=sid, user=str(req.principal), target=req.instance.id, login=req.login,

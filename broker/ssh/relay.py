@@ -21,6 +21,7 @@ from asyncssh.channel import SSHChannel
 
 from broker.config import BrokerConfig
 from broker.domain.models import Instance, Principal
+from broker.domain.terminal import clamp_term_size
 from broker.errors import AuditError, BrokerError, RecordingError
 from broker.ports import AuditSink, Clock
 from broker.services.access import AccessService
@@ -32,6 +33,7 @@ from broker.ssh.ca import UserCA
 log = structlog.get_logger("broker.relay")
 
 _FORWARD_ENV = ("LANG", "LC_")
+_MAX_CLAMPED_RESIZES_AUDITED = 8  # per session: out-of-range window-changes audited as sent
 
 
 @dataclass(slots=True)
@@ -105,6 +107,9 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         self._peer = peer
         self.chan: asyncssh.SSHServerChannel[bytes]
         self._term: tuple[str, tuple[int, int, int, int], Mapping[int, int]] | None = None
+        # as sent, when it was clamped
+        self._term_requested: tuple[int, int, int, int] | None = None
+        self._resizes_clamped = 0
         self._kind = "shell"
         self._command: str | None = None
         self._up_chan: asyncssh.SSHClientChannel[bytes] | None = None
@@ -127,7 +132,10 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
                       term_modes: Mapping[int, int]) -> bool:
-        self._term = (term_type, term_size, term_modes)
+        # the recording and the target get a size a terminal can be; the audit gets what was sent
+        clamped = clamp_term_size(term_size)
+        self._term_requested = term_size if clamped != term_size else None
+        self._term = (term_type, clamped, term_modes)
         return True
 
     def shell_requested(self) -> bool:
@@ -177,6 +185,7 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
                 kind=self._kind, command=self._command,
                 term_type=self._term[0] if self._term else None,
                 width=width, height=height, peer=self._peer,
+                requested_size=self._term_requested,
             ))
             now = deps.clock.now()
             key, cert = deps.ca.issue(
@@ -351,6 +360,10 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int,
                               pixheight: int) -> None:
+        sent = (width, height, pixwidth, pixheight)
+        width, height, pixwidth, pixheight = clamp_term_size(sent)
+        if (width, height, pixwidth, pixheight) != sent:
+            self._audit_clamped_resize(sent, (width, height, pixwidth, pixheight))
         if self._term:
             self._term = (self._term[0], (width, height, pixwidth, pixheight), self._term[2])
         up, live = self._up_chan, self._live
@@ -362,6 +375,22 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
                 live.resize(width, height, resize)
             except RecordingError as exc:
                 self._recording_failed(exc)
+
+    def _audit_clamped_resize(self, sent: tuple[int, ...], size: tuple[int, ...]) -> None:
+        """A window-change out of range, audited as sent: the first few of a session (a client
+        repeating it must not fill the disk), the last of those says the rest are not."""
+        self._resizes_clamped += 1
+        if self._resizes_clamped > _MAX_CLAMPED_RESIZES_AUDITED:
+            return
+        more = self._resizes_clamped == _MAX_CLAMPED_RESIZES_AUDITED
+        try:
+            self._deps.audit.emit(
+                "session.resize", session_id=self._live.id if self._live else None,
+                user=str(self._principal), target=self._instance.id,
+                requested_size=list(sent), size=list(size), clamped=True,
+                further_not_audited=True if more else None)
+        except AuditError as exc:
+            log.error("audit.write_failed", event="session.resize", error=str(exc))
 
     def signal_received(self, signal: str) -> None:
         up, live = self._up_chan, self._live

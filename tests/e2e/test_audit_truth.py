@@ -4,6 +4,7 @@ is reported by ``verify --audit``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -11,8 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import pytest
 
+from broker.domain import recording as fmt
 from tests.conftest import BIN, Demo
 from tests.e2e.test_durability import BrokerProcess, broker_config
 
@@ -117,3 +120,60 @@ def test_the_cast_of_a_terminal_session_is_sealed_and_checked(demo: Demo) -> Non
     finally:
         cast.write_bytes(original)
     assert verify(demo.config, sid)[0] == 0
+
+
+class _KbdClient(asyncssh.SSHClient):
+    """Answers the bastion's keyboard-interactive prompts: the password, then the code."""
+
+    def __init__(self, password: str, code: str) -> None:
+        self._password, self._code = password, code
+
+    def kbdint_auth_requested(self) -> str:
+        return ""
+
+    def kbdint_challenge_received(self, name: str, instructions: str, lang: str,
+                                  prompts: list[tuple[str, bool]]) -> list[str]:
+        return [self._password if "assword" in p else self._code for p, _ in prompts]
+
+
+def test_a_huge_pty_is_clamped_for_the_recording_and_the_target_and_audited_as_sent(
+        demo: Demo) -> None:
+    user = demo.take_user()
+    password, code = demo.info["password"], demo.next_code(user)
+
+    async def run() -> tuple[bytes, int | None]:
+        host_key = (demo.state_dir / "ssh_host_ed25519_key.pub").read_text()
+        known = asyncssh.import_known_hosts(f"[127.0.0.1]:{demo.port} {host_key}")
+        async with asyncssh.connect(
+                "127.0.0.1", demo.port, username=f"{user}+web01", known_hosts=known,
+                client_factory=lambda: _KbdClient(password, code),
+                preferred_auth="keyboard-interactive", config=None) as conn:
+            proc = await conn.create_process(
+                "stty size; read x; stty size; echo DONE", term_type="xterm",
+                term_size=(100000, 100000), encoding=None)
+            out = await proc.stdout.readuntil(b"\n")
+            proc.change_terminal_size(200000, 7, 99999999, 0)  # a window-change out of range
+            await asyncio.sleep(0.5)
+            proc.stdin.write(b"go\n")
+            out += await proc.stdout.read()
+            await proc.wait_closed()
+            return out, proc.exit_status
+
+    out, status = asyncio.run(run())
+    assert status == 0, out  # the target's pty (rows cols), clamped, then resized clamped
+    assert out.replace(b"\r", b"").split(b"\n")[0] == b"4096 4096", out
+    assert b"7 4096\n" in out.replace(b"\r", b""), out
+    rows = [s for s in demo.sessions() if s["user"].startswith(user + "@")]
+    (row,) = rows
+    meta = fmt.parse(Path(row["recording"]).read_bytes()).meta
+    assert (meta["width"], meta["height"]) == (4096, 4096)
+    (start,) = [e for e in demo.audit_lines()
+                if e["event"] == "session.start" and e["session_id"] == row["id"]]
+    assert start["requested_size"] == [100000, 100000, 0, 0]
+    assert (start["width"], start["height"]) == (4096, 4096)
+    (resize,) = [e for e in demo.audit_lines()
+                 if e["event"] == "session.resize" and e["session_id"] == row["id"]]
+    assert resize["requested_size"] == [200000, 7, 99999999, 0]
+    assert resize["size"] == [4096, 7, 65535, 0]
+    frames = fmt.parse(Path(row["recording"]).read_bytes()).frames
+    assert [f.data for f in frames if f.kind == fmt.RESIZE] == [b"4096x7"]
