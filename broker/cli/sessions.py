@@ -15,6 +15,7 @@ from broker.cli import files
 from broker.cli.common import config_of, leaf, run_async
 from broker.cli.output import out, table
 from broker.domain import recording as fmt
+from broker.domain.outcome import outcome
 from broker.errors import NotFoundError, UsageError
 
 
@@ -35,7 +36,9 @@ async def _sessions_list(args: argparse.Namespace) -> int:
             "grant_id": r.grant_id, "started_at": r.started_at.isoformat(),
             "ended_at": r.ended_at.isoformat() if r.ended_at else None,
             "duration_s": round(dur, 3) if dur is not None else None,
-            "exit_status": r.exit_status, "bytes_in": r.bytes_in, "bytes_out": r.bytes_out,
+            "exit_status": r.exit_status,
+            "outcome": outcome(r.exit_status, r.kind, ended=r.ended_at is not None),
+            "bytes_in": r.bytes_in, "bytes_out": r.bytes_out,
             "recording": r.recording,
         })
     if args.json:
@@ -44,7 +47,7 @@ async def _sessions_list(args: argparse.Namespace) -> int:
         for row in rows:
             row["started_at"] = row["started_at"][:19].replace("T", " ")
             row["what"] = row["command"] or row["kind"]
-            row["status"] = row["exit_status"] if row["ended_at"] else "live"
+            row["status"] = row["outcome"]
         table(rows, ["id", "started_at", "user", "target", "level", "what", "status",
                      "bytes_out"])
     return 0

@@ -26,6 +26,7 @@ import structlog
 
 from broker.domain import recording as fmt
 from broker.domain.models import Grant, Instance, Principal
+from broker.domain.outcome import NO_EXIT_STATUS, outcome
 from broker.errors import AuditError, BrokerError, RecordingDiskFull, RecordingError
 from broker.ports import (
     AuditSink,
@@ -314,6 +315,7 @@ class SessionService:
         if live.closed:
             return
         live.closed = True
+        exit_status = exit_status or NO_EXIT_STATUS  # every ended session has an outcome
         self.live.pop(live.id, None)
         kind, ended = live.request.kind, self.ended_bytes
         ended[kind, "in"] = ended.get((kind, "in"), 0) + live.bytes_in
@@ -343,7 +345,8 @@ class SessionService:
                  if live.recording_suspended is not None else {})
         self._audit.emit(
             "session.end", session_id=live.id, user=str(live.request.principal),
-            target=live.request.instance.id, exit_status=exit_status, bytes_in=live.bytes_in,
+            target=live.request.instance.id, exit_status=exit_status,
+            outcome=outcome(exit_status, live.request.kind), bytes_in=live.bytes_in,
             bytes_out=live.bytes_out, duration_s=round(duration, 3), **extra,
         )
         local = local_writer(live.writer)

@@ -21,6 +21,7 @@ from asyncssh.channel import SSHChannel
 
 from broker.config import BrokerConfig
 from broker.domain.models import Instance, Principal
+from broker.domain.outcome import CLOSED, NO_EXIT_STATUS
 from broker.domain.terminal import clamp_term_size
 from broker.errors import AuditError, BrokerError, RecordingError
 from broker.ports import AuditSink, Clock
@@ -418,7 +419,9 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self._live is not None and not self._finished:
-            asyncio.get_running_loop().create_task(self._finish(None))
+            # the client closed the channel before the target reported an exit
+            status = f"terminated:{self._terminating}" if self._terminating else CLOSED
+            asyncio.get_running_loop().create_task(self._finish(status))
 
     # -- target -> client -------------------------------------------------------------------
     def from_target(self, data: bytes, datatype: asyncssh.DataType) -> None:
@@ -458,6 +461,8 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
                 status = f"signal:{signal[0]}"
             elif code is not None and code >= 0:
                 status = str(code)
+        if status is None:
+            status = NO_EXIT_STATUS  # the target closed without an exit status
         if self._up_conn is not None:
             self._up_conn.close()
         asyncio.get_running_loop().create_task(self._end(status, signal, code))

@@ -177,3 +177,36 @@ def test_a_huge_pty_is_clamped_for_the_recording_and_the_target_and_audited_as_s
     assert resize["size"] == [4096, 7, 65535, 0]
     frames = fmt.parse(Path(row["recording"]).read_bytes()).frames
     assert [f.data for f in frames if f.kind == fmt.RESIZE] == [b"4096x7"]
+
+
+def test_every_ended_session_has_an_outcome(demo: Demo) -> None:
+    user = demo.take_user()
+    password, code = demo.info["password"], demo.next_code(user)
+
+    async def run() -> None:
+        host_key = (demo.state_dir / "ssh_host_ed25519_key.pub").read_text()
+        known = asyncssh.import_known_hosts(f"[127.0.0.1]:{demo.port} {host_key}")
+        async with asyncssh.connect(
+                "127.0.0.1", demo.port, username=f"{user}+web01", known_hosts=known,
+                client_factory=lambda: _KbdClient(password, code),
+                preferred_auth="keyboard-interactive", config=None) as conn:
+            done = await conn.run("echo done; exit 3")
+            assert done.exit_status == 3
+            proc = await conn.create_process("echo started; sleep 60", encoding=None)
+            assert await proc.stdout.readuntil(b"\n") == b"started\n"
+            proc.close()  # the client closes the channel: no exit status ever comes
+            await proc.wait_closed()
+            await asyncio.sleep(0.5)
+
+    asyncio.run(run())
+    rows = {r["command"]: r for r in demo.sessions() if r["user"].startswith(user + "@")}
+    closed, done = rows["echo started; sleep 60"], rows["echo done; exit 3"]
+    assert closed["ended_at"] is not None and closed["outcome"] == "closed by client"
+    assert done["outcome"] == "exit 3"
+    ends = {e["session_id"]: e for e in demo.audit_lines() if e["event"] == "session.end"}
+    assert ends[closed["id"]]["outcome"] == "closed by client"
+    assert ends[closed["id"]]["exit_status"] == "closed"
+    assert ends[done["id"]]["outcome"] == "exit 3"
+    table = demo.cli("sessions", "list", "--user", user).stdout
+    line = next(x for x in table.splitlines() if x.startswith(closed["id"][:8]))
+    assert "closed by client" in line

@@ -1,0 +1,35 @@
+"""How a session ended, in words: the ``status`` column of ``sessions list`` and ``outcome`` in
+``session.end``, from the exit status the index and the audit log keep.
+
+Every ended session has one: ``exit N`` (the command's exit code), ``signal NAME``, ``closed by
+client`` (the client closed the channel before the target reported an exit), ``ended: REASON``
+(the broker ended it: grant revoked, idle, shutdown, a crash repaired as ``interrupted``; or the
+target closed without an exit status).
+"""
+
+from __future__ import annotations
+
+# the exit status of a session the client closed first (a tunnel's "either side closed")
+CLOSED = "closed"
+# the exit status of a session whose target closed the channel without an exit status
+NO_EXIT_STATUS = "ended:no exit status"
+
+
+def outcome(exit_status: str | None, kind: str = "shell", *, ended: bool = True) -> str:
+    """The outcome of a session in words (``live`` while it runs)."""
+    if not ended:
+        return "live"
+    if exit_status is None:
+        return "ended: no exit status"  # rows written before outcomes were recorded
+    if exit_status.isdigit():
+        return f"exit {exit_status}"
+    if exit_status.startswith("signal:"):
+        return f"signal {exit_status.removeprefix('signal:')}"
+    if exit_status == CLOSED:
+        return "closed" if kind == "tunnel" else "closed by client"
+    if exit_status == "interrupted":
+        return "ended: interrupted (the broker stopped without closing it)"
+    for prefix in ("terminated:", "ended:"):
+        if exit_status.startswith(prefix):
+            return f"ended: {exit_status.removeprefix(prefix)}"
+    return f"ended: {exit_status}"
