@@ -28,6 +28,7 @@ from broker.recordings.diskguard import DiskGuard
 from broker.recordings.local import render_cast
 from broker.recordings.repair import INTERRUPTED, Repaired, repair_interrupted
 from broker.services.access import AccessService
+from broker.services.account_check import AccountChecker, AccountEnforcer
 from broker.services.auth import Authenticator, TotpSecondFactor
 from broker.services.enforcement import GrantEnforcer
 from broker.services.grants import GrantService
@@ -103,6 +104,13 @@ def _diag_server(b: Broker, disk: DiskGuard) -> DiagServer | None:
         if b.shipping.enabled else None, ports=ports)
 
 
+def _account_interval(config: BrokerConfig) -> float:
+    """How often live SSH sessions' accounts are checked: each user is looked up at most once
+    per ``[web] recheck_seconds`` (the cache); the pass itself runs every grant-check interval,
+    so a disabled account's sessions end within recheck_seconds plus that interval."""
+    return float(config.grants.enforce_interval_seconds)
+
+
 class Broker:
     """A running broker: stores, services and the SSH listener."""
 
@@ -151,11 +159,16 @@ class Broker:
         self.repaired: list[Repaired] = []  # recordings repaired at start (crash recovery)
         from broker.web.server import web_server_for  # aiohttp only where a server runs
 
+        # live accounts: API callers and SSH sessions re-ask the directory ([web] recheck)
+        self.accounts = AccountChecker(directory, s.clock,
+                                       recheck_seconds=config.web.recheck_seconds)
         self.web = web_server_for(config, self.grants, self.authenticator, s.audit, s.clock,
-                                  s.tokens)
+                                  s.tokens, self.accounts)
         self.web_url: str | None = None  # the API's base URL once started
         self.enforcer = GrantEnforcer(self.sessions, s.grants, s.audit, s.clock,
                                       **enforcer_settings(config))
+        self.account_enforcer = AccountEnforcer(self.sessions, self.accounts, s.audit,
+                                                interval=_account_interval(config))
 
         # copies off the bastion (S3, CloudWatch Logs), in threads of their own
         self.shipping = Shipping(config.shipping, config.shipping_spool_dir,
@@ -185,6 +198,7 @@ class Broker:
         if self.diag is not None:
             self.diag_url = await self.diag.start()
         self.enforcer.start()
+        self.account_enforcer.start()
         self._checkpoints = asyncio.create_task(self._sign_audit_periodically())
         self.sessions.start_maintenance()
         self.shipping.start()
@@ -210,6 +224,7 @@ class Broker:
         if self.diag is not None:  # from now on, probes fail: no new sessions are sent here
             await self.diag.stop()
         await self.enforcer.stop()
+        await self.account_enforcer.stop()
         if self._acceptor is not None:
             self._acceptor.close()
         # SIGTERM: users told, sessions drained or ended, recordings closed, within the grace
@@ -294,11 +309,14 @@ class BrokerReload:
             b.access.use_inventory(r.inventory)
         if r.directory is not None:
             b.authenticator.use_directory(r.directory)
+            b.accounts.use_directory(r.directory)
             b._directory = r.directory
         b.authenticator.configure(account_policy(c), totp_policy(c))
         configure_guard(b.guard, c.limits)
         b.grants.policy = grant_policy(c.grants)
         b.enforcer.configure(**enforcer_settings(c))
+        b.accounts.configure(recheck_seconds=c.web.recheck_seconds)
+        b.account_enforcer.configure(interval=_account_interval(c))
         if b.web is not None:
             b.web.reconfigure(c.roles, tuple(c.grants.auto_approve_read_only_groups))
         b.deps.config = c

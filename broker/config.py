@@ -182,6 +182,9 @@ class WebSettings(_Model):
     # cookie signing key; default STATE_DIR/web.key (every bastion of a fleet needs the same)
     signing_key_file: Path | None = None
     secure_cookies: bool = True  # False only for the loopback demo over plain HTTP
+    # API sessions, tokens and live SSH sessions re-ask the directory (account enabled, groups,
+    # roles) after this many seconds at most, per process (0: at every use)
+    recheck_seconds: int = Field(default=60, ge=0, le=3600)
 
 
 class DiagSettings(_Model):

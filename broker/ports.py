@@ -152,16 +152,49 @@ class ApiTokenRecord:
     revoked_at: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class WebSessionRecord:
+    """A web (cookie) session as the store keeps it, so operators can list and end it."""
+
+    sid: str
+    owner: str  # user@domain, casefolded
+    peer: str
+    created_at: datetime
+    expires_at: datetime
+    ended_at: datetime | None = None
+
+
 class TokenStore(Protocol):
-    """API tokens and logged-out web sessions, in the store every bastion shares."""
+    """API tokens and web sessions, in the store every bastion shares."""
 
     async def add(self, rec: ApiTokenRecord, token_hash: str) -> None: ...
 
     async def by_hash(self, token_hash: str) -> ApiTokenRecord | None: ...
 
-    async def listing(self, owner: str) -> list[ApiTokenRecord]: ...
+    async def listing(self, owner: str | None = None) -> list[ApiTokenRecord]:
+        """The tokens of ``owner`` (None: everyone's), oldest first."""
+        ...
 
-    async def revoke(self, token_id: str, owner: str, now: datetime) -> bool: ...
+    async def revoke(self, token_id: str, owner: str | None, now: datetime) -> bool:
+        """Revoke an active token of ``owner`` (None: anyone's, for operators)."""
+        ...
+
+    async def start_session(self, rec: WebSessionRecord) -> None:
+        """Record a new web session (a cookie without a record is refused)."""
+        ...
+
+    async def session_active(self, sid: str, now: datetime) -> bool:
+        """Recorded, not ended and not expired at ``now``."""
+        ...
+
+    async def sessions(self, owner: str | None = None, *, now: datetime
+                       ) -> list[WebSessionRecord]:
+        """Web sessions of ``owner`` (None: everyone's) not ended nor expired at ``now``."""
+        ...
+
+    async def revoke_session(self, sid: str, now: datetime) -> bool:
+        """End a live session (operators); False if there is none by that id."""
+        ...
 
     async def end_session(self, sid: str, expires: float) -> None: ...
 

@@ -14,6 +14,7 @@ from broker.cli import (
     serve,
     sessions,
     shipping,
+    tokens,
     totp,
     users,
     verify,
@@ -39,4 +40,5 @@ def build_parser() -> argparse.ArgumentParser:
     ca.register(sub)
     users.register(sub)
     configcheck.register(sub)  # config check
+    tokens.register(sub)     # tokens list|revoke, web-sessions list|revoke (operator)
     return p

@@ -54,7 +54,7 @@ class GrantService:
         grant, entry = wf.create("g-" + uuid.uuid4().hex[:16], req, actor, now, self.policy,
                                  groups)
         await self._store.create(grant, entry)
-        self._audit_entry(grant, entry)
+        self._audit_entry(grant, entry, actor)
         return grant
 
     async def load(self, actor: Actor, grant_id: str) -> Grant:
@@ -93,7 +93,7 @@ class GrantService:
         new, entry = step(g, self._clock.now())
         stored = await self._store.update(new, entry)
         try:
-            self._audit_entry(stored, entry)
+            self._audit_entry(stored, entry, actor)
         except AuditError:
             # undo: no change may stand without its audit line
             undo = HistoryEntry(g.id, self._clock.now(), "system", "undone-audit-failed")
@@ -101,9 +101,12 @@ class GrantService:
             raise
         return stored
 
-    def _audit_entry(self, g: Grant, e: HistoryEntry) -> None:
+    def _audit_entry(self, g: Grant, e: HistoryEntry, actor: Actor) -> None:
         fields: dict[str, Any] = {
-            "grant_id": g.id, "actor": e.actor, "user": f"{g.username}@{g.domain}",
+            "grant_id": g.id, "actor": e.actor,
+            # the roles the actor held at that moment (live from the directory for API callers)
+            "actor_roles": sorted(r.value for r in actor.roles),
+            "user": f"{g.username}@{g.domain}",
             "stacks": list(g.stack_ids), "vpc": g.vpc_id, "level": str(g.level),
             "state": str(g.state), "expires_at": g.expires_at.isoformat(), "ticket": g.ticket,
             "trigger": str(g.trigger), "comment": e.comment or None,

@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from broker.ports import (
     SessionRecord,
     ThrottleState,
     ThrottleSummary,
+    WebSessionRecord,
 )
 from broker.store.pg_migrations import MIGRATIONS
 
@@ -589,18 +590,61 @@ class PostgresApiTokenStore:
             r = await conn.fetchrow("SELECT * FROM api_tokens WHERE token_hash = $1", token_hash)
         return _token_from_row(r) if r else None
 
-    async def listing(self, owner: str) -> builtins.list[ApiTokenRecord]:
+    async def listing(self, owner: str | None = None) -> builtins.list[ApiTokenRecord]:
         async with self._db.acquire("cannot list API tokens") as conn:
             rows = await conn.fetch(
-                "SELECT * FROM api_tokens WHERE owner = $1 ORDER BY created_at", owner)
+                "SELECT * FROM api_tokens WHERE $1::text IS NULL OR owner = $1"
+                " ORDER BY created_at, id", owner)
         return [_token_from_row(r) for r in rows]
 
-    async def revoke(self, token_id: str, owner: str, now: datetime) -> bool:
+    async def revoke(self, token_id: str, owner: str | None, now: datetime) -> bool:
         async with self._db.acquire("cannot revoke API token") as conn:
             status = await conn.execute(
-                "UPDATE api_tokens SET revoked_at = $1 WHERE id = $2 AND owner = $3"
-                " AND revoked_at IS NULL", now, token_id, owner)
+                "UPDATE api_tokens SET revoked_at = $1 WHERE id = $2"
+                " AND ($3::text IS NULL OR owner = $3) AND revoked_at IS NULL",
+                now, token_id, owner)
         return bool(status.endswith(" 1"))
+
+    async def start_session(self, rec: WebSessionRecord) -> None:
+        async with self._db.acquire("cannot store web session") as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO web_sessions (sid, owner, peer, created_at, expires_at)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                rec.sid, rec.owner, rec.peer, rec.created_at, rec.expires_at)
+            await conn.execute("DELETE FROM web_sessions WHERE expires_at < $1",
+                               rec.created_at - timedelta(days=2))
+
+    async def session_active(self, sid: str, now: datetime) -> bool:
+        async with self._db.acquire("cannot read web session") as conn:
+            v = await conn.fetchval(
+                "SELECT 1 FROM web_sessions s WHERE s.sid = $1 AND s.ended_at IS NULL"
+                " AND s.expires_at > $2 AND NOT EXISTS"
+                " (SELECT 1 FROM web_sessions_revoked r WHERE r.sid = s.sid)", sid, now)
+        return v is not None
+
+    async def sessions(self, owner: str | None = None, *,
+                       now: datetime) -> builtins.list[WebSessionRecord]:
+        async with self._db.acquire("cannot list web sessions") as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM web_sessions s WHERE ($1::text IS NULL OR s.owner = $1)"
+                " AND s.ended_at IS NULL AND s.expires_at > $2 AND NOT EXISTS"
+                " (SELECT 1 FROM web_sessions_revoked r WHERE r.sid = s.sid)"
+                " ORDER BY s.created_at, s.sid", owner, now)
+        return [WebSessionRecord(sid=r["sid"], owner=r["owner"], peer=r["peer"],
+                                 created_at=r["created_at"], expires_at=r["expires_at"],
+                                 ended_at=r["ended_at"]) for r in rows]
+
+    async def revoke_session(self, sid: str, now: datetime) -> bool:
+        async with self._db.acquire("cannot end web session") as conn, conn.transaction():
+            expires = await conn.fetchval(
+                "UPDATE web_sessions SET ended_at = $2 WHERE sid = $1 AND ended_at IS NULL"
+                " AND expires_at > $2 RETURNING expires_at", sid, now)
+            if expires is None:
+                return False
+            await conn.execute(
+                "INSERT INTO web_sessions_revoked (sid, expires) VALUES ($1, $2)"
+                " ON CONFLICT (sid) DO NOTHING", sid, expires.timestamp())
+        return True
 
     async def end_session(self, sid: str, expires: float) -> None:
         async with self._db.acquire("cannot end web session") as conn, conn.transaction():

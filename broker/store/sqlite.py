@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
@@ -38,6 +38,7 @@ from broker.ports import (
     SessionRecord,
     ThrottleState,
     ThrottleSummary,
+    WebSessionRecord,
 )
 
 P = ParamSpec("P")
@@ -165,6 +166,19 @@ MIGRATIONS: list[str] = [
         sid TEXT PRIMARY KEY,
         expires REAL NOT NULL
     );
+    """,
+    # web sessions as logins made them, so operators can list and end anyone's
+    """
+    CREATE TABLE web_sessions (
+        sid TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        peer TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        ended_at TEXT
+    );
+    CREATE INDEX web_sessions_owner ON web_sessions (owner);
+    CREATE INDEX web_sessions_expires ON web_sessions (expires_at);
     """,
 ]
 
@@ -659,6 +673,13 @@ class SqliteSessionIndex:
         return [_session_from_row(r) for r in rows]
 
 
+def _web_session_from_row(r: sqlite3.Row) -> WebSessionRecord:
+    return WebSessionRecord(
+        sid=r["sid"], owner=r["owner"], peer=r["peer"],
+        created_at=datetime.fromisoformat(r["created_at"]),
+        expires_at=datetime.fromisoformat(r["expires_at"]), ended_at=_dt(r["ended_at"]))
+
+
 def _token_from_row(r: sqlite3.Row) -> ApiTokenRecord:
     return ApiTokenRecord(
         id=r["id"], owner=r["owner"], name=r["name"], scopes=tuple(json.loads(r["scopes"])),
@@ -692,17 +713,61 @@ class SqliteApiTokenStore:
         return _token_from_row(r) if r else None
 
     @_on_db_thread
-    def listing(self, owner: str) -> list[ApiTokenRecord]:
-        rows = self._c.execute("SELECT * FROM api_tokens WHERE owner=? ORDER BY created_at",
-                               (owner,)).fetchall()
+    def listing(self, owner: str | None = None) -> list[ApiTokenRecord]:
+        rows = self._c.execute(
+            "SELECT * FROM api_tokens WHERE ? IS NULL OR owner=? ORDER BY created_at, id",
+            (owner, owner)).fetchall()
         return [_token_from_row(r) for r in rows]
 
     @_on_db_thread
-    def revoke(self, token_id: str, owner: str, now: datetime) -> bool:
+    def revoke(self, token_id: str, owner: str | None, now: datetime) -> bool:
         cur = self._c.execute(
-            "UPDATE api_tokens SET revoked_at=? WHERE id=? AND owner=? AND revoked_at IS NULL",
-            (_ts(now), token_id, owner))
+            "UPDATE api_tokens SET revoked_at=? WHERE id=? AND (? IS NULL OR owner=?)"
+            " AND revoked_at IS NULL", (_ts(now), token_id, owner, owner))
         return cur.rowcount == 1
+
+    @_on_db_thread
+    def start_session(self, rec: WebSessionRecord) -> None:
+        self._c.execute(
+            "INSERT INTO web_sessions (sid, owner, peer, created_at, expires_at) VALUES"
+            " (?,?,?,?,?)", (rec.sid, rec.owner, rec.peer, _ts(rec.created_at),
+                             _ts(rec.expires_at)))
+        self._c.execute("DELETE FROM web_sessions WHERE expires_at < ?",
+                        (_ts(rec.created_at - timedelta(days=2)),))
+
+    @_on_db_thread
+    def session_active(self, sid: str, now: datetime) -> bool:
+        r = self._c.execute(
+            "SELECT 1 FROM web_sessions WHERE sid=? AND ended_at IS NULL AND expires_at > ?"
+            " AND sid NOT IN (SELECT sid FROM web_sessions_revoked)", (sid, _ts(now))).fetchone()
+        return r is not None
+
+    @_on_db_thread
+    def sessions(self, owner: str | None = None, *, now: datetime) -> list[WebSessionRecord]:
+        rows = self._c.execute(
+            "SELECT * FROM web_sessions WHERE (? IS NULL OR owner=?) AND ended_at IS NULL"
+            " AND expires_at > ? AND sid NOT IN (SELECT sid FROM web_sessions_revoked)"
+            " ORDER BY created_at, sid", (owner, owner, _ts(now))).fetchall()
+        return [_web_session_from_row(r) for r in rows]
+
+    @_on_db_thread
+    def revoke_session(self, sid: str, now: datetime) -> bool:
+        self._c.execute("BEGIN IMMEDIATE")
+        try:
+            r = self._c.execute(
+                "SELECT expires_at FROM web_sessions WHERE sid=? AND ended_at IS NULL"
+                " AND expires_at > ?", (sid, _ts(now))).fetchone()
+            if r is not None:
+                self._c.execute("UPDATE web_sessions SET ended_at=? WHERE sid=?",
+                                (_ts(now), sid))
+                self._c.execute(
+                    "INSERT OR IGNORE INTO web_sessions_revoked (sid, expires) VALUES (?,?)",
+                    (sid, datetime.fromisoformat(r["expires_at"]).timestamp()))
+            self._c.execute("COMMIT")
+        except BaseException:
+            self._c.execute("ROLLBACK")
+            raise
+        return r is not None
 
     @_on_db_thread
     def end_session(self, sid: str, expires: float) -> None:

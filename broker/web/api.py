@@ -23,11 +23,12 @@ from aiohttp import web
 
 from broker.config import RoleSettings, WebSettings
 from broker.domain import workflow as wf
-from broker.domain.models import Grant, GrantState
+from broker.domain.models import Grant, GrantState, Principal
 from broker.domain.selector import SelectorError, parse_selector
 from broker.domain.workflow import Actor, GrantRequest, Role, WorkflowError
 from broker.errors import AuditError, ConflictError, NotFoundError, StoreError
-from broker.ports import ApiTokenRecord, AuditSink, Clock, TokenStore
+from broker.ports import ApiTokenRecord, AuditSink, Clock, TokenStore, WebSessionRecord
+from broker.services.account_check import AccountChecker, directory_failed
 from broker.services.auth import Authenticator
 from broker.services.grants import GrantFilter, GrantService
 from broker.services.roles import roles_of
@@ -66,6 +67,8 @@ class WebContext:
     roles: RoleSettings
     settings: WebSettings
     signer: SessionSigner
+    # the directory, asked again at most every [web] recheck_seconds for each caller
+    accounts: AccountChecker
     auto_approve_groups: tuple[str, ...] = ()
 
     @property
@@ -198,21 +201,23 @@ class Api:
         return await self._session_caller(cookie) if cookie else None
 
     async def _session_caller(self, cookie: str) -> Caller | None:
-        p = self.ctx.signer.verify(cookie, self.ctx.clock.now().timestamp())
+        now = self.ctx.clock.now()
+        p = self.ctx.signer.verify(cookie, now.timestamp())
         if p is None:
             return None
         try:
-            roles = frozenset(Role(r) for r in p["r"])
             username, domain, sid = str(p["u"]), str(p["d"]), str(p["sid"])
-            groups = frozenset(str(g) for g in p.get("g", []))
             csrf, exp = str(p["csrf"]), float(p["exp"])
         except (KeyError, ValueError, TypeError):
             return None
-        if await self.ctx.tokens.session_ended(sid):
-            return None
-        actor = Actor(f"{username}@{domain}".casefold(), roles | {Role.REQUESTER})
-        return Caller(actor, username, domain, groups, "session", frozenset(S.SCOPES), sid=sid,
-                      csrf=csrf, exp=exp)
+        if not await self.ctx.tokens.session_active(sid, now):
+            return None  # logged out, ended by an operator, or never recorded
+        principal = await self._live(username, domain, sid=sid)
+        # roles and groups as the directory says now, never as the cookie said at login
+        roles = roles_of(principal, self.ctx.roles) | {Role.REQUESTER}
+        actor = Actor(f"{username}@{domain}".casefold(), roles)
+        return Caller(actor, username, domain, self._auto_groups(principal), "session",
+                      frozenset(S.SCOPES), sid=sid, csrf=csrf, exp=exp)
 
     async def _token_caller(self, token: str) -> Caller:
         rec = None
@@ -221,12 +226,44 @@ class Api:
         now = self.ctx.clock.now()
         if rec is None or rec.revoked_at is not None or now >= rec.expires_at:
             raise ApiError(401, "unauthorized", "invalid, expired or revoked token")
-        roles = {Role(r) for r in rec.roles if r in Role._value2member_map_}
+        username, _, domain = rec.owner.rpartition("@")
+        principal = await self._live(username, domain, token_id=rec.id)
+        # never more than the owner has now, nor more than the token was made with
+        ceiling = {Role(r) for r in rec.roles if r in Role._value2member_map_}
+        roles = set(roles_of(principal, self.ctx.roles) & ceiling)
         if "grants:approve" not in rec.scopes:
             roles -= {Role.APPROVER, Role.ADMIN}  # a token without the scope cannot approve
-        username, _, domain = rec.owner.rpartition("@")
+        scopes = set(rec.scopes)
+        if not roles & {Role.APPROVER, Role.ADMIN}:
+            scopes.discard("grants:approve")  # the owner may no longer approve
+        groups = self._auto_groups(principal) & frozenset(rec.groups)
         return Caller(Actor(rec.owner, frozenset(roles | {Role.REQUESTER})), username, domain,
-                      frozenset(rec.groups), "token", frozenset(rec.scopes), token_id=rec.id)
+                      groups, "token", frozenset(scopes), token_id=rec.id)
+
+    async def _live(self, username: str, domain: str, **ident: str) -> Principal:
+        """The account as the directory describes it now (or within ``recheck_seconds``): 401
+        for an account that is gone, disabled, expired, locked or out of the required groups;
+        503 while the directory cannot answer (fail closed, without ending anything)."""
+        outcome = await self.ctx.accounts.check(username, domain)
+        if outcome.principal is not None:
+            return outcome.principal
+        if directory_failed(outcome):
+            log.error("web.directory_unavailable", user=f"{username}@{domain}",
+                      reason=outcome.reason)
+            raise ApiError(503, "unavailable", "the directory cannot answer now; try again later")
+        user = f"{username}@{domain}".casefold()
+        if "sid" in ident:  # the session cannot come back: end it for every bastion
+            if await self.ctx.tokens.revoke_session(ident["sid"], self.ctx.clock.now()):
+                self.ctx.audit.emit("web.session_ended", user=user, session=ident["sid"],
+                                    reason=f"account no longer allowed: {outcome.reason}")
+        else:
+            self.ctx.audit.emit("api_token.refused", user=user, token_id=ident["token_id"],
+                                reason=f"account no longer allowed: {outcome.reason}")
+        raise ApiError(401, "unauthorized", "the account is no longer allowed in; log in again")
+
+    def _auto_groups(self, principal: Principal) -> frozenset[str]:
+        wanted = {g.casefold() for g in self.ctx.auto_approve_groups}
+        return frozenset(g for g in principal.groups if g.casefold() in wanted)
 
     def wrap(self, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
@@ -235,7 +272,9 @@ class Api:
                 caller = await self.caller(request)
                 if caller is None:
                     raise ApiError(401, "unauthorized", "log in first (POST /api/login)")
-                if route.auth == "session" and caller.via != "session":
+                if route.auth == "session" and caller.via != "session" and not (
+                        route.self_token and caller.token_id
+                        and request.match_info.get("token_id") == caller.token_id):
                     raise ApiError(403, "forbidden", "this needs a login session, not a token")
                 if caller.via == "token" and route.scopes and not (
                         caller.scopes & set(route.scopes)):
@@ -272,11 +311,15 @@ class Api:
             raise ApiError(401, "login failed",
                            "wrong user, password or code, or too many attempts; try again later")
         roles = roles_of(principal, self.ctx.roles) | {Role.REQUESTER}
-        wanted = {g.casefold() for g in self.ctx.auto_approve_groups}
-        groups = sorted(g for g in principal.groups if g.casefold() in wanted)
+        groups = sorted(self._auto_groups(principal))
         now = self.ctx.clock.now().timestamp()
         ttl = self.ctx.settings.session_minutes * 60
-        sid, csrf = secrets.token_urlsafe(16), secrets.token_urlsafe(24)
+        # "w-": an id the operator CLI can take as an argument (never a leading "-")
+        sid, csrf = "w-" + secrets.token_urlsafe(16), secrets.token_urlsafe(24)
+        started = self.ctx.clock.now()
+        await self.ctx.tokens.start_session(WebSessionRecord(
+            sid=sid, owner=principal.key, peer=peer, created_at=started,
+            expires_at=datetime.fromtimestamp(int(now + ttl), started.tzinfo)))
         token = self.ctx.signer.sign({
             "sid": sid, "u": principal.username, "d": principal.domain, "g": groups,
             "r": sorted(r.value for r in roles), "csrf": csrf, "iat": int(now),
@@ -297,6 +340,7 @@ class Api:
 
     async def logout(self, request: web.Request, caller: Caller | None) -> web.StreamResponse:
         assert caller is not None  # noqa: S101 - wrap() guarantees it
+        await self.ctx.tokens.revoke_session(caller.sid, self.ctx.clock.now())
         await self.ctx.tokens.end_session(caller.sid, caller.exp)
         self.ctx.audit.emit("web.logout", user=caller.actor.name, session=caller.sid,
                             peer=_peer(request))
@@ -340,7 +384,8 @@ class Api:
             expires_at=now + timedelta(days=ttl))
         await self.ctx.tokens.add(rec, _token_hash(token))
         self.ctx.audit.emit("api_token.created", user=caller.actor.name, token_id=token_id,
-                            name=name, scopes=list(scopes), expires_at=rec.expires_at.isoformat())
+                            name=name, scopes=list(scopes), expires_at=rec.expires_at.isoformat(),
+                            roles=list(rec.roles))
         return _json({**self._token_json(rec), "token": token}, status=201)
 
     @staticmethod
@@ -362,7 +407,8 @@ class Api:
         token_id = request.match_info["token_id"]
         if not await self.ctx.tokens.revoke(token_id, caller.actor.name, self.ctx.clock.now()):
             raise NotFoundError(f"no active token {token_id}")
-        self.ctx.audit.emit("api_token.revoked", user=caller.actor.name, token_id=token_id)
+        self.ctx.audit.emit("api_token.revoked", user=caller.actor.name, token_id=token_id,
+                            via=caller.via)
         return _json({"id": token_id, "revoked": True})
 
     # -- grants ----------------------------------------------------------------------------------
@@ -522,8 +568,9 @@ class Api:
                   ok_schema="TokenCreated"),
             Route("GET", "/api/tokens", self.token_list, "The caller's API tokens", "session",
                   responses=(200, 401, 403)),
-            Route("DELETE", "/api/tokens/{token_id}", self.token_revoke, "Revoke an API token",
-                  "session", responses=(200, 401, 403, 404)),
+            Route("DELETE", "/api/tokens/{token_id}", self.token_revoke,
+                  "Revoke an API token (with a session, or the token itself)",
+                  "session", responses=(200, 401, 403, 404), self_token=True),
             Route("GET", "/api/grants", self.grant_list,
                   "List grants the caller may see (own, or all for approvers and auditors)",
                   "any", read, query=(

@@ -106,6 +106,8 @@ def _operation(route: Route) -> dict[str, Any]:
     }
     if route.auth == "public":
         op["security"] = []
+    elif route.auth == "session" and route.self_token:
+        op["security"] = [{"session": []}, {"token": []}]
     elif route.auth == "session":
         op["security"] = [{"session": []}]
     else:

@@ -44,3 +44,4 @@ class Route:
     query: tuple[tuple[str, str], ...] = ()  # (name, description)
     responses: tuple[int, ...] = (200,)
     ok_schema: str | None = None
+    self_token: bool = False  # "session" route a token may call on itself ({token_id})

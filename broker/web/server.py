@@ -10,6 +10,7 @@ from aiohttp import web
 
 from broker.config import BrokerConfig, RoleSettings, WebSettings
 from broker.ports import AuditSink, Clock, TokenStore
+from broker.services.account_check import AccountChecker
 from broker.services.auth import Authenticator
 from broker.services.grants import GrantService
 from broker.web.api import WebContext, create_app
@@ -83,7 +84,8 @@ class WebServer:
 
 
 def web_server_for(config: BrokerConfig, grants: GrantService, authenticator: Authenticator,
-                   audit: AuditSink, clock: Clock, tokens: TokenStore) -> WebServer | None:
+                   audit: AuditSink, clock: Clock, tokens: TokenStore,
+                   accounts: AccountChecker) -> WebServer | None:
     """The API server for a broker, or None when ``[web] enabled = false``.
 
     API tokens and logged-out sessions live in the broker's store (shared by a fleet on
@@ -97,6 +99,6 @@ def web_server_for(config: BrokerConfig, grants: GrantService, authenticator: Au
         audit=audit, clock=clock, roles=config.roles, settings=config.web,
         signer=SessionSigner(load_or_create_key(config.web.signing_key_file
                                                 or config.state_dir / "web.key")),
-        auto_approve_groups=tuple(config.grants.auto_approve_read_only_groups),
+        accounts=accounts, auto_approve_groups=tuple(config.grants.auto_approve_read_only_groups),
     )
     return WebServer(ctx, config.web)

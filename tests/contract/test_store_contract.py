@@ -486,3 +486,62 @@ async def test_api_tokens_and_ended_web_sessions(stores: StoreBundle) -> None:
     await stores.tokens.end_session("s1", now.timestamp() + 3600)
     await stores.tokens.end_session("s1", now.timestamp() + 3600)  # idempotent
     assert await stores.tokens.session_ended("s1")
+
+
+async def test_operators_list_and_revoke_anyones_tokens(stores: StoreBundle) -> None:
+    from broker.ports import ApiTokenRecord
+
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    for i, owner in enumerate(("alice@corp", "bob@corp", "alice@corp")):
+        await stores.tokens.add(ApiTokenRecord(
+            f"t{i}", owner, "ci", ("grants:read",), ("requester",), (),
+            now + timedelta(seconds=i), now + timedelta(days=30)), str(i) * 64)
+    assert [t.id for t in await stores.tokens.listing()] == ["t0", "t1", "t2"]
+    assert [t.id for t in await stores.tokens.listing(None)] == ["t0", "t1", "t2"]
+    assert [t.id for t in await stores.tokens.listing("alice@corp")] == ["t0", "t2"]
+    assert await stores.tokens.revoke("t1", None, now)  # an operator: any owner
+    assert not await stores.tokens.revoke("t1", None, now)  # once
+    assert not await stores.tokens.revoke("t9", None, now)
+    got = await stores.tokens.by_hash("1" * 64)
+    assert got is not None and got.revoked_at == now
+
+
+async def test_web_sessions_are_recorded_listed_and_revoked(stores: StoreBundle) -> None:
+    from broker.ports import WebSessionRecord
+
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    t = stores.tokens
+    a1 = WebSessionRecord("w-a1", "alice@corp", "10.0.0.1:5000", now, now + timedelta(hours=8))
+    a2 = WebSessionRecord("w-a2", "alice@corp", "10.0.0.2:5000", now + timedelta(seconds=1),
+                          now + timedelta(hours=1))
+    b1 = WebSessionRecord("w-b1", "bob@corp", "10.0.0.3:5000", now + timedelta(seconds=2),
+                          now + timedelta(hours=8))
+    for rec in (a1, a2, b1):
+        await t.start_session(rec)
+    assert not await t.session_active("w-none", now)  # a cookie without a record
+    assert await t.session_active("w-a1", now)
+    assert await t.sessions(now=now) == [a1, a2, b1]
+    assert await t.sessions("alice@corp", now=now) == [a1, a2]
+    later = now + timedelta(hours=2)  # a2 has expired
+    assert not await t.session_active("w-a2", later)
+    assert await t.sessions(now=later) == [a1, b1]
+    assert not await t.revoke_session("w-a2", later)  # expired: nothing to end
+    assert await t.revoke_session("w-a1", later)
+    assert not await t.revoke_session("w-a1", later)  # once
+    assert not await t.revoke_session("w-none", later)
+    assert not await t.session_active("w-a1", later)
+    assert await t.session_ended("w-a1")  # brokers that only read the logged-out list agree
+    assert await t.sessions(now=later) == [b1]
+    # a logout (end_session) counts as well
+    await t.end_session("w-b1", (now + timedelta(hours=8)).timestamp())
+    assert not await t.session_active("w-b1", later)
+    assert await t.sessions(now=later) == []
+    # another broker on the same store sees all of it
+    twin = await stores.twin()
+    assert not await twin.tokens.session_active("w-a1", later)
+    # a session started days later (old rows are pruned then) is listed with its own times
+    await t.start_session(WebSessionRecord("w-new", "carol@corp", "10.0.0.4:1",
+                                           now + timedelta(days=3), now + timedelta(days=4)))
+    assert await t.sessions(now=now + timedelta(days=3)) == [
+        WebSessionRecord("w-new", "carol@corp", "10.0.0.4:1", now + timedelta(days=3),
+                         now + timedelta(days=4))]

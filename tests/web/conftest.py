@@ -23,6 +23,8 @@ from broker.config import GrantSettings, RoleSettings, WebSettings
 from broker.domain import totp
 from broker.identity.passwords import hash_password
 from broker.identity.static import StaticDirectory, StaticUser, UsersFile
+from broker.ports import AuthOutcome
+from broker.services.account_check import AccountChecker
 from broker.services.auth import Authenticator, TotpSecondFactor
 from broker.services.grants import GrantService
 from broker.services.roles import grant_policy
@@ -45,6 +47,40 @@ USERS = {  # name -> groups
 }
 ROLES = RoleSettings(approver_groups=["approvers"], auditor_groups=["auditors"],
                      admin_groups=["admins"])
+
+
+class LiveDirectory:
+    """A real ``StaticDirectory`` whose users file can change under a running API, as an AD
+    would (a user disabled, or moved out of a group); counts the lookups."""
+
+    def __init__(self, users: dict[str, list[str]]) -> None:
+        self.lookups = 0
+        self.down = False  # answers as an unreachable DC does
+        self.set(users)
+
+    def set(self, users: dict[str, list[str]], disabled: frozenset[str] = frozenset()) -> None:
+        self.users = dict(users)
+        self._d = StaticDirectory(UsersFile(users=[
+            StaticUser(name=n, password_hash=_HASH, groups=g, disabled=n in disabled)
+            for n, g in users.items()]), DOMAIN, {"CORP": DOMAIN})
+
+    def disable(self, name: str) -> None:
+        self.set(self.users, frozenset({name}))
+
+    def move(self, name: str, groups: list[str]) -> None:
+        self.set({**self.users, name: groups})
+
+    def canonical_domain(self, domain: str | None) -> str | None:
+        return self._d.canonical_domain(domain)
+
+    async def authenticate(self, username: str, domain: str | None, password: str) -> AuthOutcome:
+        return await self._d.authenticate(username, domain, password)
+
+    async def lookup(self, username: str, domain: str | None) -> AuthOutcome:
+        self.lookups += 1
+        if self.down:
+            return AuthOutcome(None, "directory unavailable: no DC answered")
+        return await self._d.lookup(username, domain)
 
 
 class FakeClock:
@@ -76,6 +112,7 @@ class Env:
     state: Path
     ctx: WebContext
     db: SqliteDatabase
+    directory: LiveDirectory
     _who: dict[str, Who] = field(default_factory=dict)
 
     def code(self, user: str) -> str:
@@ -137,13 +174,12 @@ class Env:
 
 
 def build_context(state: Path, clock: FakeClock, *, two_approvers: bool = False,
-                  secure_cookies: bool = True) -> tuple[WebContext, SqliteDatabase,
-                                                        dict[str, str]]:
+                  secure_cookies: bool = True, recheck_seconds: int = 60,
+                  directory: LiveDirectory | None = None,
+                  ) -> tuple[WebContext, SqliteDatabase, dict[str, str]]:
     db = SqliteDatabase(state / "broker.db")
     audit = JsonlAuditLog(state / "audit.jsonl", clock)
-    users = UsersFile(users=[StaticUser(name=n, password_hash=_HASH, groups=g)
-                             for n, g in USERS.items()])
-    directory = StaticDirectory(users, DOMAIN, {"CORP": DOMAIN})
+    directory = directory or LiveDirectory(USERS)
     totp_store = SqliteTotpStore(db)
     auth = Authenticator(directory, TotpSecondFactor(totp_store, clock), audit,
                          SqliteThrottleStore(db), clock, totp_store=totp_store)
@@ -152,13 +188,15 @@ def build_context(state: Path, clock: FakeClock, *, two_approvers: bool = False,
     ctx = WebContext(grants=grants, authenticator=auth, tokens=SqliteApiTokenStore(db),
                      audit=audit, clock=clock, roles=ROLES,
                      settings=WebSettings(secure_cookies=secure_cookies, session_minutes=600),
-                     signer=SessionSigner(load_or_create_key(state / "web.key")))
+                     signer=SessionSigner(load_or_create_key(state / "web.key")),
+                     accounts=AccountChecker(directory, clock, recheck_seconds=recheck_seconds))
     return ctx, db, {}
 
 
 async def _env(tmp_path: Path, **kw: Any) -> AsyncIterator[Env]:
     clock = FakeClock()
-    ctx, db, secrets = build_context(tmp_path, clock, **kw)
+    directory = LiveDirectory(USERS)
+    ctx, db, secrets = build_context(tmp_path, clock, directory=directory, **kw)
     totp_store = SqliteTotpStore(db)
     for name in USERS:
         secrets[name] = totp.new_secret()
@@ -167,7 +205,7 @@ async def _env(tmp_path: Path, **kw: Any) -> AsyncIterator[Env]:
                         cookie_jar=DummyCookieJar())
     await client.start_server()
     try:
-        yield Env(client, clock, secrets, tmp_path, ctx, db)
+        yield Env(client, clock, secrets, tmp_path, ctx, db, directory)
     finally:
         await client.close()
         db.close()

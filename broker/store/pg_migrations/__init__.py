@@ -123,4 +123,17 @@ MIGRATIONS: list[str] = [
         expires double precision NOT NULL
     );
     """,
+    # web sessions as logins made them, so operators can list and end anyone's
+    """
+    CREATE TABLE web_sessions (
+        sid text PRIMARY KEY,
+        owner text NOT NULL,
+        peer text NOT NULL,
+        created_at timestamptz NOT NULL,
+        expires_at timestamptz NOT NULL,
+        ended_at timestamptz
+    );
+    CREATE INDEX web_sessions_owner ON web_sessions (owner);
+    CREATE INDEX web_sessions_expires ON web_sessions (expires_at);
+    """,
 ]
