@@ -82,6 +82,9 @@ class IdentitySettings(_Model):
     ad: ADSettings | None = None
     # A registered SSH key (bastion-broker key add) may replace the password, never the code.
     public_keys: bool = False
+    # accept a user name that SASLprep changes (fullwidth letters, a soft hyphen...) as the name
+    # it becomes; off: refused. Audited as sent either way (broker.ssh.usernames)
+    normalize_names: bool = False
 
     @model_validator(mode="after")
     def _backend_settings(self) -> IdentitySettings:

@@ -22,9 +22,10 @@ from broker.domain import forwarding as fwd
 from broker.domain.models import Instance, Principal
 from broker.domain.ratelimit import SourceGuard
 from broker.domain.selector import Selector, SelectorError, parse_selector
+from broker.errors import AuditError
 from broker.ports import KeyStore
 from broker.services.auth import Authenticator
-from broker.ssh import patches
+from broker.ssh import patches, usernames
 from broker.ssh.menu import MenuSession
 from broker.ssh.refusals import ForwardRefusingServer
 from broker.ssh.relay import ClientSession, RelayDeps
@@ -32,6 +33,8 @@ from broker.ssh.tunnel import open_from_target, open_tunnel
 from broker.ssh.via_target import TargetLinks
 
 log = structlog.get_logger("broker.ssh")
+# audit events for connections asyncssh drops over their user name, in this process
+_NAME_REFUSALS = usernames.RefusalLimiter()
 
 PASSWORD_PROMPT = "Password: "  # noqa: S105 - a prompt, not a password
 CODE_PROMPT = "Verification code: "
@@ -85,6 +88,21 @@ class BrokerConnection(ForwardRefusingServer):
         if self._deps.config.identity.public_keys:  # without the asyncssh patches: not offered
             self._keys_offered = patches.on_key_proven(conn, self._key_proven)
 
+    def _audit_illegal_name(self, reason: str) -> None:
+        """asyncssh dropped the connection for a user name it cannot prepare (a NUL or control
+        byte, invalid UTF-8, too long): audited, at a bounded rate across connections."""
+        dropped = _NAME_REFUSALS.take()
+        if dropped is None:
+            return
+        raw = patches.raw_username(self._conn)
+        try:
+            self._deps.audit.emit(
+                "connection.refused", peer=self._peer, reason=f"illegal user name: {reason}",
+                user_as_sent=usernames.escape_name(raw) if raw is not None else None,
+                suppressed=dropped or None)
+        except AuditError as exc:
+            log.error("audit.write_failed", event="connection.refused", error=str(exc))
+
     def _uncount(self) -> None:
         if self._counted:
             self._counted = False
@@ -95,6 +113,8 @@ class BrokerConnection(ForwardRefusingServer):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._uncount()
+        if isinstance(exc, asyncssh.IllegalUserName):
+            self._audit_illegal_name(str(exc))
         if self._links is not None:
             self._links.close()
         if exc is not None and self._principal is None:
@@ -106,7 +126,28 @@ class BrokerConnection(ForwardRefusingServer):
         except SelectorError as exc:
             self._selector = None
             log.info("auth.bad_selector", peer=self._peer, reason=str(exc))
+        self._check_name(username)
         return True  # always authenticate: a bad name must look like a bad password
+
+    def _check_name(self, username: str) -> None:
+        """The name as sent next to the name asyncssh prepared (``broker.ssh.usernames``): a
+        name SASLprep changed is audited, and refused (a failed login) unless configured."""
+        raw = patches.raw_username(self._conn)
+        why = usernames.refusal(raw, username, self._deps.config.identity.normalize_names)
+        if why is None and (raw is None or raw == username.encode("utf-8")):
+            return
+        fields = {"peer": self._peer, "user": username,
+                  "user_as_sent": usernames.escape_name(raw) if raw is not None else None}
+        if why is not None:
+            self._selector = None  # refused like a wrong password: same prompts, same work
+            event, fields = "auth.username_refused", {**fields, "reason": why}
+        else:
+            event = "auth.username_normalized"
+        try:
+            self._deps.audit.emit(event, **fields)
+        except AuditError as exc:
+            self._selector = None  # fail closed: not audited, not accepted
+            log.error("audit.write_failed", event=event, error=str(exc))
 
     # -- public key: proves possession of a registered key, then keyboard-interactive asks
     #    only for the code (asyncssh cannot send partial success, so the key "fails" once proven)

@@ -10,7 +10,8 @@ asyncssh does not offer publicly. They live here, and nowhere else in ``broker/`
 * ``datapath``: channel data framed, encrypted and opened in one pass each way;
 * ``handshakes``: reads of connections still authenticating parsed in bounded slices;
 * ``serve``: recorded ProxyJump's inner SSH server on an in-memory transport pair;
-* ``pubkey``: a public-key login that proved its key continues with the code only.
+* ``pubkey``: a public-key login that proved its key continues with the code only;
+* ``usernames``: the raw user name of a USERAUTH_REQUEST, before asyncssh's SASLprep.
 
 ``private`` lists every private asyncssh name they touch (object, attribute, why) and is the
 only code that replaces any of them. ``install()`` is the gate: it installs every patch only
@@ -80,10 +81,11 @@ def install(*, stock: bool | None = None) -> bool:
         reasons = problems()
     if not reasons:
         try:
-            from broker.ssh.patches import service, wire
+            from broker.ssh.patches import service, usernames, wire
 
             wire.install()
             service.install()
+            usernames.install()
         except Exception as exc:  # a private name the table does not describe well enough
             reasons = [f"installing failed: {exc!r}"]
         else:
@@ -161,6 +163,17 @@ async def server_link(protocol: asyncio.Protocol) -> tuple[asyncio.Transport, Se
         theirs.close()
         raise
     return transport, _SocketEnd(theirs)
+
+
+def raw_username(conn: asyncssh.SSHServerConnection | None) -> bytes | None:
+    """The user name of the connection's last USERAUTH_REQUEST as the client sent it, before
+    asyncssh's SASLprep (``usernames``); None with the patches off (the broker then refuses
+    any name that is not printable ASCII) or before a request."""
+    if _wire is None or conn is None:
+        return None
+    from broker.ssh.patches.usernames import raw_username as raw
+
+    return raw(conn)
 
 
 def on_key_proven(conn: asyncssh.SSHServerConnection,

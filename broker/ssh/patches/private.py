@@ -86,10 +86,12 @@ TABLE: tuple[Private, ...] = (
     *_rows("asyncssh.constants", "read", {
         "MSG_SERVICE_REQUEST": "the packet type whose handler accepts a repeated ssh-userauth",
         "MSG_SERVICE_ACCEPT": "the answer to a repeated ssh-userauth request",
+        "MSG_USERAUTH_REQUEST": "the packet type whose raw user name is kept (usernames)",
     }),
     *_rows("asyncssh.packet", "read", {
-        "SSHPacket": "a service request handed on to asyncssh's handler unread",
+        "SSHPacket": "a service or userauth request handed on to asyncssh's handler unread",
         "String": "encodes the service name of a SERVICE_ACCEPT",
+        "PacketDecodeError": "a userauth request too short to hold a name: asyncssh reports it",
     }),
     *_rows("asyncssh.public_key", "read", {
         "decode_ssh_public_key": "fingerprint of the key a public-key signature was made with",
@@ -110,7 +112,8 @@ TABLE: tuple[Private, ...] = (
     }),
     *_rows(CONN, "replaced", {
         "_packet_handlers": "dispatch table: MSG_SERVICE_REQUEST accepts a repeated "
-                            "ssh-userauth during authentication (paramiko sends one per method)",
+                            "ssh-userauth during authentication (paramiko sends one per method); "
+                            "MSG_USERAUTH_REQUEST keeps the raw user name before SASLprep",
     }),
     *_rows(CONN, "read", {
         "is_server": "a repeated service request is accepted by servers only",
@@ -148,6 +151,7 @@ TABLE: tuple[Private, ...] = (
     }),
     *_rows(CONN, "added-instance", {
         "_bb_sock": "ours: the socket looked up once for TCP_QUICKACK",
+        "_bb_raw_username": "ours: the user name bytes of the last USERAUTH_REQUEST",
         "_bb_queued": "ours: handshake bytes queued in the pump",
         "_bb_first": "ours: the connection's age in the pump",
         "_bb_paused": "ours: reading paused by the pump",
