@@ -138,6 +138,9 @@ class LimitsSettings(_Model):
     source_penalty_seconds: float = Field(default=30.0, gt=0, le=86400)
     source_penalty_max_seconds: float = Field(default=600.0, gt=0, le=86400)
     penalty_exempt: list[str] = Field(default_factory=list)  # CIDRs never penalised
+    # an address or registered key that logged in to an account within this many days is a
+    # known device of it: only failures from that same address delay or lock it (0: none)
+    known_source_days: float = Field(default=30.0, ge=0, le=3650)
 
     @field_validator("penalty_exempt")
     @classmethod

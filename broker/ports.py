@@ -88,8 +88,49 @@ class ThrottleState:
     locked: bool
 
 
+@dataclass(frozen=True, slots=True)
+class SourceThrottleState:
+    """Consecutive failures of one account from one source address, and when the account last
+    logged in successfully from that address (None: never, or forgotten)."""
+
+    account: str
+    source: str  # IP address
+    failures: int
+    next_allowed: float  # epoch seconds
+    locked: bool
+    last_success: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleView:
+    """What a login needs to know before its credentials are checked, in one read."""
+
+    account: ThrottleState
+    source: SourceThrottleState
+    key_last_success: float | None  # the registered key's last successful login, if one is used
+
+
 class ThrottleStore(Protocol):
     async def state(self, account: str) -> ThrottleState: ...
+
+    async def view(self, account: str, source: str, key_fp: str | None) -> ThrottleView: ...
+
+    async def source_failed(self, account: str, source: str, now: float, free: int,
+                            max_backoff: float, lock_after: int) -> SourceThrottleState:
+        """Count one more failure of the (account, source) pair atomically; locks the pair
+        (only) at ``lock_after`` consecutive failures."""
+        ...
+
+    async def login_succeeded(self, account: str, source: str, key_fp: str | None, now: float,
+                              forget_before: float) -> None:
+        """Reset the pair's counter and the account's (those not locked); remember the source
+        (and the key) as known devices of the account at ``now``; forget the account's devices
+        last used before ``forget_before``."""
+        ...
+
+    async def source_listing(self) -> list[SourceThrottleState]:
+        """(account, source) pairs with failures on record, locked first."""
+        ...
 
     async def failed(self, account: str, now: float, free: int, max_backoff: float,
                      lock_after: int) -> ThrottleState:
@@ -100,7 +141,10 @@ class ThrottleStore(Protocol):
         """Reset the counter of an account that is not locked."""
         ...
 
-    async def unlock(self, account: str) -> bool: ...
+    async def unlock(self, account: str) -> bool:
+        """Clear the failures and locks of the account and of all its (account, source) pairs;
+        False if there were none."""
+        ...
 
     async def listing(self) -> list[ThrottleState]: ...
 

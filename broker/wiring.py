@@ -34,7 +34,7 @@ def build_inventory(config: BrokerConfig) -> Inventory:
 def account_policy(config: BrokerConfig) -> AccountPolicy:
     limits = config.limits
     return AccountPolicy(limits.account_free_failures, limits.account_backoff_max_seconds,
-                         limits.account_lock_after)
+                         limits.account_lock_after, limits.known_source_days)
 
 
 def totp_policy(config: BrokerConfig) -> TotpPolicy:

@@ -14,23 +14,38 @@ from broker.errors import NotFoundError
 async def _auth_status(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
+    from broker.domain.ratelimit import known_device
     from broker.stores import connect_stores
 
-    stores = await connect_stores(config_of(args), read_only=True)
+    config = config_of(args)
+    stores = await connect_stores(config, read_only=True)
     try:
-        listing = await stores.throttle.listing()
+        accounts = await stores.throttle.listing()
+        pairs = await stores.throttle.source_listing()
     finally:
         await stores.close()
     now = datetime.now(UTC).timestamp()
-    rows = [
-        {"account": st.account, "failures": st.failures, "locked": st.locked,
-         "wait_s": max(0.0, round(st.next_allowed - now, 1))}
-        for st in listing
+    days = config.limits.known_source_days
+    # per account: its rule for unknown devices ("*"), then each address with failures
+    rows: list[dict[str, Any]] = [
+        {"account": st.account, "source": "*", "failures": st.failures, "locked": st.locked,
+         "wait_s": max(0.0, round(st.next_allowed - now, 1)), "known_device": None}
+        for st in accounts
     ]
+    rows += [
+        {"account": p.account, "source": p.source, "failures": p.failures, "locked": p.locked,
+         "wait_s": max(0.0, round(p.next_allowed - now, 1)),
+         "known_device": known_device(p.last_success, now, days)}
+        for p in pairs
+    ]
+    rows.sort(key=lambda r: (not r["locked"], r["account"], r["source"] != "*", r["source"]))
     if args.json:
         out(json.dumps(rows, indent=2))
     else:
-        table(rows, ["account", "failures", "locked", "wait_s"])
+        table([{**r, "locked": "yes" if r["locked"] else "no",
+                "known_device": {None: "-", True: "yes", False: "no"}[r["known_device"]]}
+               for r in rows],
+              ["account", "source", "failures", "wait_s", "locked", "known_device"])
     return 0
 
 
@@ -53,10 +68,11 @@ async def _auth_unlock(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     a = sub.add_parser("auth", help="login throttling").add_subparsers(dest="sub", required=True)
     s = a.add_parser("status", parents=leaf(),
-                      help="accounts with recent failed logins, locked first")
+                      help="failed logins per account (source *: the rule for unknown "
+                           "devices) and per source address, locked first")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=run_async(_auth_status))
     s = a.add_parser("unlock", parents=leaf(),
-                      help="clear the failures and the lock of an account")
+                      help="clear the failures and locks of an account and its addresses")
     s.add_argument("user", help="alice, CORP\\alice or alice@corp.example.com")
     s.set_defaults(func=run_async(_auth_unlock))

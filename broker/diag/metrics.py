@@ -82,8 +82,8 @@ _FAILURE_REASONS = {
     "account state unreadable": "directory_unavailable",
 }
 _FAILURE_PREFIXES = (
-    ("account locked after", "locked"),
-    ("throttled for", "throttled"),
+    ("locked (", "locked"),  # "locked (source) ...", "locked (account, unknown source) ..."
+    ("throttled (", "throttled"),
     ("self-enrolment", "enrolment_failed"),
     ("directory unavailable", "directory_unavailable"),
     ("directory error", "directory_unavailable"),

@@ -2,8 +2,10 @@
 
 ``SourceGuard`` does per process what OpenSSH's MaxStartups and PerSourcePenalties do: a cap on
 unauthenticated connections in progress (overall and per source address), and a growing penalty
-for an address that keeps failing to authenticate. ``account_backoff`` is the per-account rule
-that the store applies atomically, shared by every broker process.
+for an address that keeps failing to authenticate. ``account_backoff`` is the back-off rule that the
+store applies atomically to an account and to each (account, source address) pair, shared by every
+broker process; ``login_refusal`` decides from both (and whether the device is known) whether a
+login may even be checked.
 """
 
 from __future__ import annotations
@@ -21,6 +23,38 @@ def account_backoff(failures: int, free: int, max_seconds: float) -> float:
     if failures < free:
         return 0.0
     return float(min(max_seconds, 2.0 ** min(failures - free, 30)))
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """Consecutive failures of one account, or of one account from one source address."""
+
+    failures: int = 0
+    next_allowed: float = 0.0  # epoch seconds
+    locked: bool = False
+
+
+def known_device(last_success: float | None, now: float, days: float) -> bool:
+    """Whether an address or key with a successful login of the account at ``last_success``
+    (epoch seconds, None: never) is still a known device at ``now`` (like OWASP's device cookie)."""
+    return last_success is not None and days > 0 and now - last_success < days * 86400.0
+
+
+def login_refusal(pair: Tally, account: Tally, known: bool, now: float) -> str | None:
+    """Why a login of an account from a source is refused before its credentials are checked,
+    or None. The (account, source) pair is limited always; the account as a whole only for
+    unknown devices, so failures elsewhere neither delay nor lock a known device."""
+    if pair.locked:
+        return f"locked (source) after {pair.failures} failures"
+    if now < pair.next_allowed:
+        return f"throttled (source) for {pair.next_allowed - now:.1f} s more"
+    if known:
+        return None
+    if account.locked:
+        return f"locked (account, unknown source) after {account.failures} failures"
+    if now < account.next_allowed:
+        return f"throttled (account, unknown source) for {account.next_allowed - now:.1f} s more"
+    return None
 
 
 @dataclass(slots=True)

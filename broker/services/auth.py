@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from broker.domain import totp
+from broker.domain import ratelimit, totp
 from broker.domain.models import Principal
 from broker.ports import (
     AuditSink,
@@ -51,9 +51,13 @@ class TotpSecondFactor:
 
 @dataclass(frozen=True, slots=True)
 class AccountPolicy:
+    """Back-off and lock of an (account, source address) pair, and of an account for unknown
+    devices: an address or registered key it logged in with within ``known_source_days``."""
+
     free_failures: int = 3
     backoff_max_seconds: float = 60.0
     lock_after: int = 50
+    known_source_days: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,17 +116,27 @@ class Authenticator:
         fqdn = self._directory.canonical_domain(domain) or domain or "?"
         return f"{username.casefold()}@{fqdn.casefold()}"
 
-    async def _throttled(self, account: str, peer: str) -> bool:
+    async def _throttled(self, account: str, password: str | None, peer: str,
+                         key_fp: str | None) -> bool:
+        """Whether the limits refuse this login before its credentials are checked: the
+        (account, source) pair always, the account as a whole for an unknown device only.
+        A refusal is not counted, and takes the path of a wrong password: the directory's cost
+        of an unknown user (never the account's own credentials: no directory lockout), the
+        same audit event, the same answer."""
         now = self._clock.now().timestamp()
-        state = await self._throttle.state(account)
-        if state.locked:
-            self._fail(account, peer, f"account locked after {state.failures} failures")
-            return True
-        if now < state.next_allowed:
-            # not counted: the credentials were not even checked
-            self._fail(account, peer, f"throttled for {state.next_allowed - now:.1f} s more")
-            return True
-        return False
+        view = await self._throttle.view(account, _ip(peer), key_fp)
+        days = self._policy.known_source_days
+        known = (ratelimit.known_device(view.source.last_success, now, days)
+                 or ratelimit.known_device(view.key_last_success, now, days))
+        src, acc = view.source, view.account
+        reason = ratelimit.login_refusal(
+            ratelimit.Tally(src.failures, src.next_allowed, src.locked),
+            ratelimit.Tally(acc.failures, acc.next_allowed, acc.locked), known, now)
+        if reason is None:
+            return False
+        await self._first_factor(_NOBODY, None, password, key_fp)
+        self._fail(account, peer, reason)
+        return True
 
     async def _first_factor(self, username: str, domain: str | None, password: str | None,
                             key_fp: str | None) -> AuthOutcome:
@@ -152,7 +166,7 @@ class Authenticator:
     async def _login(self, username: str, domain: str | None, password: str | None, code: str,
                      peer: str, key_fp: str | None) -> LoginResult:
         account = self.account_of(username, domain)
-        if await self._throttled(account, peer):
+        if await self._throttled(account, password, peer, key_fp):
             return LoginResult(None)
         first = await self._first_factor(username, domain, password, key_fp)
         if first.principal is None:
@@ -212,13 +226,13 @@ class Authenticator:
                                    password: str | None, peer: str,
                                    key_fp: str | None) -> Principal | None:
         account = self.account_of(username, domain)
-        if await self._throttled(account, peer):
+        if await self._throttled(account, password, peer, key_fp):
             return None
         first = await self._first_factor(username, domain, password, key_fp)
         if first.principal is None:
             await self._count_failure(account, peer, first.reason)
             return None
-        await self._throttle.succeeded(account)
+        await self._known(account, peer, key_fp)
         method = ("publickey" if key_fp else "password") + "+reauth-window"
         self._audit.emit("auth.success", user=str(first.principal), peer=peer, method=method,
                          **({"key": key_fp} if key_fp else {}))
@@ -227,15 +241,21 @@ class Authenticator:
 
     async def _succeeded(self, account: str, principal: Principal, peer: str,
                          key_fp: str | None, method: str) -> None:
-        await self._throttle.succeeded(account)
+        await self._known(account, peer, key_fp)
         self._audit.emit("auth.success", user=str(principal), peer=peer, method=method,
                          **({"key": key_fp} if key_fp else {}))
         self._metrics.login(True, method)
         window = self._totp_policy.reauth_window_seconds
         if self._reauth is not None and window > 0:
-            ip = peer.rsplit(":", 1)[0]
-            await self._reauth.remember(account, ip, key_fp or "",
+            await self._reauth.remember(account, _ip(peer), key_fp or "",
                                         self._clock.now().timestamp() + window)
+
+    async def _known(self, account: str, peer: str, key_fp: str | None) -> None:
+        """A successful login: reset the pair's and the account's counters, and remember the
+        address (and key) as known devices of the account."""
+        now = self._clock.now().timestamp()
+        await self._throttle.login_succeeded(
+            account, _ip(peer), key_fp, now, now - self._policy.known_source_days * 86400.0)
 
     def _fail(self, account: str, peer: str, reason: str) -> None:
         self._audit.emit("auth.failure", user=account, peer=peer, reason=reason)
@@ -244,8 +264,23 @@ class Authenticator:
     async def _count_failure(self, account: str, peer: str, reason: str) -> None:
         self._fail(account, peer, reason)
         p = self._policy
-        st = await self._throttle.failed(account, self._clock.now().timestamp(),
-                                         p.free_failures, p.backoff_max_seconds, p.lock_after)
-        if st.locked and st.failures == p.lock_after:
+        now = self._clock.now().timestamp()
+        pair = await self._throttle.source_failed(account, _ip(peer), now, p.free_failures,
+                                                  p.backoff_max_seconds, p.lock_after)
+        if pair.locked and pair.failures == p.lock_after:
+            self._audit.emit("account.source_locked", user=account, source=pair.source,
+                             failures=pair.failures, peer=peer)
+        st = await self._throttle.failed(account, now, p.free_failures, p.backoff_max_seconds,
+                                         p.lock_after)
+        if st.locked and st.failures == p.lock_after:  # for unknown devices only
             self._audit.emit("account.locked", user=account, failures=st.failures, peer=peer)
             self._metrics.account_locked()
+
+
+# a name no directory has: a refused login costs what an unknown user's does
+_NOBODY = "\x00throttled"
+
+
+def _ip(peer: str) -> str:
+    """The address of an ``address:port`` peer (IPv6 too)."""
+    return peer.rsplit(":", 1)[0] if ":" in peer else peer

@@ -32,8 +32,10 @@ from broker.ports import (
     NullMetrics,
     ParsePublicKey,
     SessionRecord,
+    SourceThrottleState,
     ThrottleState,
     ThrottleSummary,
+    ThrottleView,
     WebSessionRecord,
 )
 from broker.store.pg_migrations import MIGRATIONS
@@ -404,10 +406,90 @@ class PostgresThrottleStore:
                 "DELETE FROM auth_throttle WHERE account = $1 AND NOT locked", account
             )
 
+    async def view(self, account: str, source: str, key_fp: str | None) -> ThrottleView:
+        async with self._db.acquire("cannot read throttle state") as conn:
+            r = await conn.fetchrow(
+                "SELECT a.failures AS af, a.next_allowed AS an, a.locked AS al,"
+                " p.failures AS pf, p.next_allowed AS pn, p.locked AS pl,"
+                " (SELECT last_success FROM auth_known_devices"
+                "  WHERE account = $1 AND device = 'ip:' || $2) AS ip_seen,"
+                " (SELECT last_success FROM auth_known_devices"
+                "  WHERE account = $1 AND device = 'key:' || $3::text) AS key_seen"
+                " FROM (SELECT 1) AS one"
+                " LEFT JOIN auth_throttle a ON a.account = $1"
+                " LEFT JOIN auth_source_throttle p ON p.account = $1 AND p.source = $2",
+                account, source, key_fp or "",
+            )
+        acc = (ThrottleState(account, int(r["af"]), float(r["an"]), bool(r["al"]))
+               if r["af"] is not None else ThrottleState(account, 0, 0.0, False))
+        ip_seen, key_seen = r["ip_seen"], r["key_seen"]
+        pair = SourceThrottleState(
+            account, source, int(r["pf"]) if r["pf"] is not None else 0,
+            float(r["pn"]) if r["pn"] is not None else 0.0, bool(r["pl"]),
+            float(ip_seen) if ip_seen is not None else None)
+        return ThrottleView(acc, pair, float(key_seen) if key_fp and key_seen is not None
+                            else None)
+
+    async def source_failed(self, account: str, source: str, now: float, free: int,
+                            max_backoff: float, lock_after: int) -> SourceThrottleState:
+        """As ``failed``, for the (account, source) pair."""
+        async with self._db.acquire("cannot record failed login") as conn, conn.transaction():
+            failures = int(await conn.fetchval(
+                "INSERT INTO auth_source_throttle AS t (account, source, failures, next_allowed,"
+                " locked, last_failure) VALUES ($1, $2, 1, $3, false, $3)"
+                " ON CONFLICT (account, source) DO UPDATE SET failures = t.failures + 1"
+                " RETURNING failures",
+                account, source, now,
+            ))
+            wait = account_backoff(failures, free, max_backoff)
+            locked = failures >= lock_after
+            await conn.execute(
+                "UPDATE auth_source_throttle SET next_allowed = $3, locked = $4,"
+                " last_failure = $5 WHERE account = $1 AND source = $2",
+                account, source, now + wait, locked, now,
+            )
+            seen = await conn.fetchval(
+                "SELECT last_success FROM auth_known_devices WHERE account = $1"
+                " AND device = 'ip:' || $2::text", account, source)
+        return SourceThrottleState(account, source, failures, now + wait, locked,
+                                   float(seen) if seen is not None else None)
+
+    async def login_succeeded(self, account: str, source: str, key_fp: str | None, now: float,
+                              forget_before: float) -> None:
+        devices = [f"ip:{source}"] + ([f"key:{key_fp}"] if key_fp else [])
+        async with self._db.acquire("cannot record login") as conn, conn.transaction():
+            await conn.execute(
+                "DELETE FROM auth_throttle WHERE account = $1 AND NOT locked", account)
+            await conn.execute(
+                "DELETE FROM auth_source_throttle WHERE account = $1 AND source = $2"
+                " AND NOT locked", account, source)
+            await conn.execute(
+                "DELETE FROM auth_known_devices WHERE account = $1 AND last_success < $2",
+                account, forget_before)
+            await conn.executemany(
+                "INSERT INTO auth_known_devices AS k (account, device, last_success)"
+                " VALUES ($1, $2, $3) ON CONFLICT (account, device) DO UPDATE SET"
+                " last_success = greatest(k.last_success, excluded.last_success)",
+                [(account, d, now) for d in devices],
+            )
+
+    async def source_listing(self) -> list[SourceThrottleState]:
+        async with self._db.acquire("cannot list throttle state") as conn:
+            rows = await conn.fetch(
+                "SELECT t.account, t.source, t.failures, t.next_allowed, t.locked,"
+                " k.last_success FROM auth_source_throttle t LEFT JOIN auth_known_devices k"
+                " ON k.account = t.account AND k.device = 'ip:' || t.source"
+                " ORDER BY t.locked DESC, t.failures DESC, t.account, t.source"
+            )
+        return [SourceThrottleState(r[0], r[1], int(r[2]), float(r[3]), bool(r[4]),
+                                    float(r[5]) if r[5] is not None else None) for r in rows]
+
     async def unlock(self, account: str) -> bool:
-        async with self._db.acquire("cannot unlock account") as conn:
+        async with self._db.acquire("cannot unlock account") as conn, conn.transaction():
             status = await conn.execute("DELETE FROM auth_throttle WHERE account = $1", account)
-        return bool(status == "DELETE 1")
+            pairs = await conn.execute(
+                "DELETE FROM auth_source_throttle WHERE account = $1", account)
+        return bool(status != "DELETE 0" or pairs != "DELETE 0")
 
     async def listing(self) -> list[ThrottleState]:
         async with self._db.acquire("cannot list throttle state") as conn:

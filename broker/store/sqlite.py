@@ -36,8 +36,10 @@ from broker.ports import (
     NullMetrics,
     ParsePublicKey,
     SessionRecord,
+    SourceThrottleState,
     ThrottleState,
     ThrottleSummary,
+    ThrottleView,
     WebSessionRecord,
 )
 
@@ -179,6 +181,24 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX web_sessions_owner ON web_sessions (owner);
     CREATE INDEX web_sessions_expires ON web_sessions (expires_at);
+    """,
+    # failures per (account, source address); known devices: "ip:ADDR" or "key:FINGERPRINT"
+    """
+    CREATE TABLE auth_source_throttle (
+        account TEXT NOT NULL,
+        source TEXT NOT NULL,
+        failures INTEGER NOT NULL DEFAULT 0,
+        next_allowed REAL NOT NULL DEFAULT 0,
+        locked INTEGER NOT NULL DEFAULT 0,
+        last_failure REAL,
+        PRIMARY KEY (account, source)
+    );
+    CREATE TABLE auth_known_devices (
+        account TEXT NOT NULL,
+        device TEXT NOT NULL,
+        last_success REAL NOT NULL,
+        PRIMARY KEY (account, device)
+    );
     """,
 ]
 
@@ -521,9 +541,102 @@ class SqliteThrottleStore:
         self._c.execute("DELETE FROM auth_throttle WHERE account=? AND locked=0", (account,))
 
     @_on_db_thread
+    def view(self, account: str, source: str, key_fp: str | None) -> ThrottleView:
+        a = self._c.execute(
+            "SELECT failures, next_allowed, locked FROM auth_throttle WHERE account=?", (account,)
+        ).fetchone()
+        p = self._c.execute(
+            "SELECT failures, next_allowed, locked FROM auth_source_throttle"
+            " WHERE account=? AND source=?", (account, source)
+        ).fetchone()
+        seen = dict(self._c.execute(
+            "SELECT device, last_success FROM auth_known_devices WHERE account=?"
+            " AND device IN (?, ?)", (account, f"ip:{source}", f"key:{key_fp or ''}")
+        ).fetchall())
+        acc = (ThrottleState(account, int(a[0]), float(a[1]), bool(a[2])) if a
+               else ThrottleState(account, 0, 0.0, False))
+        ip_seen = seen.get(f"ip:{source}")
+        pair = SourceThrottleState(account, source, int(p[0]) if p else 0,
+                                   float(p[1]) if p else 0.0, bool(p[2]) if p else False,
+                                   float(ip_seen) if ip_seen is not None else None)
+        key_seen = seen.get(f"key:{key_fp}") if key_fp else None
+        return ThrottleView(acc, pair, float(key_seen) if key_seen is not None else None)
+
+    @_on_db_thread
+    def source_failed(self, account: str, source: str, now: float, free: int,
+                      max_backoff: float, lock_after: int) -> SourceThrottleState:
+        self._c.execute("BEGIN IMMEDIATE")
+        try:
+            r = self._c.execute(
+                "SELECT failures FROM auth_source_throttle WHERE account=? AND source=?",
+                (account, source),
+            ).fetchone()
+            failures = (int(r[0]) if r else 0) + 1
+            wait = account_backoff(failures, free, max_backoff)
+            locked = failures >= lock_after
+            self._c.execute(
+                "INSERT INTO auth_source_throttle (account, source, failures, next_allowed,"
+                " locked, last_failure) VALUES (?,?,?,?,?,?) ON CONFLICT (account, source)"
+                " DO UPDATE SET failures=excluded.failures, next_allowed=excluded.next_allowed,"
+                " locked=excluded.locked, last_failure=excluded.last_failure",
+                (account, source, failures, now + wait, int(locked), now),
+            )
+            seen = self._c.execute(
+                "SELECT last_success FROM auth_known_devices WHERE account=? AND device=?",
+                (account, f"ip:{source}"),
+            ).fetchone()
+            self._c.execute("COMMIT")
+        except BaseException:
+            self._c.execute("ROLLBACK")
+            raise
+        return SourceThrottleState(account, source, failures, now + wait, locked,
+                                   float(seen[0]) if seen else None)
+
+    @_on_db_thread
+    def login_succeeded(self, account: str, source: str, key_fp: str | None, now: float,
+                        forget_before: float) -> None:
+        devices = [f"ip:{source}"] + ([f"key:{key_fp}"] if key_fp else [])
+        self._c.execute("BEGIN IMMEDIATE")
+        try:
+            self._c.execute("DELETE FROM auth_throttle WHERE account=? AND locked=0", (account,))
+            self._c.execute("DELETE FROM auth_source_throttle WHERE account=? AND source=?"
+                            " AND locked=0", (account, source))
+            self._c.execute("DELETE FROM auth_known_devices WHERE account=? AND last_success<?",
+                            (account, forget_before))
+            self._c.executemany(
+                "INSERT INTO auth_known_devices (account, device, last_success) VALUES (?,?,?)"
+                " ON CONFLICT (account, device) DO UPDATE SET"
+                " last_success=max(last_success, excluded.last_success)",
+                [(account, d, now) for d in devices],
+            )
+            self._c.execute("COMMIT")
+        except BaseException:
+            self._c.execute("ROLLBACK")
+            raise
+
+    @_on_db_thread
+    def source_listing(self) -> list[SourceThrottleState]:
+        rows = self._c.execute(
+            "SELECT t.account, t.source, t.failures, t.next_allowed, t.locked, k.last_success"
+            " FROM auth_source_throttle t LEFT JOIN auth_known_devices k"
+            " ON k.account = t.account AND k.device = 'ip:' || t.source"
+            " ORDER BY t.locked DESC, t.failures DESC, t.account, t.source"
+        ).fetchall()
+        return [SourceThrottleState(r[0], r[1], int(r[2]), float(r[3]), bool(r[4]),
+                                    float(r[5]) if r[5] is not None else None) for r in rows]
+
+    @_on_db_thread
     def unlock(self, account: str) -> bool:
-        cur = self._c.execute("DELETE FROM auth_throttle WHERE account=?", (account,))
-        return cur.rowcount == 1
+        self._c.execute("BEGIN IMMEDIATE")
+        try:
+            n = self._c.execute("DELETE FROM auth_throttle WHERE account=?", (account,)).rowcount
+            n += self._c.execute("DELETE FROM auth_source_throttle WHERE account=?",
+                                 (account,)).rowcount
+            self._c.execute("COMMIT")
+        except BaseException:
+            self._c.execute("ROLLBACK")
+            raise
+        return n > 0
 
     @_on_db_thread
     def listing(self) -> list[ThrottleState]:

@@ -17,7 +17,7 @@ from broker.domain.models import Grant, GrantState, Level, Trigger
 from broker.domain.ratelimit import account_backoff
 from broker.domain.workflow import HistoryEntry
 from broker.errors import ConflictError, StoreError
-from broker.ports import SessionRecord, ThrottleState
+from broker.ports import SessionRecord, SourceThrottleState, ThrottleState, ThrottleView
 from tests.contract.conftest import StoreBundle
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -312,6 +312,87 @@ async def test_throttle_failed_is_atomic_under_concurrency(stores: StoreBundle) 
     assert sum(r.locked for r in results) == 20 - lock_after + 1
     final = await other.throttle.state("mallory")
     assert final.failures == 20 and final.locked
+
+
+async def test_source_throttle_counts_per_pair_and_locks_the_pair_only(
+        stores: StoreBundle) -> None:
+    th = stores.throttle
+    now = 1_700_000_000.25
+    assert await th.view("alice", "192.0.2.1", None) == ThrottleView(
+        ThrottleState("alice", 0, 0.0, False),
+        SourceThrottleState("alice", "192.0.2.1", 0, 0.0, False, None), None)
+    for n in range(1, 6):
+        st = await th.source_failed("alice", "192.0.2.1", now + n, free=3, max_backoff=5.0,
+                                    lock_after=4)
+        assert st == SourceThrottleState("alice", "192.0.2.1", n,
+                                         now + n + account_backoff(n, 3, 5.0), n >= 4)
+    await th.source_failed("alice", "2001:db8::7", now, free=3, max_backoff=5.0, lock_after=4)
+    await th.source_failed("bob", "192.0.2.1", now, free=3, max_backoff=5.0, lock_after=4)
+    v = await th.view("alice", "192.0.2.1", None)
+    assert (v.source.failures, v.source.locked) == (5, True)
+    assert v.account == ThrottleState("alice", 0, 0.0, False)  # counted apart
+    assert (await th.view("alice", "2001:db8::7", None)).source.failures == 1
+    assert (await th.view("bob", "192.0.2.1", None)).source.failures == 1
+    assert [(s.account, s.source, s.failures, s.locked) for s in await th.source_listing()] == [
+        ("alice", "192.0.2.1", 5, True), ("alice", "2001:db8::7", 1, False),
+        ("bob", "192.0.2.1", 1, False)]
+    # unlock clears the account and all its pairs, no one else's
+    assert await th.unlock("alice") is True
+    assert await th.unlock("alice") is False
+    assert [(s.account, s.source) for s in await th.source_listing()] == [("bob", "192.0.2.1")]
+
+
+async def test_login_succeeded_resets_and_remembers_known_devices(stores: StoreBundle) -> None:
+    th = stores.throttle
+    day = 86400.0
+    await th.failed("alice", 10.0, free=3, max_backoff=60.0, lock_after=50)
+    await th.source_failed("alice", "192.0.2.1", 10.0, free=3, max_backoff=60.0, lock_after=50)
+    await th.source_failed("alice", "192.0.2.2", 10.0, free=3, max_backoff=60.0, lock_after=50)
+    await th.login_succeeded("alice", "192.0.2.1", "SHA256:k1", 100.0, 100.0 - 30 * day)
+    v = await th.view("alice", "192.0.2.1", "SHA256:k1")
+    assert v == ThrottleView(ThrottleState("alice", 0, 0.0, False),
+                             SourceThrottleState("alice", "192.0.2.1", 0, 0.0, False, 100.0),
+                             100.0)
+    other = await th.view("alice", "192.0.2.2", "SHA256:k2")  # another pair: not reset
+    assert (other.source.failures, other.source.last_success, other.key_last_success) == (
+        1, None, None)
+    assert (await th.view("alice", "192.0.2.2", "SHA256:k1")).key_last_success == 100.0
+    assert (await th.view("bob", "192.0.2.1", "SHA256:k1")) == ThrottleView(
+        ThrottleState("bob", 0, 0.0, False),
+        SourceThrottleState("bob", "192.0.2.1", 0, 0.0, False, None), None)
+    # listing says which failing pairs are known devices
+    await th.source_failed("alice", "192.0.2.1", 200.0, free=3, max_backoff=60.0, lock_after=50)
+    assert [(s.source, s.last_success) for s in await th.source_listing()] == [
+        ("192.0.2.1", 100.0), ("192.0.2.2", None)]
+    # a later success refreshes; devices last used before forget_before are forgotten
+    await th.login_succeeded("alice", "192.0.2.3", None, 40 * day, 10 * day)
+    v = await th.view("alice", "192.0.2.1", "SHA256:k1")
+    assert (v.source.last_success, v.key_last_success) == (None, None)
+    assert (await th.view("alice", "192.0.2.3", None)).source.last_success == 40 * day
+
+
+async def test_login_succeeded_does_not_unlock(stores: StoreBundle) -> None:
+    th = stores.throttle
+    for i in range(3):
+        await th.failed("alice", float(i), free=0, max_backoff=60.0, lock_after=3)
+        await th.source_failed("alice", "192.0.2.1", float(i), free=0, max_backoff=60.0,
+                               lock_after=3)
+    await th.login_succeeded("alice", "192.0.2.1", None, 10.0, 0.0)
+    v = await th.view("alice", "192.0.2.1", None)
+    assert v.account.locked and v.source.locked
+    assert v.source.last_success == 10.0
+
+
+async def test_source_failed_is_atomic_under_concurrency(stores: StoreBundle) -> None:
+    other = await stores.twin()
+    results = await asyncio.gather(*[
+        (stores if i % 2 else other).throttle.source_failed(
+            "mallory", "198.51.100.1", 100.0 + i, free=3, max_backoff=60.0, lock_after=5)
+        for i in range(20)
+    ])
+    assert sorted(r.failures for r in results) == list(range(1, 21))  # no lost update
+    assert all(r.locked == (r.failures >= 5) for r in results)
+    assert (await other.throttle.view("mallory", "198.51.100.1", None)).source.failures == 20
 
 
 # --- session index --------------------------------------------------------------------------

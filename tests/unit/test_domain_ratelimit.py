@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from broker.domain.ratelimit import SourceGuard, account_backoff
+from broker.domain.ratelimit import (
+    SourceGuard,
+    Tally,
+    account_backoff,
+    known_device,
+    login_refusal,
+)
 
 
 def guard(**kw: object) -> SourceGuard:
@@ -68,3 +74,58 @@ def test_idle_sources_are_forgotten() -> None:
     assert g.admit("10.0.0.1", 0).allowed
     g.left_unauthenticated("10.0.0.1")
     assert g.tracked_sources() == 0
+
+
+# --- login_refusal: (account, source) pairs first, the account for unknown devices only --------
+
+NOW = 1_800_000_000.0
+DAY = 86400.0
+CLEAN = Tally()
+
+
+def tally(failures: int, *, free: int = 3, max_backoff: float = 60.0, lock_after: int = 50,
+          at: float = NOW) -> Tally:
+    """What the stores record after ``failures`` consecutive failures, the last at ``at``."""
+    return Tally(failures, at + account_backoff(failures, free, max_backoff),
+                 failures >= lock_after)
+
+
+def test_failures_from_one_other_source_do_not_delay_a_known_device() -> None:
+    account = tally(5)  # five failures from the attacker's address: the account backs off
+    assert login_refusal(CLEAN, account, True, NOW + 0.5) is None
+    assert login_refusal(CLEAN, account, False, NOW + 0.5) == (
+        "throttled (account, unknown source) for 3.5 s more")
+    assert login_refusal(CLEAN, account, False, NOW + 4.0) is None  # the back-off is over
+
+
+def test_failures_from_many_sources_lock_the_account_for_unknown_devices_only() -> None:
+    account = tally(50)  # e.g. fifty addresses, one failure each
+    assert account.locked
+    assert login_refusal(CLEAN, account, True, NOW + 1) is None
+    assert login_refusal(CLEAN, account, False, NOW + 365 * DAY) == (
+        "locked (account, unknown source) after 50 failures")
+
+
+def test_an_attacker_at_the_known_address_is_still_limited_per_pair() -> None:
+    pair = tally(4)  # failures from the victim's own (known) address
+    assert login_refusal(pair, tally(4), True, NOW + 1) == "throttled (source) for 1.0 s more"
+    assert login_refusal(pair, tally(4), True, NOW + 2.5) is None
+    locked = tally(50)
+    assert login_refusal(locked, CLEAN, True, NOW + 365 * DAY) == (
+        "locked (source) after 50 failures")
+    # the pair's rule comes first: the answer does not tell which other rule would apply
+    assert login_refusal(pair, tally(50), False, NOW + 1) == "throttled (source) for 1.0 s more"
+
+
+def test_free_failures_are_free_for_the_pair_and_the_account() -> None:
+    assert login_refusal(tally(2), tally(2), False, NOW) is None
+    assert login_refusal(tally(3), CLEAN, False, NOW) == "throttled (source) for 1.0 s more"
+
+
+def test_a_known_device_is_forgotten_after_its_days() -> None:
+    assert known_device(NOW, NOW, 30)
+    assert known_device(NOW - 29.9 * DAY, NOW, 30)
+    assert not known_device(NOW - 30 * DAY, NOW, 30)
+    assert not known_device(None, NOW, 30)  # never logged in from there
+    assert not known_device(NOW - 1, NOW, 0)  # known devices turned off
+    assert known_device(NOW - 89 * DAY, NOW, 90)

@@ -278,33 +278,39 @@ async def test_login_bad_code_then_replay(
 async def test_account_backoff_then_lock_then_unlock(
     db: SqliteDatabase, store: SqliteTotpStore, directory: StaticDirectory
 ) -> None:
+    """Failures from many addresses back off, then lock, the account for unknown devices."""
     audit = ListAudit()
     clock = FakeClock(T0)
     policy = AccountPolicy(free_failures=2, backoff_max_seconds=8, lock_after=5)
     auth = _auth(db, store, directory, audit, clock, policy)
     throttle = SqliteThrottleStore(db)
-    for _ in range(2):  # free failures: no waiting
-        assert (await auth.login("alice", None, "wrong", "000000", "p")).principal is None
+    for i in range(2):  # free failures: no waiting
+        assert (await auth.login("alice", None, "wrong", "000000", f"198.51.100.{i}:40000")
+                ).principal is None
     st = await throttle.state("alice@corp.example.com")
     assert st.failures == 2
     assert st.next_allowed == T0.timestamp() + 1  # third failure onwards waits 1, 2, 4 ... s
-    # during the backoff even the right credentials are refused, and not counted
-    assert (await auth.login("alice", None, PASSWORD, code_at(T0), "p")).principal is None
-    assert audit.events[-1][1]["reason"].startswith("throttled")
+    # during the backoff even the right credentials are refused (from an unknown address),
+    # and not counted
+    assert (await auth.login("alice", None, PASSWORD, code_at(T0), "203.0.113.7:5")
+            ).principal is None
+    assert audit.events[-1][1]["reason"] == "throttled (account, unknown source) for 1.0 s more"
     assert (await throttle.state("alice@corp.example.com")).failures == 2
-    for _ in range(3):
+    for i in range(3):
         clock.t += timedelta(seconds=10)
-        assert (await auth.login("alice", None, "wrong", "000000", "p")).principal is None
+        assert (await auth.login("alice", None, "wrong", "000000", f"198.51.100.{10 + i}:4")
+                ).principal is None
     st = await throttle.state("alice@corp.example.com")
     assert st.locked
-    assert ("account.locked", {"user": "alice@corp.example.com", "failures": 5, "peer": "p"}) in (
-        audit.events
-    )
+    assert ("account.locked", {"user": "alice@corp.example.com", "failures": 5,
+                               "peer": "198.51.100.12:4"}) in audit.events
     clock.t += timedelta(hours=1)
-    assert (await auth.login("alice", None, PASSWORD, code_at(clock.t), "p")).principal is None
-    assert audit.events[-1][1]["reason"] == "account locked after 5 failures"
+    assert (await auth.login("alice", None, PASSWORD, code_at(clock.t), "203.0.113.7:5")
+            ).principal is None
+    assert audit.events[-1][1]["reason"] == "locked (account, unknown source) after 5 failures"
     assert await throttle.unlock("alice@corp.example.com")
-    assert (await auth.login("alice", None, PASSWORD, code_at(clock.t), "p")).principal is not None
+    assert (await auth.login("alice", None, PASSWORD, code_at(clock.t), "203.0.113.7:5")
+            ).principal is not None
 
 
 async def test_unknown_names_are_throttled_like_known_ones(
@@ -349,3 +355,155 @@ async def test_unknown_user_and_wrong_password_take_the_same_time(
     # well under 1 ms; a loaded machine stretches both alike, so the bound is relative
     assert abs(k - u) < 0.005 + 0.25 * max(k, u), (k, u)
     assert u > 0.5 * k, (k, u)
+
+
+# --- known devices: failures elsewhere neither delay nor lock them ----------------------------
+
+ALICE_HOME = "192.0.2.10"
+ATTACKER = "203.0.113.66"
+KEY = "SHA256:alicesregisteredkey"
+STRICT = AccountPolicy(free_failures=2, backoff_max_seconds=8, lock_after=5)
+
+
+class SpyDirectory(StaticDirectory):
+    """Records who the directory was asked about."""
+
+    calls: list[tuple[str, str]]
+
+    async def authenticate(self, username: str, domain: str | None, password: str) -> Any:
+        self.calls.append(("authenticate", username))
+        return await super().authenticate(username, domain, password)
+
+    async def lookup(self, username: str, domain: str | None) -> Any:
+        self.calls.append(("lookup", username))
+        return await super().lookup(username, domain)
+
+
+@pytest.fixture
+def spy() -> SpyDirectory:
+    users = UsersFile(users=[StaticUser(name="alice", password_hash=PASSWORD_HASH, groups=["ops"])])
+    d = SpyDirectory(users, "corp.example.com", {"CORP": "corp.example.com"})
+    d.calls = []
+    return d
+
+
+async def _ok(auth: Authenticator, clock: FakeClock, ip: str, key: str | None = None) -> bool:
+    """A correct login of alice (a fresh code each time: they are single-use)."""
+    clock.t += timedelta(seconds=31)
+    result = await auth.login("alice", None, None if key else PASSWORD, code_at(clock.t),
+                              f"{ip}:50000", key_fp=key)
+    return result.principal is not None
+
+
+async def _attack(auth: Authenticator, clock: FakeClock, ips: list[str], n: int) -> None:
+    """``n`` wrong passwords for alice, each after the previous back-off ran out."""
+    for i in range(n):
+        clock.t += timedelta(seconds=10)
+        ip = ips[i % len(ips)]
+        assert (await auth.login("alice", None, "wrong", "000000", f"{ip}:6{i:04d}")
+                ).principal is None
+
+
+def _reasons(audit: ListAudit) -> list[str]:
+    return [f["reason"] for e, f in audit.events if e == "auth.failure"]
+
+
+async def test_failures_from_one_address_neither_delay_nor_lock_a_known_address(
+    db: SqliteDatabase, store: SqliteTotpStore, directory: StaticDirectory
+) -> None:
+    audit, clock = ListAudit(), FakeClock(T0)
+    auth = _auth(db, store, directory, audit, clock, STRICT)
+    assert await _ok(auth, clock, ALICE_HOME)
+    await _attack(auth, clock, [ATTACKER], 5)
+    assert (await SqliteThrottleStore(db).state("alice@corp.example.com")).locked
+    # no wait at all for alice at her known address
+    assert await _ok(auth, clock, ALICE_HOME)
+    # the attacker's own pair is locked; a new address waits for the account's rule
+    clock.t += timedelta(seconds=31)
+    assert (await auth.login("alice", None, PASSWORD, code_at(clock.t), f"{ATTACKER}:1")
+            ).principal is None
+    assert _reasons(audit)[-1] == "locked (source) after 5 failures"
+    assert not await _ok(auth, clock, "192.0.2.99")
+    assert _reasons(audit)[-1] == "locked (account, unknown source) after 5 failures"
+    assert ("account.source_locked", {"user": "alice@corp.example.com", "source": ATTACKER,
+                                      "failures": 5, "peer": f"{ATTACKER}:60004"}) in audit.events
+
+
+async def test_one_failure_per_window_from_many_addresses_does_not_keep_alice_out(
+    db: SqliteDatabase, store: SqliteTotpStore, directory: StaticDirectory
+) -> None:
+    audit, clock = ListAudit(), FakeClock(T0)
+    auth = _auth(db, store, directory, audit, clock, STRICT)
+    assert await _ok(auth, clock, ALICE_HOME)
+    botnet = [f"198.51.100.{i}" for i in range(1, 40)]
+    for _ in range(3):
+        await _attack(auth, clock, botnet, 13)  # locked, and kept in back-off
+        assert await _ok(auth, clock, ALICE_HOME)
+    assert not await _ok(auth, clock, "192.0.2.99")
+
+
+async def test_a_known_key_counts_from_a_new_address(
+    db: SqliteDatabase, store: SqliteTotpStore, directory: StaticDirectory
+) -> None:
+    audit, clock = ListAudit(), FakeClock(T0)
+    auth = _auth(db, store, directory, audit, clock, STRICT)
+    assert await _ok(auth, clock, ALICE_HOME, KEY)
+    await _attack(auth, clock, [ATTACKER, "198.51.100.7"], 6)
+    assert await _ok(auth, clock, "192.0.2.200", KEY)  # the key is known, the address is not
+    assert not await _ok(auth, clock, "192.0.2.201")  # the same address without the key
+    assert not await _ok(auth, clock, "192.0.2.202", "SHA256:anotherkey")
+    assert _reasons(audit)[-1] == "locked (account, unknown source) after 5 failures"
+
+
+async def test_a_known_device_is_forgotten_after_known_source_days(
+    db: SqliteDatabase, store: SqliteTotpStore, directory: StaticDirectory
+) -> None:
+    audit, clock = ListAudit(), FakeClock(T0)
+    auth = _auth(db, store, directory, audit, clock, STRICT)  # 30 days by default
+    assert await _ok(auth, clock, ALICE_HOME)
+    await _attack(auth, clock, [f"198.51.100.{i}" for i in range(5)], 5)
+    clock.t += timedelta(days=29)
+    assert await _ok(auth, clock, ALICE_HOME)  # still known (and known again from now)
+    clock.t += timedelta(days=30, seconds=1)
+    assert not await _ok(auth, clock, ALICE_HOME)
+    assert _reasons(audit)[-1] == "locked (account, unknown source) after 5 failures"
+
+
+async def test_an_attacker_at_the_known_address_is_still_limited_per_pair(
+    db: SqliteDatabase, store: SqliteTotpStore, directory: StaticDirectory
+) -> None:
+    audit, clock = ListAudit(), FakeClock(T0)
+    auth = _auth(db, store, directory, audit, clock, STRICT)
+    assert await _ok(auth, clock, ALICE_HOME)
+    for _ in range(2):  # two free failures, then 1 s
+        assert (await auth.login("alice", None, "wrong", "000000", f"{ALICE_HOME}:7")
+                ).principal is None
+    assert (await auth.login("alice", None, "guess", "000000", f"{ALICE_HOME}:7")
+            ).principal is None
+    assert _reasons(audit)[-1] == "throttled (source) for 1.0 s more"
+    assert (await SqliteThrottleStore(db).state("alice@corp.example.com")).failures == 2
+    await _attack(auth, clock, [ALICE_HOME], 3)
+    assert not await _ok(auth, clock, ALICE_HOME)
+    assert _reasons(audit)[-1] == "locked (source) after 5 failures"
+
+
+async def test_a_refusal_takes_the_path_of_a_wrong_password(
+    db: SqliteDatabase, store: SqliteTotpStore, spy: SpyDirectory
+) -> None:
+    """Refused by a limit: the directory is asked about nobody (an unknown user's cost, not
+    alice's credentials), nothing is counted, the code is not consumed, the same result."""
+    audit, clock = ListAudit(), FakeClock(T0)
+    auth = _auth(db, store, spy, audit, clock, STRICT)
+    await _attack(auth, clock, [ATTACKER], 5)
+    spy.calls.clear()
+    clock.t += timedelta(hours=1)
+    result = await auth.login("alice", None, PASSWORD, code_at(clock.t), "192.0.2.99:1")
+    assert result == type(result)(None)
+    assert spy.calls == [("authenticate", "\x00throttled")]
+    assert await store.last_step(ALICE.key) is None
+    spy.calls.clear()
+    assert (await auth.login("alice", None, None, code_at(clock.t), "192.0.2.99:1",
+                             key_fp=KEY)).principal is None
+    assert spy.calls == [("lookup", "\x00throttled")]
+    assert (await SqliteThrottleStore(db).state("alice@corp.example.com")).failures == 5
+    assert [e for e, _ in audit.events[-2:]] == ["auth.failure", "auth.failure"]

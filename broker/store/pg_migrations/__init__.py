@@ -136,4 +136,22 @@ MIGRATIONS: list[str] = [
     CREATE INDEX web_sessions_owner ON web_sessions (owner);
     CREATE INDEX web_sessions_expires ON web_sessions (expires_at);
     """,
+    # failures per (account, source address); known devices: "ip:ADDR" or "key:FINGERPRINT"
+    """
+    CREATE TABLE auth_source_throttle (
+        account text NOT NULL,
+        source text NOT NULL,
+        failures integer NOT NULL DEFAULT 0,
+        next_allowed double precision NOT NULL DEFAULT 0,
+        locked boolean NOT NULL DEFAULT false,
+        last_failure double precision,
+        PRIMARY KEY (account, source)
+    );
+    CREATE TABLE auth_known_devices (
+        account text NOT NULL,
+        device text NOT NULL,
+        last_success double precision NOT NULL,
+        PRIMARY KEY (account, device)
+    );
+    """,
 ]
