@@ -3,10 +3,10 @@
 asyncssh decodes and prepares the name (RFC 4013) inside its handler and hands the server only
 the result, or drops the connection if the name cannot be prepared. The broker must audit what
 was typed and refuse names that preparation changes (``broker.ssh.usernames``), so the handler
-is wrapped: the raw bytes are kept on the connection (``_bb_raw_username``), then asyncssh's own
-handler reads the packet from the start as before. ``patches.raw_username(conn)`` reads them;
-with the gate closed it returns None and the broker falls back to refusing any name that is not
-printable ASCII.
+is wrapped: the raw bytes, read from a copy of the payload, are kept on the connection
+(``_bb_raw_username``), and asyncssh's own handler gets the packet untouched.
+``patches.raw_username(conn)`` reads them; with the gate closed it returns None and the broker
+falls back to refusing any name that is not printable ASCII.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from broker.ssh.patches.private import replace_item
 
 def _process_userauth_request(self: Any, pkttype: int, pktid: int, packet: Any) -> Any:
     if self.is_server():
-        payload = packet.get_remaining_payload()
+        # read from a copy: asyncssh's handler gets the packet untouched (a public-key
+        # signature covers the payload it consumed, packet type byte included)
         with contextlib.suppress(PacketDecodeError):  # asyncssh's handler reports it
-            self._bb_raw_username = packet.get_string()
-        packet = SSHPacket(payload)  # asyncssh's handler reads it from the start
+            self._bb_raw_username = SSHPacket(packet.get_remaining_payload()).get_string()
     return _ORIGINAL(self, pkttype, pktid, packet)
 
 
