@@ -51,6 +51,9 @@ class SSHSettings(_Model):
     # from connect to authenticated, as OpenSSH's LoginGraceTime (also 120 s): long enough to
     # type the password, open the authenticator app and wait for a fresh code
     login_grace_seconds: float = Field(default=120.0, gt=0, le=600)
+    # from connect to the client's first authentication request (key exchange done), as a
+    # limit of its own: a connection that stalls before it is closed after this long
+    kex_grace_seconds: float = Field(default=10.0, gt=0, le=600)
     # broker processes sharing the port (SO_REUSEPORT); 0 = one per core
     workers: int = Field(default=1, ge=0, le=64)
     kex_algs: list[str] = Field(default_factory=lambda: list(DEFAULT_KEX))
@@ -138,6 +141,10 @@ class LimitsSettings(_Model):
     source_penalty_seconds: float = Field(default=30.0, gt=0, le=86400)
     source_penalty_max_seconds: float = Field(default=600.0, gt=0, le=86400)
     penalty_exempt: list[str] = Field(default_factory=list)  # CIDRs never penalised
+    # open session channels (shell, exec, sftp) on one connection, as OpenSSH's MaxSessions,
+    # and of one user in one broker process; the excess is refused ("administratively prohibited")
+    max_sessions_per_connection: int = Field(default=10, ge=1, le=1000)
+    max_sessions_per_user: int = Field(default=50, ge=1, le=100_000)
     # an address or registered key that logged in to an account within this many days is a
     # known device of it: only failures from that same address delay or lock it (0: none)
     known_source_days: float = Field(default=30.0, ge=0, le=3650)
@@ -188,6 +195,15 @@ class WebSettings(_Model):
     # cookie signing key; default STATE_DIR/web.key (every bastion of a fleet needs the same)
     signing_key_file: Path | None = None
     secure_cookies: bool = True  # False only for the loopback demo over plain HTTP
+    # listener limits: a request's header must arrive within header_timeout_seconds of its first
+    # byte (or of connecting), its body within body_timeout_seconds of the header; an idle
+    # keep-alive connection closes after keepalive_timeout_seconds; connections at once, overall
+    # and per source address (at the overall cap the stalest one waiting for a header goes)
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    body_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    keepalive_timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    max_connections: int = Field(default=512, ge=1, le=100_000)
+    max_connections_per_source: int = Field(default=32, ge=1, le=100_000)
     # API sessions, tokens and live SSH sessions re-ask the directory (account enabled, groups,
     # roles) after this many seconds at most, per process (0: at every use)
     recheck_seconds: int = Field(default=60, ge=0, le=3600)

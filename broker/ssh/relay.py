@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, cast
 
@@ -19,7 +19,7 @@ import asyncssh
 import structlog
 from asyncssh.channel import SSHChannel
 
-from broker.config import BrokerConfig
+from broker.config import BrokerConfig, LimitsSettings
 from broker.domain.models import Instance, Principal
 from broker.domain.outcome import CLOSED, NO_EXIT_STATUS
 from broker.domain.terminal import clamp_term_size
@@ -37,6 +37,44 @@ _FORWARD_ENV = ("LANG", "LC_")
 _MAX_CLAMPED_RESIZES_AUDITED = 8  # per session: out-of-range window-changes audited as sent
 
 
+class SessionLimitError(Exception):
+    """One more session would pass ``[limits] max_sessions_per_connection`` or ``_per_user``."""
+
+
+class SessionSlots:
+    """Open session channels per user in this process (``[limits] max_sessions_per_user``);
+    the caller passes how many its connection has open (``max_sessions_per_connection``)."""
+
+    def __init__(self) -> None:
+        self._by_user: dict[str, int] = {}
+
+    def open_for(self, user: str) -> int:
+        return self._by_user.get(user, 0)
+
+    def take(self, user: str, on_connection: int, limits: LimitsSettings) -> Callable[[], None]:
+        """Count one more session of ``user``, or raise ``SessionLimitError`` with what the client
+        is told; returns the release (idempotent), to call when the session's channel closes."""
+        if on_connection >= limits.max_sessions_per_connection:
+            raise SessionLimitError(f"too many sessions on this connection (at most "
+                                    f"{limits.max_sessions_per_connection})")
+        if self.open_for(user) >= limits.max_sessions_per_user:
+            raise SessionLimitError(f"too many sessions of {user} at once (at most "
+                                    f"{limits.max_sessions_per_user})")
+        self._by_user[user] = self.open_for(user) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                left = self.open_for(user) - 1
+                if left > 0:
+                    self._by_user[user] = left
+                else:
+                    self._by_user.pop(user, None)
+        return release
+
+
 @dataclass(slots=True)
 class RelayDeps:
     # read when a connection, session or tunnel starts, never kept by one that runs: a reload
@@ -47,6 +85,7 @@ class RelayDeps:
     ca: UserCA
     audit: AuditSink
     clock: Clock
+    slots: SessionSlots = field(default_factory=SessionSlots)  # open sessions per user
 
 
 class _Paused:
@@ -101,8 +140,9 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
     """Client side of one session channel; opens the upstream when the client starts it."""
 
     def __init__(self, deps: RelayDeps, principal: Principal, instance: Instance,
-                 peer: str) -> None:
+                 peer: str, on_close: Callable[[], None] | None = None) -> None:
         self._deps = deps
+        self._on_close = on_close  # frees its place in the session limits
         self._principal = principal
         self._instance = instance
         self._peer = peer
@@ -412,6 +452,9 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         # the client went away (or we closed): tear the upstream down too
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
         if self._up_chan is not None:
             self._up_chan.close()
         if self._up_conn is not None:

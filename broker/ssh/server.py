@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncssh
@@ -28,7 +29,7 @@ from broker.services.auth import Authenticator
 from broker.ssh import patches, usernames
 from broker.ssh.menu import MenuSession
 from broker.ssh.refusals import ForwardRefusingServer
-from broker.ssh.relay import ClientSession, RelayDeps
+from broker.ssh.relay import ClientSession, RelayDeps, SessionLimitError
 from broker.ssh.tunnel import open_from_target, open_tunnel
 from broker.ssh.via_target import TargetLinks
 
@@ -48,13 +49,38 @@ def enrolment_text(secret: str, uri: str) -> str:
             f"app, then type the code it shows.\nKey: {secret}\n{uri}\n")
 
 
+class PreKex:
+    """A listener's admitted connections that have not asked to authenticate yet (key exchange
+    not done), oldest first. At ``max_startups`` a new connection takes the place of the stalest
+    of them, so stalled connections cannot keep real logins out; each is also closed after
+    ``[ssh] kex_grace_seconds``. Connections in authentication keep the login grace."""
+
+    def __init__(self) -> None:
+        self._conns: dict[BrokerConnection, None] = {}  # insertion order: oldest first
+
+    def add(self, conn: BrokerConnection) -> None:
+        self._conns[conn] = None
+
+    def discard(self, conn: BrokerConnection) -> None:
+        self._conns.pop(conn, None)
+
+    def stalest(self) -> BrokerConnection | None:
+        return next(iter(self._conns), None)
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+
 class BrokerConnection(ForwardRefusingServer):
     def __init__(self, deps: RelayDeps, authenticator: Authenticator, guard: SourceGuard,
-                 keys: KeyStore) -> None:
+                 keys: KeyStore, prekex: PreKex | None = None) -> None:
         self._deps = deps
         self._auth = authenticator
         self._guard = guard
         self._counted = False  # admitted and still unauthenticated in the guard's books
+        self._prekex = prekex if prekex is not None else PreKex()
+        self._kex_timer: asyncio.TimerHandle | None = None  # armed until the first auth request
+        self._sessions = 0  # open session channels to targets ([limits] per connection)
         self._conn: asyncssh.SSHServerConnection | None = None
         self._peer = "?"
         self._ip = "?"
@@ -78,12 +104,21 @@ class BrokerConnection(ForwardRefusingServer):
         peer = conn.get_extra_info("peername")
         self._ip = str(peer[0]) if peer else "?"
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        admission = self._guard.admit(self._ip, time.monotonic())
+        now = time.monotonic()
+        admission = self._guard.admit(self._ip, now)
+        if not admission.allowed and "(max_startups)" in admission.reason:
+            stalest = self._prekex.stalest()  # the new one takes the stalest pre-kex one's place
+            if stalest is not None:
+                stalest._drop_pre_kex("replaced by a newer connection at max_startups")
+                admission = self._guard.admit(self._ip, now)
         if not admission.allowed:
             log.info("connection.refused", peer=self._peer, reason=admission.reason)
             conn.abort()
             return
         self._counted = True
+        self._prekex.add(self)
+        self._kex_timer = asyncio.get_running_loop().call_later(
+            self._deps.config.ssh.kex_grace_seconds, self._kex_expired)
         self._own = own_endpoints(self._deps, conn.get_extra_info("sockname"))
         if self._deps.config.identity.public_keys:  # without the asyncssh patches: not offered
             self._keys_offered = patches.on_key_proven(conn, self._key_proven)
@@ -108,10 +143,29 @@ class BrokerConnection(ForwardRefusingServer):
             self._counted = False
             self._guard.left_unauthenticated(self._ip)
 
+    def _kex_done(self) -> None:
+        """Out of the pre-kex table (and its timer): it asked to authenticate, or it closed."""
+        if self._kex_timer is not None:
+            self._kex_timer.cancel()
+            self._kex_timer = None
+        self._prekex.discard(self)
+
+    def _drop_pre_kex(self, reason: str) -> None:
+        self._kex_done()
+        self._uncount()  # at once: the slot is free for the connection that replaces it
+        log.info("connection.dropped_before_kex", peer=self._peer, reason=reason)
+        if self._conn is not None:
+            self._conn.abort()
+
+    def _kex_expired(self) -> None:
+        self._kex_timer = None
+        self._drop_pre_kex("no key exchange within kex_grace_seconds")
+
     def auth_completed(self) -> None:
         self._uncount()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._kex_done()
         self._uncount()
         if isinstance(exc, asyncssh.IllegalUserName):
             self._audit_illegal_name(str(exc))
@@ -121,6 +175,7 @@ class BrokerConnection(ForwardRefusingServer):
             log.info("connection.closed_before_auth", peer=self._peer, error=str(exc))
 
     def begin_auth(self, username: str) -> bool:
+        self._kex_done()  # key exchange is over; the login grace runs on
         try:
             self._selector = parse_selector(username)
         except SelectorError as exc:
@@ -261,12 +316,36 @@ class BrokerConnection(ForwardRefusingServer):
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"no access to {sel.target}"
             )
+        release = self._take_session(self._principal, sel.target)
         chan = self._conn.create_server_channel(
             encoding=None,
             window=self._deps.config.ssh.window_bytes,
             max_pktsize=self._deps.config.ssh.max_packet_bytes,
         )
-        return chan, ClientSession(self._deps, self._principal, self._instance, self._peer)
+        return chan, ClientSession(self._deps, self._principal, self._instance, self._peer,
+                                   on_close=release)
+
+    def _take_session(self, principal: Principal, target: str) -> Callable[[], None]:
+        """A place for one more session under ``[limits] max_sessions_per_connection`` and
+        ``max_sessions_per_user``, or the channel is refused with why (audited)."""
+        try:
+            release_user = self._deps.slots.take(str(principal), self._sessions,
+                                                 self._deps.config.limits)
+        except SessionLimitError as exc:
+            self._deps.audit.emit("session.refused", user=str(principal), target=target,
+                                  peer=self._peer, reason=str(exc))
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            str(exc)) from None
+        self._sessions += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._sessions -= 1
+                release_user()
+        return release
 
 
     # -- forwarding: ssh -L / -D are policy-checked tunnels; -R and streamlocal are refused ----
@@ -334,8 +413,9 @@ async def start_server(
     pass one to change its limits later (``configure_guard``)."""
     ssh = deps.config.ssh
     guard = guard or source_guard(deps.config.limits)
+    prekex = PreKex()
     return await asyncssh.create_server(
-        lambda: BrokerConnection(deps, authenticator, guard, keys),
+        lambda: BrokerConnection(deps, authenticator, guard, keys, prekex),
         host,
         port,
         server_host_keys=[host_key],

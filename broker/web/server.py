@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Callable
 
@@ -14,6 +15,7 @@ from broker.services.account_check import AccountChecker
 from broker.services.auth import Authenticator
 from broker.services.grants import GrantService
 from broker.web.api import WebContext, create_app
+from broker.web.listener import GuardedListener
 from broker.web.signing import SessionSigner, load_or_create_key
 
 log = structlog.get_logger("broker.web")
@@ -26,6 +28,8 @@ class WebServer:
         self._settings = settings
         self._on_close = on_close
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self.listener: GuardedListener | None = None  # connection limits and their counts
         self.url: str | None = None
 
     def reconfigure(self, roles: RoleSettings, auto_approve_groups: tuple[str, ...]) -> None:
@@ -43,20 +47,26 @@ class WebServer:
             tls.minimum_version = ssl.TLSVersion.TLSv1_2
             tls.load_cert_chain(s.cert_file, s.key_file)
         runner = web.AppRunner(create_app(self._ctx), access_log=None,
-                               handle_signals=False, shutdown_timeout=2.0)
+                               handle_signals=False, shutdown_timeout=2.0,
+                               keepalive_timeout=s.keepalive_timeout_seconds)
         await runner.setup()
-        site = web.TCPSite(runner, s.listen_host, s.listen_port, ssl_context=tls)
+        server = runner.server
+        assert server is not None  # noqa: S101 - set by setup()
+        # aiohttp's protocol behind the limits of [web] (header/body timeouts, connection caps)
+        listener = GuardedListener(s, server)
         try:
-            await site.start()
+            self._server = await asyncio.get_running_loop().create_server(
+                listener, s.listen_host, s.listen_port, ssl=tls, reuse_address=True,
+                ssl_handshake_timeout=s.header_timeout_seconds if tls else None)
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
+        self.listener = listener
         port = 0
-        for addr in runner.addresses:
-            if isinstance(addr, tuple) and len(addr) >= 2:
-                port = int(addr[1])
-                break
+        for sock in self._server.sockets:
+            port = int(sock.getsockname()[1])
+            break
         host = s.listen_host if ":" not in s.listen_host else f"[{s.listen_host}]"
         self.url = f"{'https' if tls else 'http'}://{host}:{port}"
         log.info("web.listening", url=self.url)
@@ -75,6 +85,9 @@ class WebServer:
             return None
 
     async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()  # no new connections; aiohttp ends the open ones below
+            self._server = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
