@@ -28,6 +28,7 @@ from broker.ports import KeyStore
 from broker.services.auth import Authenticator
 from broker.ssh import patches, usernames
 from broker.ssh.menu import MenuSession
+from broker.ssh.patches.handshakes import received_before_auth
 from broker.ssh.refusals import ForwardRefusingServer
 from broker.ssh.relay import ClientSession, RelayDeps, SessionLimitError
 from broker.ssh.tunnel import open_from_target, open_tunnel
@@ -53,7 +54,13 @@ class PreKex:
     """A listener's admitted connections that have not asked to authenticate yet (key exchange
     not done), oldest first. At ``max_startups`` a new connection takes the place of the stalest
     of them, so stalled connections cannot keep real logins out; each is also closed after
-    ``[ssh] kex_grace_seconds``. Connections in authentication keep the login grace."""
+    ``[ssh] kex_grace_seconds``. Connections in authentication keep the login grace.
+
+    The stalest that has sent no more than a version line goes first: a client in the middle of
+    its key exchange (its KEXINIT alone is over a KiB) is not cut for a flood's sake while
+    stalled ones are left (without the asyncssh patches, which count the bytes: the stalest)."""
+
+    PROGRESS = 256  # bytes: more than a version line (at most 255 bytes, RFC 4253)
 
     def __init__(self) -> None:
         self._conns: dict[BrokerConnection, None] = {}  # insertion order: oldest first
@@ -65,7 +72,12 @@ class PreKex:
         self._conns.pop(conn, None)
 
     def stalest(self) -> BrokerConnection | None:
-        return next(iter(self._conns), None)
+        oldest = None
+        for conn in self._conns:
+            if received_before_auth(conn._conn) <= self.PROGRESS:
+                return conn
+            oldest = oldest or conn
+        return oldest
 
     def __len__(self) -> int:
         return len(self._conns)

@@ -106,3 +106,9 @@ def defer(conn: Any, data: bytes, handle: Callable[[Any, bytes], None]) -> bool:
         conn._transport.pause_reading()
     pump.schedule()
     return True
+
+
+def received_before_auth(conn: Any) -> int:
+    """Bytes ``conn`` has sent before authentication, as far as the pump has seen them (0 before
+    its first read, and without the patches installed)."""
+    return int(getattr(conn, "_bb_total", 0))
