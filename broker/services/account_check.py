@@ -152,9 +152,12 @@ class AccountEnforcer:
         for s in live:
             p = s.request.principal
             by_user.setdefault((p.username.casefold(), p.domain.casefold()), []).append(s)
+        users = list(by_user)
+        # at once: cached answers cost nothing, and the directory bounds its own concurrency
+        outcomes = await asyncio.gather(*(self._checker.check(u, d) for u, d in users))
         ended = 0
-        for (username, domain), sessions in by_user.items():
-            outcome = await self._checker.check(username, domain)
+        for (username, domain), outcome in zip(users, outcomes, strict=True):
+            sessions = by_user[(username, domain)]
             if outcome.principal is not None:
                 continue
             if directory_failed(outcome):
