@@ -408,7 +408,7 @@ class Api:
         if not await self.ctx.tokens.revoke(token_id, caller.actor.name, self.ctx.clock.now()):
             raise NotFoundError(f"no active token {token_id}")
         self.ctx.audit.emit("api_token.revoked", user=caller.actor.name, token_id=token_id,
-                            via=caller.via)
+                            via=caller.via, roles=sorted(r.value for r in caller.actor.roles))
         return _json({"id": token_id, "revoked": True})
 
     # -- grants ----------------------------------------------------------------------------------

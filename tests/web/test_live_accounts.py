@@ -153,6 +153,9 @@ async def test_a_token_revokes_itself_and_no_other(env: Env) -> None:
     assert (await env.call(tok1, "GET", "/api/grants"))[0] == 401
     status, listing = await env.call("rita", "GET", "/api/tokens")
     assert {t["id"]: t["revoked"] for t in listing} == {id1: True, id2: False}
+    revoked = [e for e in env.audit() if e["event"] == "api_token.revoked"]
+    assert [(e["token_id"], e["via"], e["roles"]) for e in revoked] == [
+        (id1, "token", ["requester"])]
 
 
 async def test_a_cookie_without_a_server_side_session_is_refused(env: Env) -> None:
