@@ -30,7 +30,7 @@ from broker.domain.models import Instance, Principal
 from broker.ssh import patches, via_target
 from broker.ssh.keys import load_or_create_key
 from broker.ssh.refusals import ForwardRefusingServer
-from broker.ssh.relay import ClientSession, RelayDeps
+from broker.ssh.relay import ClientSession, ConnectionSessions, RelayDeps
 
 log = structlog.get_logger("broker.jump")
 
@@ -92,6 +92,7 @@ class JumpServer(ForwardRefusingServer):
         self._forward = forward
         self._links = via_target.TargetLinks(deps, principal, instance)
         self._conn: asyncssh.SSHServerConnection | None = None
+        self._sessions = ConnectionSessions(deps)  # [limits] max_sessions_per_*
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
@@ -106,10 +107,12 @@ class JumpServer(ForwardRefusingServer):
         if self._conn is None:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             "not ready")
+        release = self._sessions.take(self._principal, self._instance.id, self._peer)
         chan = self._conn.create_server_channel(
             encoding=None, window=self._deps.config.ssh.window_bytes,
             max_pktsize=self._deps.config.ssh.max_packet_bytes)
-        return chan, ClientSession(self._deps, self._principal, self._instance, self._peer)
+        return chan, ClientSession(self._deps, self._principal, self._instance, self._peer,
+                                   on_close=release)
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> Any:

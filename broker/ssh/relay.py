@@ -88,6 +88,39 @@ class RelayDeps:
     slots: SessionSlots = field(default_factory=SessionSlots)  # open sessions per user
 
 
+class ConnectionSessions:
+    """The session channels one client connection has open, each with a place under ``[limits]
+    max_sessions_per_connection`` and ``max_sessions_per_user``; past either the channel is
+    refused with why (the client prints "open failed: administratively prohibited: ..."), and
+    the refusal is audited (``session.refused``)."""
+
+    def __init__(self, deps: RelayDeps) -> None:
+        self._deps = deps
+        self.open = 0
+
+    def take(self, principal: Principal, target: str, peer: str) -> Callable[[], None]:
+        """A place for one more session, or ``ChannelOpenError``; returns its release (for
+        ``ClientSession``'s ``on_close``; idempotent)."""
+        deps = self._deps
+        try:
+            release_user = deps.slots.take(str(principal), self.open, deps.config.limits)
+        except SessionLimitError as exc:
+            deps.audit.emit("session.refused", user=str(principal), target=target, peer=peer,
+                            reason=str(exc))
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            str(exc)) from None
+        self.open += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.open -= 1
+                release_user()
+        return release
+
+
 class _Paused:
     """Why one side's reading is paused: "start" (upstream not up yet), "window" (the other
     side's send buffer is full). It resumes only when no reason is left.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import asyncssh
@@ -30,7 +29,7 @@ from broker.ssh import patches, usernames
 from broker.ssh.menu import MenuSession
 from broker.ssh.patches.handshakes import received_before_auth
 from broker.ssh.refusals import ForwardRefusingServer
-from broker.ssh.relay import ClientSession, RelayDeps, SessionLimitError
+from broker.ssh.relay import ClientSession, ConnectionSessions, RelayDeps
 from broker.ssh.tunnel import open_from_target, open_tunnel
 from broker.ssh.via_target import TargetLinks
 
@@ -92,7 +91,7 @@ class BrokerConnection(ForwardRefusingServer):
         self._counted = False  # admitted and still unauthenticated in the guard's books
         self._prekex = prekex if prekex is not None else PreKex()
         self._kex_timer: asyncio.TimerHandle | None = None  # armed until the first auth request
-        self._sessions = 0  # open session channels to targets ([limits] per connection)
+        self._sessions = ConnectionSessions(deps)  # open sessions to targets ([limits])
         self._conn: asyncssh.SSHServerConnection | None = None
         self._peer = "?"
         self._ip = "?"
@@ -328,7 +327,7 @@ class BrokerConnection(ForwardRefusingServer):
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"no access to {sel.target}"
             )
-        release = self._take_session(self._principal, sel.target)
+        release = self._sessions.take(self._principal, sel.target, self._peer)
         chan = self._conn.create_server_channel(
             encoding=None,
             window=self._deps.config.ssh.window_bytes,
@@ -336,28 +335,6 @@ class BrokerConnection(ForwardRefusingServer):
         )
         return chan, ClientSession(self._deps, self._principal, self._instance, self._peer,
                                    on_close=release)
-
-    def _take_session(self, principal: Principal, target: str) -> Callable[[], None]:
-        """A place for one more session under ``[limits] max_sessions_per_connection`` and
-        ``max_sessions_per_user``, or the channel is refused with why (audited)."""
-        try:
-            release_user = self._deps.slots.take(str(principal), self._sessions,
-                                                 self._deps.config.limits)
-        except SessionLimitError as exc:
-            self._deps.audit.emit("session.refused", user=str(principal), target=target,
-                                  peer=self._peer, reason=str(exc))
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
-                                            str(exc)) from None
-        self._sessions += 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self._sessions -= 1
-                release_user()
-        return release
 
 
     # -- forwarding: ssh -L / -D are policy-checked tunnels; -R and streamlocal are refused ----

@@ -272,3 +272,33 @@ def test_the_web_listener_times_out_half_headers_and_caps_connections(
         finally:
             for s in half:
                 s.close()
+
+
+def test_sessions_inside_a_proxyjump_count_towards_the_user_s_limit(
+    demo: Demo, tmp_path: Path
+) -> None:
+    with _broker(demo, tmp_path, limits="max_sessions_per_user = 1") as port:
+        user = demo.take_user()
+        targets_kh = tmp_path / "known_hosts_targets"
+        targets_kh.write_text(demo.cli("ca", "known-hosts").stdout)
+        cfg = tmp_path / "ssh_config"
+        cfg.write_text(
+            f"Host bastion\n  HostName 127.0.0.1\n  Port {port}\n  User {user}\n"
+            f"  UserKnownHostsFile {demo.known_hosts_for(tmp_path, port)}\n"
+            "  StrictHostKeyChecking yes\n  PreferredAuthentications keyboard-interactive\n"
+            "  BatchMode no\n  NumberOfPasswordPrompts 1\n"
+            f"Host web01\n  ProxyJump bastion\n  User ec2-user\n  UserKnownHostsFile {targets_kh}\n"
+            "  StrictHostKeyChecking yes\n  BatchMode no\n  ConnectTimeout 20\n")
+        with _master(demo, tmp_path, user, port, "ctl") as ctl:
+            held = _sessions(ctl, 1, 4)  # the user's one session
+            r = subprocess.run(["ssh", "-F", str(cfg), "web01", "echo jumped"],
+                               capture_output=True, timeout=60, env=demo.env(user))
+            assert r.returncode != 0
+            # the inner connection's client is this ssh itself: it prints why
+            assert (f"administratively prohibited: too many sessions of {user}@"
+                    f"{demo.info['domain']} at once (at most 1)").encode() in r.stderr, r.stderr
+            assert _results(held)[0][:2] == (0, b"ok\n")
+            r = subprocess.run(["ssh", "-F", str(cfg), "web01", "echo jumped"],
+                               capture_output=True, timeout=60, env=demo.env(user))
+            assert r.returncode == 0, r.stderr
+            assert r.stdout == b"jumped\n"
