@@ -99,6 +99,8 @@ async def _body(request: web.Request) -> dict[str, Any]:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "invalid", "body is not valid JSON") from None
+    except RecursionError:  # thousands of nested brackets fit in 64 KiB
+        raise ApiError(400, "invalid", "body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid", "body must be a JSON object")
     return data
@@ -144,7 +146,10 @@ async def error_middleware(request: web.Request,
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, (exc.reason or "error").lower(), None)
+        resp = error_response(exc.status, (exc.reason or "error").lower(), None)
+        if "Allow" in exc.headers:  # 405 names the methods the path has (RFC 9110)
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
     except Exception as exc:  # a bug: answer 500 without details, log the kind of failure
         log.error("web.internal_error", error=repr(exc)[:500], path=request.path,
                   method=request.method)
@@ -442,6 +447,10 @@ class Api:
         user, stack = q.get("user"), q.get("stack")
         if user is not None and not wf.USER_RE.match(user):
             raise S.invalid("user", "is not a valid AD user name")
+        if user is not None and user.casefold() != caller.username.casefold() \
+                and not caller.actor.roles & {Role.APPROVER, Role.AUDITOR, Role.ADMIN}:
+            # refused, not ignored: a requester sees only their own grants
+            raise ApiError(403, "forbidden", "you may list only your own grants (query user)")
         if stack is not None and not wf.STACK_RE.match(stack):
             raise S.invalid("stack", "is not a valid stack ID")
         since = S.parse_time("since", q["since"], now) if "since" in q else None
@@ -551,7 +560,7 @@ class Api:
     def routes(self) -> list[Route]:
         g = "/api/grants/{grant_id}"
         read, write, appr = ("grants:read",), ("grants:write",), ("grants:approve",)
-        std = (400, 401, 403, 404, 409, 413, 415)
+        std = (200, 400, 401, 403, 404, 409, 413, 415)
         return [
             Route("GET", "/api/openapi.json", self.openapi, "This OpenAPI document", "public"),
             Route("POST", "/api/login", self.login,
@@ -582,7 +591,7 @@ class Api:
                       ("limit", "at most this many (1-1000, default 500)")),
                   responses=(200, 400, 401, 403), ok_schema="GrantList"),
             Route("POST", "/api/grants", self.grant_create, "Request access", "any", write,
-                  body="GrantRequest", responses=(201, *std), ok_schema="Grant"),
+                  body="GrantRequest", responses=(201, *std[1:]), ok_schema="Grant"),
             Route("GET", g, self.grant_show, "A grant with its history", "any", read,
                   responses=(200, 401, 403, 404), ok_schema="GrantWithHistory"),
             Route("PATCH", g, self.grant_update, "Edit a pending request (fields left out stay)",

@@ -6,23 +6,40 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from broker.domain import workflow as wf
 from broker.domain.models import Level, Trigger
 from broker.web.routes import Route
-from broker.web.schema import SCOPES, STATES
+from broker.web.schema import MAX_HOURS, MIN_HOURS, SCOPES, STATES
 
 _TIME = {"type": "string", "format": "date-time"}
-_TEXT = {"type": "string", "maxLength": 2000}
+# what the server accepts, said in the schema (schemathesis checks both ways): no control
+# characters but tab and newline; ticket and reason not blank
+_NO_CONTROL = "^[^\\u0000-\\u0008\\u000b-\\u001f]*$"
+_TEXT = {"type": "string", "maxLength": 2000, "pattern": _NO_CONTROL}
+_NOT_BLANK = {"type": "string", "maxLength": 2000,
+              "pattern": "^[^\\u0000-\\u0008\\u000b-\\u001f]*[^\\s\\u0000-\\u001f]"
+                         "[^\\u0000-\\u0008\\u000b-\\u001f]*$"}
+_LOGIN_USER = "[A-Za-z0-9._$-](?:[A-Za-z0-9._$ -]{0,62}[A-Za-z0-9._$-])?"
+_LOGIN_DOMAIN = "[A-Za-z0-9][A-Za-z0-9-]{0,62}(?:\\.[A-Za-z0-9-]{1,63})*"
+# query parameters by name (the same name means the same thing on every route)
+_QUERY_SCHEMAS: dict[str, dict[str, Any]] = {
+    "user": {"type": "string", "pattern": wf.USER_RE.pattern},
+    "stack": {"type": "string", "pattern": wf.STACK_RE.pattern},
+    "limit": {"type": "string", "pattern": "^(?:[1-9][0-9]{0,2}|1000)$"},
+}
 _REQUEST_PROPS: dict[str, Any] = {
-    "user": {"type": "string", "description": "AD user (default: the caller; others need the"
-             " approver role)"},
-    "domain": {"type": "string", "description": "FQDN of the AD domain (default: the caller's)"},
-    "stacks": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 50},
+    "user": {"type": "string", "pattern": wf.USER_RE.pattern, "maxLength": 64,
+             "description": "AD user (default: the caller; others need the approver role)"},
+    "domain": {"type": "string", "pattern": wf.DOMAIN_RE.pattern, "maxLength": 255,
+               "description": "FQDN of the AD domain (default: the caller's)"},
+    "stacks": {"type": "array", "items": {"type": "string", "pattern": wf.STACK_RE.pattern},
+               "minItems": 1, "maxItems": 50},
     "vpc": {"type": "string", "pattern": "^vpc-[0-9a-zA-Z]{1,32}$"},
     "level": {"enum": [lv.value for lv in Level]},
     "trigger": {"enum": [t.value for t in Trigger], "default": Trigger.SERVICE_REQUEST.value},
-    "ticket": _TEXT,
-    "reason": _TEXT,
-    "hours": {"type": "number", "exclusiveMinimum": 0, "maximum": 720,
+    "ticket": _NOT_BLANK,
+    "reason": _NOT_BLANK,
+    "hours": {"type": "number", "minimum": MIN_HOURS, "maximum": MAX_HOURS,
               "description": "duration (default 8 h; at most the policy maximum per level)"},
     "starts_at": _TIME,
 }
@@ -50,9 +67,12 @@ SCHEMAS: dict[str, Any] = {
             "message": {"type": "string"}, "field": {"type": "string"}}}]}}},
     "Login": {"type": "object", "additionalProperties": False,
               "required": ["user", "password", "code"], "properties": {
-                  "user": {"type": "string", "description": "alice, alice@corp.example.com or"
-                           " CORP\\alice"},
-                  "password": {"type": "string", "format": "password"},
+                  "user": {"type": "string", "maxLength": 512,
+                           "pattern": f"^(?:{_LOGIN_DOMAIN}\\\\)?{_LOGIN_USER}$"
+                                      f"|^{_LOGIN_USER}@{_LOGIN_DOMAIN}$",
+                           "description": "alice, alice@corp.example.com or CORP\\alice"},
+                  "password": {"type": "string", "format": "password", "maxLength": 1024,
+                               "pattern": _NO_CONTROL},
                   "code": {"type": "string", "pattern": "^[0-9]{6,8}$"}}},
     "Session": {"type": "object", "properties": {
         "user": {"type": "string"}, "roles": {"type": "array", "items": {"type": "string"}},
@@ -80,7 +100,7 @@ SCHEMAS: dict[str, Any] = {
     "Extend": {"type": "object", "additionalProperties": False,
                "description": "exactly one of until and hours", "properties": {
                    "until": _TIME, "comment": _TEXT,
-                   "hours": {"type": "number", "exclusiveMinimum": 0,
+                   "hours": {"type": "number", "minimum": MIN_HOURS, "maximum": MAX_HOURS,
                              "description": "added to the current end"}}},
     "Grant": _GRANT,
     "GrantList": {"type": "array", "items": {"$ref": "#/components/schemas/Grant"}},
@@ -96,6 +116,14 @@ _STATUS_TEXT = {200: "OK", 201: "Created", 400: "Invalid input", 401: "Not logge
                 403: "Forbidden (role, scope or CSRF)", 404: "Not found (or not visible)",
                 409: "Conflict (state or a concurrent change)", 413: "Body over 64 KiB",
                 415: "Body is not application/json"}
+
+
+def _query_schema(name: str) -> dict[str, Any]:
+    if name == "state":
+        return {"type": "string", "enum": list(STATES)}
+    if name in ("since", "until"):
+        return {"anyOf": [_TIME, {"type": "string", "pattern": "^[0-9]{1,5}[mhdw]$"}]}
+    return _QUERY_SCHEMAS.get(name, {"type": "string"})
 
 
 def _operation(route: Route) -> dict[str, Any]:
@@ -119,7 +147,7 @@ def _operation(route: Route) -> dict[str, Any]:
         for name in re.findall(r"{(\w+)}", route.path)
     ]
     params += [{"name": n, "in": "query", "required": False, "description": d,
-                "schema": {"type": "string"}} for n, d in route.query]
+                "schema": _query_schema(n)} for n, d in route.query]
     if route.auth != "public" and route.method not in ("GET", "HEAD"):
         params.append({"name": "X-CSRF-Token", "in": "header", "required": False,
                        "description": "required with a session cookie (the bb_csrf cookie's"
@@ -127,7 +155,8 @@ def _operation(route: Route) -> dict[str, Any]:
     if params:
         op["parameters"] = params
     if route.body:
-        op["requestBody"] = {"required": False, "content": {"application/json": {
+        op["requestBody"] = {"required": bool(SCHEMAS[route.body].get("required")),
+                             "content": {"application/json": {
             "schema": {"$ref": f"#/components/schemas/{route.body}"}}}}
     for status in route.responses:
         resp: dict[str, Any] = {"description": _STATUS_TEXT.get(status, "")}

@@ -16,6 +16,7 @@ from broker.services.auth import Authenticator
 from broker.services.grants import GrantService
 from broker.web.api import WebContext, create_app
 from broker.web.listener import GuardedListener
+from broker.web.protocol_errors import json_errors
 from broker.web.signing import SessionSigner, load_or_create_key
 
 log = structlog.get_logger("broker.web")
@@ -53,7 +54,7 @@ class WebServer:
         server = runner.server
         assert server is not None  # noqa: S101 - set by setup()
         # aiohttp's protocol behind the limits of [web] (header/body timeouts, connection caps)
-        listener = GuardedListener(s, server)
+        listener = GuardedListener(s, json_errors(server))
         try:
             self._server = await asyncio.get_running_loop().create_server(
                 listener, s.listen_host, s.listen_port, ssl=tls, reuse_address=True,

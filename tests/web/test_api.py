@@ -303,9 +303,13 @@ async def test_visibility_of_lists(env: Env) -> None:
     status, rows = await env.call("rita", "GET", "/api/grants")
     ids = {g["id"] for g in rows}
     assert mine["id"] in ids and theirs["id"] not in ids
-    # a requester's user filter cannot widen the view
-    status, rows = await env.call("rita", "GET", "/api/grants?user=ron")
-    assert theirs["id"] not in {g["id"] for g in rows}
+    # a requester's user filter cannot widen the view: refused, not silently narrowed
+    for query in ("user=ron", "user=RON&state=pending", "user=adam"):
+        status, body = await env.call("rita", "GET", f"/api/grants?{query}")
+        assert status == 403, (query, body)
+        assert body["error"] == "forbidden" and "only your own" in body["detail"]["message"]
+    status, rows = await env.call("rita", "GET", "/api/grants?user=Rita")  # herself: fine
+    assert status == 200 and {g["id"] for g in rows} == {mine["id"]}
     for who in ("alan", "audrey", "adam"):
         status, rows = await env.call(who, "GET", "/api/grants?user=ron&state=pending")
         assert status == 200
