@@ -363,6 +363,6 @@ _TOP_LEVEL = frozenset({"connect_timeout_seconds", "operation_timeout_seconds", 
 
 def ad_settings(dc: SambaDC, **overrides: Any) -> Any:
     """ADSettings for the test domain; ``overrides`` replace domain or top-level keys."""
-    from broker.identity.ldap import ADSettings
+    from broker.identity.ad_settings import ADSettings
 
     return ADSettings.model_validate(ad_settings_dict(dc, **overrides))

@@ -20,7 +20,7 @@ from broker.diag.metrics import (
     session_outcome,
 )
 from broker.domain.models import Grant, GrantState, Instance, Level, Principal, Trigger
-from broker.identity.ldap import AD_BIND_CODES
+from broker.identity.ad_rules import AD_BIND_CODES
 from broker.ports import ThrottleSummary
 from broker.recordings.local import LocalRecordingSink
 from broker.services.clock import SystemClock

@@ -16,18 +16,18 @@ from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
 from broker.errors import ConfigError
+from broker.identity import ad_rules
 from broker.identity import ldap as adl
-from broker.identity.ldap import (
-    ADDirectory,
-    ADSettings,
+from broker.identity.ad_rules import (
     group_matches,
     normalize_dn,
     parse_ad_bind_error,
-    parse_server_uri,
     password_problem,
     split_login,
     username_problem,
 )
+from broker.identity.ad_settings import ADSettings, parse_server_uri
+from broker.identity.ldap import ADDirectory
 
 
 def _msg(code: str) -> str:
@@ -244,7 +244,7 @@ def _ft(epoch: float) -> str:
      "password expired"),  # 0x800000
 ])
 def test_account_state(attrs: dict[str, Any], reason: str | None) -> None:
-    assert adl.account_state_problem(attrs, 1_000_000) == reason
+    assert ad_rules.account_state_problem(attrs, 1_000_000) == reason
 
 
 class _FakeConn:
