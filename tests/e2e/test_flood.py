@@ -170,21 +170,28 @@ def _master(demo: Demo, tmp_path: Path, user: str, port: int, name: str) -> Iter
             master.wait(10)
 
 
-def _sessions(ctl: Path, n: int, seconds: float) -> list[subprocess.Popen[bytes]]:
-    """``n`` exec sessions at once over one shared connection, each open for ``seconds``."""
+Started = list[tuple[subprocess.Popen[bytes], bytes]]
+
+
+def _sessions(ctl: Path, n: int) -> Started:
+    """``n`` exec sessions at once over one shared connection, each open until ``_results``;
+    returns once each is running on the target (or was refused)."""
     procs = [subprocess.Popen(["ssh", "-S", str(ctl), "-F", "/dev/null", "x",
-                               f"sleep {seconds}; echo ok"],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               "echo started; read line; echo ok"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE) for _ in range(n)]
-    time.sleep(0.3)  # all of them opened before the next batch
-    return procs
-
-
-def _results(procs: list[subprocess.Popen[bytes]]) -> list[tuple[int, bytes, bytes]]:
-    out = []
+    started = []
     for p in procs:
-        o, e = p.communicate(timeout=30)
-        out.append((p.returncode, o, e))
+        assert p.stdout is not None
+        started.append((p, p.stdout.readline()))  # "started", or b"" when refused
+    return started
+
+
+def _results(started: Started) -> list[tuple[int, bytes, bytes]]:
+    out = []
+    for p, first in started:
+        o, e = p.communicate(b"\n", timeout=30)  # the line each session waits for
+        out.append((p.returncode, first + o, e))
     return out
 
 
@@ -194,11 +201,11 @@ def test_one_connection_opens_at_most_max_sessions_per_connection(
     with _broker(demo, tmp_path) as port:  # the default: 10, as OpenSSH's MaxSessions
         user = demo.take_user()
         with _master(demo, tmp_path, user, port, "ctl") as ctl:
-            results = _results(_sessions(ctl, 12, 3))
+            results = _results(_sessions(ctl, 12))
             ok = [r for r in results if r[0] == 0]
             refused = [r for r in results if r[0] != 0]
             assert len(ok) == 10, [r[2] for r in refused]
-            assert all(r[1] == b"ok\n" for r in ok)
+            assert all(r[1] == b"started\nok\n" for r in ok)
             assert len(refused) == 2
             for _, _, err in refused:
                 assert b"Session open refused by peer" in err, err
@@ -221,9 +228,9 @@ def test_one_user_opens_at_most_max_sessions_per_user(demo: Demo, tmp_path: Path
         user = demo.take_user()
         with _master(demo, tmp_path, user, port, "ctl1") as ctl1, \
                 _master(demo, tmp_path, user, port, "ctl2") as ctl2:
-            first = _sessions(ctl1, 2, 3)
+            first = _sessions(ctl1, 2)
             # 4 of this user's sessions at once (in that order): one too many
-            second = _sessions(ctl2, 1, 3) + _sessions(ctl2, 1, 3)
+            second = _sessions(ctl2, 1) + _sessions(ctl2, 1)
             results = _results(first) + _results(second)
     assert [r[0] for r in results[:3]] == [0, 0, 0], [r[2] for r in results]
     assert results[3][0] != 0
@@ -290,14 +297,14 @@ def test_sessions_inside_a_proxyjump_count_towards_the_user_s_limit(
             f"Host web01\n  ProxyJump bastion\n  User ec2-user\n  UserKnownHostsFile {targets_kh}\n"
             "  StrictHostKeyChecking yes\n  BatchMode no\n  ConnectTimeout 20\n")
         with _master(demo, tmp_path, user, port, "ctl") as ctl:
-            held = _sessions(ctl, 1, 4)  # the user's one session
+            held = _sessions(ctl, 1)  # the user's one session
             r = subprocess.run(["ssh", "-F", str(cfg), "web01", "echo jumped"],
                                capture_output=True, timeout=60, env=demo.env(user))
             assert r.returncode != 0
             # the inner connection's client is this ssh itself: it prints why
             assert (f"administratively prohibited: too many sessions of {user}@"
                     f"{demo.info['domain']} at once (at most 1)").encode() in r.stderr, r.stderr
-            assert _results(held)[0][:2] == (0, b"ok\n")
+            assert _results(held)[0][:2] == (0, b"started\nok\n")
             r = subprocess.run(["ssh", "-F", str(cfg), "web01", "echo jumped"],
                                capture_output=True, timeout=60, env=demo.env(user))
             assert r.returncode == 0, r.stderr
