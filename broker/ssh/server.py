@@ -35,7 +35,8 @@ from broker.ssh.via_target import TargetLinks
 
 log = structlog.get_logger("broker.ssh")
 # audit events for connections asyncssh drops over their user name, in this process
-_NAME_REFUSALS = usernames.RefusalLimiter()
+# audit events of refused and dropped connections, at a bounded rate (a flood cannot fill the disk)
+_REFUSALS = usernames.RefusalLimiter()
 
 PASSWORD_PROMPT = "Password: "  # noqa: S105 - a prompt, not a password
 CODE_PROMPT = "Verification code: "
@@ -124,6 +125,7 @@ class BrokerConnection(ForwardRefusingServer):
                 admission = self._guard.admit(self._ip, now)
         if not admission.allowed:
             log.info("connection.refused", peer=self._peer, reason=admission.reason)
+            self._audit_connection("connection.refused", admission.reason)
             conn.abort()
             return
         self._counted = True
@@ -134,10 +136,22 @@ class BrokerConnection(ForwardRefusingServer):
         if self._deps.config.identity.public_keys:  # without the asyncssh patches: not offered
             self._keys_offered = patches.on_key_proven(conn, self._key_proven)
 
+    def _audit_connection(self, event: str, reason: str) -> None:
+        """A connection refused or dropped before it could log in, audited at a bounded rate
+        across connections (the count of those left out goes with the next one)."""
+        dropped = _REFUSALS.take()
+        if dropped is None:
+            return
+        try:
+            self._deps.audit.emit(event, peer=self._peer, reason=reason,
+                                  suppressed=dropped or None)
+        except AuditError as exc:
+            log.error("audit.write_failed", event=event, error=str(exc))
+
     def _audit_illegal_name(self, reason: str) -> None:
         """asyncssh dropped the connection for a user name it cannot prepare (a NUL or control
         byte, invalid UTF-8, too long): audited, at a bounded rate across connections."""
-        dropped = _NAME_REFUSALS.take()
+        dropped = _REFUSALS.take()
         if dropped is None:
             return
         raw = patches.raw_username(self._conn)
@@ -165,6 +179,7 @@ class BrokerConnection(ForwardRefusingServer):
         self._kex_done()
         self._uncount()  # at once: the slot is free for the connection that replaces it
         log.info("connection.dropped_before_kex", peer=self._peer, reason=reason)
+        self._audit_connection("connection.dropped", reason)
         if self._conn is not None:
             self._conn.abort()
 

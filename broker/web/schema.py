@@ -18,7 +18,7 @@ from broker.domain.workflow import GrantRequest, HistoryEntry
 SCOPES = ("grants:read", "grants:write", "grants:approve")
 STATES = ("pending", "approved", "rejected", "revoked", "withdrawn", "expired", "active")
 MAX_HOURS = 24 * 30
-MIN_HOURS = 1 / 60  # a minute: anything shorter rounds to no grant at all
+MIN_HOURS = 1 / 3600  # a second: anything shorter rounds to no grant at all
 REQUEST_FIELDS = {"user", "domain", "stacks", "vpc", "level", "trigger", "ticket", "reason",
                   "hours", "starts_at"}
 RELATIVE_RE = re.compile(r"^(\d{1,5})([mhdw])$")
@@ -70,7 +70,7 @@ def get_hours(body: dict[str, Any], name: str = "hours") -> float | None:
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
         raise invalid(name, "must be a number")
     if not MIN_HOURS <= v <= MAX_HOURS:
-        raise invalid(name, f"must be at least one minute ({MIN_HOURS:.4f}) and at most "
+        raise invalid(name, f"must be at least one second ({MIN_HOURS:.6f}) and at most "
                             f"{MAX_HOURS}")
     return float(v)
 

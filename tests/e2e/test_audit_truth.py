@@ -47,8 +47,15 @@ def run_broker(demo: Demo, tmp_path: Path, cfg: Path, cut: bool = False) -> None
                             "echo hi"], capture_output=True, timeout=60, env=demo.env(user))
         assert r.returncode == 0 and r.stdout == b"hi\n", r.stderr
         if cut:
+            # the session's last event is its seal, written in the background after its end:
+            # wait for it, so nothing else is appended while the tail is cut
+            deadline = time.monotonic() + 30
+            while b'"recording.sealed"' not in audit.read_bytes():
+                assert time.monotonic() < deadline, "the session was not sealed"
+                time.sleep(0.1)
             lines = audit.read_bytes().splitlines(keepends=True)
-            assert json.loads(lines[-1])["event"] == "session.end"
+            assert [json.loads(x)["event"] for x in lines[-2:]] in (
+                ["session.end", "recording.sealed"], ["recording.sealed", "session.end"])
             audit.write_bytes(b"".join(lines[:-2]))
             deadline = time.monotonic() + 30  # the broker's 5 s timer notices
             while b'"audit.cut"' not in audit.read_bytes():

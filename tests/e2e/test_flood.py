@@ -12,6 +12,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,10 @@ def _first_line(s: socket.socket) -> bytes:
     return data
 
 
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
 def _is_closed(s: socket.socket) -> bool:
     """Whether the server has closed ``s`` (whatever it sent before is read and dropped)."""
     s.setblocking(False)
@@ -99,6 +104,7 @@ def test_a_real_login_gets_in_while_stalled_connections_fill_max_startups(
                  limits="max_startups = 100") as port:
         try:
             started = time.monotonic()
+            since = _now_iso()
             # 120 connections from 12 addresses, 10 each (max_startups_per_source): every one
             # is admitted, the oldest make way; none of them ever starts a key exchange
             for i in range(120):
@@ -115,6 +121,11 @@ def test_a_real_login_gets_in_while_stalled_connections_fill_max_startups(
             # the stalest pre-kex connections made way; the newest are still open
             closed = [i for i, s in enumerate(flood) if _is_closed(s)]
             assert closed == list(range(21)), (closed, elapsed, time.monotonic() - started)
+            # each is in the audit (at a bounded rate: 21 is within the burst)
+            made_way = [e for e in demo.audit_lines() if e["event"] == "connection.dropped"
+                        and "replaced by a newer connection" in e["reason"]
+                        and e["peer"].startswith("127.0.0.1") and e["ts"] >= since]
+            assert len(made_way) >= 21, made_way
         finally:
             for s in flood:
                 s.close()
@@ -133,6 +144,10 @@ def test_a_connection_without_key_exchange_is_closed_after_kex_grace(
                 after = _closed_after(s, 5.0)
                 assert after is not None, "still open 5 s after a 1.5 s kex grace"
                 assert after < 3.0
+            dropped = {e["peer"].rpartition(":")[0] for e in demo.audit_lines()
+                       if e["event"] == "connection.dropped"
+                       and e["reason"] == "no key exchange within kex_grace_seconds"}
+            assert {"127.0.0.40", "127.0.0.41"} <= dropped, dropped
             # the login grace still covers authentication: a real login takes longer than 1.5 s
             # from connect to logged in here only if the machine is slow, and is not cut anyway
             user = demo.take_user()
