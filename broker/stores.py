@@ -166,12 +166,8 @@ def _totp(inner: TotpStore, key: bytes | None) -> TotpStore:
     return _ClosedTotp() if key is None else EncryptedTotpStore(inner, key)
 
 
-async def connect_stores(config: BrokerConfig, access: Access = "command", *,
-                         read_only: bool = False) -> Stores:
-    """Open the configured store: SQLite, or a PostgreSQL pool shared by a fleet of bastions.
-    ``read_only`` is ``access="read"`` (commands that only look)."""
-    if read_only:
-        access = "read"
+async def connect_stores(config: BrokerConfig, access: Access = "command") -> Stores:
+    """Open the configured store: SQLite, or a PostgreSQL pool shared by a fleet of bastions."""
     if config.store.backend == "sqlite":
         return open_stores(config, access)
     from broker.store import postgres as pg

@@ -18,7 +18,7 @@ async def _auth_status(args: argparse.Namespace) -> int:
     from broker.stores import connect_stores
 
     config = config_of(args)
-    stores = await connect_stores(config, read_only=True)
+    stores = await connect_stores(config, "read")
     try:
         accounts = await stores.throttle.listing()
         pairs = await stores.throttle.source_listing()

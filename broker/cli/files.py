@@ -45,7 +45,7 @@ async def _files(args: argparse.Namespace) -> int:
     from broker.stores import connect_stores
 
     config = config_of(args)
-    stores = await connect_stores(config, read_only=True)
+    stores = await connect_stores(config, "read")
     try:
         rec = await stores.sessions.get(args.session_id)  # a unique prefix of the id counts
     finally:

@@ -147,7 +147,7 @@ async def _run_local(config_arg: str | None, op: Op) -> Any:
     from broker.web import schema as S
 
     config = load_config(config_path(argparse.Namespace(config=config_arg)))
-    stores = await connect_stores(config, read_only=op[0] in ("list", "show"))
+    stores = await connect_stores(config, "read" if op[0] in ("list", "show") else "command")
     try:
         svc = GrantService(stores.grants, stores.audit, stores.clock, grant_policy(config.grants))
         actor = Actor(f"operator:{unix_user()}", frozenset({Role.ADMIN, Role.REQUESTER}))

@@ -40,7 +40,7 @@ async def _key_list(args: argparse.Namespace) -> int:
 
     config = config_of(args)
     acct = account(config, args.user) if args.user else None
-    stores = await connect_stores(config, read_only=True)
+    stores = await connect_stores(config, "read")
     try:
         listing = await stores.keys.listing(acct)
     finally:

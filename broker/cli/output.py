@@ -6,19 +6,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from broker.domain.sanitize import printable
+
+__all__ = ["out", "printable", "table"]
+
 
 def out(text: str = "") -> None:
     sys.stdout.write(text + "\n")
-
-
-# C0 controls, DEL and C1 controls: what a terminal acts on (ESC starts OSC 52, title, DCS...)
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
-
-
-def printable(value: object) -> str:
-    """``value`` as text with control characters escaped (``\\x1b``): listings show what users
-    typed (commands, reasons, file names), and must not act on the operator's terminal."""
-    return str(value).translate(_CONTROLS)
 
 
 def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:

@@ -22,7 +22,7 @@ from broker.errors import NotFoundError, UsageError
 async def _sessions_list(args: argparse.Namespace) -> int:
     from broker.stores import connect_stores
 
-    stores = await connect_stores(config_of(args), read_only=True)
+    stores = await connect_stores(config_of(args), "read")
     try:
         recs = await stores.sessions.list(user=args.user, limit=args.limit)
     finally:
@@ -58,7 +58,7 @@ async def _open_recording(args: argparse.Namespace) -> tuple[fmt.FrameReader, Bi
     file): replay and export hold one frame at a time, not the whole session."""
     from broker.stores import connect_stores
 
-    stores = await connect_stores(config_of(args), read_only=True)
+    stores = await connect_stores(config_of(args), "read")
     try:
         rec = await stores.sessions.get(args.session_id)
     finally:

@@ -23,7 +23,7 @@ async def _tokens_list(args: argparse.Namespace) -> int:
     from broker.stores import connect_stores
 
     owner = _owner(args)
-    stores = await connect_stores(config_of(args), read_only=True)
+    stores = await connect_stores(config_of(args), "read")
     try:
         recs = await stores.tokens.listing(owner)
     finally:
@@ -65,7 +65,7 @@ async def _sessions_list(args: argparse.Namespace) -> int:
     from broker.stores import connect_stores
 
     owner = _owner(args)
-    stores = await connect_stores(config_of(args), read_only=True)
+    stores = await connect_stores(config_of(args), "read")
     try:
         recs = await stores.tokens.sessions(owner, now=datetime.now(UTC))
     finally:

@@ -195,3 +195,14 @@ def safe_asciicast(lines: Iterable[str]) -> Iterator[str]:
                 continue
             line = json.dumps([event[0], "o", data], ensure_ascii=False)
         yield line
+
+
+# C0 controls, DEL and C1 controls: what a terminal acts on (ESC starts OSC 52, title, DCS...)
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def printable(value: object) -> str:
+    """``value`` as text with control characters escaped (``\\x1b``): what users or clients
+    typed (commands, reasons, file names, a malformed request) shown in a listing or a log line
+    must not act on the terminal that shows it."""
+    return str(value).translate(_CONTROLS)

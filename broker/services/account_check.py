@@ -15,13 +15,13 @@ the grant enforcer keeps them while the store is down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import structlog
 
 from broker.ports import AuditSink, AuthOutcome, Clock, Directory
+from broker.services.periodic import Periodic
 from broker.services.sessions import LiveSession, SessionService
 
 log = structlog.get_logger("broker.account_check")
@@ -122,28 +122,17 @@ class AccountEnforcer:
         self._checker = checker
         self._audit = audit
         self._interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic(self.check_once, lambda: self._interval,
+                              failed_event="account_check.failed", errors=(Exception,))
 
     def configure(self, *, interval: float) -> None:
         self._interval = interval
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.check_once()
-            except Exception as exc:
-                log.error("account_check.failed", error=repr(exc)[:300])
-            await asyncio.sleep(self._interval)
+        await self._loop.stop()
 
     async def check_once(self) -> int:
         """One pass; returns how many sessions it ended."""

@@ -9,8 +9,6 @@ and without the store, so it still applies while the store is down).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -19,6 +17,7 @@ import structlog
 from broker.domain.models import Grant, GrantState
 from broker.errors import BrokerError
 from broker.ports import AuditSink, Clock
+from broker.services.periodic import Periodic
 from broker.services.sessions import LiveSession, SessionService
 
 log = structlog.get_logger("broker.enforcement")
@@ -51,7 +50,9 @@ class GrantEnforcer:
         self._clock = clock
         self._interval = interval
         self._warn_before = warn_before
-        self._task: asyncio.Task[None] | None = None
+        # the store down (BrokerError): sessions are kept (their grants were live), next tick
+        self._loop = Periodic(self.check_once, lambda: self._interval,
+                              failed_event="enforcement.check_failed", errors=(BrokerError,))
 
     def configure(self, *, interval: float, warn_before: timedelta, idle_timeout: float) -> None:
         """Reloaded settings: the next check uses them (sessions already warned stay warned)."""
@@ -60,23 +61,10 @@ class GrantEnforcer:
         self._idle_timeout = idle_timeout
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.check_once()
-            except BrokerError as exc:
-                # the store is down: keep sessions (their grants were live), retry next tick
-                log.error("enforcement.check_failed", error=str(exc))
-            await asyncio.sleep(self._interval)
+        await self._loop.stop()
 
     async def check_once(self) -> None:
         live = [s for s in self._sessions.live.values() if s.control is not None]

@@ -16,6 +16,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from broker.domain.sanitize import printable
+
 log = structlog.get_logger("broker.web")
 
 
@@ -36,7 +38,7 @@ def _handle_error(request: BaseRequest, status: int, exc: BaseException | None,
     if request.writer.output_size > 0:  # part of a response went out: only closing is left
         raise ConnectionError("response already started")
     lines = (message or str(exc or "")).strip().splitlines()
-    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in (lines[0] if lines else ""))
+    text = printable(lines[0] if lines else "")
     try:
         reason = HTTPStatus(status).phrase.lower()
     except ValueError:
