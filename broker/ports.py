@@ -299,11 +299,11 @@ class SessionRecord:
 
     id: str
     user: str
-    target: str
+    target: str  # instance id
     login: str
     grant_id: str
     level: str
-    kind: str
+    kind: str  # shell | exec | subsystem (sftp) | tunnel | jump
     command: str | None
     peer: str
     started_at: datetime
@@ -312,6 +312,66 @@ class SessionRecord:
     bytes_in: int
     bytes_out: int
     recording: str
+    target_name: str = ""  # the instance's name at session start (searchable like the id)
+    stack: str = ""  # the instance's stack at session start
+    parent_id: str | None = None  # the jump connection (kind "jump") that carried this session
+
+
+# what ``SessionQuery.status`` accepts: running, ended well (exit 0, closed by client), the rest
+SESSION_STATUSES = ("live", "ok", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionQuery:
+    """A search of the session index; every filter given must hold (AND), None means any.
+
+    Rows come newest first, ordered by ``(started_at, id)`` descending; ``after`` is the keyset
+    cursor (the ``(started_at, id)`` of the last row of the previous page), so a page costs the
+    same at any depth and a session started meanwhile never shifts the pages being read.
+    """
+
+    user: str | None = None  # "alice" matches alice@any-domain; "alice@corp.example.com" exactly
+    target: str | None = None  # instance id or name, exact (case-insensitive)
+    stack: str | None = None
+    grant_id: str | None = None
+    ticket: str | None = None  # the grant's ticket, exact
+    trigger: str | None = None  # the grant's trigger, exact
+    kind: str | None = None
+    status: str | None = None  # one of SESSION_STATUSES
+    since: datetime | None = None  # sessions that overlap [since, until): still live or ended
+    until: datetime | None = None  # after ``since``, and started before ``until``
+    text: str | None = None  # full-text search over the indexed text (words, all must match)
+    parent_id: str | None = None  # sessions carried by this jump connection
+    top_level: bool = False  # only sessions with no parent (the list a reviewer starts from)
+    after: tuple[datetime, str] | None = None
+    limit: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class TextSegment:
+    """A piece of what a session showed or was typed, indexed for text search.
+
+    ``t`` is seconds from the session start of the segment's first byte, so a hit can open the
+    recording at that moment."""
+
+    t: float
+    source: str  # "output" (what the terminal showed), "input" (echoed input), "command" (exec)
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class TextHit:
+    t: float
+    source: str
+    snippet: str  # the matching segment's text around the match, plain text (never markup)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionMatch:
+    """One search result: the session, and for a text search its first hits (by time)."""
+
+    record: SessionRecord
+    hits: tuple[TextHit, ...] = ()
 
 
 class SessionIndex(Protocol):
@@ -322,9 +382,38 @@ class SessionIndex(Protocol):
         bytes_in: int, bytes_out: int,
     ) -> None: ...
 
-    async def get(self, session_id: str) -> SessionRecord | None: ...
+    async def get(self, session_id: str) -> SessionRecord | None:
+        """By full id (a unique prefix of 6+ characters still works, for older callers; what
+        people type goes through ``by_prefix``, which can report an ambiguous prefix)."""
+        ...
+
+    async def by_prefix(self, prefix: str, limit: int = 10) -> list[SessionRecord]:
+        """Sessions whose id starts with ``prefix`` (case-insensitive), at most ``limit``:
+        one row is the session, several are the candidates of an ambiguous prefix."""
+        ...
 
     async def list(self, *, user: str | None = None, limit: int = 100) -> list[SessionRecord]: ...
+
+    async def search(self, q: SessionQuery) -> list[SessionMatch]:
+        """At most ``q.limit`` matches, newest first (see ``SessionQuery``); with ``q.text``,
+        each match carries up to 20 hits, earliest first."""
+        ...
+
+    async def index_text(self, session_id: str, segments: Sequence[TextSegment]) -> None:
+        """Replace the session's indexed text (called once, when its recording is sealed)."""
+        ...
+
+    async def text_hits(self, session_id: str, text: str, limit: int = 200) -> list[TextHit]:
+        """Where in one session ``text`` matches, earliest first (markers in the player)."""
+        ...
+
+    async def per_day(self, since: datetime) -> list[tuple[str, int]]:
+        """(UTC date ``YYYY-MM-DD``, sessions started that day) from ``since``, oldest first."""
+        ...
+
+    async def live_count(self) -> int:
+        """Sessions not ended (on every bastion sharing the store)."""
+        ...
 
 
 class RecordingWriter(Protocol):

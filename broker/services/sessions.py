@@ -63,6 +63,7 @@ class SessionRequest:
     # the pty-req size as the client sent it (cols, rows, pixels), when it was out of range
     # and ``width``/``height`` are clamped (see ``broker.domain.terminal``): audited as sent
     requested_size: tuple[int, int, int, int] | None = None
+    parent_id: str | None = None  # the jump connection (a live ``jump`` session) carrying it
 
 
 class _NullWriter:
@@ -279,6 +280,7 @@ class SessionService:
             "kind": req.kind, "command": req.command, "term": req.term_type,
             "width": req.width, "height": req.height, "peer": req.peer,
             "started_at": now.isoformat(), "started_at_epoch": int(now.timestamp()),
+            "stack": req.instance.stack_id, "parent_id": req.parent_id,
         }
         writer: RecordingWriter = (
             self._sink.open(sid, meta) if self._recording_enabled else _NullWriter()
@@ -297,6 +299,8 @@ class SessionService:
                 grant_id=req.grant.id, level=str(req.grant.level), kind=req.kind,
                 command=req.command, peer=req.peer, started_at=now, ended_at=None,
                 exit_status=None, bytes_in=0, bytes_out=0, recording=writer.location,
+                target_name=req.instance.name, stack=req.instance.stack_id,
+                parent_id=req.parent_id,
             ))
         except BaseException:
             writer.close()
