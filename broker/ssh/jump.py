@@ -40,6 +40,9 @@ _keys: dict[Path, asyncssh.SSHKey] = {}
 # (inner connection, links=, host=, port=) -> what connection_requested returns
 # (``tunnel.open_from_target``)
 Forward = Callable[..., Any]
+# the id of the outer ``jump`` session carrying the inner connection, read when an inner session
+# starts (the outer session is written before the channel opens, so before any inner session)
+ParentId = Callable[[], str | None]
 
 
 def host_ca_path(config: BrokerConfig) -> Path:
@@ -84,8 +87,9 @@ class JumpServer(ForwardRefusingServer):
     _instance: Instance
 
     def __init__(self, deps: RelayDeps, principal: Principal, instance: Instance,
-                 peer: str, forward: Forward) -> None:
+                 peer: str, forward: Forward, parent: ParentId) -> None:
         self._deps = deps
+        self._parent = parent
         self._principal = principal
         self._instance = instance
         self._peer = peer
@@ -112,7 +116,7 @@ class JumpServer(ForwardRefusingServer):
             encoding=None, window=self._deps.config.ssh.window_bytes,
             max_pktsize=self._deps.config.ssh.max_packet_bytes)
         return chan, ClientSession(self._deps, self._principal, self._instance, self._peer,
-                                   on_close=release)
+                                   on_close=release, parent_id=self._parent())
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> Any:
@@ -124,31 +128,53 @@ class JumpServer(ForwardRefusingServer):
 
 async def start_inner(deps: RelayDeps, principal: Principal, instance: Instance, peer: str,
                       names: list[str], protocol: asyncio.Protocol, forward: Forward,
+                      parent: ParentId, failed: Callable[[str], None],
                       ) -> tuple[asyncio.Transport, asyncio.Task[None]]:
     """A transport for ``protocol`` (the tunnel's end) whose other end serves the inner SSH
     connection in the background (``patches.server_link``: an in-memory pair, or a socketpair
-    on stock asyncssh); ``forward`` answers its direct-tcpip requests."""
+    on stock asyncssh); ``forward`` answers its direct-tcpip requests, ``parent`` names the
+    outer session for the inner ones.
+
+    An inner connection that the client ends (disconnect, or its side closed) is closed
+    gracefully, so the tunnel sees an orderly end ("closed by client"); ``failed(reason)`` is
+    told first when it ended otherwise (say, the login grace ran out)."""
     ssh = deps.config.ssh
     key, cert = host_certificate(deps.config, names, deps.clock.now())
     transport, end = await patches.server_link(protocol)
 
     async def run() -> None:
         conn: asyncssh.SSHServerConnection | None = None
+        clean = False
         try:
             conn = await end.run_server(
-                server_factory=lambda: JumpServer(deps, principal, instance, peer, forward),
+                server_factory=lambda: JumpServer(deps, principal, instance, peer, forward,
+                                                  parent),
                 server_host_keys=[(key, cert)], kex_algs=ssh.kex_algs,
                 encryption_algs=ssh.ciphers, mac_algs=ssh.macs, compression_algs=["none"],
                 login_timeout=ssh.login_grace_seconds, agent_forwarding=False,
                 x11_forwarding=False, allow_pty=True, line_editor=False,
                 server_version="bastion-broker")
             await conn.wait_closed()
+            clean = True
         except (OSError, asyncssh.Error) as exc:
             log.info("jump.inner_ended", user=str(principal), target=instance.id,
                      error=str(exc))
+            if not _client_ended(exc):
+                failed(str(exc) or type(exc).__name__)
         finally:
-            if conn is not None:
+            # after an orderly end the transport closes itself: aborting it as well would
+            # reach the tunnel as a reset (it did: jump connections read "target error")
+            if conn is not None and not clean:
                 conn.abort()
             end.close()
 
     return transport, asyncio.get_running_loop().create_task(run())
+
+
+def _client_ended(exc: Exception) -> bool:
+    """The client went away (its connection lost, or a disconnect it sent), not a failure."""
+    if isinstance(exc, asyncssh.ConnectionLost):
+        return "timeout" not in str(exc).lower()  # asyncssh's login timeout is one too
+    if isinstance(exc, ConnectionError):
+        return True
+    return isinstance(exc, asyncssh.DisconnectError) and exc.code == asyncssh.DISC_BY_APPLICATION

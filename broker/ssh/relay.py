@@ -173,9 +173,11 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
     """Client side of one session channel; opens the upstream when the client starts it."""
 
     def __init__(self, deps: RelayDeps, principal: Principal, instance: Instance,
-                 peer: str, on_close: Callable[[], None] | None = None) -> None:
+                 peer: str, on_close: Callable[[], None] | None = None,
+                 parent_id: str | None = None) -> None:
         self._deps = deps
         self._on_close = on_close  # frees its place in the session limits
+        self._parent_id = parent_id  # the recorded ProxyJump connection carrying it, if any
         self._principal = principal
         self._instance = instance
         self._peer = peer
@@ -259,7 +261,7 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
                 kind=self._kind, command=self._command,
                 term_type=self._term[0] if self._term else None,
                 width=width, height=height, peer=self._peer,
-                requested_size=self._term_requested,
+                requested_size=self._term_requested, parent_id=self._parent_id,
             ))
             now = deps.clock.now()
             key, cert = deps.ca.issue(

@@ -133,8 +133,11 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
     """One tunnel; also the ``SessionControl`` the grant enforcer uses to end it."""
 
     def __init__(self, deps: RelayDeps, principal: Principal, peer: str, host: str, port: int,
-                 verdict: fwd.Verdict, links: via_target.TargetLinks | None = None) -> None:
+                 verdict: fwd.Verdict, links: via_target.TargetLinks | None = None,
+                 parent: jump.ParentId | None = None) -> None:
         self._deps = deps
+        self._parent = parent  # the recorded ProxyJump session carrying this one, if any
+        self.session_id: str | None = None  # kept after the end: inner sessions name it
         self._links = links  # forwards from the target go over these connections
         self._principal = principal
         self._peer = peer
@@ -165,6 +168,7 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         self._last = 0.0
         self._loop = asyncio.get_running_loop()
         self._inner: asyncio.Task[None] | None = None  # the ProxyJump inner server
+        self._inner_failure: str | None = None  # why it ended, if not by the client
 
     # -- open -------------------------------------------------------------------------------
     async def open(self) -> Tunnel:
@@ -209,22 +213,33 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
     async def _serve_jump(self, instance: Instance) -> asyncio.Transport:
         """The tunnel's end of a link whose other end serves the inner connection."""
         names = list(dict.fromkeys([self._host, instance.id, instance.name]))
+        parent = self._session_id
         forward = functools.partial(open_from_target, self._deps, principal=self._principal,
-                                    peer=self._peer)
+                                    peer=self._peer, parent=parent)
         ours, self._inner = await jump.start_inner(self._deps, self._principal, instance,
-                                                   self._peer, names, _Target(self), forward)
+                                                   self._peer, names, _Target(self), forward,
+                                                   parent, self._inner_failed)
         return ours
+
+    def _session_id(self) -> str | None:
+        return self.session_id
+
+    def _inner_failed(self, reason: str) -> None:
+        self._inner_failure = reason
 
     async def _start_session(self) -> LiveSession:
         v = self._v
         if v.instance is None or v.grant is None:
             raise BrokerError("tunnel without an instance or grant")
         command = fwd.summary(self._host, self._port, v) + (f" {self._note}" if self._note else "")
-        return await self._deps.sessions.start(SessionRequest(
+        live = await self._deps.sessions.start(SessionRequest(
             principal=self._principal, instance=v.instance, grant=v.grant, login="",
             kind="jump" if v.service == "ssh" else "tunnel", command=command, term_type=None,
             width=0, height=0, peer=self._peer,
+            parent_id=self._parent() if self._parent is not None else None,
         ))
+        self.session_id = live.id
+        return live
 
     def _audit(self, event: str, **fields: object) -> None:
         self._deps.audit.emit(event, user=str(self._principal), peer=self._peer,
@@ -477,6 +492,12 @@ class Tunnel(asyncssh.SSHTCPSession[bytes]):
         if self.chan is None:
             self._target_gone = True  # still opening: session_started ends the tunnel
             return
+        if self._v.service == "ssh":
+            # a recorded ProxyJump: the "target" is the broker's own inner server, which ends
+            # when the client ends the inner connection (closed by client) or it failed
+            failure = self._inner_failure
+            self._close(f"ended:inner connection: {failure}" if failure else None)
+            return
         self._close("target error" if exc is not None else None)
 
     # -- end --------------------------------------------------------------------------------
@@ -543,10 +564,11 @@ def open_tunnel(deps: RelayDeps, conn: asyncssh.SSHServerConnection, principal: 
 
 def open_from_target(deps: RelayDeps, conn: asyncssh.SSHServerConnection, principal: Principal,
                      peer: str, links: via_target.TargetLinks, host: str, port: int,
-                     ) -> ChannelAndOpener:
+                     parent: jump.ParentId | None = None) -> ChannelAndOpener:
     """``connection_requested`` inside a recorded ProxyJump connection to ``links.instance``
     (or after a ``user+target`` login): only its own loopback, with a fresh grant decision
-    (``fwd.decide_target_local``), over the client connection's ``links``."""
+    (``fwd.decide_target_local``), over the client connection's ``links``; ``parent`` names
+    the jump session carrying it."""
     instance = links.instance
 
     async def verdict() -> fwd.Verdict:
@@ -554,19 +576,21 @@ def open_from_target(deps: RelayDeps, conn: asyncssh.SSHServerConnection, princi
         return fwd.decide_target_local(host, port, result.instance or instance, result.decision,
                                        enabled=deps.config.forwarding.target_loopback)
 
-    return _channel(deps, conn, principal, peer, host, port, verdict, links)
+    return _channel(deps, conn, principal, peer, host, port, verdict, links, parent)
 
 
 def _channel(deps: RelayDeps, conn: asyncssh.SSHServerConnection, principal: Principal,
              peer: str, host: str, port: int,
              verdict: Callable[[], Coroutine[Any, Any, fwd.Verdict]],
-             links: via_target.TargetLinks | None = None) -> ChannelAndOpener:
+             links: via_target.TargetLinks | None = None,
+             parent: jump.ParentId | None = None) -> ChannelAndOpener:
     chan = conn.create_tcp_channel(window=deps.config.ssh.window_bytes,
                                    max_pktsize=deps.config.ssh.max_packet_bytes)
 
     async def run() -> Tunnel:
         try:
-            return await _open(deps, principal, peer, host, port, await verdict(), links)
+            return await _open(deps, principal, peer, host, port, await verdict(), links,
+                               parent)
         except asyncssh.ChannelOpenError:
             raise
         except BrokerError as exc:  # e.g. the audit log cannot be written: refuse (fail closed)
@@ -584,7 +608,8 @@ def _channel(deps: RelayDeps, conn: asyncssh.SSHServerConnection, principal: Pri
 
 
 async def _open(deps: RelayDeps, principal: Principal, peer: str, host: str, port: int,
-                v: fwd.Verdict, links: via_target.TargetLinks | None) -> Tunnel:
+                v: fwd.Verdict, links: via_target.TargetLinks | None,
+                parent: jump.ParentId | None = None) -> Tunnel:
     """Dial what was decided: a refusal is audited and reaches the client with its reason."""
     if not v.allowed:
         deps.audit.emit("tunnel.denied", user=str(principal), peer=peer,
@@ -592,4 +617,4 @@ async def _open(deps: RelayDeps, principal: Principal, peer: str, host: str, por
         log.info("tunnel.denied", user=str(principal), destination=f"{host}:{port}",
                  reason=v.detail)
         raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, v.reason)
-    return await Tunnel(deps, principal, peer, host, port, v, links).open()
+    return await Tunnel(deps, principal, peer, host, port, v, links, parent).open()
