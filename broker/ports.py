@@ -6,6 +6,7 @@ files, Active Directory or AWS can replace one another without touching the serv
 
 from __future__ import annotations
 
+import builtins
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -394,7 +395,7 @@ class SessionIndex(Protocol):
 
     async def list(self, *, user: str | None = None, limit: int = 100) -> list[SessionRecord]: ...
 
-    async def search(self, q: SessionQuery) -> list[SessionMatch]:
+    async def search(self, q: SessionQuery) -> builtins.list[SessionMatch]:
         """At most ``q.limit`` matches, newest first (see ``SessionQuery``); with ``q.text``,
         each match carries up to 20 hits, earliest first."""
         ...
@@ -403,11 +404,12 @@ class SessionIndex(Protocol):
         """Replace the session's indexed text (called once, when its recording is sealed)."""
         ...
 
-    async def text_hits(self, session_id: str, text: str, limit: int = 200) -> list[TextHit]:
+    async def text_hits(self, session_id: str, text: str, limit: int = 200
+                        ) -> builtins.list[TextHit]:
         """Where in one session ``text`` matches, earliest first (markers in the player)."""
         ...
 
-    async def per_day(self, since: datetime) -> list[tuple[str, int]]:
+    async def per_day(self, since: datetime) -> builtins.list[tuple[str, int]]:
         """(UTC date ``YYYY-MM-DD``, sessions started that day) from ``since``, oldest first."""
         ...
 
