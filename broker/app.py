@@ -15,9 +15,12 @@ import asyncssh
 import structlog
 
 from broker import runtime
+from broker.audit.reader import JsonlAuditReader
 from broker.config import BrokerConfig
 from broker.errors import AuditError, BrokerError, ConfigError
 from broker.identity.static import StaticDirectory
+from broker.integrity.archive import LocalRecordingArchive
+from broker.integrity.keys import VerifyKey
 from broker.integrity.manifest import RecordingSealer
 from broker.inventory.static import StaticInventory
 from broker.ports import (
@@ -25,13 +28,14 @@ from broker.ports import (
     NullMetrics,
 )
 from broker.recordings.diskguard import DiskGuard
-from broker.recordings.local import render_cast
+from broker.recordings.local import LocalRecordingSink, render_cast
 from broker.recordings.repair import INTERRUPTED, Repaired, repair_interrupted
 from broker.services.access import AccessService
 from broker.services.account_check import AccountChecker, AccountEnforcer
 from broker.services.auth import Authenticator, TotpSecondFactor
 from broker.services.enforcement import GrantEnforcer
 from broker.services.grants import GrantService
+from broker.services.review import ReviewService
 from broker.services.roles import grant_policy
 from broker.services.sessions import SessionService
 from broker.services.totp_secrets import load_key
@@ -104,6 +108,15 @@ def _diag_server(b: Broker, disk: DiskGuard) -> DiagServer | None:
         if b.shipping.enabled else None, ports=ports)
 
 
+def _review(config: BrokerConfig, s: Stores, key: VerifyKey) -> ReviewService:
+    """The sessions API's reading side: the index, grants, recordings (with their manifests,
+    checked with this bastion's key) and the local audit log."""
+    archive = LocalRecordingArchive(LocalRecordingSink(config.recordings_dir), key,
+                                    config.audit_path)
+    return ReviewService(s.sessions, s.grants, s.recordings, archive,
+                         JsonlAuditReader(config.audit_path), s.audit, s.clock)
+
+
 def _account_interval(config: BrokerConfig) -> float:
     """How often live SSH sessions' accounts are checked: each user is looked up at most once
     per ``[web] recheck_seconds`` (the cache); the pass itself runs every grant-check interval,
@@ -132,7 +145,8 @@ class Broker:
         self._directory = directory
         inventory = build_inventory(config)
         self.access = AccessService(inventory, s.grants, s.clock, metrics=self.metrics)
-        self.sealer = RecordingSealer(signing_key(config), s.audit)  # signed manifests
+        key = signing_key(config)
+        self.sealer = RecordingSealer(key, s.audit)  # signed manifests
         disk_guard = _disk_guard(config)  # new sessions; readiness and metrics too
         self.sessions = SessionService(
             s.recordings, s.sessions, s.audit, s.clock,
@@ -163,7 +177,7 @@ class Broker:
         self.accounts = AccountChecker(directory, s.clock,
                                        recheck_seconds=config.web.recheck_seconds)
         self.web = web_server_for(config, self.grants, self.authenticator, s.audit, s.clock,
-                                  s.tokens, self.accounts)
+                                  s.tokens, self.accounts, _review(config, s, key.public))
         self.web_url: str | None = None  # the API's base URL once started
         self.enforcer = GrantEnforcer(self.sessions, s.grants, s.audit, s.clock,
                                       **enforcer_settings(config))

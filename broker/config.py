@@ -207,6 +207,10 @@ class WebSettings(_Model):
     # API sessions, tokens and live SSH sessions re-ask the directory (account enabled, groups,
     # roles) after this many seconds at most, per process (0: at every use)
     recheck_seconds: int = Field(default=60, ge=0, le=3600)
+    # the security console's asciinema player (asciinema-player.min.js and .css); default: the
+    # source tree's web/node_modules/asciinema-player/dist/bundle when scripts/bootstrap put it
+    # there. Without it the console works and says replay is unavailable
+    player_dir: Path | None = None
 
 
 class DiagSettings(_Model):
@@ -425,6 +429,7 @@ def load_config(path: Path) -> BrokerConfig:
             "web": cfg.web.model_copy(update={"cert_file": _resolve(base, cfg.web.cert_file),
                                               "key_file": _resolve(base, cfg.web.key_file),
                                               "signing_key_file": _resolve(
-                                                  base, cfg.web.signing_key_file)}),
+                                                  base, cfg.web.signing_key_file),
+                                              "player_dir": _resolve(base, cfg.web.player_dir)}),
         }
     )

@@ -38,6 +38,8 @@ INSTANCES = [  # (id, name, stack)
     ("i-0db01", "db01", "stack-db"),
 ]
 GRANTED_STACK = "stack-web"
+# demo accounts with a role and no grant: the security console's auditor, and an approver
+STAFF = {"auditor": "bastion-auditors", "approver": "bastion-approvers"}
 ADMIN_LOGIN = "bb-admin"
 READ_ONLY_LOGIN = "bb-readonly"
 
@@ -196,6 +198,9 @@ def prepare(state_dir: Path, ssh_port: int, users: int, workers: int = 1,
     (state_dir / "users.toml").write_text("".join(
         f'[[users]]\nname = "{n}"\npassword_hash = {_toml_str(pw_hash)}\ngroups = ["ops"]\n\n'
         for n in names
+    ) + "".join(
+        f'[[users]]\nname = "{n}"\npassword_hash = {_toml_str(pw_hash)}\n'
+        f'groups = ["ops", "{group}"]\n\n' for n, group in STAFF.items()
     ))
     (state_dir / "broker.toml").write_text(
         f'state_dir = "."\n\n[ssh]\nlisten_host = "127.0.0.1"\nlisten_port = {ssh_port}\n'
@@ -205,6 +210,9 @@ def prepare(state_dir: Path, ssh_port: int, users: int, workers: int = 1,
         f'default_domain = "{DOMAIN}"\ndomain_aliases = {{ CORP = "{DOMAIN}" }}\n'
         + ("public_keys = true\n" if public_keys else "") + "\n"
         f'[inventory]\nbackend = "static"\nfile = "inventory.toml"\n\n'
+        "# The demo auditor reads every session and the audit log; the approver decides requests\n"
+        f'[roles]\nauditor_groups = ["{STAFF["auditor"]}"]\n'
+        f'approver_groups = ["{STAFF["approver"]}"]\n\n'
         "# Every demo client comes from loopback: never penalise it for failed logins\n"
         '[limits]\npenalty_exempt = ["127.0.0.0/8", "::1/128"]\n\n'
         "# The grant API over plain HTTP on loopback: cookies without the Secure flag\n"
@@ -258,6 +266,10 @@ async def _seed(config_path: Path, names: list[str],
                 await stores.grants.replace(grant)
             stores.audit.emit("grant.added", grant_id=grant.id, user=key, actor="demo",
                               level=str(grant.level), expires_at=grant.expires_at.isoformat())
+        for n in STAFF:  # TOTP only: their role comes from their group, access needs a grant
+            secret = totp.new_secret()
+            await stores.totp.set_secret(f"{n}@{DOMAIN}", secret)
+            secrets_by_user[n] = secret
     finally:
         await stores.close()
     return secrets_by_user
@@ -298,6 +310,10 @@ def run_demo(state_dir: Path, ssh_port: int, users: int, workers: int = 1,
                 "users": users_out, "pid": os.getpid(), "web_url": info["web_url"],
                 "diag_url": info["diag_url"],
                 "user_key": str(user_key) if user_key else None,
+                # the console's demo staff (roles from their groups; no grant)
+                **{n: {"user": n, "password": info["password"],
+                       "totp_secret": secrets_by_user[n], "group": group}
+                   for n, group in STAFF.items()},
             }
             out = state_dir / "demo.json"
             tmp = state_dir / "demo.json.tmp"

@@ -556,3 +556,60 @@ class Database(Protocol):
     def observe(self, metrics: Metrics) -> None:
         """Report the duration of every store call to ``metrics`` from now on."""
         ...
+
+
+# -- session review: the audit log and recordings as a reviewer reads them (the sessions API) --
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """A search of the audit log; every filter given must hold, None means any.
+
+    Events come newest first (log order, backwards); ``before_seq`` is the keyset cursor (the
+    ``seq`` of the last event of the previous page)."""
+
+    session_id: str | None = None
+    user: str | None = None  # "alice" matches user or actor alice@any-domain; "alice@d" exactly
+    event: str | None = None  # an event name, or a family as "sftp.*"
+    since: datetime | None = None
+    until: datetime | None = None
+    before_seq: int | None = None
+    limit: int = 50
+
+
+class AuditReader(Protocol):
+    """The local audit log read back, in bounded memory whatever its size."""
+
+    async def search(self, q: AuditQuery) -> list[dict[str, Any]]:
+        """At most ``q.limit`` events as logged, newest first."""
+        ...
+
+    async def count(self, q: AuditQuery) -> int:
+        """How many events match (``q.limit`` and ``q.before_seq`` ignored)."""
+        ...
+
+
+# what ``IntegrityCheck.status`` says: the seal holds, it does not, no seal (yet), no recording
+INTEGRITY_STATUSES = ("verified", "failed", "unsealed", "not recorded")
+
+
+@dataclass(frozen=True, slots=True)
+class IntegrityCheck:
+    status: str  # one of INTEGRITY_STATUSES
+    errors: tuple[tuple[str, str], ...] = ()  # (code, message), as ``verify`` reports them
+    warnings: tuple[tuple[str, str], ...] = ()
+
+
+class RecordingArchive(Protocol):
+    """What a reviewer reads beside a recording: its size, its signed manifest and whether the
+    seal still holds. Blocking file work: callers run it in a thread."""
+
+    def size(self, location: str) -> int | None:
+        """The recording's size in bytes; None when the file is not on this bastion."""
+        ...
+
+    def manifest(self, session_id: str, location: str) -> bytes | None:
+        """The signed manifest file as stored; None when there is none."""
+        ...
+
+    def verify(self, session_id: str, location: str, *, live: bool) -> IntegrityCheck:
+        """Check the manifest's signature, every file it lists and its seal in the audit log."""
+        ...

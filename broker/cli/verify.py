@@ -1,19 +1,50 @@
 """``bastion-broker verify SESSION_ID | --audit``: integrity of recordings and the audit chain.
 
-Reads files only (config, recordings, audit log, the public signing key): it needs neither the
-database nor the private key, so it can run on a copy, as a user who may only read.
+Reads files (config, recordings, audit log, the public signing key): it needs neither the
+database nor the private key, so it can run on a copy, as a user who may only read. A session id
+is resolved as every command resolves it (``resolve``: an ambiguous prefix is an error naming the
+candidates) when the session index can be read; without it, or for a session the index does not
+know, the recording files are searched for the id or a unique prefix.
 Exit status: 0 all good (warnings allowed), 1 something is wrong, 2 bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import re
 from pathlib import Path
 
+from broker.cli import resolve
 from broker.cli.common import config_of, leaf
 from broker.cli.output import out, printable
-from broker.errors import NotFoundError, UsageError
+from broker.config import BrokerConfig
+from broker.errors import BrokerError, NotFoundError, UsageError
+
+_ID = re.compile(r"[0-9a-f-]{1,64}")
+
+
+async def _indexed_id(config: BrokerConfig, text: str) -> str:
+    """The full id of the session ``text`` names in the index, or ``text`` as given if the
+    index cannot be read or does not know it (the files decide then)."""
+    from broker.stores import connect_stores
+
+    if not _ID.fullmatch(text):
+        return text  # the file lookup names what is wrong with it
+    try:
+        stores = await connect_stores(config, "read")
+    except (BrokerError, OSError):
+        return text
+    try:
+        rec = await resolve.known_session(stores.sessions, text)
+    except resolve.AmbiguousSession:
+        raise
+    except (BrokerError, OSError):
+        return text
+    finally:
+        await stores.close()
+    return rec.id if rec is not None else text
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -32,7 +63,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             audit_lines: list[bytes] | None = read_lines(config.audit_path)
         except NotFoundError:
             audit_lines = None
-        reports.append(verify_session(config.recordings_dir, args.session_id, key, audit_lines))
+        sid = asyncio.run(_indexed_id(config, args.session_id))
+        reports.append(verify_session(config.recordings_dir, sid, key, audit_lines))
     if args.audit:
         reports.append(verify_audit(config.audit_path, key))
     ok = all(r.ok for r in reports)
@@ -54,7 +86,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("verify", parents=leaf(),
                         help="check a recording's signed manifest, or the audit chain")
-    s.add_argument("session_id", nargs="?", help="session to check")
+    s.add_argument("session_id", nargs="?", help="session to check (id or a unique prefix)")
     s.add_argument("--audit", action="store_true",
                    help="check the audit log's hash chain and signed checkpoints")
     s.add_argument("--public-key", help="PEM public key to verify with (default: the one "

@@ -4,7 +4,7 @@
 Every ended session has one: ``exit N`` (the command's exit code), ``signal NAME``, ``closed by
 client`` (the client closed the channel before the target reported an exit), ``ended: REASON``
 (the broker ended it: grant revoked, idle, shutdown, a crash repaired as ``interrupted``; or the
-target closed without an exit status).
+target closed without an exit status). ``status_of`` sorts them for filters: live, ok, failed.
 """
 
 from __future__ import annotations
@@ -33,3 +33,11 @@ def outcome(exit_status: str | None, kind: str = "shell", *, ended: bool = True)
         if exit_status.startswith(prefix):
             return f"ended: {exit_status.removeprefix(prefix)}"
     return f"ended: {exit_status}"
+
+
+def status_of(exit_status: str | None, *, ended: bool = True) -> str:
+    """The session's class for filters (``SessionQuery.status``): ``live`` while it runs, ``ok``
+    when it ended well (exit 0, or closed by the client), else ``failed``."""
+    if not ended:
+        return "live"
+    return "ok" if exit_status in ("0", CLOSED) else "failed"

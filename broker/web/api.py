@@ -31,10 +31,12 @@ from broker.ports import ApiTokenRecord, AuditSink, Clock, TokenStore, WebSessio
 from broker.services.account_check import AccountChecker, directory_failed
 from broker.services.auth import Authenticator
 from broker.services.grants import GrantFilter, GrantService
+from broker.services.review import ReviewService
 from broker.services.roles import roles_of
 from broker.web import schema as S
 from broker.web.routes import Caller, Route
 from broker.web.schema import ApiError
+from broker.web.sessions_api import session_routes
 from broker.web.signing import SessionSigner
 
 log = structlog.get_logger("broker.web")
@@ -43,6 +45,7 @@ MAX_BODY = 64 * 1024
 JSON_TYPE = "application/json"
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+READ_ALL_SCOPES = frozenset({"sessions:read", "audit:read"})
 TOKEN_PREFIX = "bbt_"  # noqa: S105 - a marker, not a secret
 HSTS = web.AppKey("hsts", bool)
 SECURITY_HEADERS = {
@@ -70,6 +73,7 @@ class WebContext:
     # the directory, asked again at most every [web] recheck_seconds for each caller
     accounts: AccountChecker
     auto_approve_groups: tuple[str, ...] = ()
+    review: ReviewService | None = None  # the sessions API (broker.web.sessions_api)
 
     @property
     def session_cookie(self) -> str:
@@ -237,6 +241,8 @@ class Api:
         ceiling = {Role(r) for r in rec.roles if r in Role._value2member_map_}
         roles = set(roles_of(principal, self.ctx.roles) & ceiling)
         if "grants:approve" not in rec.scopes:
+            if Role.ADMIN in roles and READ_ALL_SCOPES & set(rec.scopes):
+                roles.add(Role.AUDITOR)  # an admin's reading token still reads everything
             roles -= {Role.APPROVER, Role.ADMIN}  # a token without the scope cannot approve
         scopes = set(rec.scopes)
         if not roles & {Role.APPROVER, Role.ADMIN}:
@@ -379,6 +385,8 @@ class Api:
             raise S.invalid("ttl_days", "must be a whole number of days from 1 to 365")
         if "grants:approve" in scopes and not caller.actor.has(Role.APPROVER):
             raise ApiError(403, "forbidden", "grants:approve needs the approver role")
+        if "audit:read" in scopes and not caller.actor.has(Role.AUDITOR):
+            raise ApiError(403, "forbidden", "audit:read needs the auditor role")
         now = self.ctx.clock.now()
         token_id = "t-" + secrets.token_hex(8)
         token = f"{TOKEN_PREFIX}{secrets.token_urlsafe(32)}"
@@ -610,6 +618,7 @@ class Api:
             Route("POST", g + "/revoke", self.grant_revoke,
                   "End a grant now (approvers, or the grantee)", "any", write + appr,
                   body="Comment", responses=std, ok_schema="Grant"),
+            *(session_routes(self.ctx.review, self.ctx.clock.now) if self.ctx.review else ()),
         ]
 
 

@@ -8,8 +8,18 @@ from typing import Any
 
 from broker.domain import workflow as wf
 from broker.domain.models import Level, Trigger
+from broker.ports import SESSION_STATUSES
+from broker.services.review import MAX_LIMIT
 from broker.web.routes import Route
 from broker.web.schema import MAX_HOURS, MIN_HOURS, SCOPES, STATES
+from broker.web.sessions_api import (
+    EVENT_RE,
+    GRANT_RE,
+    KINDS,
+    REVIEW_USER_RE,
+    SESSION_ID_RE,
+    TARGET_RE,
+)
 
 _TIME = {"type": "string", "format": "date-time"}
 # what the server accepts, said in the schema (schemathesis checks both ways): no control
@@ -112,13 +122,94 @@ SCHEMAS: dict[str, Any] = {
                 "details": {"type": "object"}}}}}}]},
 }
 
+# -- the sessions API (broker.web.sessions_api) ---------------------------------------------------
+_HIT = {"type": "object", "properties": {
+    "t": {"type": "number", "description": "seconds from the session start"},
+    "source": {"enum": ["output", "input", "command"]}, "snippet": {"type": "string"}}}
+_NULL_STR = {"type": ["string", "null"]}
+_SESSION: dict[str, Any] = {"type": "object", "properties": {
+    **{k: {"type": "string"} for k in ("id", "user", "target", "target_name", "stack", "login",
+                                       "level", "kind", "peer", "grant_id", "outcome")},
+    "command": _NULL_STR, "parent_id": _NULL_STR, "exit_status": _NULL_STR,
+    "started_at": _TIME, "ended_at": {"oneOf": [_TIME, {"type": "null"}]},
+    "duration_s": {"type": "number"}, "status": {"enum": ["live", "ok", "failed"]},
+    "bytes_in": {"type": "integer"}, "bytes_out": {"type": "integer"},
+    "recorded": {"type": "boolean"}, "recording_bytes": {"type": ["integer", "null"]},
+    "hits": {"type": "array", "items": {"$ref": "#/components/schemas/Hit"}}}}
+_FINDING = {"type": "object", "properties": {"code": {"type": "string"},
+                                             "message": {"type": "string"}}}
+_NEXT = {"type": ["string", "null"], "description": "pass as cursor for the next page"}
+SCHEMAS.update({
+    "Hit": _HIT,
+    "RecordedSession": _SESSION,
+    "SessionPage": {"type": "object", "properties": {
+        "items": {"type": "array", "items": {"$ref": "#/components/schemas/RecordedSession"}},
+        "next_cursor": _NEXT}},
+    "SessionDetail": {"allOf": [{"$ref": "#/components/schemas/RecordedSession"}, {
+        "type": "object", "properties": {
+            "grant": {"oneOf": [{"$ref": "#/components/schemas/Grant"}, {"type": "null"}]},
+            "grant_history": {"type": "array", "items": {"type": "object"}},
+            "files": {"type": "array", "items": {"type": "object"},
+                      "description": "the session's sftp.* audit events, in order"},
+            "children": {"type": "array", "items": {"$ref": "#/components/schemas/RecordedSession"}},
+            "integrity": {"type": "object", "properties": {
+                "status": {"enum": ["verified", "failed", "unsealed", "not recorded"]},
+                "errors": {"type": "array", "items": _FINDING},
+                "warnings": {"type": "array", "items": _FINDING}}}}}]},
+    "HitList": {"type": "object", "properties": {
+        "items": {"type": "array", "items": {"$ref": "#/components/schemas/Hit"}}}},
+    "Asciicast": {"type": "string", "description": "asciicast v2: a header line, then one "
+                  "event per line (served as application/x-asciicast)"},
+    "Manifest": {"type": "object", "description": "the signed manifest file as stored"},
+    "AuditPage": {"type": "object", "properties": {
+        "items": {"type": "array", "items": {"type": "object"}}, "next_cursor": _NEXT}},
+    "Dashboard": {"type": "object", "properties": {
+        "scope": {"enum": ["all", "own"]}, "live_sessions": {"type": "integer"},
+        "sessions_per_day": {"type": "array", "items": {
+            "type": "array", "prefixItems": [{"type": "string", "format": "date"},
+                                             {"type": "integer"}]}},
+        "failed_logins_24h": {"type": "integer"},
+        "recent_failed_logins": {"type": "array", "items": {"type": "object"}},
+        "grants_expiring": {"type": "array", "items": {"$ref": "#/components/schemas/Grant"}}}},
+})
+# query parameters of the review routes, where a name means more than on the grant routes
+_REVIEW_PREFIXES = ("/api/sessions", "/api/audit", "/api/dashboard")
+_NO_CONTROL_LINE = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+_REVIEW_QUERY: dict[str, dict[str, Any]] = {
+    "user": {"type": "string", "pattern": REVIEW_USER_RE.pattern},
+    "limit": {"type": "string", "pattern": f"^(?:[1-9][0-9]?|1[0-9][0-9]|{MAX_LIMIT})$"},
+    "q": {"type": "string", "maxLength": 200, "pattern": _NO_CONTROL_LINE},
+    "ticket": {"type": "string", "maxLength": 200, "pattern": _NO_CONTROL_LINE},
+    "target": {"type": "string", "pattern": TARGET_RE.pattern},
+    "grant": {"type": "string", "pattern": GRANT_RE.pattern},
+    "trigger": {"enum": [t.value for t in Trigger]},
+    "kind": {"enum": list(KINDS)},
+    "status": {"enum": list(SESSION_STATUSES)},
+    "parent": {"type": "string", "pattern": SESSION_ID_RE.pattern},
+    "session": {"type": "string", "pattern": SESSION_ID_RE.pattern},
+    "top": {"enum": ["0", "1"]}, "download": {"enum": ["0", "1"]},
+    "event": {"type": "string", "pattern": EVENT_RE.pattern},
+    "from": {"type": "string", "pattern": "^[0-9]{1,9}(?:\\.[0-9]{1,6})?$"},
+    "to": {"type": "string", "pattern": "^[0-9]{1,9}(?:\\.[0-9]{1,6})?$"},
+    "cursor": {"type": "string", "maxLength": 200, "pattern": "^[A-Za-z0-9_-]*$"},
+}
+
+_CONTENT_TYPES = {"Asciicast": "application/x-asciicast"}
+_PATH_SCHEMAS: dict[str, dict[str, Any]] = {
+    "session_id": {"type": "string", "pattern": "^[0-9A-Za-z-]{1,64}$",
+                   "description": "a session id, or a unique prefix of 6 or more characters"},
+}
+
 _STATUS_TEXT = {200: "OK", 201: "Created", 400: "Invalid input", 401: "Not logged in",
                 403: "Forbidden (role, scope or CSRF)", 404: "Not found (or not visible)",
-                409: "Conflict (state or a concurrent change)", 413: "Body over 64 KiB",
+                409: "Conflict (state, a concurrent change, or an ambiguous session id prefix)",
+                413: "Body over 64 KiB",
                 415: "Body is not application/json"}
 
 
-def _query_schema(name: str) -> dict[str, Any]:
+def _query_schema(name: str, path: str = "") -> dict[str, Any]:
+    if path.startswith(_REVIEW_PREFIXES) and name in _REVIEW_QUERY:
+        return _REVIEW_QUERY[name]
     if name == "state":
         return {"type": "string", "enum": list(STATES)}
     if name in ("since", "until"):
@@ -143,11 +234,12 @@ def _operation(route: Route) -> dict[str, Any]:
     if route.scopes:
         op["x-scopes"] = list(route.scopes)
     params: list[dict[str, Any]] = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        {"name": name, "in": "path", "required": True, "schema": _PATH_SCHEMAS.get(
+            name, {"type": "string"})}
         for name in re.findall(r"{(\w+)}", route.path)
     ]
     params += [{"name": n, "in": "query", "required": False, "description": d,
-                "schema": _query_schema(n)} for n, d in route.query]
+                "schema": _query_schema(n, route.path)} for n, d in route.query]
     if route.auth != "public" and route.method not in ("GET", "HEAD"):
         params.append({"name": "X-CSRF-Token", "in": "header", "required": False,
                        "description": "required with a session cookie (the bb_csrf cookie's"
@@ -162,7 +254,7 @@ def _operation(route: Route) -> dict[str, Any]:
         resp: dict[str, Any] = {"description": _STATUS_TEXT.get(status, "")}
         schema = route.ok_schema if status < 300 else "Error"
         if schema:
-            resp["content"] = {"application/json": {
+            resp["content"] = {_CONTENT_TYPES.get(schema, "application/json"): {
                 "schema": {"$ref": f"#/components/schemas/{schema}"}}}
         op["responses"][str(status)] = resp
     return op

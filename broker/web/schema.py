@@ -15,7 +15,7 @@ from broker.domain import workflow as wf
 from broker.domain.models import Grant, Level, Trigger
 from broker.domain.workflow import GrantRequest, HistoryEntry
 
-SCOPES = ("grants:read", "grants:write", "grants:approve")
+SCOPES = ("grants:read", "grants:write", "grants:approve", "sessions:read", "audit:read")
 STATES = ("pending", "approved", "rejected", "revoked", "withdrawn", "expired", "active")
 MAX_HOURS = 24 * 30
 MIN_HOURS = 1 / 3600  # a second: anything shorter rounds to no grant at all

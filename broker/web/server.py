@@ -14,6 +14,7 @@ from broker.ports import AuditSink, Clock, TokenStore
 from broker.services.account_check import AccountChecker
 from broker.services.auth import Authenticator
 from broker.services.grants import GrantService
+from broker.services.review import ReviewService
 from broker.web.api import WebContext, create_app
 from broker.web.listener import GuardedListener
 from broker.web.protocol_errors import json_errors
@@ -99,7 +100,8 @@ class WebServer:
 
 def web_server_for(config: BrokerConfig, grants: GrantService, authenticator: Authenticator,
                    audit: AuditSink, clock: Clock, tokens: TokenStore,
-                   accounts: AccountChecker) -> WebServer | None:
+                   accounts: AccountChecker, review: ReviewService | None = None
+                   ) -> WebServer | None:
     """The API server for a broker, or None when ``[web] enabled = false``.
 
     API tokens and logged-out sessions live in the broker's store (shared by a fleet on
@@ -114,5 +116,6 @@ def web_server_for(config: BrokerConfig, grants: GrantService, authenticator: Au
         signer=SessionSigner(load_or_create_key(config.web.signing_key_file
                                                 or config.state_dir / "web.key")),
         accounts=accounts, auto_approve_groups=tuple(config.grants.auto_approve_read_only_groups),
+        review=review,
     )
     return WebServer(ctx, config.web)
