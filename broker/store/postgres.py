@@ -31,14 +31,28 @@ from broker.ports import (
     Metrics,
     NullMetrics,
     ParsePublicKey,
+    SessionMatch,
+    SessionQuery,
     SessionRecord,
     SourceThrottleState,
+    TextHit,
+    TextSegment,
     ThrottleState,
     ThrottleSummary,
     ThrottleView,
     WebSessionRecord,
 )
 from broker.store.pg_migrations import MIGRATIONS
+from broker.store.text import (
+    MAX_HITS,
+    STATUS_SQL,
+    ascii_lower,
+    check_query,
+    pg_tsquery,
+    pg_tsvector,
+    query_words,
+    snippet,
+)
 
 # pg_advisory_xact_lock key owned by the migrator ("bb-migr" in ASCII): one constant, so every
 # broker version serialises on the same lock.
@@ -84,9 +98,6 @@ def _like_prefix(text: str) -> str:
 
 # SQLite's LIKE ignores case for ASCII letters only; ILIKE under the "C" collation lowercases
 # ASCII only, so prefix lookups match the same rows on both backends whatever the DB locale.
-_SESSION_BY_PREFIX = (
-    "SELECT * FROM sessions WHERE id ILIKE $1 COLLATE \"C\" ESCAPE '\\' LIMIT 2"
-)
 _SESSIONS_OF_USER = (
     "SELECT * FROM sessions WHERE user_name = $1 OR user_name ILIKE $2 COLLATE \"C\" ESCAPE '\\'"
     " ORDER BY started_at DESC, seq DESC LIMIT $3"
@@ -590,8 +601,68 @@ def _session_from_row(r: Any) -> SessionRecord:
         grant_id=r["grant_id"], level=r["level"], kind=r["kind"], command=r["command"],
         peer=r["peer"], started_at=r["started_at"], ended_at=r["ended_at"],
         exit_status=r["exit_status"], bytes_in=int(r["bytes_in"]), bytes_out=int(r["bytes_out"]),
-        recording=r["recording"],
+        recording=r["recording"], target_name=r["target_name"], stack=r["stack"],
+        parent_id=r["parent_id"],
     )
+
+
+class _Params:
+    """Positional parameters of a statement built from optional parts: ``p(value)`` is its
+    ``$n``."""
+
+    def __init__(self) -> None:
+        self.values: builtins.list[object] = []
+
+    def __call__(self, value: object) -> str:
+        self.values.append(value)
+        return f"${len(self.values)}"
+
+
+_LOWER_USER = 'lower(user_name COLLATE "C")'
+
+
+def _session_filters(q: SessionQuery, p: _Params) -> builtins.list[str]:
+    """``SessionQuery``'s filters as conditions on ``sessions`` (ANDed), as in SQLite's
+    ``_session_filters``: ASCII case folding through the ``lower(x COLLATE "C")`` indexes, the
+    user's "any domain" match as an index range, ids in byte order."""
+    where: builtins.list[str] = []
+    if q.user:
+        key = ascii_lower(q.user)
+        where.append(f"{_LOWER_USER} >= {p(key)} AND {_LOWER_USER} < {p(key + 'A')}"
+                     f" AND (user_name = {p(q.user)} OR {_LOWER_USER} >= {p(key + '@')})")
+    if q.target:
+        key = p(ascii_lower(q.target))
+        where.append(f'(lower(target COLLATE "C") = {key}'
+                     f' OR lower(target_name COLLATE "C") = {key})')
+    for column, value in (("stack", q.stack), ("grant_id", q.grant_id), ("kind", q.kind),
+                          ("parent_id", q.parent_id)):
+        if value is not None:
+            where.append(f"{column} = {p(value)}")
+    grant_where = [f"{column} = {p(value)}"
+                   for column, value in (("ticket", q.ticket), ("trigger", q.trigger))
+                   if value is not None]
+    if grant_where:
+        where.append("grant_id IN (SELECT id FROM grants WHERE "  # noqa: S608
+                     + " AND ".join(grant_where) + ")")
+    if q.status is not None:
+        where.append(STATUS_SQL[q.status])
+    if q.since is not None:
+        where.append(f"(ended_at IS NULL OR ended_at >= {p(_utc(q.since))})")
+    if q.until is not None:
+        where.append(f"started_at < {p(_utc(q.until))}")
+    if q.top_level:
+        where.append("parent_id IS NULL")
+    if q.after is not None:
+        where.append(f'(started_at, id COLLATE "C") < ({p(_utc(q.after[0]))}, {p(q.after[1])})')
+    return where
+
+
+_HITS = (
+    "SELECT session_id, t, source, body FROM (SELECT session_id, seq, t, source, body,"
+    " row_number() OVER (PARTITION BY session_id ORDER BY seq) AS n FROM session_text"
+    " WHERE session_id = ANY($1::text[]) AND tsv @@ $2::tsquery) AS x"
+    " WHERE n <= $3 ORDER BY session_id, seq"
+)
 
 
 class PostgresSessionIndex:
@@ -602,10 +673,11 @@ class PostgresSessionIndex:
         async with self._db.acquire("cannot index session") as conn:
             await conn.execute(
                 "INSERT INTO sessions (id, user_name, target, login, grant_id, level, kind,"
-                " command, peer, started_at, recording)"
-                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
+                " command, peer, started_at, recording, target_name, stack, parent_id)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)",
                 rec.id, rec.user, rec.target, rec.login, rec.grant_id, rec.level, rec.kind,
-                rec.command, rec.peer, _utc(rec.started_at), rec.recording,
+                rec.command, rec.peer, _utc(rec.started_at), rec.recording, rec.target_name,
+                rec.stack, rec.parent_id,
             )
 
     async def ended(
@@ -619,14 +691,33 @@ class PostgresSessionIndex:
                 session_id, _utc(ended_at), exit_status, bytes_in, bytes_out,
             )
 
+    @staticmethod
+    async def _by_prefix(conn: Any, prefix: str, limit: int) -> builtins.list[Any]:
+        """Through the ``lower(id)`` index (the range of ids starting with the lowercased
+        prefix), then ILIKE under "C" for SQLite's rule (ASCII case only)."""
+        if not prefix:
+            return list(await conn.fetch(
+                'SELECT * FROM sessions ORDER BY id COLLATE "C" LIMIT $1', limit))
+        key = ascii_lower(prefix)
+        return list(await conn.fetch(
+            'SELECT * FROM sessions WHERE lower(id COLLATE "C") >= $1'
+            ' AND lower(id COLLATE "C") < $2 AND id ILIKE $3 COLLATE "C" ESCAPE \'\\\''
+            ' ORDER BY id COLLATE "C" LIMIT $4',
+            key, key[:-1] + chr(ord(key[-1]) + 1), _like_prefix(prefix), limit))
+
     async def get(self, session_id: str) -> SessionRecord | None:
         async with self._db.acquire("cannot read session") as conn:
             r = await conn.fetchrow("SELECT * FROM sessions WHERE id = $1", session_id)
             if r is None and len(session_id) >= 6:
                 # accept a unique prefix, as git does for commits
-                rows = await conn.fetch(_SESSION_BY_PREFIX, _like_prefix(session_id))
+                rows = await self._by_prefix(conn, session_id, 2)
                 r = rows[0] if len(rows) == 1 else None
         return _session_from_row(r) if r else None
+
+    async def by_prefix(self, prefix: str, limit: int = 10) -> builtins.list[SessionRecord]:
+        async with self._db.acquire("cannot read sessions") as conn:
+            rows = await self._by_prefix(conn, prefix, max(limit, 0))
+        return [_session_from_row(r) for r in rows]
 
     async def list(self, *, user: str | None = None,
                    limit: int = 100) -> builtins.list[SessionRecord]:
@@ -641,6 +732,72 @@ class PostgresSessionIndex:
                     "SELECT * FROM sessions ORDER BY started_at DESC, seq DESC LIMIT $1", cap
                 )
         return [_session_from_row(r) for r in rows]
+
+    async def search(self, q: SessionQuery) -> builtins.list[SessionMatch]:
+        """One statement; PostgreSQL's planner knows how common each word is (the tsvector
+        statistics), so it picks between the text index and reading sessions newest first."""
+        check_query(q)
+        words = query_words(q.text)
+        if q.limit <= 0 or words == []:
+            return []
+        p = _Params()
+        where = _session_filters(q, p)
+        tsquery = pg_tsquery(words) if words else None
+        if tsquery is not None:
+            where.append("id IN (SELECT session_id FROM session_text"  # noqa: S608
+                         f" WHERE tsv @@ {p(tsquery)}::tsquery)")
+        sql = ("SELECT * FROM sessions"  # noqa: S608 (conditions from _session_filters)
+               + (" WHERE " + " AND ".join(where) if where else "")
+               + f' ORDER BY started_at DESC, id COLLATE "C" DESC LIMIT {p(q.limit)}')
+        async with self._db.acquire("cannot search sessions") as conn:
+            rows = await conn.fetch(sql, *p.values)
+            if tsquery is None or not rows or words is None:
+                return [SessionMatch(_session_from_row(r)) for r in rows]
+            hits = await self._hits(conn, [r["id"] for r in rows], tsquery, words, MAX_HITS)
+        return [SessionMatch(_session_from_row(r), tuple(hits.get(r["id"], ()))) for r in rows]
+
+    @staticmethod
+    async def _hits(conn: Any, ids: builtins.list[str], tsquery: str,
+                    words: builtins.list[builtins.list[str]],
+                    limit: int) -> dict[str, builtins.list[TextHit]]:
+        out: dict[str, builtins.list[TextHit]] = {}
+        for r in await conn.fetch(_HITS, ids, tsquery, limit):
+            out.setdefault(r["session_id"], []).append(
+                TextHit(float(r["t"]), r["source"], snippet(r["body"], words)))
+        return out
+
+    async def index_text(self, session_id: str, segments: Sequence[TextSegment]) -> None:
+        """Replace the session's segments in one transaction, numbered in ``t`` order. NUL
+        characters are dropped (PostgreSQL's text cannot hold them)."""
+        ordered = sorted(segments, key=lambda s: s.t)
+        rows = [(session_id, n, s.t, s.source, s.text.replace("\x00", ""),
+                 pg_tsvector(s.text)) for n, s in enumerate(ordered)]
+        async with self._db.acquire("cannot index session text") as conn, conn.transaction():
+            await conn.execute("DELETE FROM session_text WHERE session_id = $1", session_id)
+            await conn.executemany(
+                "INSERT INTO session_text (session_id, seq, t, source, body, tsv)"
+                " VALUES ($1, $2, $3, $4, $5, $6::tsvector)", rows)
+
+    async def text_hits(self, session_id: str, text: str,
+                        limit: int = 200) -> builtins.list[TextHit]:
+        words = query_words(text)
+        if not words or limit <= 0:
+            return []
+        async with self._db.acquire("cannot search session text") as conn:
+            hits = await self._hits(conn, [session_id], pg_tsquery(words), words, limit)
+        return hits.get(session_id, [])
+
+    async def per_day(self, since: datetime) -> builtins.list[tuple[str, int]]:
+        async with self._db.acquire("cannot count sessions") as conn:
+            rows = await conn.fetch(
+                "SELECT to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, count(*)"
+                " FROM sessions WHERE started_at >= $1 GROUP BY day ORDER BY day", _utc(since))
+        return [(r[0], int(r[1])) for r in rows]
+
+    async def live_count(self) -> int:
+        async with self._db.acquire("cannot count sessions") as conn:
+            return int(await conn.fetchval(
+                "SELECT count(*) FROM sessions WHERE ended_at IS NULL"))
 
 
 def _token_from_row(r: Any) -> ApiTokenRecord:

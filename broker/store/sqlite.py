@@ -15,11 +15,12 @@ on one host write the same file. Schema changes are numbered migrations tracked 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import functools
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -35,12 +36,25 @@ from broker.ports import (
     Metrics,
     NullMetrics,
     ParsePublicKey,
+    SessionMatch,
+    SessionQuery,
     SessionRecord,
     SourceThrottleState,
+    TextHit,
+    TextSegment,
     ThrottleState,
     ThrottleSummary,
     ThrottleView,
     WebSessionRecord,
+)
+from broker.store.text import (
+    MAX_HITS,
+    STATUS_SQL,
+    ascii_lower,
+    check_query,
+    fts5_match,
+    query_words,
+    snippet,
 )
 
 P = ParamSpec("P")
@@ -198,6 +212,39 @@ MIGRATIONS: list[str] = [
         device TEXT NOT NULL,
         last_success REAL NOT NULL,
         PRIMARY KEY (account, device)
+    );
+    """,
+    # session search (``SessionQuery``): what a session ran on and what carried it, an index
+    # per filter that leads to a first page without reading other sessions, and the sessions'
+    # text. ``session_segments`` keeps each session's segments in ``t`` order under consecutive
+    # ids, and the FTS5 index (external content) uses those ids as rowids, so one session's
+    # matches are a rowid range. Tokenizer: see ``broker/store/text.py``.
+    """
+    ALTER TABLE sessions ADD COLUMN target_name TEXT NOT NULL DEFAULT '';
+    ALTER TABLE sessions ADD COLUMN stack TEXT NOT NULL DEFAULT '';
+    ALTER TABLE sessions ADD COLUMN parent_id TEXT;
+    DROP INDEX sessions_started;
+    CREATE INDEX sessions_started ON sessions (started_at, id);
+    CREATE INDEX sessions_user ON sessions (lower(user), started_at, id);
+    CREATE INDEX sessions_target ON sessions (lower(target), started_at, id);
+    CREATE INDEX sessions_target_name ON sessions (lower(target_name), started_at, id);
+    CREATE INDEX sessions_stack ON sessions (stack, started_at, id);
+    CREATE INDEX sessions_grant ON sessions (grant_id, started_at, id);
+    CREATE INDEX sessions_parent ON sessions (parent_id, started_at, id);
+    CREATE INDEX sessions_live ON sessions (started_at, id) WHERE ended_at IS NULL;
+    CREATE INDEX sessions_id_key ON sessions (lower(id));
+    CREATE INDEX grants_ticket ON grants (ticket);
+    CREATE TABLE session_segments (
+        id INTEGER PRIMARY KEY,
+        session_id TEXT NOT NULL,
+        t REAL NOT NULL,
+        source TEXT NOT NULL,
+        body TEXT NOT NULL
+    );
+    CREATE INDEX session_segments_session ON session_segments (session_id, id);
+    CREATE VIRTUAL TABLE session_text USING fts5 (
+        body, content='session_segments', content_rowid='id',
+        tokenize='unicode61 remove_diacritics 0'
     );
     """,
 ]
@@ -725,13 +772,72 @@ def _session_from_row(r: sqlite3.Row) -> SessionRecord:
         grant_id=r["grant_id"], level=r["level"], kind=r["kind"], command=r["command"],
         peer=r["peer"], started_at=started, ended_at=_dt(r["ended_at"]),
         exit_status=r["exit_status"], bytes_in=r["bytes_in"], bytes_out=r["bytes_out"],
-        recording=r["recording"],
+        recording=r["recording"], target_name=r["target_name"], stack=r["stack"],
+        parent_id=r["parent_id"],
     )
 
 
 def _like_prefix(text: str) -> str:
     """A LIKE pattern matching ``text`` literally as a prefix."""
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+# a search whose words match at most this many segments reads their sessions from the text
+# index; above it, the sessions are read newest first and each is checked in the index
+_FEW_TEXT_MATCHES = 2000
+
+
+def _session_filters(q: SessionQuery) -> tuple[list[str], list[object]]:
+    """``SessionQuery``'s filters but the text as SQL conditions on ``sessions`` (ANDed).
+
+    Case-insensitive filters compare ``lower()`` (ASCII only in SQLite, see ``ascii_lower``)
+    against the indexed ``lower(column)`` expressions, and the user's "any domain" match is an
+    index range instead of a LIKE (which SQLite's planner cannot use for a bound pattern)."""
+    where: list[str] = []
+    args: list[object] = []
+    if q.user:
+        key = ascii_lower(q.user)
+        # lower(user) in [key, key + "A"): key itself or key + a character below "A"; of those,
+        # the exact user, or key + "@" + any domain ("@" sorts just below "A")
+        where.append("lower(user) >= ? AND lower(user) < ? AND (user = ? OR lower(user) >= ?)")
+        args += [key, key + "A", q.user, key + "@"]
+    if q.target:
+        where.append("(lower(target) = ? OR lower(target_name) = ?)")
+        args += [ascii_lower(q.target)] * 2
+    for column, value in (("stack", q.stack), ("grant_id", q.grant_id), ("kind", q.kind),
+                          ("parent_id", q.parent_id)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            args.append(value)
+    grant_where: list[str] = []
+    for column, value in (("ticket", q.ticket), ("trigger", q.trigger)):
+        if value is not None:
+            grant_where.append(f"{column} = ?")
+            args.append(value)
+    if grant_where:
+        where.append("grant_id IN (SELECT id FROM grants WHERE "  # noqa: S608
+                     + " AND ".join(grant_where) + ")")
+    if q.status is not None:
+        where.append(STATUS_SQL[q.status])
+    if q.since is not None:
+        where.append("(ended_at IS NULL OR ended_at >= ?)")
+        args.append(_ts(q.since))
+    if q.until is not None:
+        where.append("started_at < ?")
+        args.append(_ts(q.until))
+    if q.top_level:
+        where.append("parent_id IS NULL")
+    if q.after is not None:
+        where.append("(started_at, id) < (?, ?)")
+        args += [_ts(q.after[0]), q.after[1]]
+    return where, args
+
+
+# one session's segments that match: a rowid range of the text index (see the migration)
+_SEGMENT_SPAN = (
+    "rowid BETWEEN (SELECT min(id) FROM session_segments WHERE session_id = {sid})"
+    " AND (SELECT max(id) FROM session_segments WHERE session_id = {sid})"
+)
 
 
 class SqliteSessionIndex:
@@ -743,9 +849,11 @@ class SqliteSessionIndex:
     def started(self, rec: SessionRecord) -> None:
         self._c.execute(
             "INSERT INTO sessions (id, user, target, login, grant_id, level, kind, command, peer,"
-            " started_at, recording) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            " started_at, recording, target_name, stack, parent_id)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (rec.id, rec.user, rec.target, rec.login, rec.grant_id, rec.level, rec.kind,
-             rec.command, rec.peer, _ts(rec.started_at), rec.recording),
+             rec.command, rec.peer, _ts(rec.started_at), rec.recording, rec.target_name,
+             rec.stack, rec.parent_id),
         )
 
     @_on_db_thread
@@ -763,15 +871,29 @@ class SqliteSessionIndex:
         r = self._c.execute("SELECT * FROM sessions WHERE id=?", (session_id,)).fetchone()
         if r is None and len(session_id) >= 6:
             # accept a unique prefix, as git does for commits
-            rows = self._c.execute(
-                "SELECT * FROM sessions WHERE id LIKE ? ESCAPE '\\' LIMIT 2",
-                (_like_prefix(session_id),),
-            ).fetchall()
+            rows = self._by_prefix(session_id, 2)
             r = rows[0] if len(rows) == 1 else None
         return _session_from_row(r) if r else None
 
+    def _by_prefix(self, prefix: str, limit: int) -> builtins.list[sqlite3.Row]:
+        """Through the ``lower(id)`` index: the range of ids starting with the lowercased
+        prefix (the last character's successor bounds it), then LIKE for the exact rule."""
+        if not prefix:
+            return self._c.execute("SELECT * FROM sessions ORDER BY id LIMIT ?",
+                                   (limit,)).fetchall()
+        key = ascii_lower(prefix)
+        return self._c.execute(
+            "SELECT * FROM sessions WHERE lower(id) >= ? AND lower(id) < ?"
+            " AND id LIKE ? ESCAPE '\\' ORDER BY id LIMIT ?",
+            (key, key[:-1] + chr(ord(key[-1]) + 1), _like_prefix(prefix), limit),
+        ).fetchall()
+
     @_on_db_thread
-    def list(self, *, user: str | None = None, limit: int = 100) -> list[SessionRecord]:
+    def by_prefix(self, prefix: str, limit: int = 10) -> builtins.list[SessionRecord]:
+        return [_session_from_row(r) for r in self._by_prefix(prefix, limit)]
+
+    @_on_db_thread
+    def list(self, *, user: str | None = None, limit: int = 100) -> builtins.list[SessionRecord]:
         if user:
             # "alice" matches alice@any-domain; "alice@corp.example.com" matches exactly
             rows = self._c.execute(
@@ -784,6 +906,90 @@ class SqliteSessionIndex:
                 "SELECT * FROM sessions ORDER BY started_at DESC LIMIT ?", (limit,)
             ).fetchall()
         return [_session_from_row(r) for r in rows]
+
+    @_on_db_thread
+    def search(self, q: SessionQuery) -> builtins.list[SessionMatch]:
+        """One statement over ``sessions``; for a text, the text index gives the candidates
+        (few matching segments) or checks each session read newest first (many): FTS5 has no
+        statistics for SQLite's planner to tell the two apart, so a bounded count decides."""
+        check_query(q)
+        words = query_words(q.text)
+        if q.limit <= 0 or words == []:
+            return []
+        where, args = _session_filters(q)
+        match = fts5_match(words) if words else None
+        if match is not None:
+            many = self._c.execute(
+                "SELECT count(*) FROM (SELECT rowid FROM session_text WHERE session_text MATCH ?"
+                " LIMIT ?)", (match, _FEW_TEXT_MATCHES + 1)).fetchone()[0] > _FEW_TEXT_MATCHES
+            if many:
+                where.append("EXISTS (SELECT 1 FROM session_text WHERE session_text MATCH ?"  # noqa: S608
+                             " AND " + _SEGMENT_SPAN.format(sid="sessions.id") + ")")
+            else:
+                where.append("id IN (SELECT g.session_id FROM session_segments g WHERE g.id IN"
+                             " (SELECT rowid FROM session_text WHERE session_text MATCH ?))")
+            args.append(match)
+        sql = ("SELECT * FROM sessions"  # noqa: S608 (conditions from _session_filters)
+               + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY started_at DESC, id DESC LIMIT ?")
+        rows = self._c.execute(sql, (*args, q.limit)).fetchall()
+        if words is None:
+            return [SessionMatch(_session_from_row(r)) for r in rows]
+        return [SessionMatch(_session_from_row(r), tuple(self._hits(r["id"], words, MAX_HITS)))
+                for r in rows]
+
+    def _hits(self, session_id: str, words: builtins.list[builtins.list[str]],
+              limit: int) -> builtins.list[TextHit]:
+        rows = self._c.execute(
+            "SELECT g.t, g.source, g.body FROM session_text f"  # noqa: S608
+            " JOIN session_segments g ON g.id = f.rowid WHERE session_text MATCH ? AND f."
+            + _SEGMENT_SPAN.format(sid="?") + " ORDER BY f.rowid LIMIT ?",
+            (fts5_match(words), session_id, session_id, limit),
+        ).fetchall()
+        return [TextHit(float(r[0]), r[1], snippet(r[2], words)) for r in rows]
+
+    @_on_db_thread
+    def index_text(self, session_id: str, segments: Sequence[TextSegment]) -> None:
+        """Replace the session's segments in one transaction, in ``t`` order under consecutive
+        ids (this connection holds the write lock, so no one else takes ids meanwhile)."""
+        ordered = sorted(segments, key=lambda s: s.t)
+        self._c.execute("BEGIN IMMEDIATE")
+        try:
+            self._c.execute(
+                "INSERT INTO session_text (session_text, rowid, body) SELECT 'delete', id, body"
+                " FROM session_segments WHERE session_id = ?", (session_id,))
+            self._c.execute("DELETE FROM session_segments WHERE session_id = ?", (session_id,))
+            self._c.executemany(
+                "INSERT INTO session_segments (session_id, t, source, body) VALUES (?,?,?,?)",
+                [(session_id, s.t, s.source, s.text) for s in ordered])
+            self._c.execute(
+                "INSERT INTO session_text (rowid, body) SELECT id, body FROM session_segments"
+                " WHERE session_id = ?", (session_id,))
+            self._c.execute("COMMIT")
+        except BaseException:
+            self._c.execute("ROLLBACK")
+            raise
+
+    @_on_db_thread
+    def text_hits(self, session_id: str, text: str,
+                  limit: int = 200) -> builtins.list[TextHit]:
+        words = query_words(text)
+        if not words or limit <= 0:
+            return []
+        return self._hits(session_id, words, limit)
+
+    @_on_db_thread
+    def per_day(self, since: datetime) -> builtins.list[tuple[str, int]]:
+        """Stored times are UTC ISO strings: the date is their first ten characters."""
+        rows = self._c.execute(
+            "SELECT substr(started_at, 1, 10) AS day, count(*) FROM sessions"
+            " WHERE started_at >= ? GROUP BY day ORDER BY day", (_ts(since),)).fetchall()
+        return [(r[0], int(r[1])) for r in rows]
+
+    @_on_db_thread
+    def live_count(self) -> int:
+        return int(self._c.execute(
+            "SELECT count(*) FROM sessions WHERE ended_at IS NULL").fetchone()[0])
 
 
 def _web_session_from_row(r: sqlite3.Row) -> WebSessionRecord:

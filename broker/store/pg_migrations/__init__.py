@@ -154,4 +154,40 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (account, device)
     );
     """,
+    # 5: session search (``SessionQuery``): what a session ran on and what carried it, an index
+    # per filter that leads to a first page without reading other sessions, and the sessions'
+    # text, one row per segment with a GIN-indexed tsvector built by the store from the same
+    # tokens as SQLite's FTS5 (``broker/store/text.py``). Case-insensitive filters use
+    # ``lower(x COLLATE "C")`` (ASCII only, as SQLite's ``lower``); ids order under "C" (bytes,
+    # as SQLite) whatever the database's collation.
+    """
+    ALTER TABLE sessions ADD COLUMN target_name text NOT NULL DEFAULT '';
+    ALTER TABLE sessions ADD COLUMN stack text NOT NULL DEFAULT '';
+    ALTER TABLE sessions ADD COLUMN parent_id text;
+    CREATE INDEX sessions_order ON sessions (started_at, id COLLATE "C");
+    CREATE INDEX sessions_user ON sessions
+        (lower(user_name COLLATE "C"), started_at, id COLLATE "C");
+    CREATE INDEX sessions_target ON sessions
+        (lower(target COLLATE "C"), started_at, id COLLATE "C");
+    CREATE INDEX sessions_target_name ON sessions
+        (lower(target_name COLLATE "C"), started_at, id COLLATE "C");
+    CREATE INDEX sessions_stack ON sessions (stack, started_at, id COLLATE "C");
+    CREATE INDEX sessions_grant ON sessions (grant_id, started_at, id COLLATE "C");
+    CREATE INDEX sessions_parent ON sessions (parent_id, started_at, id COLLATE "C");
+    CREATE INDEX sessions_live ON sessions (started_at, id COLLATE "C")
+        WHERE ended_at IS NULL;
+    CREATE INDEX sessions_id_key ON sessions (lower(id COLLATE "C"));
+    CREATE INDEX grants_ticket ON grants (ticket);
+
+    CREATE TABLE session_text (
+        session_id text NOT NULL,
+        seq integer NOT NULL,
+        t double precision NOT NULL,
+        source text NOT NULL,
+        body text NOT NULL,
+        tsv tsvector NOT NULL,
+        PRIMARY KEY (session_id, seq)
+    );
+    CREATE INDEX session_text_tsv ON session_text USING gin (tsv);
+    """,
 ]
