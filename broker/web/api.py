@@ -34,6 +34,7 @@ from broker.services.grants import GrantFilter, GrantService
 from broker.services.review import ReviewService
 from broker.services.roles import roles_of
 from broker.web import schema as S
+from broker.web.console_routes import CONSOLE_PREFIX, add_console_routes
 from broker.web.routes import Caller, Route
 from broker.web.schema import ApiError
 from broker.web.sessions_api import session_routes
@@ -56,6 +57,15 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Cross-Origin-Resource-Policy": "same-origin",
 }
+# The console (``/``, ``/console/*``): its own scripts, styles and API calls, nothing inline, no
+# eval. 'wasm-unsafe-eval' is the one addition: the asciinema player's terminal emulator is
+# WebAssembly, compiled from bytes embedded in its script (``new WebAssembly.Module``), which
+# script-src 'self' alone refuses; it allows compiling WebAssembly, never eval() or new Function.
+# The player sets styles through the CSSOM (element.style), which style-src does not restrict,
+# so style-src needs no 'unsafe-inline' (docs/console.md).
+CONSOLE_CSP = ("default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; "
+               "img-src 'self' data:; connect-src 'self'; font-src 'self'; "
+               "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 
 
 @dataclass
@@ -185,6 +195,8 @@ def guard_middleware(ctx: WebContext) -> Callable[..., Awaitable[web.StreamRespo
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if request.path == "/" or request.path.startswith(CONSOLE_PREFIX):
+        response.headers["Content-Security-Policy"] = CONSOLE_CSP
     for k, v in SECURITY_HEADERS.items():
         response.headers.setdefault(k, v)
     response.headers["Server"] = "bastion-broker"
@@ -630,5 +642,6 @@ def create_app(ctx: WebContext) -> web.Application:
     api = Api(ctx)
     for route in api.routes():
         app.router.add_route(route.method, route.path, api.wrap(route))
+    add_console_routes(app, ctx.settings)
     app.on_response_prepare.append(_security_headers)
     return app
