@@ -8,6 +8,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,7 +38,8 @@ from broker.services.enforcement import GrantEnforcer
 from broker.services.grants import GrantService
 from broker.services.review import ReviewService
 from broker.services.roles import grant_policy
-from broker.services.sessions import SessionService
+from broker.services.sessions import LiveSession, SessionService
+from broker.services.text_index import TextIndexService
 from broker.services.totp_secrets import load_key
 from broker.shipping.service import Shipping
 from broker.ssh import patches
@@ -147,11 +149,13 @@ class Broker:
         self.access = AccessService(inventory, s.grants, s.clock, metrics=self.metrics)
         key = signing_key(config)
         self.sealer = RecordingSealer(key, s.audit)  # signed manifests
+        # what each session showed and typed, for text search (built after its end, in a thread)
+        self.text_index = TextIndexService(s.recordings, s.sessions, s.audit)
         disk_guard = _disk_guard(config)  # new sessions; readiness and metrics too
         self.sessions = SessionService(
             s.recordings, s.sessions, s.audit, s.clock,
             recording_enabled=config.recordings.enabled,
-            on_recorded=self.sealer,
+            on_recorded=self._recorded,
             guard=disk_guard, disk_policy=config.recordings.disk_policy,
             sync_interval=config.recordings.sync_interval_seconds,
             disk_check_interval=config.recordings.disk_check_interval_seconds,
@@ -201,6 +205,8 @@ class Broker:
             if r.path is not None:
                 await self.sealer.seal_interrupted(r.session_id, r.path, self.stores.clock.now(),
                                                    INTERRUPTED)
+                self.text_index.submit(r.session_id, str(r.path))  # and its text indexed
+        self.text_index.start()
         patches.install()
         self._acceptor = await start_server(
             self.deps, self.authenticator, self.stores.keys, self.host_key, ssh.listen_host,
@@ -219,6 +225,12 @@ class Broker:
         self.stores.audit.emit("broker.start", listen=f"{ssh.listen_host}:{port}")
         log.info("broker.listening", host=ssh.listen_host, port=port)
         return port
+
+    async def _recorded(self, live: LiveSession, ended_at: datetime,
+                        exit_status: str | None) -> None:
+        """A session's recording is closed: seal it, then queue its text for search."""
+        await self.sealer(live, ended_at, exit_status)
+        self.text_index.submit(live.id, live.writer.location)
 
     async def _sign_audit_periodically(self) -> None:
         """Sign audit events that have waited a while (quiet times), not only every N events."""
@@ -249,6 +261,7 @@ class Broker:
             self._acceptor = None
         await self.sessions.drain()
         await self.sealer.drain()  # manifests of the sessions that just ended
+        await self.text_index.stop()  # their text, for a while; what is left: sessions reindex
         self.stores.audit.emit("broker.stop", live_sessions=len(self.sessions.live))
         await self.shipping.stop()
         close = getattr(self._directory, "close", None)
