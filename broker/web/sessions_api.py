@@ -20,8 +20,8 @@ from aiohttp import web
 
 from broker.domain import workflow as wf
 from broker.domain.models import Trigger
-from broker.domain.outcome import CLOSED, outcome
-from broker.ports import SESSION_STATUSES, AuditQuery, SessionQuery, SessionRecord, TextHit
+from broker.domain.outcome import outcome, status_of
+from broker.ports import SESSION_STATUSES, AuditQuery, SessionQuery, TextHit
 from broker.services.review import (
     MAX_LIMIT,
     AmbiguousSession,
@@ -59,29 +59,22 @@ def _iso(t: datetime | None) -> str | None:
     return (t if t.tzinfo is not None else t.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
 
 
-def status_of(rec: SessionRecord) -> str:
-    """``live``, ``ok`` (exit 0 or closed by the client) or ``failed`` (anything else)."""
-    if rec.ended_at is None:
-        return "live"
-    return "ok" if rec.exit_status in ("0", CLOSED) else "failed"
-
-
 def hit_json(h: TextHit) -> dict[str, Any]:
     return {"t": h.t, "source": h.source, "snippet": h.snippet}
 
 
 def session_json(v: SessionView, now: datetime) -> dict[str, Any]:
     r = v.record
-    end = r.ended_at or now
+    end, ended = r.ended_at or now, r.ended_at is not None
     return {
         "id": r.id, "user": r.user, "target": r.target, "target_name": r.target_name,
         "stack": r.stack, "login": r.login, "level": r.level, "kind": r.kind,
         "command": r.command, "peer": r.peer, "grant_id": r.grant_id, "parent_id": r.parent_id,
         "started_at": _iso(r.started_at), "ended_at": _iso(r.ended_at),
         "duration_s": round(max((end - r.started_at).total_seconds(), 0.0), 3),
-        "exit_status": r.exit_status, "outcome": outcome(r.exit_status, r.kind,
-                                                         ended=r.ended_at is not None),
-        "status": status_of(r), "bytes_in": r.bytes_in, "bytes_out": r.bytes_out,
+        "exit_status": r.exit_status, "outcome": outcome(r.exit_status, r.kind, ended=ended),
+        "status": status_of(r.exit_status, ended=ended), "bytes_in": r.bytes_in,
+        "bytes_out": r.bytes_out,
         "recorded": bool(r.recording), "recording_bytes": v.recording_bytes,
         "hits": [hit_json(h) for h in v.hits],
     }

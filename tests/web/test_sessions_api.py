@@ -237,7 +237,7 @@ async def test_filters(review_env: ReviewEnv) -> None:
     assert inner not in await found("top=1")
     assert await found("q=disk") == [inner, web]
     assert await found("q=select") == [db]
-    status, body = await env.get("audrey", "/api/sessions?q=disk%20full")
+    _, body = await env.get("audrey", "/api/sessions?q=disk%20full")
     assert ids(body) == [web]
     assert body["items"][0]["hits"][0]["t"] == 1.5
     assert "disk" in body["items"][0]["hits"][0]["snippet"]
@@ -404,7 +404,7 @@ async def test_a_large_replay_streams(review_env: ReviewEnv) -> None:
 async def test_manifest_and_hits(review_env: ReviewEnv) -> None:
     env = review_env
     sid = await env.session("rita", text="kernel panic at boot")
-    status, headers, body = await env.raw("audrey", f"/api/sessions/{sid}/manifest")
+    status, _, body = await env.raw("audrey", f"/api/sessions/{sid}/manifest")
     assert status == 200
     stored = next((env.state / "recordings").glob(f"*/{sid}.manifest.json")).read_bytes()
     assert body == stored
@@ -508,5 +508,5 @@ def test_cursors_are_opaque_and_checked() -> None:
     assert decode_cursor(c) == (now, "abc") and "|" not in c
     for bad in ("", "!!", base64.urlsafe_b64encode(b"2030-01-01|x").decode(),
                 base64.urlsafe_b64encode(b"nope|x").decode()):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="not a cursor"):
             decode_cursor(bad)
