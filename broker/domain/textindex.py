@@ -50,12 +50,19 @@ TRUNCATED = "[text index truncated]"
 OUTPUT_KINDS = frozenset({"shell", "exec"})  # the sessions whose output is terminal text
 
 _ESC = "\x1b"
-# what the fast path stops at: C0 controls, DEL, C1 controls (printable runs are copied whole)
-_SPECIAL = re.compile("[\x00-\x1f\x7f-\x9f]")
-# printable text with SGR (colour) sequences in it, most of what programs print: taken whole,
-# the SGR sequences removed in one substitution
-_RUN = re.compile("(?:[^\x00-\x1f\x7f-\x9f]+|\x1b\\[[0-9;:]*m)+")
-_SGR = re.compile("\x1b\\[[0-9;:]*m")
+# typed input: what the line editing model stops at (C0 controls, DEL, C1 controls)
+_SPECIAL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# output: the controls the line model acts on (backspace, tab, line ends, CR, ESC, NEL, CSI and
+# the string starters); every other C0/C1 control shows nothing and is removed with SGR
+_ACTIVE = r"\x08\x09\x0a\x0b\x0c\x0d\x1b\x85\x90\x98\x9b\x9d\x9e\x9f"
+_SILENT = r"\x00-\x07\x0e-\x1a\x1c-\x1f\x7f-\x84\x86-\x8f\x91-\x97\x99\x9a\x9c"
+_SGR = r"\x1b\[[0-9;:]*+m"  # colours and attributes: most escape sequences programs print
+# a run of text (with SGR and silent controls in it), copied whole; and a run of whole lines of
+# it from the start of a line, committed at once (possessive: no backtracking on long runs)
+_RUN = re.compile(f"(?:[^{_ACTIVE}]++|{_SGR})++")
+_LINES = re.compile(f"(?:(?:[^{_ACTIVE}]++|{_SGR})*+\\r*+\\n)++")
+_DROP = re.compile(f"[{_SILENT}]++|{_SGR}")
+_DROP_START = re.compile(f"[{_SILENT}\\x1b]")  # whether there is anything to drop (quicker)
 _CSI = re.compile(r"\x1b\[([0-?]*)[ -/]*([@-~])")  # a whole CSI sequence: parameters, final
 _STRING_END = re.compile("[\x07\x1b\x9c]")  # BEL, ESC (of ESC \) or ST end an OSC/DCS string
 _C1_STRINGS = frozenset("\x90\x98\x9d\x9e\x9f")  # DCS, SOS, OSC, PM, APC
@@ -101,12 +108,20 @@ class _Screen:
         while i < n:
             st = self._state
             if st == _TEXT:
+                if not self.line:
+                    block = _LINES.match(text, i)
+                    if block is not None:
+                        self._lines(block.group(), t)
+                        i = block.end()
+                        if i == n:
+                            return
+                        continue
                 run = _RUN.match(text, i)
                 if run is not None:
                     i = run.end()
                     piece = run.group()
-                    if _ESC in piece:
-                        piece = _SGR.sub("", piece)
+                    if not piece.isprintable():
+                        piece = _DROP.sub("", piece)
                     if piece:
                         self._put(piece, t)
                     if i == n:
@@ -134,6 +149,20 @@ class _Screen:
             else:
                 if self._step(text[i], t):
                     i += 1
+
+    def _lines(self, block: str, t: float) -> None:
+        """Whole lines from the start of a line, all in this chunk: committed at once."""
+        if _DROP_START.search(block):
+            block = _DROP.sub("", block)
+        lines = block.replace("\r", "").split("\n")
+        lines.pop()  # after the last line end
+        if max(map(len, lines)) > MAX_LINE:
+            for line in lines:
+                self._put(line, t)
+                self.newline()
+            return
+        self.out.extend([(t, c) for c in [" ".join(x.split()) for x in lines] if c])
+        self.cur, self.t = 0, None
 
     def _control(self, ch: str, t: float) -> None:
         if ch == "\r":
@@ -347,6 +376,19 @@ class _Grouper:
         self._lines.append(line)
         self._chars += len(line) + 1
 
+    def extend(self, lines: list[tuple[float, str]]) -> None:
+        """``add`` for each line (the same rules, in one loop: the hot path of long output)."""
+        buf, chars = self._lines, self._chars
+        for t, line in lines:
+            if buf and (len(buf) >= SEGMENT_LINES or chars + len(line) > SEGMENT_CHARS):
+                self._ready.append(Segment(self._t, self.source, "\n".join(buf)))
+                buf, chars = [], 0
+            if not buf:
+                self._t = t
+            buf.append(line)
+            chars += len(line) + 1
+        self._lines, self._chars = buf, chars
+
     def close(self) -> None:
         if self._lines:
             self._ready.append(Segment(self._t, self.source, "\n".join(self._lines)))
@@ -420,7 +462,10 @@ class TextIndexer:
             self._move(self._screens[ERROR].out, self._out)
             self._out.close()
         self._last["output"] = t
-        self._screens[kind].feed(_printable(self._decoders[kind].decode(data)), t)
+        text = self._decoders[kind].decode(data)
+        if (text.count("\ufffd") + text.count("\x00")) * 8 > len(text):
+            return  # binary (cat of an executable, a compressed file): no words to find
+        self._screens[kind].feed(_printable(text), t)
 
     def _input(self, data: bytes, t: float) -> None:
         if t - self._last["input"] >= SILENCE_S:
@@ -435,6 +480,14 @@ class TextIndexer:
         yield from (self._truncate(t) if self.truncated else self._flush())
 
     def _move(self, lines: list[tuple[float, str]], group: _Grouper) -> None:
+        if not lines:
+            return
+        size = sum([len(line) for _t, line in lines])
+        if self.chars + size <= self._max_text:
+            self.chars += size
+            group.extend(lines)
+            lines.clear()
+            return
         for lt, line in lines:
             if self.truncated:
                 break

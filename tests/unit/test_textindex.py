@@ -69,8 +69,12 @@ def test_any_chunking_gives_the_same_text() -> None:
         assert texts(out(*parts)) == whole
 
 
-def test_bytes_that_are_not_utf8_separate_words() -> None:
-    assert texts(out(b"ab\xff\xfecd\r\n")) == "ab cd"
+def test_bytes_that_are_not_utf8_separate_words_and_binary_is_not_text() -> None:
+    assert texts(out(b"caf\xe9-latin1 ab\xff\xfecd in a line of text\r\n")) == \
+        "caf -latin1 ab cd in a line of text"
+    noise = random.Random(3).randbytes(4096)  # noqa: S311
+    elf = b"\x7fELF\x02\x01\x01" + b"\x00" * 9 + b"\x03\x00>\x00\x01\x00\x00\x00" * 20
+    assert texts(out(noise, elf, b"\r\nreadable\r\n")) == "readable"
 
 
 def test_segments_carry_the_time_of_their_first_byte_and_pauses_split_them() -> None:
