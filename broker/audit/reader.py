@@ -1,11 +1,12 @@
 """The audit log read back for reviewers (``GET /api/audit``, the dashboard, a session's files).
 
 The log is one append-only file that may hold years of events, so it is never loaded: it is
-read backwards in blocks from the end (newest first, as a reviewer reads it), a page cursor is
-found by bisecting on ``seq`` (lines are appended in ``seq`` order), and a ``since`` bound stops
-the walk once events are older than it. Memory stays at a block, one line (lines over
-``MAX_LINE`` are passed over: the broker never writes one) and the page being built. Bytes are
-tested for the filters' values before a line is parsed, so a selective search parses little.
+read backwards in blocks from the end (newest first, as a reviewer reads it), a page cursor and
+an ``until`` bound are found by bisection (lines are appended in ``seq`` and time order), and a
+``since`` bound stops the walk once events are older than it. Memory stays at a block, one line
+(lines over ``MAX_LINE`` are passed over: the broker never writes one) and the page being built.
+Bytes are tested for the filters' values before a line is parsed, so a selective search parses
+little.
 Damaged lines are passed over: ``verify --audit`` is what reports them.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -45,7 +46,7 @@ def _backwards(f: IO[bytes], end: int) -> Iterator[bytes]:
             parts[-1] += tail
         tail = parts[0]
         for line in reversed(parts[1:]):
-            if line:
+            if line and len(line) <= MAX_LINE:
                 yield line
         if len(tail) > MAX_LINE:
             tail, skipping = b"", True
@@ -53,9 +54,10 @@ def _backwards(f: IO[bytes], end: int) -> Iterator[bytes]:
         yield tail
 
 
-def _seq_after(f: IO[bytes], offset: int) -> tuple[int | None, int]:
-    """The ``seq`` of the first readable line starting after ``offset`` (at it, for 0), and
-    where the line holding ``offset`` ends."""
+def _test_after(f: IO[bytes], offset: int, beyond: Callable[[bytes], bool | None]
+                ) -> tuple[bool | None, int]:
+    """``beyond`` of the first line starting after ``offset`` (at it, for 0) that it can
+    judge, and where the line holding ``offset`` ends."""
     f.seek(offset)
     if offset:
         f.readline(MAX_LINE)
@@ -64,30 +66,47 @@ def _seq_after(f: IO[bytes], offset: int) -> tuple[int | None, int]:
         line = f.readline(MAX_LINE)
         if not line:
             return None, boundary
-        try:
-            seq = json.loads(line).get("seq")
-        except (ValueError, AttributeError):
-            continue
-        if isinstance(seq, int):
-            return seq, boundary
+        verdict = beyond(line)
+        if verdict is not None:
+            return verdict, boundary
     return None, boundary
 
 
-def _end_before(f: IO[bytes], size: int, seq: int) -> int:
-    """A line boundary such that the lines after it all have ``seq`` at or above ``seq``
-    (bisection: lines are appended in ``seq`` order), so a later page starts reading there."""
+def _end_before(f: IO[bytes], size: int, beyond: Callable[[bytes], bool | None]) -> int:
+    """A line boundary such that every line after it is ``beyond`` the page (its ``seq`` at or
+    above the cursor, or its time past ``until``): bisection, as lines are appended in order,
+    so a page deep in the log starts reading where it begins."""
     lo, hi = 0, size
     while hi - lo > BLOCK:
         mid = (lo + hi) // 2
-        found, _ = _seq_after(f, mid)
-        if found is None or found >= seq:
+        verdict, _ = _test_after(f, mid, beyond)
+        if verdict is None or verdict:
             hi = mid
         else:
             lo = mid
     if hi >= size:
         return size
-    _, boundary = _seq_after(f, hi)
+    _, boundary = _test_after(f, hi, beyond)
     return boundary
+
+
+def _seq_at_least(seq: int) -> Callable[[bytes], bool | None]:
+    def beyond(line: bytes) -> bool | None:
+        try:
+            found = json.loads(line).get("seq")
+        except (ValueError, AttributeError):
+            return None
+        return found >= seq if isinstance(found, int) else None
+
+    return beyond
+
+
+def _later_than(t: datetime) -> Callable[[bytes], bool | None]:
+    def beyond(line: bytes) -> bool | None:
+        found = _line_ts(line)
+        return found >= t if found is not None else None
+
+    return beyond
 
 
 def _user_matches(value: object, user: str) -> bool:
@@ -162,8 +181,11 @@ def _walk(path: Path, q: AuditQuery) -> Iterator[dict[str, Any]]:
     except FileNotFoundError:
         return
     try:
-        size = f.seek(0, 2)
-        end = _end_before(f, size, q.before_seq) if q.before_seq is not None else size
+        end = f.seek(0, 2)
+        if q.before_seq is not None:
+            end = _end_before(f, end, _seq_at_least(q.before_seq))
+        if q.until is not None:
+            end = _end_before(f, end, _later_than(q.until + SINCE_SLACK))
         for line in _backwards(f, end):
             if flt.since_stop is not None:
                 t = _line_ts(line)

@@ -262,8 +262,10 @@ class ReviewService:
         rec = await self.resolve(actor, ref)
         grant = await self._grants.get(rec.grant_id) if rec.grant_id else None
         history = await self._grants.history(grant.id) if grant is not None else []
+        # the session's own stretch of the log: its file events lie between its start and end
+        end = rec.ended_at + timedelta(minutes=1) if rec.ended_at is not None else None
         files = await self._audit_log.search(AuditQuery(
-            session_id=rec.id, event="sftp.*", since=rec.started_at, limit=MAX_FILES))
+            session_id=rec.id, event="sftp.*", since=rec.started_at, until=end, limit=MAX_FILES))
         files.reverse()  # in the order they happened
         children = await self._index.search(SessionQuery(parent_id=rec.id, limit=MAX_LIMIT))
         kids = [(m.record, ()) for m in children if _own(actor, m.record)]

@@ -105,7 +105,8 @@ def _token(demo: Demo) -> str:
     r = opener.open(urllib.request.Request(  # noqa: S310
         demo.info["web_url"] + "/api/tokens", headers={
             "Content-Type": "application/json", "X-CSRF-Token": csrf},
-        data=json.dumps({"name": "fuzz", "scopes": ["grants:read", "grants:write"]}).encode()))
+        data=json.dumps({"name": "fuzz", "scopes": ["grants:read", "grants:write",
+                                                       "sessions:read"]}).encode()))
     return str(json.loads(r.read())["token"])
 
 
