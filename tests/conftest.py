@@ -57,6 +57,9 @@ class Demo:
         return str(self.info["config"])
 
     def secret(self, user: str) -> str:
+        staff = self.info.get(user)  # the console's demo auditor and approver
+        if isinstance(staff, dict) and "totp_secret" in staff:
+            return str(staff["totp_secret"])
         return next(u["totp_secret"] for u in self.info["users"] if u["user"] == user)
 
     def take_user(self) -> str:

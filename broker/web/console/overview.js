@@ -111,16 +111,15 @@ function perDayChart(rows) {
 export async function dashboardPage(root, ctx) {
   document.title = "Dashboard · bastion-broker";
   root.append(heading("Dashboard"));
-  if (!ctx.isAuditor) {
-    root.append(h("p", {}, "The dashboard is for auditors. ",
-      h("a", {href: "#/sessions"}, "Your sessions")));
-    return;
-  }
   const d = await api("GET", "/api/dashboard");
   if (ctx.stale()) return;
+  if (d.scope && d.scope !== "all") {
+    root.append(h("p", {class: "muted"}, "Your own sessions, logins and grants."));
+  }
   root.append(h("div", {class: "cards"},
     card("Live sessions", d.live_sessions, "#/sessions?status=live"),
-    card("Failed logins (24 h)", d.failed_logins_24h, "#/audit?event=auth.failure"),
+    card("Failed logins (24 h)", d.failed_logins_24h,
+      ctx.isAuditor ? "#/audit?event=auth.failure" : null),
     card("Grants ending within a day", (d.grants_expiring || []).length, null)));
   const days = d.sessions_per_day || [];
   root.append(h("section", {"aria-labelledby": "perday-h"}, h("h2", {id: "perday-h"},
