@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -210,10 +211,12 @@ def _walk(path: Path, q: AuditQuery) -> Iterator[dict[str, Any]]:
 
 
 class JsonlAuditReader:
-    """``AuditReader`` over the local JSONL audit log (``broker.audit.jsonl``), in a thread."""
+    """``AuditReader`` over the local JSONL audit log (``broker.audit.jsonl``), in threads of
+    its own (a long search never holds up the broker's other thread work)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, threads: int = 2) -> None:
         self._path = path
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="audit-read")
 
     def _search(self, q: AuditQuery) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -229,7 +232,8 @@ class JsonlAuditReader:
         return sum(1 for _ in _walk(self._path, q))
 
     async def search(self, q: AuditQuery) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self._search, q)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._search, q)
 
     async def count(self, q: AuditQuery) -> int:
-        return await asyncio.to_thread(self._count, replace(q, before_seq=None))
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._count, replace(q, before_seq=None))

@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
-from collections.abc import AsyncGenerator, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from broker.domain import recording as fmt
 from broker.domain.models import Grant
@@ -43,7 +45,10 @@ from broker.ports import (
     TextHit,
 )
 
+T = TypeVar("T")
+
 MAX_LIMIT = 200
+REVIEW_THREADS = 4
 MIN_PREFIX = 6  # like ``SessionIndex.get``: shorter prefixes match too many sessions to be useful
 MAX_FILES = 2000  # file events in a session's detail (``sessions files`` or the audit: all)
 DASHBOARD_DAYS = 14
@@ -203,6 +208,15 @@ class ReviewService:
         self._audit_log = audit_log
         self._audit = audit
         self._clock = clock
+        # reviewers' file work (hashing a recording for its integrity, replays) runs in threads
+        # of its own: however many requests queue here, the broker's own thread work (syncing
+        # live recordings to disk) never waits behind them
+        self._pool = ThreadPoolExecutor(max_workers=REVIEW_THREADS,
+                                        thread_name_prefix="review")
+
+    async def _thread(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, functools.partial(fn, *args, **kw))
 
     # -- sessions ------------------------------------------------------------------------------
     def _scoped(self, actor: Actor, q: SessionQuery) -> SessionQuery | None:
@@ -223,7 +237,7 @@ class ReviewService:
         def sizes() -> list[int | None]:
             return [self._archive.size(r.recording) if r.recording else None for r, _ in rows]
 
-        got = await asyncio.to_thread(sizes) if rows else []
+        got = await self._thread(sizes) if rows else []
         return [SessionView(r, n, hits) for (r, hits), n in zip(rows, got, strict=True)]
 
     async def search(self, actor: Actor, q: SessionQuery
@@ -270,7 +284,7 @@ class ReviewService:
         children = await self._index.search(SessionQuery(parent_id=rec.id, limit=MAX_LIMIT))
         kids = [(m.record, ()) for m in children if _own(actor, m.record)]
         if rec.recording:
-            integrity = await asyncio.to_thread(self._archive.verify, rec.id, rec.recording,
+            integrity = await self._thread(self._archive.verify, rec.id, rec.recording,
                                                 live=rec.ended_at is None)
         else:
             integrity = IntegrityCheck("not recorded")
@@ -284,7 +298,7 @@ class ReviewService:
 
     async def manifest(self, actor: Actor, ref: str) -> bytes:
         rec = await self.resolve(actor, ref)
-        data = (await asyncio.to_thread(self._archive.manifest, rec.id, rec.recording)
+        data = (await self._thread(self._archive.manifest, rec.id, rec.recording)
                 if rec.recording else None)
         if data is None:
             raise NotFoundError(f"session {rec.id} has no signed manifest (not recorded, "
@@ -299,7 +313,7 @@ class ReviewService:
         rec = await self.resolve(actor, ref)
         if not rec.recording:
             raise NotFoundError(f"session {rec.id} was not recorded")
-        opened = await asyncio.to_thread(self._open, rec)
+        opened = await self._thread(self._open, rec)
         try:
             self._audit.emit("session.viewed", actor=actor.name,
                              actor_roles=sorted(r.value for r in actor.roles),
@@ -325,7 +339,7 @@ class ReviewService:
         f, reader = opened
         lines = _window(safe_asciicast(fmt.to_asciicast(reader)), start, end)
         try:
-            while batch := await asyncio.to_thread(_take, lines):
+            while batch := await self._thread(_take, lines):
                 yield "".join(batch)
         finally:
             f.close()
