@@ -262,3 +262,73 @@ async def test_session_ids_in_paths_are_checked(review_env: ReviewEnv) -> None:
         assert status in (400, 404), (ref, err)
         assert status == 404 or err["detail"]["field"] == "session_id"
 
+
+# -- end to end: a real OpenSSH session through the demo broker, read back through the API -------
+def _login(demo: Any, user: str) -> Any:
+    import http.cookiejar
+    import urllib.request
+
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    password = demo.info[user]["password"] if isinstance(demo.info.get(user), dict) \
+        else demo.info["password"]
+    body = json.dumps({"user": user, "password": password,
+                       "code": demo.next_code(user)}).encode()
+    opener.open(urllib.request.Request(  # noqa: S310 - the demo's loopback URL
+        demo.info["web_url"] + "/api/login", data=body,
+        headers={"Content-Type": "application/json"}))
+    return opener
+
+
+def _fetch(opener: Any, demo: Any, path: str) -> tuple[int, dict[str, str], bytes]:
+    import urllib.error
+
+    try:
+        with opener.open(demo.info["web_url"] + path, timeout=30) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+@pytest.mark.e2e
+def test_a_real_session_read_back_by_its_user_and_the_auditor_only(demo: Any) -> None:
+    import time
+
+    alice, bob = demo.take_user(), demo.take_user()
+    hostile = r"printf '<script>alert(1)</script>\033]52;c;aGk=\007done\n'; exit 3"
+    r = demo.ssh(alice, "web01", hostile)
+    assert r.returncode == 3, r.stderr
+    assert b"<script>" in r.stdout  # the client saw it: the broker relays what targets print
+    assert demo.ssh(bob, "web01", "true").returncode == 0
+    mine = _login(demo, alice)
+    status, _, raw = _fetch(mine, demo, "/api/sessions")
+    assert status == 200
+    items = json.loads(raw)["items"]
+    assert [(s["user"].split("@")[0], s["kind"], s["status"], s["outcome"]) for s in items] == [
+        (alice, "exec", "failed", "exit 3")]
+    sid = items[0]["id"]
+    assert b"<" not in raw and "\\u003cscript" in raw.decode()  # the command, escaped
+    deadline = time.monotonic() + 30
+    while True:  # the seal is written in the background after the session ends
+        _, _, raw = _fetch(mine, demo, f"/api/sessions/{sid}")
+        if json.loads(raw)["integrity"]["status"] == "verified" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert json.loads(raw)["integrity"] == {"status": "verified", "errors": [], "warnings": []}
+    status, headers, cast = _fetch(mine, demo, f"/api/sessions/{sid}/recording.cast")
+    assert status == 200 and headers["Content-Type"].startswith("application/x-asciicast")
+    assert b"<" not in cast and b"\x1b]52" not in cast and b"\\u001b]52" not in cast
+    out = "".join(e[2] for e in map(json.loads, cast.decode().splitlines()[1:]) if e[1] == "o")
+    assert out == "<script>alert(1)</script>done\n"
+    # bob sees neither alice's session nor its recording; the auditor sees both users'
+    theirs = _login(demo, bob)
+    _, _, raw = _fetch(theirs, demo, "/api/sessions")
+    assert sid not in raw.decode()
+    for tail in ("", "/recording.cast", "/manifest", "/hits?q=done"):
+        assert _fetch(theirs, demo, f"/api/sessions/{sid}{tail}")[0] == 404, tail
+    assert _fetch(theirs, demo, "/api/audit")[0] == 403
+    auditor = _login(demo, "auditor")
+    _, _, raw = _fetch(auditor, demo, f"/api/sessions?user={alice}")
+    assert [s["id"] for s in json.loads(raw)["items"]] == [sid]
+    _, _, raw = _fetch(auditor, demo, f"/api/audit?session={sid}&event=session.viewed")
+    assert [e["actor"].split("@")[0] for e in json.loads(raw)["items"]] == [alice]
