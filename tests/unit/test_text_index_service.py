@@ -91,3 +91,13 @@ async def test_a_full_queue_and_a_stop_leave_sessions_for_reindex(env: Env) -> N
                       (sids[1][0], "stopped")]
     for sid, _ in sids:
         assert await env.index.text_hits(sid, "fig") == []
+
+
+async def test_reindex_all_reads_every_session_once_page_by_page(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.cli import reindex
+
+    monkeypatch.setattr(reindex, "PAGE", 7)
+    sids = {(await env.session(n, (fmt.OUTPUT, b"x\r\n")))[0] for n in range(23)}
+    seen = [rec.id async for rec in reindex._all_sessions(env.index)]
+    assert len(seen) == len(sids) and set(seen) == sids
