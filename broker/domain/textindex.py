@@ -60,7 +60,8 @@ _SGR = r"\x1b\[[0-9;:]*+m"  # colours and attributes: most escape sequences prog
 # a run of text (with SGR and silent controls in it), copied whole; and a run of whole lines of
 # it from the start of a line, committed at once (possessive: no backtracking on long runs)
 _RUN = re.compile(f"(?:[^{_ACTIVE}]++|{_SGR})++")
-_LINES = re.compile(f"(?:(?:[^{_ACTIVE}]++|{_SGR})*+\\r*+\\n)++")
+_IN_LINE = _ACTIVE.replace(r"\x09", "")  # in whole lines from a line start, a tab is a space
+_LINES = re.compile(f"(?:(?:[^{_IN_LINE}]++|{_SGR})*+\\r*+\\n)++")
 _DROP = re.compile(f"[{_SILENT}]++|{_SGR}")
 _DROP_START = re.compile(f"[{_SILENT}\\x1b]")  # whether there is anything to drop (quicker)
 _CSI = re.compile(r"\x1b\[([0-?]*)[ -/]*([@-~])")  # a whole CSI sequence: parameters, final
