@@ -28,9 +28,11 @@ from broker.ports import (
     Metrics,
     NullMetrics,
 )
+from broker.recordings import sealed
 from broker.recordings.diskguard import DiskGuard
 from broker.recordings.local import LocalRecordingSink, render_cast
 from broker.recordings.repair import INTERRUPTED, Repaired, repair_interrupted
+from broker.recordings.sealed import SealedInput
 from broker.services.access import AccessService
 from broker.services.account_check import AccountChecker, AccountEnforcer
 from broker.services.auth import Authenticator, TotpSecondFactor
@@ -70,6 +72,14 @@ from broker.wiring import (
 )
 
 log = structlog.get_logger("broker.app")
+
+
+def _input_sealer(config: BrokerConfig) -> Callable[[str, str], SealedInput] | None:
+    """[recordings] input = "sealed": withheld input encrypted to the break-glass key."""
+    r = config.recordings
+    if r.input != "sealed" or r.input_seal_key is None:
+        return None
+    return sealed.opener(sealed.load_public_key(r.input_seal_key))
 
 
 def _disk_guard(config: BrokerConfig) -> DiskGuard:
@@ -160,6 +170,7 @@ class Broker:
             sync_interval=config.recordings.sync_interval_seconds,
             disk_check_interval=config.recordings.disk_check_interval_seconds,
             release_scope=patches.corked, metrics=self.metrics, render_cast=render_cast,
+            seal_input=_input_sealer(config),
         )
         self.authenticator = Authenticator(
             directory, TotpSecondFactor(s.totp, s.clock), s.audit, s.throttle, s.clock,

@@ -257,6 +257,9 @@ class StoreSettings(_Model):
         return self
 
 
+INPUT_MODES = ("redact", "sealed")
+
+
 class RecordingSettings(_Model):
     dir: Path | None = None  # default: STATE_DIR/recordings
     enabled: bool = True  # benchmark-only switch; the broker refuses to start with False unless
@@ -272,12 +275,30 @@ class RecordingSettings(_Model):
     critical_free_bytes: int = Field(default=0, ge=0)
     disk_policy: Literal["strict", "best-effort"] = "strict"
     disk_check_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+    # input the target did not echo (a password at a no-echo prompt; all stdin without a pty):
+    # "redact" records a marker with its length only; "sealed" also keeps the bytes encrypted
+    # to the break-glass public key ``input_seal_key`` (X25519 PEM) in SESSION_ID.sealed, opened
+    # only by ``sessions unseal`` (audited). Raw input is never kept in the clear.
+    input: str = "redact"
+    input_seal_key: Path | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _input_mode(cls, v: str) -> str:
+        if v not in INPUT_MODES:
+            raise ValueError(f'must be "redact" or "sealed", not {v!r} (input a target did not '
+                             "echo is never kept in the clear; \"sealed\" keeps it for "
+                             "break-glass only)")
+        return v
 
     @model_validator(mode="after")
     def _thresholds(self) -> RecordingSettings:
         if (self.critical_free_percent > self.min_free_percent
                 or self.critical_free_bytes > self.min_free_bytes > 0):
             raise ValueError("the critical free-space threshold must not exceed min_free")
+        if self.input == "sealed" and self.input_seal_key is None:
+            raise ValueError('input = "sealed" needs input_seal_key (the break-glass public '
+                             "key, X25519 PEM)")
         return self
 
 
@@ -421,7 +442,8 @@ def load_config(path: Path) -> BrokerConfig:
             "store": cfg.store.model_copy(update={"path": _resolve(base, cfg.store.path),
                                                   "dsn_file": _resolve(base, cfg.store.dsn_file)}),
             "recordings": cfg.recordings.model_copy(
-                update={"dir": _resolve(base, cfg.recordings.dir)}
+                update={"dir": _resolve(base, cfg.recordings.dir),
+                        "input_seal_key": _resolve(base, cfg.recordings.input_seal_key)}
             ),
             "audit": cfg.audit.model_copy(update={"path": _resolve(base, cfg.audit.path)}),
             "shipping": cfg.shipping.resolved(base),

@@ -435,7 +435,12 @@ class FrameWriter(RecordingWriter, Protocol):
     it: frames encoded once, appended in batches, flushed to disk off the event loop, and a
     live marker released once the end is in the index (crash repair skips it then)."""
 
-    def frame(self, kind: bytes, data: bytes) -> list[bytes]: ...
+    def frame(self, kind: bytes, data: bytes, t_us: int | None = None) -> list[bytes]:
+        """One encoded frame, stamped now or at ``t_us`` (from ``now_us``; never before the
+        last frame's stamp)."""
+        ...
+
+    def now_us(self) -> int: ...
 
     def write_frames(self, parts: list[bytes]) -> None: ...
 

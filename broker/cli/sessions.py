@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from broker.cli import files, reindex, resolve, when
+from broker.cli import files, reindex, resolve, unseal, when
 from broker.cli.common import account, config_of, leaf, run_async
 from broker.cli.output import out, printable
 from broker.config import BrokerConfig
@@ -470,6 +470,7 @@ def register(sub: Any) -> None:
     s.set_defaults(func=run_async(_show))
     files.register(ss)  # sessions files SESSION_ID: sftp/scp file operations
     reindex.register(ss)  # sessions reindex SESSION | --all: the text for search
+    unseal.register(ss)  # sessions unseal SESSION --key FILE --reason TEXT: break glass
 
     s = sub.add_parser("play", parents=leaf(), help="replay a session in this terminal "
                        "(file operations of an sftp/scp session, a tunnel's metadata)")

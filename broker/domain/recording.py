@@ -25,7 +25,15 @@ ERROR = b"e"  # target stderr -> client
 INPUT = b"i"  # client -> target
 RESIZE = b"r"  # payload b"COLSxROWS"
 EXIT = b"x"  # payload: exit status digits, or b"signal:NAME"
-KINDS = frozenset({OUTPUT, ERROR, INPUT, RESIZE, EXIT})
+# input the target did not echo (a password at a no-echo prompt), withheld from the recording:
+# payload the number of bytes typed, as ASCII digits (``broker.domain.echo``)
+NOT_ECHOED = b"n"
+KINDS = frozenset({OUTPUT, ERROR, INPUT, RESIZE, EXIT, NOT_ECHOED})
+
+
+def not_echoed_text(payload: bytes) -> str:
+    """How a withheld input frame reads in a replay: its length, never its bytes."""
+    return f"[input not echoed: {payload.decode('ascii', 'replace')} bytes]"
 
 
 class RecordingFormatError(ValueError):
@@ -164,6 +172,8 @@ def to_asciicast(rec: Recording) -> Iterator[str]:
 
     Output and error streams both become ``"o"`` events as a terminal shows them; the exit status
     is an ``"x"`` event at the end, as asciicast v3 defines it (asciinema 2 ignores unknown codes).
+    Input withheld because the target did not echo it is an ``"i"`` event that says how many bytes
+    were typed.
     """
     meta = rec.meta
     header: dict[str, Any] = {
@@ -195,6 +205,8 @@ def to_asciicast(rec: Recording) -> Iterator[str]:
             yield json.dumps([t, "r", f.data.decode("ascii", "replace")])
         elif f.kind == EXIT:
             yield json.dumps([t, "x", f.data.decode("ascii", "replace")])
+        elif f.kind == NOT_ECHOED:
+            yield json.dumps([t, "i", not_echoed_text(f.data)])
     for kind, dec in decoders.items():
         tail = dec.decode(b"", final=True)
         if tail:

@@ -48,8 +48,9 @@ FORMAT = "bastion-broker-manifest/2"
 FORMAT_V1 = "bastion-broker-manifest/1"
 FORMATS = (FORMAT_V1, FORMAT)
 # the files written beside SESSION_ID.rec that a manifest covers (the sessions code writes no
-# others: SFTP transfers are in the recording and the audit log)
-COMPANIONS = (".cast",)
+# others: SFTP transfers are in the recording and the audit log): the asciicast, and the input
+# withheld from the recording, sealed to the break-glass key ([recordings] input = "sealed")
+COMPANIONS = (".cast", ".sealed")
 SIGNING_CONTEXT = b"bastion-broker recording manifest v1\n"
 MIN_BLOCK = 4096
 MAX_BLOCKS = 1024

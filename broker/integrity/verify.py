@@ -251,7 +251,7 @@ def _frame_at(rec: bytes, offset: int) -> str:
         end = pos + fmt.FRAME.size + length
         if offset < end or kind not in fmt.KINDS:
             names = {fmt.OUTPUT: "output", fmt.ERROR: "stderr", fmt.INPUT: "input",
-                     fmt.RESIZE: "resize", fmt.EXIT: "exit"}
+                     fmt.RESIZE: "resize", fmt.EXIT: "exit", fmt.NOT_ECHOED: "withheld input"}
             part = "header of" if offset < pos + fmt.FRAME.size else "data of"
             return f"the {part} frame {i} ({names.get(kind, '?')} at {t_us / 1e6:.3f} s)"
         pos, i = end, i + 1

@@ -64,6 +64,7 @@ class LocalRecordingWriter:
             self._abandon()
             raise RecordingError(f"cannot create recording {path}: {exc.strerror}") from exc
         self._t0 = time.monotonic_ns()
+        self._last_us = 0  # the last frame's stamp
         self.bytes = 0
         self._synced = 0
         self._dirs_synced = False
@@ -103,10 +104,20 @@ class LocalRecordingWriter:
     def write(self, kind: bytes, data: bytes) -> None:
         self._write(self.frame(kind, data))
 
-    def frame(self, kind: bytes, data: bytes) -> list[bytes]:
-        """One frame stamped now, for ``write_frames`` later (the time is when it was relayed)."""
-        t_us = (time.monotonic_ns() - self._t0) // 1000
+    def frame(self, kind: bytes, data: bytes, t_us: int | None = None) -> list[bytes]:
+        """One frame stamped now (the time it was relayed), or at ``t_us`` from ``now_us`` (input
+        recorded once its echo was seen), for ``write_frames`` later. Stamps never go back: an
+        earlier one is moved up to the last frame's, so the file stays in time order."""
+        if t_us is None:
+            t_us = (time.monotonic_ns() - self._t0) // 1000
+        elif t_us < self._last_us:
+            t_us = self._last_us
+        self._last_us = t_us
         return [fmt.frame_header(t_us, kind, len(data)), data]
+
+    def now_us(self) -> int:
+        """Now, as ``frame`` stamps it (microseconds since the recording started)."""
+        return (time.monotonic_ns() - self._t0) // 1000
 
     def write_frames(self, parts: list[bytes]) -> None:
         """Append frames from ``frame`` in one ``writev`` (a batch of

@@ -66,6 +66,8 @@ def _cut(fd: int, mark: bool) -> _FileResult:
             frames += 1
             if frame.kind == fmt.INPUT:
                 bytes_in += len(frame.data)
+            elif frame.kind == fmt.NOT_ECHOED and frame.data.isdigit():
+                bytes_in += int(frame.data)  # withheld input counts as typed
             elif frame.kind in (fmt.OUTPUT, fmt.ERROR):
                 bytes_out += len(frame.data)
             last_t = max(last_t, frame.t_us)

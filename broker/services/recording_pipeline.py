@@ -55,24 +55,33 @@ class RecordingPipeline:
     def busy(self) -> bool:
         return self._scheduled or self._releasing or bool(self._actions)
 
-    def record(self, kind: bytes, data: bytes, action: Action) -> None:
-        """Record one frame; run ``action`` once it is written. Raises ``RecordingError``
-        (nothing recorded, ``action`` not run) if the recording cannot take it now."""
+    def record(self, kind: bytes, data: bytes, action: Action, t_us: int | None = None,
+               relayed: int = 0) -> None:
+        """Record one frame (stamped now, or at ``t_us``); run ``action`` once it is written.
+        ``relayed``: the bytes ``action`` relays when more than the frame holds (a marker for
+        withheld input): a bulk relay waits for the batch like a bulk frame, so that its packets
+        leave together (relayed one by one at once, a fast upload piled up in the broker).
+        Raises ``RecordingError`` (nothing recorded, ``action`` not run) if the recording cannot
+        take it now."""
         if self.failed is not None:
             raise self.failed
-        if not self.busy and len(data) <= self._inline_max:
-            self.writer.write(kind, data)
+        if not self.busy and max(len(data), relayed) <= self._inline_max:
+            if t_us is None:
+                self.writer.write(kind, data)
+            else:
+                self.writer.write_frames(self.writer.frame(kind, data, t_us))
             action()
             return
-        self._parts.extend(self.writer.frame(kind, data))
+        self._parts.extend(self.writer.frame(kind, data, t_us))
         self._actions.append(action)
         self._schedule()
 
-    def then(self, action: Action) -> None:
-        """Run ``action`` after everything recorded so far (an EOF, a signal)."""
+    def then(self, action: Action, relayed: int = 0) -> None:
+        """Run ``action`` after everything recorded so far (an EOF, a signal, input held from
+        the recording until its echo); ``relayed`` bytes as in ``record``."""
         if self.failed is not None:
             return
-        if self.busy:
+        if self.busy or relayed > self._inline_max:
             self._actions.append(action)
             self._schedule()
         else:

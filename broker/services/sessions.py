@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +25,7 @@ from typing import Protocol
 import structlog
 
 from broker.domain import recording as fmt
+from broker.domain.echo import EchoTracker, Piece
 from broker.domain.models import Grant, Instance, Principal
 from broker.domain.outcome import NO_EXIT_STATUS, outcome
 from broker.errors import AuditError, BrokerError, RecordingDiskFull, RecordingError
@@ -41,7 +42,7 @@ from broker.ports import (
     SessionIndex,
     SessionRecord,
 )
-from broker.services.recording_pipeline import RecordingPipeline, ReleaseScope
+from broker.services.recording_pipeline import INLINE_MAX, RecordingPipeline, ReleaseScope
 
 log = structlog.get_logger("broker.sessions")
 
@@ -98,6 +99,23 @@ class SessionControl(Protocol):
 
 WriteErrorHandler = Callable[["LiveSession", RecordingError], None]
 
+# input typed in a terminal that shows no echo within this long is withheld from the recording
+# (``broker.domain.echo``): an echo takes a round trip to the target, milliseconds
+ECHO_TIMEOUT_S = 2.0
+
+
+class WithheldInput(Protocol):
+    """Where the bytes of withheld input go besides the recording's marker ([recordings] input =
+    "sealed": encrypted to the break-glass key, ``broker.recordings.sealed``)."""
+
+    def add(self, t_us: int, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _noop() -> None:
+    return None
+
 
 class LiveSession:
     """One relayed session; counters and the recording writer, nothing asynchronous."""
@@ -105,7 +123,8 @@ class LiveSession:
     def __init__(self, sid: str, req: SessionRequest, writer: RecordingWriter,
                  started_at: datetime, on_write_error: WriteErrorHandler | None = None,
                  release_scope: ReleaseScope = contextlib.nullcontext, *,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 withheld: WithheldInput | None = None) -> None:
         self.id = sid
         self.request = req
         self.writer = writer
@@ -128,13 +147,22 @@ class LiveSession:
         # the relay; policy strict)
         self.on_recording_failed: Callable[[RecordingError], None] | None = None
         self._pipe: RecordingPipeline | None = None
+        self._now_us: Callable[[], int] | None = None
         if isinstance(writer, FrameWriter):
             self._pipe = RecordingPipeline(writer, on_error=self._batch_failed,
                                            release_scope=release_scope)
+            self._now_us = writer.now_us
+        # Input is recorded as typed only where the target echoed it (a secret at a no-echo
+        # prompt never is): in a terminal the tracker decides; without one nothing is echoed,
+        # so every input frame becomes a marker with its length (broker.domain.echo)
+        self._echo = EchoTracker() if req.term_type is not None else None
+        self.withheld = withheld  # sealed mode: the withheld bytes, encrypted, beside the file
 
     # -- the relay's path: recorded, then relayed -------------------------------------------
-    def record(self, kind: bytes, data: bytes, action: Callable[[], None]) -> None:
-        """Record a frame, then run ``action`` (relay its bytes) once it is in the file.
+    def record(self, kind: bytes, data: bytes, action: Callable[[], None],
+               t_us: int | None = None, relayed: int = 0) -> None:
+        """Record a frame (stamped now, or at ``t_us``), then run ``action`` (relay its bytes,
+        ``relayed`` of them if more than the frame holds) once it is in the file.
 
         Raises ``RecordingError`` (nothing recorded, ``action`` not run) when policy strict ends
         the session; under best-effort a failure suspends recording and ``action`` still runs.
@@ -145,17 +173,19 @@ class LiveSession:
             self.then(action)  # behind frames still queued, if recording stopped or moved
             return
         try:
-            pipe.record(kind, data, action)
+            pipe.record(kind, data, action, t_us, relayed)
         except RecordingError as exc:
             if self._on_write_error is None:
                 raise
             self._on_write_error(self, exc)  # raises again (strict) or suspends (best-effort)
             action()
 
-    def then(self, action: Callable[[], None]) -> None:
-        """Run ``action`` after what was recorded so far went out (an EOF, a signal)."""
-        if self._pipe is not None and self._pipe.busy:
-            self._pipe.then(action)
+    def then(self, action: Callable[[], None], relayed: int = 0) -> None:
+        """Run ``action`` after what was recorded so far went out (an EOF, a signal); a relay
+        of more than a small frame's bytes (``relayed``) waits for the batch, as in ``record``."""
+        pipe = self._pipe
+        if pipe is not None and (pipe.busy or relayed > INLINE_MAX):
+            pipe.then(action, relayed)
         else:
             action()
 
@@ -187,16 +217,54 @@ class LiveSession:
             self._on_write_error(self, exc)  # raises again (strict) or suspends (best-effort)
 
     def output(self, data: bytes, stderr: bool, action: Callable[[], None]) -> None:
+        echo = self._echo
+        if echo is not None and echo.pending:
+            # the input this output decided goes first, stamped when it was typed
+            self._record_input(echo.output(data))
+        elif echo is not None:
+            echo.output(data)  # nothing pending: it only remembers the chunk (a cut sequence)
         self.record(fmt.ERROR if stderr else fmt.OUTPUT, data, action)
         self.bytes_out += len(data)
         monotonic = self._monotonic  # a local call: as cheap as ``time.monotonic()`` (3.11)
         self.last_activity = monotonic()
 
     def input(self, data: bytes, action: Callable[[], None]) -> None:
-        self.record(fmt.INPUT, data, action)
+        echo = self._echo
+        if echo is None:  # no terminal, no echo: withheld (and sealed, in sealed mode)
+            t_us = self._now_us() if self._now_us is not None else 0
+            if self.withheld is not None and self.recording_suspended is None:
+                self.withheld.add(t_us, data)
+            self.record(fmt.NOT_ECHOED, b"%d" % len(data), action, relayed=len(data))
+        else:
+            # relayed now: the target's echo (or its absence) decides how it is recorded
+            t_us = self._now_us() if self._now_us is not None else 0
+            self._record_input(echo.input(t_us, data))
+            self.then(action, len(data))
         self.bytes_in += len(data)
         monotonic = self._monotonic
         self.last_activity = monotonic()
+
+    def _record_input(self, pieces: Sequence[Piece]) -> None:
+        for p in pieces:
+            if p.kept:
+                self.record(fmt.INPUT, p.data, _noop, p.t)
+            else:
+                if self.withheld is not None and self.recording_suspended is None:
+                    self.withheld.add(p.t, p.data)
+                self.record(fmt.NOT_ECHOED, b"%d" % len(p.data), _noop, p.t)
+
+    def expire_input(self) -> None:
+        """Withhold input that waited longer than ``ECHO_TIMEOUT_S`` for its echo (called about
+        every second): what the recording holds is on disk within seconds of being typed."""
+        echo = self._echo
+        if echo is not None and echo.pending and self._now_us is not None:
+            self._record_input(echo.expire(self._now_us() - int(ECHO_TIMEOUT_S * 1e6)))
+
+    def close_input(self) -> None:
+        """The session ends: input still waiting for its echo is withheld."""
+        echo = self._echo
+        if echo is not None and echo.pending:
+            self._record_input(echo.close())
 
     def resize(self, width: int, height: int, action: Callable[[], None]) -> None:
         self.record(fmt.RESIZE, f"{width}x{height}".encode(), action)
@@ -223,8 +291,12 @@ class SessionService:
         release_scope: ReleaseScope = contextlib.nullcontext,
         metrics: Metrics | None = None,
         render_cast: Callable[[Path], object] | None = None,
+        seal_input: Callable[[str, str], WithheldInput] | None = None,
     ) -> None:
         self._release_scope = release_scope
+        # [recordings] input = "sealed": (session id, recording location) -> where the input
+        # withheld from the recording goes, encrypted to the break-glass key
+        self._seal_input = seal_input
         # writes the viewer-safe .cast beside a closed terminal recording (the sink's format)
         self._render_cast = render_cast
         self._metrics = metrics or NullMetrics()
@@ -285,7 +357,10 @@ class SessionService:
         writer: RecordingWriter = (
             self._sink.open(sid, meta) if self._recording_enabled else _NullWriter()
         )
+        withheld: WithheldInput | None = None
         try:
+            if self._seal_input is not None and writer.location:
+                withheld = self._seal_input(sid, writer.location)
             self._audit.emit(
                 "session.start", session_id=sid, user=str(req.principal), target=req.instance.id,
                 address=meta["address"], grant_id=req.grant.id, level=str(req.grant.level),
@@ -304,12 +379,15 @@ class SessionService:
             ))
         except BaseException:
             writer.close()
+            if withheld is not None:
+                with contextlib.suppress(RecordingError):
+                    withheld.close()
             local = local_writer(writer)
             if local is not None:  # the session never started: nothing to repair later
                 local.release()
             raise
         live = LiveSession(sid, req, writer, now, self._write_failed, self._release_scope,
-                           monotonic=self._clock.monotonic)
+                           monotonic=self._clock.monotonic, withheld=withheld)
         self.live[sid] = live
         log.info("session.start", session_id=sid, user=str(req.principal),
                  target=req.instance.id, kind=req.kind)
@@ -326,6 +404,10 @@ class SessionService:
         ended[kind, "out"] = ended.get((kind, "out"), 0) + live.bytes_out
         self._metrics.session_ended(kind, exit_status)
         self._ending.add(live.id)  # shutdown waits for these too (index, audit still to write)
+        try:
+            live.close_input()  # typed input still waiting for an echo: withheld
+        except RecordingError as exc:
+            log.error("recording.write_failed", session_id=live.id, error=str(exc))
         live.flush()  # frames still queued, and the bytes held behind them
         now = self._clock.now()
         try:
@@ -336,6 +418,12 @@ class SessionService:
         finally:
             # close fsyncs: a large recording can take seconds, so keep it off the event loop
             await asyncio.to_thread(live.writer.close)
+            if live.withheld is not None:  # before the seal: the manifest covers it too
+                try:
+                    await asyncio.to_thread(live.withheld.close)
+                except RecordingError as exc:
+                    log.error("recording.sealed_input_failed", session_id=live.id,
+                              error=str(exc))
         render = (self._render_cast if live.request.term_type and live.writer.location
                   else None)
         if self._on_recorded is not None and live.writer.location and render is None:
@@ -469,12 +557,23 @@ class SessionService:
             try:
                 if now >= next_sync:
                     next_sync = now + self._sync_interval
+                    self.expire_inputs()
                     await self.sync_all()
                 if now >= next_disk:
                     next_disk = now + self._disk_check_interval
                     await self.check_disk()
             except BrokerError as exc:  # e.g. the audit is full too: keep flushing the rest
                 log.error("recording.maintenance_failed", error=str(exc))
+
+    def expire_inputs(self) -> None:
+        """Input that waited too long for its echo is withheld and written (then synced)."""
+        for live in list(self.live.values()):
+            if live.closed or live.recording_suspended is not None:
+                continue
+            try:
+                live.expire_input()
+            except RecordingError:
+                self._end_unrecordable(live, "the recording could not be written")
 
     async def sync_all(self) -> None:
         """Flush every live recording with unsynced bytes to disk (in one worker thread)."""

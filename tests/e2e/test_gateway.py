@@ -53,7 +53,9 @@ def test_stdin_is_relayed_and_recorded(demo: Demo) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout == b"hi\nthere\ndone\n"
     rec = _recording(demo, _session_for(demo, user))
-    assert fmt.output_bytes(rec.frames, frozenset({fmt.INPUT})) == b"hi\nthere\n"
+    # stdin without a pty is not echoed: withheld from the recording, its length kept
+    assert fmt.output_bytes(rec.frames, frozenset({fmt.INPUT})) == b""
+    assert sum(int(f.data) for f in rec.frames if f.kind == fmt.NOT_ECHOED) == len(b"hi\nthere\n")
 
 
 def test_large_binary_output_is_byte_exact_in_recording(demo: Demo) -> None:
