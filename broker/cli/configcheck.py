@@ -25,11 +25,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     close = getattr(directory, "close", None)
     if close is not None:
         close()
+    r = config.recordings
+    if r.input == "sealed" and r.input_seal_key is not None:
+        from broker.recordings.sealed import load_public_key
+
+        load_public_key(r.input_seal_key)  # the break-glass key must load, or no session starts
     detail = [f"identity: {config.identity.backend}", f"store: {config.store.backend}",
               f"inventory: {config.inventory.backend}"]
     if config.inventory.backend == "static":
         instances = asyncio.run(_count(inventory))
         detail[-1] += f" ({instances} instance{'s' if instances != 1 else ''})"
+    detail.append(f"input not echoed: {r.input}")
     out(f"{path}: OK ({', '.join(detail)})")
     return 0
 
