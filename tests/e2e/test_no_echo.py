@@ -41,6 +41,7 @@ def _shell(demo: Demo, user: str, port: int | None = None,
     env["TERM"] = "xterm"
     term = Terminal(demo.ssh_args(f"{user}+web01", "-tt", port=port, known_hosts=known_hosts),
                     env, rows=30, cols=120)
+    term.expect(b"$ ")  # typed before the first prompt, it would be type-ahead: withheld
     term.send(b"PS1='RE''ADY> '; export PS1\r")
     term.expect(b"READY> ")
     return term
