@@ -619,17 +619,19 @@ class _Params:
 
 
 _LOWER_USER = 'lower(user_name COLLATE "C")'
+# the user's local part in lower case (ASCII), as the sessions_user index has it
+_USER_KEY = "lower(split_part(user_name, '@', 1) COLLATE \"C\")"
 
 
 def _session_filters(q: SessionQuery, p: _Params) -> builtins.list[str]:
     """``SessionQuery``'s filters as conditions on ``sessions`` (ANDed), as in SQLite's
     ``_session_filters``: ASCII case folding through the ``lower(x COLLATE "C")`` indexes, the
-    user's "any domain" match as an index range, ids in byte order."""
+    user's "any domain" match through the indexed local part, ids in byte order."""
     where: builtins.list[str] = []
     if q.user:
         key = ascii_lower(q.user)
-        where.append(f"{_LOWER_USER} >= {p(key)} AND {_LOWER_USER} < {p(key + 'A')}"
-                     f" AND (user_name = {p(q.user)} OR {_LOWER_USER} >= {p(key + '@')})")
+        where.append(f"{_USER_KEY} = {p(key.partition('@')[0])} AND (user_name = {p(q.user)}"
+                     f" OR ({_LOWER_USER} >= {p(key + '@')} AND {_LOWER_USER} < {p(key + 'A')}))")
     if q.target:
         key = p(ascii_lower(q.target))
         where.append(f'(lower(target COLLATE "C") = {key}'

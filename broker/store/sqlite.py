@@ -225,7 +225,8 @@ MIGRATIONS: list[str] = [
     ALTER TABLE sessions ADD COLUMN parent_id TEXT;
     DROP INDEX sessions_started;
     CREATE INDEX sessions_started ON sessions (started_at, id);
-    CREATE INDEX sessions_user ON sessions (lower(user), started_at, id);
+    CREATE INDEX sessions_user ON sessions (
+        lower(substr(user, 1, instr(user || '@', '@') - 1)), started_at, id);
     CREATE INDEX sessions_target ON sessions (lower(target), started_at, id);
     CREATE INDEX sessions_target_name ON sessions (lower(target_name), started_at, id);
     CREATE INDEX sessions_stack ON sessions (stack, started_at, id);
@@ -782,25 +783,34 @@ def _like_prefix(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-# a search whose words match at most this many segments reads their sessions from the text
-# index; above it, the sessions are read newest first and each is checked in the index
+# a search whose words match at most this many segments, or this share of all segments (1 in
+# _FEW_TEXT_SHARE), collects their sessions from the text index (a few microseconds a match);
+# above, the sessions are read newest first and each is checked in the index (tens of
+# microseconds a session, and a page needs limit / (share of sessions matching) of them)
 _FEW_TEXT_MATCHES = 2000
+_FEW_TEXT_SHARE = 50
+
+
+# the user's local part in lower case (ASCII), as the sessions_user index has it: an equality
+# on it leads to a user's sessions in start order, so a first page reads one page of rows
+_USER_KEY = "lower(substr(user, 1, instr(user || '@', '@') - 1))"
 
 
 def _session_filters(q: SessionQuery) -> tuple[list[str], list[object]]:
     """``SessionQuery``'s filters but the text as SQL conditions on ``sessions`` (ANDed).
 
     Case-insensitive filters compare ``lower()`` (ASCII only in SQLite, see ``ascii_lower``)
-    against the indexed ``lower(column)`` expressions, and the user's "any domain" match is an
-    index range instead of a LIKE (which SQLite's planner cannot use for a bound pattern)."""
+    against the indexed ``lower(column)`` expressions; the user's "any domain" match goes
+    through the indexed local part instead of a LIKE (which SQLite's planner cannot use for a
+    bound pattern)."""
     where: list[str] = []
     args: list[object] = []
     if q.user:
+        # the indexed local part, then the exact user or key + "@" + any domain (the strings
+        # from key + "@" up to key + "A", as "@" sorts just below "A")
         key = ascii_lower(q.user)
-        # lower(user) in [key, key + "A"): key itself or key + a character below "A"; of those,
-        # the exact user, or key + "@" + any domain ("@" sorts just below "A")
-        where.append("lower(user) >= ? AND lower(user) < ? AND (user = ? OR lower(user) >= ?)")
-        args += [key, key + "A", q.user, key + "@"]
+        where.append(f"{_USER_KEY} = ? AND (user = ? OR (lower(user) >= ? AND lower(user) < ?))")
+        args += [key.partition("@")[0], q.user, key + "@", key + "A"]
     if q.target:
         where.append("(lower(target) = ? OR lower(target_name) = ?)")
         args += [ascii_lower(q.target)] * 2
@@ -833,11 +843,16 @@ def _session_filters(q: SessionQuery) -> tuple[list[str], list[object]]:
     return where, args
 
 
-# one session's segments that match: a rowid range of the text index (see the migration)
+# one session's segments that match: a rowid range of the text index (see the migration); an
+# empty range for a session without text (NULL bounds would make FTS5 read every match)
 _SEGMENT_SPAN = (
-    "rowid BETWEEN (SELECT min(id) FROM session_segments WHERE session_id = {sid})"
-    " AND (SELECT max(id) FROM session_segments WHERE session_id = {sid})"
+    "rowid BETWEEN (SELECT coalesce(min(id), 0) FROM session_segments WHERE session_id = {sid})"
+    " AND (SELECT coalesce(max(id), -1) FROM session_segments WHERE session_id = {sid})"
 )
+
+
+_HAS_MATCH = ("SELECT EXISTS (SELECT 1 FROM session_text WHERE session_text MATCH ?"  # noqa: S608
+              " AND " + _SEGMENT_SPAN.format(sid="?") + ")")
 
 
 class SqliteSessionIndex:
@@ -909,34 +924,64 @@ class SqliteSessionIndex:
 
     @_on_db_thread
     def search(self, q: SessionQuery) -> builtins.list[SessionMatch]:
-        """One statement over ``sessions``; for a text, the text index gives the candidates
-        (few matching segments) or checks each session read newest first (many): FTS5 has no
-        statistics for SQLite's planner to tell the two apart, so a bounded count decides."""
+        """Filters through their index; a text through the text index when its segments are
+        few, else by reading the filtered sessions newest first and checking each (FTS5 has no
+        statistics that would let SQLite's planner tell the two apart, so a bounded count of
+        the matching segments decides)."""
         check_query(q)
         words = query_words(q.text)
         if q.limit <= 0 or words == []:
             return []
         where, args = _session_filters(q)
-        match = fts5_match(words) if words else None
-        if match is not None:
-            many = self._c.execute(
-                "SELECT count(*) FROM (SELECT rowid FROM session_text WHERE session_text MATCH ?"
-                " LIMIT ?)", (match, _FEW_TEXT_MATCHES + 1)).fetchone()[0] > _FEW_TEXT_MATCHES
-            if many:
-                where.append("EXISTS (SELECT 1 FROM session_text WHERE session_text MATCH ?"  # noqa: S608
-                             " AND " + _SEGMENT_SPAN.format(sid="sessions.id") + ")")
-            else:
-                where.append("id IN (SELECT g.session_id FROM session_segments g WHERE g.id IN"
-                             " (SELECT rowid FROM session_text WHERE session_text MATCH ?))")
-            args.append(match)
+        if words is None:
+            return [SessionMatch(_session_from_row(r))
+                    for r in self._sessions(where, args, q.limit)]
+        match = fts5_match(words)
+        if self._few_matches(match):
+            rows = self._sessions(
+                [*where, "id IN (SELECT g.session_id FROM session_segments g WHERE g.id IN"
+                         " (SELECT rowid FROM session_text WHERE session_text MATCH ?))"],
+                [*args, match], q.limit)
+        else:
+            rows = self._newest_matching(where, args, match, q.limit)
+        return [SessionMatch(_session_from_row(r), tuple(self._hits(r["id"], words, MAX_HITS)))
+                for r in rows]
+
+    def _sessions(self, where: builtins.list[str], args: builtins.list[object],
+                  limit: int) -> builtins.list[sqlite3.Row]:
         sql = ("SELECT * FROM sessions"  # noqa: S608 (conditions from _session_filters)
                + (" WHERE " + " AND ".join(where) if where else "")
                + " ORDER BY started_at DESC, id DESC LIMIT ?")
-        rows = self._c.execute(sql, (*args, q.limit)).fetchall()
-        if words is None:
-            return [SessionMatch(_session_from_row(r)) for r in rows]
-        return [SessionMatch(_session_from_row(r), tuple(self._hits(r["id"], words, MAX_HITS)))
-                for r in rows]
+        return self._c.execute(sql, (*args, limit)).fetchall()
+
+    def _few_matches(self, match: str) -> bool:
+        segments = self._c.execute("SELECT max(id) FROM session_segments").fetchone()[0] or 0
+        few = max(_FEW_TEXT_MATCHES, segments // _FEW_TEXT_SHARE)
+        n = self._c.execute(
+            "SELECT count(*) FROM (SELECT rowid FROM session_text WHERE session_text MATCH ?"
+            " LIMIT ?)", (match, few + 1)).fetchone()[0]
+        return bool(n <= few)
+
+    def _newest_matching(self, where: builtins.list[str], args: builtins.list[object],
+                         match: str, limit: int) -> builtins.list[sqlite3.Row]:
+        """The filtered sessions in pages, newest first, each checked in the text index (a
+        rowid-range probe) until ``limit`` match. In pages rather than one statement: SQLite
+        would check every session of a filter's index range before sorting them."""
+        out: builtins.list[sqlite3.Row] = []
+        size = max(4 * limit, 100)
+        rows = self._sessions(where, args, size)
+        while True:
+            for r in rows:
+                if self._c.execute(_HAS_MATCH, (match, r["id"], r["id"])).fetchone()[0]:
+                    out.append(r)
+                    if len(out) == limit:
+                        return out
+            if len(rows) < size:
+                return out
+            last = rows[-1]
+            size = min(2 * size, 5000)
+            rows = self._sessions([*where, "(started_at, id) < (?, ?)"],
+                                  [*args, last["started_at"], last["id"]], size)
 
     def _hits(self, session_id: str, words: builtins.list[builtins.list[str]],
               limit: int) -> builtins.list[TextHit]:
