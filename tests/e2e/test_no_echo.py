@@ -147,6 +147,35 @@ def test_secrets_at_no_echo_prompts_are_withheld(demo: Demo) -> None:
     assert unseal.returncode == 2 and "Traceback" not in unseal.stderr
 
 
+def test_input_waiting_for_an_echo_is_withheld_on_disk_within_seconds(demo: Demo) -> None:
+    """No echo within 2 s: the marker is written (and synced) while the prompt still waits."""
+    user = demo.take_user()
+    term = _shell(demo, user)
+    try:
+        term.send(b"read -s -p 'Sec''ret: ' X; echo; echo got=${#X}\r")
+        term.expect(b"Secret: ")
+        _type(term, SECRET_READ)
+        rec_path = Path(str(_session(demo, user)["recording"]))
+        deadline = time.monotonic() + 10
+        while True:
+            frames = fmt.parse(rec_path.read_bytes()).frames
+            if _markers(frames):
+                break
+            assert time.monotonic() < deadline, "no marker on disk while the prompt waited"
+            time.sleep(0.2)
+        assert _markers(frames) == [len(SECRET_READ)]
+        assert SECRET_READ not in rec_path.read_bytes()
+        term.send(b"\r")
+        term.expect(b"got=%d\r\n" % len(SECRET_READ))
+        term.send(b"exit 0\r")
+        assert term.close() == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+    frames = fmt.parse(rec_path.read_bytes()).frames
+    assert _markers(frames) == [len(SECRET_READ)]
+
+
 def test_exec_stdin_without_a_pty_is_withheld(demo: Demo) -> None:
     user = demo.take_user()
     r = demo.ssh(user, "web01", "cat > /dev/null; echo done", stdin=b"token=s3cr3t-Xy\n")
