@@ -179,6 +179,74 @@ def test_rsync_over_the_jump_both_ways(demo: Demo, tmp_path: Path) -> None:
     assert up["bytes_in"] > 1_500_000  # the file went through the recorded session
 
 
+def test_a_jump_is_one_story(demo: Demo, tmp_path: Path) -> None:
+    """Each ``ssh -J`` connection is a ``jump`` session that the sessions run through it name as
+    their parent; closed by the client, it reads "closed by client" (never "target error", which
+    a reset of the broker's own inner server used to cause now and then); ``sessions list`` shows
+    it with its sessions below it, ``--all`` flat with VIA, ``sessions files`` and ``play`` on the
+    jump tell what went through it."""
+    runs: list[tuple[str, str]] = []  # (user, what ran)
+    src = tmp_path / "story.bin"
+    src.write_bytes(os.urandom(70_000))
+    remote = f"/tmp/bb-jump-story-{os.getpid()}.bin"
+    try:
+        for i in range(8):
+            user = demo.take_user()  # one login each: a fresh TOTP code
+            cfg = _config(demo, tmp_path, user, trust=True)
+            if i == 0:
+                batch = tmp_path / "batch"
+                batch.write_text(f"put {src} {remote}\nrm {remote}\n")
+                r = _run(demo, user, ["sftp", "-F", str(cfg), "-b", str(batch), "web01"])
+                runs.append((user, "sftp"))
+            elif i % 2:
+                r = _run(demo, user, ["ssh", "-F", str(cfg), "-tt", "web01"],
+                         stdin=f"echo story-{i}\nexit\n".encode())
+                runs.append((user, "shell"))
+            else:
+                r = _run(demo, user, ["ssh", "-F", str(cfg), "web01", f"echo story-{i}"])
+                runs.append((user, f"echo story-{i}"))
+            assert r.returncode == 0, r.stderr.decode(errors="replace")
+    finally:
+        Path(remote).unlink(missing_ok=True)
+
+    def by_user() -> dict[str, list[dict[str, Any]]]:
+        rows = demo.sessions()
+        return {u: [s for s in rows if s["user"].startswith(u + "@")] for u, _ in runs}
+
+    def all_ended() -> bool:
+        return all(len(v) == 2 and all(s["ended_at"] for s in v) for v in by_user().values())
+
+    wait_for(all_ended, "every jump and its session to end")
+    sessions = by_user()
+    for user, what in runs:
+        rows = sessions[user]
+        [jump] = [s for s in rows if s["kind"] == "jump"]
+        [inner] = [s for s in rows if s["kind"] != "jump"]
+        assert jump["parent_id"] is None and inner["parent_id"] == jump["id"]
+        assert (inner["command"] or inner["kind"]) == what
+        assert jump["exit_status"] == "closed" and jump["outcome"] == "closed by client", jump
+        assert jump["status"] == "ok"
+        assert [s["id"] for s in rows] == [jump["id"], inner["id"]]  # the jump, then its own
+
+    for user, _ in runs[:2]:  # sftp, shell
+        jump, inner = sessions[user]
+        table = demo.cli("sessions", "list", "--user", user).stdout.splitlines()
+        assert table[1].split()[0] == jump["id"][:8], table
+        assert table[2].split()[:2] == ["└", inner["id"][:8]], table
+        flat = demo.cli("sessions", "list", "--user", user, "--all").stdout.splitlines()
+        assert flat[0].split()[-1] == "VIA"
+        [inner_line] = [x for x in flat if x.startswith(inner["id"][:8])]
+        assert inner_line.split()[-1] == jump["id"][:8]
+        played = demo.cli("play", jump["id"][:8]).stdout
+        assert "closed by client" in played and "sessions in this connection (1):" in played
+        assert inner["id"][:8] in played
+
+    jump = sessions[runs[0][0]][0]
+    files = demo.cli("sessions", "files", jump["id"][:8]).stdout  # the jump's: its sftp's
+    [close] = [x for x in files.splitlines() if " close " in x]
+    assert remote in close and "upload" in close and str(len(src.read_bytes())) in close
+
+
 # What VS Code Remote-SSH pipes into ``ssh -T -D PORT host bash``: start its server on the
 # target's loopback and print the port; VS Code then connects through the SOCKS forward.
 _SERVER = (b"exec python3 -c 'import socket\n"
@@ -230,6 +298,9 @@ def test_forward_to_the_target_loopback_is_a_recorded_tunnel(demo: Demo, tmp_pat
 
     wait_for(lambda: len(tunnels()) == 3, "three tunnel sessions")
     w, vs, vs2 = tunnels()
+    for tunnel, owner in ((w, user), (vs, vs_user), (vs2, vs_user)):  # carried by their jump
+        [jump] = [s for s in _sessions(demo, owner) if s["kind"] == "jump"]
+        assert tunnel["parent_id"] == jump["id"]
     assert w["command"] == f"forward localhost:{port} -> i-0web01 (from the target) localhost:{port}"
     assert w["bytes_in"] == w["bytes_out"] == len(payload)
     assert w["user"].startswith(user + "@")
