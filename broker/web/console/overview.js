@@ -10,7 +10,7 @@ function details(ev) {
   if (!rest.length) return "";
   return h("dl", {class: "inline"}, rest.map(([k, v]) => [
     h("dt", {}, k),
-    h("dd", {}, k === "session" || k === "session_id"
+    h("dd", {}, k === "session_id"
       ? h("a", {href: `#/session/${encodeURIComponent(String(v))}`}, String(v))
       : typeof v === "object" ? JSON.stringify(v) : String(v)),
   ]));

@@ -1,27 +1,28 @@
-// Replay with asciinema-player, in windows of the recording.
+// Replay with asciinema-player, one window of the recording at a time.
 //
-// A recording can be hundreds of MiB. The player parses and keeps a whole recording in memory,
-// so it never gets the whole file: the session is cut into time windows of about WINDOW_BYTES
-// each (from the session's duration and recording size), the first is fetched with
-// recording.cast?from=&to= (the broker streams it, rebased to 0) and shown at once, and the next
-// is fetched while the current one plays and takes over when it ends. The last 64 KiB of
-// output before a window are replayed at its first instant, so the screen a window starts from
-// is the one the previous window left (a shell's scrollback, a full-screen program's last
+// A recording can be hundreds of MiB, and the player parses and holds a whole recording, so it
+// never gets the whole file. The console reads recording.cast?from=T (the broker streams it,
+// times rebased to T) as a stream and stops reading after about WINDOW_BYTES (FIRST_BYTES for
+// the first window, to start quickly): that window ends at the last instant it holds in full,
+// and the next one starts there. Windows are bounded in bytes whatever the output's density in
+// time. The next window is fetched while the current one plays and takes over when it ends. The
+// last 64 KiB of output before a window are replayed at its first instant, so a window starts
+// from the screen the previous one left (a shell's scrollback, a full-screen program's last
 // redraw). Idle time is limited here, not in the player, so positions in the session, search
 // hits and the player's timeline map onto each other exactly.
 
 import {bytes, clock, clear, h, message} from "./util.js";
 
-const WINDOW_BYTES = 4 * 1024 * 1024;
+export const FIRST_BYTES = 1024 * 1024;
+export const WINDOW_BYTES = 4 * 1024 * 1024;
 const CARRY_BYTES = 64 * 1024;
-const CONTEXT_SECONDS = 10;
 const SPEEDS = [0.5, 1, 2, 4, 8, 16];
 const IDLE_LIMITS = [0, 1, 2, 5, 30];
 
 let playerReady = null;
 
 /** Loads the player's script and stylesheet once; false when the broker does not serve them. */
-function loadPlayer() {
+export function loadPlayer() {
   if (playerReady) return playerReady;
   playerReady = new Promise((resolve) => {
     if (window.AsciinemaPlayer) {
@@ -38,42 +39,94 @@ function loadPlayer() {
   return playerReady;
 }
 
-/** Windows [from, to) covering the session; the last one is open-ended. */
-export function planWindows(durationS, recordingBytes) {
-  const dur = Math.max(0, Number(durationS) || 0);
-  const n = Math.max(1, Math.min(10000, Math.ceil((Number(recordingBytes) || 0) / WINDOW_BYTES)));
-  if (n === 1 || dur === 0) return [{from: 0, to: null}];
-  const w = dur / n;
-  const out = [];
-  for (let i = 0; i < n; i++) {
-    out.push({from: +(i * w).toFixed(3), to: i === n - 1 ? null : +((i + 1) * w).toFixed(3)});
+function parseEvent(line) {
+  if (line[0] !== "[") return null;
+  try {
+    const ev = JSON.parse(line);
+    if (Array.isArray(ev) && (ev[1] === "o" || ev[1] === "r") && typeof ev[2] === "string") {
+      return ev;
+    }
+  } catch (e) {
+    // a line cut by the end of a read is never parsed: only whole lines get here
   }
-  return out;
+  return null;
 }
 
-function parseCast(text) {
-  const lines = text.split("\n");
-  let header = {version: 2, width: 80, height: 24};
-  try {
-    header = JSON.parse(lines[0]);
-  } catch (e) {
-    throw new Error("the recording is not asciicast v2");
-  }
+/**
+ * Reads recording.cast from ``from`` (seconds into the session) until ``to`` or about
+ * ``maxBytes`` after ``splitAt``. Events before ``splitAt`` are not part of the window: the last
+ * CARRY_BYTES of their output come back as ``carry``, to rebuild the screen the window starts
+ * with (one request for both, since the broker renders a recording from its start). Returns
+ * {header, events (times relative to ``splitAt``), carry, end (the session time where the
+ * window ends; null at the end of the recording), bytes}.
+ */
+export async function readWindow(base, from, maxBytes, {to = null, splitAt = from} = {}) {
+  const params = new URLSearchParams();
+  if (from > 0) params.set("from", from.toFixed(6));
+  if (to !== null) params.set("to", to.toFixed(6));
+  const url = base + (params.toString() ? "?" + params : "");
+  const resp = await fetch(url, {credentials: "same-origin"});
+  if (!resp.ok) throw new Error(`the recording could not be loaded (HTTP ${resp.status})`);
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  const split = splitAt - from;
+  let buffered = "";
+  let header = null;
+  let size = 0;
+  let cut = false;
+  let before = [];
+  let beforeSize = 0;
   const events = [];
-  for (let i = 1; i < lines.length; i++) {
-    const line = lines[i];
-    if (line[0] !== "[") continue;
-    let ev;
-    try {
-      ev = JSON.parse(line);
-    } catch (e) {
-      continue;
+  const take = (line) => {
+    if (header === null) {
+      header = JSON.parse(line);
+      return;
     }
-    if (Array.isArray(ev) && (ev[1] === "o" || ev[1] === "r") && typeof ev[2] === "string") {
-      events.push(ev);
+    const ev = parseEvent(line);
+    if (!ev) return;
+    if (ev[0] < split) {
+      before.push(ev);
+      beforeSize += ev[2].length;
+      if (beforeSize > 4 * CARRY_BYTES) {
+        const keep = tail(before, CARRY_BYTES);
+        before = [[0, "o", keep.text]];
+        if (keep.cols) before.push([0, "r", `${keep.cols}x${keep.rows}`]);
+        beforeSize = keep.text.length;
+      }
+      return;
+    }
+    ev[0] -= split;
+    events.push(ev);
+  };
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) break;
+    if (events.length) size += value.byteLength;
+    buffered += decoder.decode(value, {stream: true});
+    const lines = buffered.split("\n");
+    buffered = lines.pop();
+    for (const line of lines) take(line);
+    if (size >= maxBytes && events.length) {
+      cut = true;
+      reader.cancel().catch(() => {});
+      break;
     }
   }
-  return {header, events};
+  if (!cut && buffered) take(buffered);
+  if (header === null) throw new Error("the recording is empty");
+  let end = to;
+  if (cut) {
+    // the events at the last instant read may go on in the part not read: they open the next
+    const last = events[events.length - 1][0];
+    let keep = events.length;
+    while (keep > 0 && events[keep - 1][0] === last) keep--;
+    if (keep === 0) end = splitAt + last + 0.000001; // one instant bigger than a window: keep it
+    else {
+      events.length = keep;
+      end = splitAt + last;
+    }
+  }
+  return {header, events, carry: tail(before, CARRY_BYTES), end, bytes: size};
 }
 
 function tail(events, limit) {
@@ -130,32 +183,30 @@ function compress(events, limit) {
 }
 
 /**
- * Puts the replay of session ``s`` into ``section``. Returns {seek(t), setMarkers(hits)};
+ * Puts the replay of session ``id`` into ``section`` at once: the recording's first window and
+ * the player load while ``details`` (the session, whose integrity check reads the whole
+ * recording) is still on its way. Returns {seek(t), setMarkers(hits), details(s)};
  * ``t`` is seconds from the session's start.
  */
-export async function mountReplay(section, s, {hits = [], startAt} = {}) {
+export function mountReplay(section, id, {startAt} = {}) {
   const box = h("div", {class: "replay"});
   section.append(box);
-  const noop = {seek() {}, setMarkers() {}};
-  if (s.status === "live" || !s.ended_at) {
-    box.append(message("muted", "The session is live: its recording can be replayed when it ends."));
-    return noop;
-  }
-  if (!(await loadPlayer())) {
-    box.append(message("error", "The asciinema player is not installed on this broker " +
-      "([web] player_dir; scripts/bootstrap installs it), so recordings cannot be replayed here. " +
-      "Download the recording and play it with asciinema play or bastion-broker play."));
-    return noop;
-  }
-  const base = `/api/sessions/${encodeURIComponent(s.id)}/recording.cast`;
-  const windows = planWindows(s.duration_s, s.recording_bytes);
-  const total = Number(s.duration_s) || 0;
-  const fetched = new Map(); // window index -> Promise<{header, events}>; at most 3 kept
-  let markers = hits.map((x) => [Number(x.t), String(x.snippet || x.source || "match")]);
+  const base = `/api/sessions/${encodeURIComponent(id)}/recording.cast`;
+  let total = 0;
+  let rate = 0;
+  let markers = [];
   let speed = 1;
   let idle = 2;
-  let current = null; // {index, player, map, carry}
+  let current = null; // {from, end, player, map, carry}
+  let upcoming = null; // {from, promise}
   let generation = 0;
+  let gone = false;
+  let playing = false;
+  const lookback = () => (rate > 0 ? Math.min(10, Math.max(0.2, (4 * CARRY_BYTES) / rate)) : 2);
+  const firstStart = startAt !== undefined ? Math.max(0, startAt - 1) : 0;
+  const early = firstStart === 0 ? readWindow(base, 0, FIRST_BYTES)
+    : readWindow(base, Math.max(0, firstStart - lookback()), WINDOW_BYTES, {splitAt: firstStart});
+  early.catch(() => {});
 
   const status = h("p", {class: "muted small", "aria-live": "polite"});
   const playerEl = h("div", {class: "player", "data-testid": "player"});
@@ -163,99 +214,90 @@ export async function mountReplay(section, s, {hits = [], startAt} = {}) {
     h("option", {value: String(v), selected: v === speed}, `${v}×`)));
   const idleSel = h("select", {id: "replay-idle"}, IDLE_LIMITS.map((v) =>
     h("option", {value: String(v), selected: v === idle}, v ? `${v} s` : "off")));
-  const position = h("input", {type: "range", id: "replay-position", min: "0",
-    max: String(Math.max(1, Math.ceil(total))), step: "1", value: "0"});
-  const posText = h("output", {for: "replay-position"}, `0:00 / ${clock(total)}`);
-  const prev = h("button", {type: "button"}, "◀ Previous part");
-  const next = h("button", {type: "button"}, "Next part ▶");
-  const part = h("span", {class: "muted small"});
-  const tools = h("div", {class: "replay-tools"},
+  const position = h("input", {type: "range", id: "replay-position", min: "0", max: "1",
+    step: "1", value: "0"});
+  const posText = h("output", {for: "replay-position"}, "0:00");
+  const part = h("span", {class: "muted small", "data-testid": "window"});
+  const note = h("span", {class: "muted small"});
+  box.append(h("div", {class: "replay-tools"},
     h("label", {for: "replay-speed"}, "Speed"), speedSel,
     h("label", {for: "replay-idle"}, "Idle time limit"), idleSel,
-    h("label", {for: "replay-position"}, "Position"), position, posText);
-  box.append(tools);
-  if (windows.length > 1) {
-    box.append(h("div", {class: "replay-parts"}, prev, part, next,
-      h("span", {class: "muted small"},
-        ` The recording (${bytes(s.recording_bytes)}) is replayed in parts of about ` +
-        `${bytes(WINDOW_BYTES)}; the next part loads while this one plays.`)));
-  }
-  box.append(playerEl, status);
+    h("label", {for: "replay-position"}, "Position"), position, posText),
+  playerEl, status, h("p", {class: "replay-parts"}, part, note));
 
-  const windowAt = (t) => {
-    for (let i = windows.length - 1; i >= 0; i--) if (t >= windows[i].from) return i;
-    return 0;
-  };
-
-  function fetchWindow(i) {
-    if (!fetched.has(i)) {
-      const w = windows[i];
-      const url = windows.length === 1 ? base
-        : base + `?from=${w.from}` + (w.to !== null ? `&to=${w.to}` : "");
-      const p = fetch(url, {credentials: "same-origin"}).then(async (resp) => {
-        if (!resp.ok) throw new Error(`the recording could not be loaded (HTTP ${resp.status})`);
-        return parseCast(await resp.text());
+  function fetchNext(from) {
+    if (!upcoming || upcoming.from !== from) {
+      const promise = readWindow(base, from, WINDOW_BYTES);
+      promise.catch(() => {
+        if (upcoming && upcoming.promise === promise) upcoming = null;
       });
-      p.catch(() => fetched.delete(i));
-      fetched.set(i, p);
-      for (const k of [...fetched.keys()]) if (Math.abs(k - i) > 1) fetched.delete(k);
+      upcoming = {from, promise};
     }
-    return fetched.get(i);
+    return upcoming.promise;
   }
 
-  /** The output just before window i, to rebuild its first screen. */
-  async function carryFor(i) {
-    if (i === 0) return {text: "", cols: null, rows: null};
-    if (current && current.index === i - 1) return current.carry;
-    const w = windows[i];
-    const from = Math.max(0, w.from - CONTEXT_SECONDS);
-    const resp = await fetch(`${base}?from=${from}&to=${w.from}`, {credentials: "same-origin"});
-    if (!resp.ok) return {text: "", cols: null, rows: null};
-    return tail(parseCast(await resp.text()).events, CARRY_BYTES);
+  function sessionTime() {
+    if (!current || !current.player) return 0;
+    try {
+      return current.from + current.map.fromPlayer(current.player.getCurrentTime() || 0);
+    } catch (e) {
+      return current.from;
+    }
   }
 
   function updatePosition() {
     if (!current || !current.player) return;
-    let t = 0;
-    try {
-      t = windows[current.index].from + current.map.fromPlayer(current.player.getCurrentTime() || 0);
-    } catch (e) {
-      return;
-    }
+    const t = sessionTime();
     if (document.activeElement !== position) position.value = String(Math.floor(t));
-    posText.textContent = `${clock(t)} / ${clock(total)}`;
-    const w = windows[current.index];
-    if (w.to !== null && current.index + 1 < windows.length) {
-      const left = w.to - t;
-      if (left < Math.max(3, (w.to - w.from) / 3)) fetchWindow(current.index + 1);
+    posText.textContent = total ? `${clock(t)} / ${clock(total)}` : clock(t);
+    if (current.end !== null) {
+      const length = current.end - current.from;
+      if (current.end - t < Math.max(3, length / 2)) fetchNext(current.end);
     }
   }
 
-  async function show(i, tInSession, autoPlay) {
+  /** Window from ``from`` (its data: ``loading``, or fetched here), shown from ``startIn``. */
+  async function show(from, startIn, autoPlay, loading) {
     const gen = ++generation;
-    status.textContent = windows.length > 1 ? `Loading part ${i + 1} of ${windows.length}…` : "Loading…";
-    let cast;
-    let carry;
+    status.textContent = "Loading…";
+    let win;
     try {
-      [cast, carry] = await Promise.all([fetchWindow(i), carryFor(i)]);
+      if (!(await loadPlayer())) {
+        clear(box).append(message("error", "The asciinema player is not installed on this " +
+          "broker ([web] player_dir; scripts/bootstrap installs it), so recordings cannot be " +
+          "replayed here. Download the recording and play it with asciinema play or " +
+          "bastion-broker play."));
+        gone = true;
+        return;
+      }
+      if (loading) win = await loading;
+      else if (current && current.end !== null && Math.abs(current.end - from) < 1e-6) {
+        win = await fetchNext(from);
+        win = {...win, carry: current.carry};
+      } else if (from === 0) win = await readWindow(base, 0, FIRST_BYTES);
+      else {
+        win = await readWindow(base, Math.max(0, from - lookback()), WINDOW_BYTES,
+          {splitAt: from});
+      }
     } catch (e) {
-      if (gen === generation) status.textContent = String(e.message || e);
+      if (gen === generation && !gone) status.textContent = String(e.message || e);
       return;
     }
-    if (gen !== generation) return;
-    const w = windows[i];
-    const header = {...cast.header};
+    if (gen !== generation || gone) return;
+    if (upcoming && upcoming.from === from) upcoming = null;
+    const header = {...win.header};
     delete header.idle_time_limit;
-    let events = cast.events;
+    let events = win.events;
+    const carry = win.carry || {text: ""};
     if (carry.text) {
       events = [[0, "o", carry.text], ...events];
       if (carry.cols) [header.width, header.height] = [carry.cols, carry.rows];
     }
+    if (!events.length) events = [[0, "o", ""]];
     const map = compress(events, idle);
-    const local = Math.max(0, (tInSession ?? w.from) - w.from);
-    const end = w.to === null ? Infinity : w.to;
-    const ownMarkers = markers.filter(([t]) => t >= w.from && t < end)
-      .map(([t, label]) => [map.toPlayer(t - w.from), label]);
+    const end = win.end === null ? Infinity : win.end;
+    const ownMarkers = markers.filter(([t]) => t >= from && t < end)
+      .map(([t, label]) => [map.toPlayer(t - from), label]);
     if (current && current.player) {
       try {
         current.player.dispose();
@@ -264,34 +306,45 @@ export async function mountReplay(section, s, {hits = [], startAt} = {}) {
       }
     }
     clear(playerEl);
+    const local = map.toPlayer(Math.max(0, startIn - from));
     const opts = {speed, autoPlay, preload: true, fit: "width", controls: true,
-      markers: ownMarkers, startAt: map.toPlayer(local), terminalFontSize: "14px"};
-    if (!autoPlay) opts.poster = "npt:" + map.toPlayer(local).toFixed(3);
+      markers: ownMarkers, startAt: local, terminalFontSize: "14px"};
+    if (!autoPlay) opts.poster = "npt:" + local.toFixed(3);
     const player = window.AsciinemaPlayer.create({data: [header, ...map.events]}, playerEl, opts);
-    current = {index: i, player, map, carry: tail(cast.events, CARRY_BYTES)};
-    if (carry.text && !current.carry.text) current.carry = carry;
+    const own = tail(win.events, CARRY_BYTES);
+    current = {from, end: win.end, player, map, win, carry: own.text ? own : carry};
+    playing = autoPlay;
+    player.addEventListener("play", () => {
+      if (gen === generation) playing = true;
+    });
+    player.addEventListener("pause", () => {
+      if (gen === generation) playing = false;
+    });
     player.addEventListener("ended", () => {
       if (gen !== generation) return;
-      if (i + 1 < windows.length) show(i + 1, windows[i + 1].from, true);
+      playing = false;
+      if (current.end !== null) show(current.end, current.end, true);
     });
-    part.textContent = windows.length > 1
-      ? `Part ${i + 1} of ${windows.length} (${clock(w.from)}–${clock(w.to ?? total)})` : "";
-    prev.disabled = i === 0;
-    next.disabled = i + 1 >= windows.length;
+    part.textContent = win.end === null && from === 0 ? ""
+      : `Loaded: ${clock(from)}–${win.end === null ? "end" : clock(win.end)} (${bytes(win.bytes)}).`;
     status.textContent = "";
     updatePosition();
   }
 
   function seek(t) {
     const target = Math.max(0, Math.min(Number(t) || 0, total || Number(t) || 0));
-    const i = windowAt(target);
-    if (current && current.index === i && current.player) {
-      current.player.seek(current.map.toPlayer(target - windows[i].from));
+    if (current && current.player && target >= current.from &&
+        (current.end === null || target < current.end)) {
+      current.player.seek(current.map.toPlayer(target - current.from));
       current.player.play();
-      playerEl.querySelector(".ap-player, .ap-wrapper")?.focus?.();
       return;
     }
-    show(i, target, true);
+    show(target, target, true);
+  }
+
+  /** The same window again (new speed, idle limit or markers), where it was, as it was. */
+  function reload() {
+    if (current) show(current.from, sessionTime(), playing, Promise.resolve(current.win));
   }
 
   speedSel.addEventListener("change", () => {
@@ -303,16 +356,6 @@ export async function mountReplay(section, s, {hits = [], startAt} = {}) {
     reload();
   });
   position.addEventListener("change", () => seek(Number(position.value)));
-  prev.addEventListener("click", () => current && current.index > 0 &&
-    show(current.index - 1, windows[current.index - 1].from, false));
-  next.addEventListener("click", () => current && current.index + 1 < windows.length &&
-    show(current.index + 1, windows[current.index + 1].from, false));
-
-  function reload() {
-    if (!current) return;
-    const t = windows[current.index].from + current.map.fromPlayer(current.player.getCurrentTime() || 0);
-    show(current.index, t, false);
-  }
 
   const timer = setInterval(() => {
     if (!box.isConnected) {
@@ -321,15 +364,37 @@ export async function mountReplay(section, s, {hits = [], startAt} = {}) {
       return;
     }
     updatePosition();
-  }, 500);
+  }, 250);
 
-  const startT = startAt !== undefined ? Math.max(0, startAt - 1) : 0;
-  await show(windowAt(startT), startT, startAt !== undefined);
+  const ready = show(firstStart, firstStart, startAt !== undefined, early);
   return {
+    ready,
     seek,
     setMarkers(newHits) {
       markers = newHits.map((x) => [Number(x.t), String(x.snippet || x.source || "match")]);
       reload();
+    },
+    /** The session's details arrived: its length, size and search hits. */
+    details(s) {
+      if (s.status === "live" || !s.ended_at || !s.recorded) {
+        gone = true;
+        generation++;
+        if (current && current.player) current.player.dispose();
+        clear(box).append(message("muted", !s.recorded
+          ? "This session has no recording to replay."
+          : "The session is live: its recording can be replayed when it ends."));
+        return;
+      }
+      total = Number(s.duration_s) || 0;
+      rate = total > 0 ? (Number(s.recording_bytes) || 0) / total : 0;
+      position.max = String(Math.max(1, Math.ceil(total)));
+      if ((Number(s.recording_bytes) || 0) > FIRST_BYTES) {
+        note.textContent = ` The recording (${bytes(s.recording_bytes)}) is loaded in parts of ` +
+          `at most about ${bytes(WINDOW_BYTES)}, the next while one plays.`;
+      }
+      updatePosition();
+      const hits = s.hits || [];
+      if (hits.length && !markers.length) this.setMarkers(hits);
     },
   };
 }

@@ -274,11 +274,30 @@ export async function sessionPage(root, id, ctx) {
   const q = ctx.params.get("q") || "";
   const t = Number(ctx.params.get("t"));
   const base = `/api/sessions/${encodeURIComponent(id)}`;
-  const s = await api("GET", base + qs({q}));
+  const detail = api("GET", base + qs({q}));
+  detail.catch(() => {});
+  document.title = `Session ${id} · bastion-broker`;
+  root.append(heading(`Session ${id}`));
+  // the integrity check reads the whole recording: the replay starts meanwhile
+  const integrity = h("section", {class: "integrity muted", "aria-label": "Integrity",
+    "data-status": "checking"}, h("h2", {}, "Checking integrity…"));
+  const summary = h("div", {class: "summary-slot"});
+  const replaySec = h("section", {"aria-labelledby": "replay-h", class: "replay-section"},
+    h("h2", {id: "replay-h"}, "Replay"));
+  root.append(integrity, summary, replaySec);
+  const replay = mountReplay(replaySec, id, {
+    startAt: Number.isFinite(t) && ctx.params.has("t") ? t : undefined});
+  let s;
+  try {
+    s = await detail;
+  } catch (e) {
+    replaySec.remove();
+    integrity.remove();
+    throw e;
+  }
   if (ctx.stale()) return;
   document.title = `Session ${s.id} · bastion-broker`;
-  root.append(heading(`Session ${s.id}`));
-  root.append(integrityBanner(s.integrity));
+  integrity.replaceWith(integrityBanner(s.integrity));
   const downloads = h("p", {class: "downloads"});
   if (s.recorded) {
     downloads.append(
@@ -288,7 +307,7 @@ export async function sessionPage(root, id, ctx) {
         "Download signed manifest"));
   }
   const parent = s.parent_id ? h("a", {href: sessionHref(s.parent_id)}, s.parent_id) : null;
-  root.append(h("section", {"aria-label": "Summary", class: "summary"}, dl([
+  summary.replaceWith(h("section", {"aria-label": "Summary", class: "summary"}, dl([
     ["User", s.user], ["Target", targetText(s)], ["Stack", s.stack], ["Login", s.login],
     ["Level", s.level], ["Kind", s.kind], ["Command", s.command ? h("code", {}, s.command) : null],
     ["From", s.peer], ["Started", when(s.started_at)], ["Ended", s.ended_at ? when(s.ended_at) : "live"],
@@ -298,18 +317,12 @@ export async function sessionPage(root, id, ctx) {
     ["Recording", s.recorded ? bytes(s.recording_bytes) : "none"],
     ["Inside connection", parent],
   ]), downloads));
-
+  replay.details(s);
   if (s.recorded) {
-    const replaySec = h("section", {"aria-labelledby": "replay-h", class: "replay-section"},
-      h("h2", {id: "replay-h"}, "Replay"));
-    root.append(replaySec);
     const hitsBox = h("div", {class: "session-hits"});
     const findInput = h("input", {type: "search", name: "q", value: q});
     const findForm = h("form", {class: "row find", role: "search"},
       field("Find in this session", findInput), h("button", {type: "submit"}, "Find"));
-    const replay = await mountReplay(replaySec, s, {
-      hits: s.hits || [], startAt: Number.isFinite(t) && ctx.params.has("t") ? t : undefined,
-    });
     const showHits = (hits, query) => {
       clear(hitsBox);
       if (!query) return;
@@ -332,7 +345,7 @@ export async function sessionPage(root, id, ctx) {
       }
       try {
         const res = await api("GET", `${base}/hits` + qs({q: query}));
-        const hits = Array.isArray(res) ? res : (res.hits || res.items || []);
+        const hits = Array.isArray(res) ? res : (res.items || res.hits || []);
         replay.setMarkers(hits);
         showHits(hits, query);
       } catch (e) {
@@ -345,4 +358,5 @@ export async function sessionPage(root, id, ctx) {
   for (const sec of [tunnelSection(s), childrenSection(s, q), filesSection(s), grantSection(s)]) {
     if (sec) root.append(sec);
   }
+  await replay.ready;
 }
