@@ -15,7 +15,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from playwright.sync_api import Browser, Page, Response, expect
+from playwright.sync_api import Browser, Page, Request, Response, expect
 
 from broker.web.api import CONSOLE_CSP
 from broker.web.console_routes import load_console
@@ -156,6 +156,41 @@ def test_player_controls_speed_idle_and_seek(auditor: Console, demo: Demo) -> No
     hit.click()
     expect(page.locator(TERM)).to_contain_text(first, timeout=10_000)
     expect(page.locator(".ap-marker-container")).not_to_have_count(0)
+    assert not auditor.problems, auditor.problems
+
+
+def test_a_large_recording_plays_on_across_windows_from_one_response(auditor: Console,
+                                                                    demo: Demo) -> None:
+    """6 MiB over 4 s: the first window is about 1 MiB and the rest come in windows of about
+    4 MiB, read from the one response the first window started."""
+    user = demo.take_user()
+    w = word()
+    program = ("import sys,time\n"
+               "for i in range(40):\n"
+               "    sys.stdout.write(''.join('%06d %s filler text for the window test\\n'"
+               " % (i * 3000 + j, 'x' * 12) for j in range(3000))); sys.stdout.flush()\n"
+               "    time.sleep(0.1)\n"
+               f"print('{w}')\n")
+    s = run_session(demo, user, f'python3 -c "{program}"')
+    assert int(s["bytes_out"]) > 5 * 2**20
+    casts: list[str] = []
+    page = auditor.page
+
+    def record(req: Request) -> None:
+        if "recording.cast" in req.url:
+            casts.append(req.url)
+
+    page.on("request", record)
+    try:
+        auditor.open(f"#/session/{s['id']}?t=0")  # plays from the start
+        expect(page.get_by_test_id("window")).to_contain_text("Loaded: 0:00", timeout=10_000)
+        expect(page.locator(TERM)).to_contain_text(w, timeout=30_000)
+        # ~1 MiB, then ~4 MiB, then the rest: three windows shown one after the other
+        assert int(page.get_by_test_id("window").get_attribute("data-shown") or 0) >= 3
+        expect(page.get_by_test_id("window")).to_contain_text("end")
+    finally:
+        page.remove_listener("request", record)
+    assert len(casts) == 1, casts
     assert not auditor.problems, auditor.problems
 
 

@@ -2,12 +2,15 @@
 //
 // A recording can be hundreds of MiB, and the player parses and holds a whole recording, so it
 // never gets the whole file. The console reads recording.cast?from=T (the broker streams it,
-// times rebased to T) as a stream and stops reading after about WINDOW_BYTES (FIRST_BYTES for
-// the first window, to start quickly): that window ends at the last instant it holds in full,
-// and the next one starts there. Windows are bounded in bytes whatever the output's density in
-// time. The next window is fetched while the current one plays and takes over when it ends. The
-// last 64 KiB of output before a window are replayed at its first instant, so a window starts
-// from the screen the previous one left (a shell's scrollback, a full-screen program's last
+// times rebased to T) as a stream, a window at a time: about FIRST_BYTES for the first window,
+// to start quickly, then WINDOW_BYTES, each ending at the last instant it holds in full, so
+// windows are bounded in bytes whatever the output's density in time. Between windows the
+// response is simply not read: flow control holds the broker's writer, and the next window is
+// read from the same response while the current one plays (the broker renders a recording from
+// its start, so asking again later would cost it the whole way there). A jump elsewhere starts
+// a new response a little before the target; the output before the target (its last 64 KiB) is
+// replayed at the window's first instant, as is the end of the previous window when playing on,
+// so a window starts from the right screen (a shell's scrollback, a full-screen program's last
 // redraw). Idle time is limited here, not in the player, so positions in the session, search
 // hits and the player's timeline map onto each other exactly.
 
@@ -53,80 +56,128 @@ function parseEvent(line) {
 }
 
 /**
- * Reads recording.cast from ``from`` (seconds into the session) until ``to`` or about
- * ``maxBytes`` after ``splitAt``. Events before ``splitAt`` are not part of the window: the last
- * CARRY_BYTES of their output come back as ``carry``, to rebuild the screen the window starts
- * with (one request for both, since the broker renders a recording from its start). Returns
- * {header, events (times relative to ``splitAt``), carry, end (the session time where the
- * window ends; null at the end of the recording), bytes}.
+ * recording.cast from ``from`` (seconds into the session), read as a stream a window at a time.
+ *
+ * The broker renders a recording from its start whatever ``from`` is, so playing on never asks
+ * again: the next window is read from the same response, which waits (TCP flow control; the
+ * broker's writer with it) while a window plays. Event times are seconds into the session.
  */
-export async function readWindow(base, from, maxBytes, {to = null, splitAt = from} = {}) {
-  const params = new URLSearchParams();
-  if (from > 0) params.set("from", from.toFixed(6));
-  if (to !== null) params.set("to", to.toFixed(6));
-  const url = base + (params.toString() ? "?" + params : "");
-  const resp = await fetch(url, {credentials: "same-origin"});
-  if (!resp.ok) throw new Error(`the recording could not be loaded (HTTP ${resp.status})`);
-  const reader = resp.body.getReader();
-  const decoder = new TextDecoder();
-  const split = splitAt - from;
-  let buffered = "";
-  let header = null;
-  let size = 0;
-  let cut = false;
-  let before = [];
-  let beforeSize = 0;
-  const events = [];
-  const take = (line) => {
-    if (header === null) {
-      header = JSON.parse(line);
+export class CastStream {
+  constructor(base, from) {
+    this.from = from;
+    this.header = null;
+    this.pending = [];
+    this.done = false;
+    this.broken = null;
+    this.buffered = "";
+    this.decoder = new TextDecoder();
+    this.busy = Promise.resolve();
+    const url = base + (from > 0 ? `?from=${from.toFixed(6)}` : "");
+    this.opened = fetch(url, {credentials: "same-origin"}).then((resp) => {
+      if (!resp.ok) throw new Error(`the recording could not be loaded (HTTP ${resp.status})`);
+      this.reader = resp.body.getReader();
+    });
+    this.opened.catch(() => {});
+  }
+
+  line(text) {
+    if (this.header === null) {
+      this.header = JSON.parse(text);
       return;
     }
-    const ev = parseEvent(line);
-    if (!ev) return;
-    if (ev[0] < split) {
-      before.push(ev);
-      beforeSize += ev[2].length;
-      if (beforeSize > 4 * CARRY_BYTES) {
-        const keep = tail(before, CARRY_BYTES);
-        before = [[0, "o", keep.text]];
-        if (keep.cols) before.push([0, "r", `${keep.cols}x${keep.rows}`]);
-        beforeSize = keep.text.length;
+    const ev = parseEvent(text);
+    if (ev) {
+      ev[0] += this.from;
+      this.pending.push(ev);
+    }
+  }
+
+  async fill() {
+    let chunk;
+    try {
+      chunk = await this.reader.read();
+    } catch (e) {
+      this.broken = e;
+      this.done = true;
+      return;
+    }
+    if (chunk.done) {
+      if (this.buffered) this.line(this.buffered);
+      this.buffered = "";
+      this.done = true;
+      return;
+    }
+    const lines = (this.buffered + this.decoder.decode(chunk.value, {stream: true})).split("\n");
+    this.buffered = lines.pop();
+    for (const l of lines) this.line(l);
+  }
+
+  /**
+   * The next window: the events at or after ``splitAt`` up to about ``maxBytes`` of output,
+   * ending at the last instant read in full. Output before ``splitAt`` comes back as
+   * ``carry`` (its last CARRY_BYTES), to rebuild the screen the window starts with. ``end`` is
+   * null at the end of the recording.
+   */
+  take(maxBytes, splitAt) {
+    const run = this.busy.then(() => this.takeNow(maxBytes, splitAt));
+    this.busy = run.catch(() => {});
+    return run;
+  }
+
+  async takeNow(maxBytes, splitAt) {
+    await this.opened;
+    let before = [];
+    let beforeSize = 0;
+    const events = [];
+    let size = 0;
+    for (;;) {
+      for (const ev of this.pending) {
+        if (ev[0] < splitAt) {
+          before.push(ev);
+          beforeSize += ev[2].length;
+          if (beforeSize > 4 * CARRY_BYTES) {
+            const keep = tail(before, CARRY_BYTES);
+            before = [[splitAt, "o", keep.text]];
+            if (keep.cols) before.push([splitAt, "r", `${keep.cols}x${keep.rows}`]);
+            beforeSize = keep.text.length;
+          }
+        } else {
+          events.push(ev);
+          size += ev[2].length;
+        }
       }
-      return;
+      this.pending = [];
+      if ((size >= maxBytes && events.length) || this.done) break;
+      await this.fill();
     }
-    ev[0] -= split;
-    events.push(ev);
-  };
-  for (;;) {
-    const {value, done} = await reader.read();
-    if (done) break;
-    if (events.length) size += value.byteLength;
-    buffered += decoder.decode(value, {stream: true});
-    const lines = buffered.split("\n");
-    buffered = lines.pop();
-    for (const line of lines) take(line);
-    if (size >= maxBytes && events.length) {
-      cut = true;
-      reader.cancel().catch(() => {});
-      break;
+    if (this.header === null) throw this.broken || new Error("the recording is empty");
+    let end = null;
+    if (!this.done || this.broken) {
+      if (!events.length) throw this.broken || new Error("the recording could not be read");
+      // the last instant read may go on in what is not read yet: it opens the next window
+      const last = events[events.length - 1][0];
+      let keep = events.length;
+      while (keep > 0 && events[keep - 1][0] === last) keep--;
+      if (keep === 0) {
+        end = last + 0.000001; // one instant bigger than a window: keep it whole
+      } else {
+        this.pending = events.splice(keep);
+        end = last;
+      }
     }
+    return {header: this.header, events, end, bytes: size, carry: tail(before, CARRY_BYTES)};
   }
-  if (!cut && buffered) take(buffered);
-  if (header === null) throw new Error("the recording is empty");
-  let end = to;
-  if (cut) {
-    // the events at the last instant read may go on in the part not read: they open the next
-    const last = events[events.length - 1][0];
-    let keep = events.length;
-    while (keep > 0 && events[keep - 1][0] === last) keep--;
-    if (keep === 0) end = splitAt + last + 0.000001; // one instant bigger than a window: keep it
-    else {
-      events.length = keep;
-      end = splitAt + last;
-    }
+
+  /** Whether the window from ``t`` is the next this stream can give. */
+  continues(t) {
+    return !this.broken && !this.cancelled && this.nextFrom !== undefined &&
+      Math.abs(this.nextFrom - t) < 1e-6;
   }
-  return {header, events, carry: tail(before, CARRY_BYTES), end, bytes: size};
+
+  cancel() {
+    this.cancelled = true;
+    this.opened.then(() => this.reader.cancel()).catch(() => {});
+  }
 }
 
 function tail(events, limit) {
@@ -202,11 +253,28 @@ export function mountReplay(section, id, {startAt} = {}) {
   let generation = 0;
   let gone = false;
   let playing = false;
+  let shown = 0;
   const lookback = () => (rate > 0 ? Math.min(10, Math.max(0.2, (4 * CARRY_BYTES) / rate)) : 2);
+  let stream = null;
+  /** The window from ``from``: from the open stream when it is the next one it gives. */
+  function windowFrom(from) {
+    let st = stream;
+    let size = WINDOW_BYTES;
+    if (!st || !st.continues(from)) {
+      if (st) st.cancel();
+      st = stream = new CastStream(base, from === 0 ? 0 : Math.max(0, from - lookback()));
+      if (from === 0) size = FIRST_BYTES;
+    }
+    st.nextFrom = undefined;
+    const p = st.take(size, from).then((win) => {
+      st.nextFrom = win.end === null ? undefined : win.end;
+      return win;
+    });
+    p.catch(() => {});
+    return p;
+  }
   const firstStart = startAt !== undefined ? Math.max(0, startAt - 1) : 0;
-  const early = firstStart === 0 ? readWindow(base, 0, FIRST_BYTES)
-    : readWindow(base, Math.max(0, firstStart - lookback()), WINDOW_BYTES, {splitAt: firstStart});
-  early.catch(() => {});
+  const early = windowFrom(firstStart);
 
   const status = h("p", {class: "muted small", "aria-live": "polite"});
   const playerEl = h("div", {class: "player", "data-testid": "player"});
@@ -227,7 +295,7 @@ export function mountReplay(section, id, {startAt} = {}) {
 
   function fetchNext(from) {
     if (!upcoming || upcoming.from !== from) {
-      const promise = readWindow(base, from, WINDOW_BYTES);
+      const promise = windowFrom(from);
       promise.catch(() => {
         if (upcoming && upcoming.promise === promise) upcoming = null;
       });
@@ -273,12 +341,8 @@ export function mountReplay(section, id, {startAt} = {}) {
       if (loading) win = await loading;
       else if (current && current.end !== null && Math.abs(current.end - from) < 1e-6) {
         win = await fetchNext(from);
-        win = {...win, carry: current.carry};
-      } else if (from === 0) win = await readWindow(base, 0, FIRST_BYTES);
-      else {
-        win = await readWindow(base, Math.max(0, from - lookback()), WINDOW_BYTES,
-          {splitAt: from});
-      }
+        if (!win.carry.text) win = {...win, carry: current.carry};
+      } else win = await windowFrom(from);
     } catch (e) {
       if (gen === generation && !gone) status.textContent = String(e.message || e);
       return;
@@ -287,7 +351,7 @@ export function mountReplay(section, id, {startAt} = {}) {
     if (upcoming && upcoming.from === from) upcoming = null;
     const header = {...win.header};
     delete header.idle_time_limit;
-    let events = win.events;
+    let events = win.events.map(([t, type, data]) => [Math.max(0, t - from), type, data]);
     const carry = win.carry || {text: ""};
     if (carry.text) {
       events = [[0, "o", carry.text], ...events];
@@ -311,7 +375,7 @@ export function mountReplay(section, id, {startAt} = {}) {
       markers: ownMarkers, startAt: local, terminalFontSize: "14px"};
     if (!autoPlay) opts.poster = "npt:" + local.toFixed(3);
     const player = window.AsciinemaPlayer.create({data: [header, ...map.events]}, playerEl, opts);
-    const own = tail(win.events, CARRY_BYTES);
+    const own = tail(events, CARRY_BYTES);
     current = {from, end: win.end, player, map, win, carry: own.text ? own : carry};
     playing = autoPlay;
     player.addEventListener("play", () => {
@@ -325,6 +389,8 @@ export function mountReplay(section, id, {startAt} = {}) {
       playing = false;
       if (current.end !== null) show(current.end, current.end, true);
     });
+    shown += 1;
+    part.setAttribute("data-shown", String(shown)); // windows shown so far (tests, debugging)
     part.textContent = win.end === null && from === 0 ? ""
       : `Loaded: ${clock(from)}–${win.end === null ? "end" : clock(win.end)} (${bytes(win.bytes)}).`;
     status.textContent = "";
@@ -361,6 +427,7 @@ export function mountReplay(section, id, {startAt} = {}) {
     if (!box.isConnected) {
       clearInterval(timer);
       if (current && current.player) current.player.dispose();
+      if (stream) stream.cancel();
       return;
     }
     updatePosition();
@@ -380,6 +447,7 @@ export function mountReplay(section, id, {startAt} = {}) {
         gone = true;
         generation++;
         if (current && current.player) current.player.dispose();
+        if (stream) stream.cancel();
         clear(box).append(message("muted", !s.recorded
           ? "This session has no recording to replay."
           : "The session is live: its recording can be replayed when it ends."));
