@@ -225,7 +225,8 @@ MIGRATIONS: list[str] = [
     ALTER TABLE sessions ADD COLUMN parent_id TEXT;
     DROP INDEX sessions_started;
     CREATE INDEX sessions_started ON sessions (started_at, id);
-    CREATE INDEX sessions_user ON sessions (
+    CREATE INDEX sessions_user ON sessions (user, started_at, id);
+    CREATE INDEX sessions_user_key ON sessions (
         lower(substr(user, 1, instr(user || '@', '@') - 1)), started_at, id);
     CREATE INDEX sessions_target ON sessions (lower(target), started_at, id);
     CREATE INDEX sessions_target_name ON sessions (lower(target_name), started_at, id);
@@ -791,7 +792,7 @@ _FEW_TEXT_MATCHES = 2000
 _FEW_TEXT_SHARE = 50
 
 
-# the user's local part in lower case (ASCII), as the sessions_user index has it: an equality
+# the user's local part in lower case (ASCII), as the sessions_user_key index has it: an equality
 # on it leads to a user's sessions in start order, so a first page reads one page of rows
 _USER_KEY = "lower(substr(user, 1, instr(user || '@', '@') - 1))"
 
@@ -805,12 +806,12 @@ def _session_filters(q: SessionQuery) -> tuple[list[str], list[object]]:
     bound pattern)."""
     where: list[str] = []
     args: list[object] = []
-    if q.user:
-        # the indexed local part, then the exact user or key + "@" + any domain (the strings
-        # from key + "@" up to key + "A", as "@" sorts just below "A")
-        key = ascii_lower(q.user)
-        where.append(f"{_USER_KEY} = ? AND (user = ? OR (lower(user) >= ? AND lower(user) < ?))")
-        args += [key.partition("@")[0], q.user, key + "@", key + "A"]
+    if q.user and "@" in q.user:
+        where.append("user = ?")
+        args.append(q.user)
+    elif q.user:  # any domain, ASCII case-insensitive; a user without one: exactly
+        where.append(f"{_USER_KEY} = ? AND (instr(user, '@') > 0 OR user = ?)")
+        args += [ascii_lower(q.user), q.user]
     if q.target:
         where.append("(lower(target) = ? OR lower(target_name) = ?)")
         args += [ascii_lower(q.target)] * 2

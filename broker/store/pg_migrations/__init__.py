@@ -165,7 +165,8 @@ MIGRATIONS: list[str] = [
     ALTER TABLE sessions ADD COLUMN stack text NOT NULL DEFAULT '';
     ALTER TABLE sessions ADD COLUMN parent_id text;
     CREATE INDEX sessions_order ON sessions (started_at, id COLLATE "C");
-    CREATE INDEX sessions_user ON sessions
+    CREATE INDEX sessions_user ON sessions (user_name, started_at, id COLLATE "C");
+    CREATE INDEX sessions_user_key ON sessions
         (lower(split_part(user_name, '@', 1) COLLATE "C"), started_at, id COLLATE "C");
     CREATE INDEX sessions_target ON sessions
         (lower(target COLLATE "C"), started_at, id COLLATE "C");
