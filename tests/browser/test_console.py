@@ -232,7 +232,8 @@ def test_a_tampered_recording_is_flagged_as_failed(auditor: Console, demo: Demo)
 
 def test_a_user_sees_only_their_own_sessions(browser: Browser, demo: Demo) -> None:
     mine, other = demo.take_user(), demo.take_user()
-    own = run_session(demo, mine, "echo mine")
+    first = run_session(demo, mine, "echo mine")
+    own = run_session(demo, mine, "echo mine again")
     theirs = run_session(demo, other, "echo theirs")
     c = login(browser, demo, mine, demo.info["password"])
     try:
@@ -242,6 +243,15 @@ def test_a_user_sees_only_their_own_sessions(browser: Browser, demo: Demo) -> No
         users = rows.locator("td:nth-child(2)").all_inner_texts()
         assert users and all(u == f"{mine}@{demo.info['domain']}" for u in users), users
         expect(page.locator(f"a[href^='#/session/{own['id']}']")).to_have_count(1)
+        # keyset paging: one a page, newest first, "More sessions" until there is no more
+        c.open("#/sessions?limit=1")
+        more = page.get_by_role("button", name="More sessions")
+        expect(rows).to_have_count(1)
+        expect(rows.first.locator(f"a[href^='#/session/{own['id']}']")).to_have_count(1)
+        more.click()
+        expect(rows).to_have_count(2)
+        expect(rows.nth(1).locator(f"a[href^='#/session/{first['id']}']")).to_have_count(1)
+        expect(more).to_be_hidden()  # the second page was the last
         expect(page.get_by_role("link", name="Audit log")).to_be_hidden()
         # another user's session by its address: refused, nothing of it shown
         c.open(f"#/session/{theirs['id']}")

@@ -109,7 +109,8 @@ export async function sessionsPage(root, ctx) {
     root.append(h("p", {class: "muted"}, "You see your own sessions."));
   }
 
-  const query = {limit: PAGE};
+  const limit = Number(p.get("limit"));
+  const query = {limit: Number.isInteger(limit) && limit > 0 && limit <= 200 ? limit : PAGE};
   for (const k of FILTERS) if (p.get(k)) query[k] = p.get(k);
   if (p.get("top") !== "0" && !p.get("parent")) query.top = 1;
   const results = h("section", {"aria-label": "Results", "aria-live": "polite"});
