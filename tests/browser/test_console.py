@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import subprocess
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -192,6 +194,47 @@ def test_a_large_recording_plays_on_across_windows_from_one_response(auditor: Co
         page.remove_listener("request", record)
     assert len(casts) == 1, casts
     assert not auditor.problems, auditor.problems
+
+
+def test_jump_sessions_are_grouped_under_their_connection(auditor: Console, demo: Demo,
+                                                          tmp_path: Path) -> None:
+    user = demo.take_user()
+    w = word()
+    kh = tmp_path / "known_hosts_targets"
+    kh.write_text(demo.cli("ca", "known-hosts").stdout)
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(
+        f"Host bastion\n  HostName 127.0.0.1\n  Port {demo.port}\n  User {user}\n"
+        f"  UserKnownHostsFile {demo.known_hosts}\n  StrictHostKeyChecking yes\n"
+        "  PreferredAuthentications keyboard-interactive\n  BatchMode no\n"
+        f"Host web01\n  ProxyJump bastion\n  UserKnownHostsFile {kh}\n"
+        "  StrictHostKeyChecking yes\n  BatchMode no\n")
+    r = subprocess.run(["ssh", "-F", str(cfg), "web01", f"echo {w}"], capture_output=True,
+                       timeout=90, env=demo.env(user))
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 30
+    while not (len(rows := sessions_of(demo, user)) == 2 and all(s["ended_at"] for s in rows)):
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.1)
+    (jump,) = [s for s in rows if s["kind"] == "jump"]
+    (inner,) = [s for s in rows if s["kind"] == "exec"]
+    wait_sealed(demo, inner)
+    # the list shows connections: the jump, not the session inside it
+    page = auditor.open(f"#/sessions?user={user}")
+    listed = page.locator("table.sessions tbody tr")
+    expect(listed).to_have_count(1)
+    expect(listed.first).to_contain_text("jump")
+    listed.first.get_by_role("link").click()
+    page.wait_for_url(f"**/#/session/{jump['id']}*")
+    expect(page.locator("section[aria-labelledby=tunnel-h]")).to_contain_text("forward web01:22")
+    kids = page.locator("section[aria-labelledby=kids-h] table.sessions tbody tr")
+    expect(kids).to_have_count(1)
+    expect(kids.first).to_contain_text(w)  # its command
+    kids.first.get_by_role("link").click()
+    page.wait_for_url(f"**/#/session/{inner['id']}*")
+    back = page.locator("section.summary").get_by_role("link", name=jump["id"])
+    expect(back).to_be_visible()
+    expect(page.locator(TERM)).to_be_visible(timeout=10_000)
 
 
 def test_sftp_upload_is_on_the_file_timeline(auditor: Console, demo: Demo, tmp_path: Path

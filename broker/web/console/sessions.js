@@ -246,7 +246,23 @@ function grantSection(s) {
   return sec;
 }
 
-function tunnelSection(s) {
+/** A tunnel's protocol events from the audit log (tunnel.rdp: what the RDP client announced and
+ * the server chose), for those who may read the log. */
+async function tunnelEvents(s, into) {
+  let page;
+  try {
+    page = await api("GET", "/api/audit" + qs({session: s.id, event: "tunnel.*", limit: 50}));
+  } catch (e) {
+    return;
+  }
+  if (!page.items.length) return;
+  into.append(h("h3", {}, "Protocol"), h("ul", {class: "tunnel-events"}, page.items.map((ev) =>
+    h("li", {}, h("code", {}, ev.event), " ", when(ev.ts), " ", Object.entries(ev)
+      .filter(([k]) => !["seq", "ts", "event", "prev", "session_id", "user"].includes(k))
+      .map(([k, v]) => `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join(" ")))));
+}
+
+function tunnelSection(s, ctx) {
   if (s.kind !== "tunnel" && s.kind !== "jump") return null;
   const meta = [["Destination / protocol", s.command ? h("code", {}, s.command) : "—"],
     ["From", s.peer], ["Bytes to target", bytes(s.bytes_in)], ["Bytes from target", bytes(s.bytes_out)]];
@@ -255,10 +271,12 @@ function tunnelSection(s) {
       for (const [k, v] of Object.entries(s[key])) meta.push([`${key} ${k}`, String(v)]);
     }
   }
-  return h("section", {"aria-labelledby": "tunnel-h"},
+  const sec = h("section", {"aria-labelledby": "tunnel-h"},
     h("h2", {id: "tunnel-h"}, s.kind === "jump" ? "Jump connection" : "Tunnel"), dl(meta),
     s.kind === "tunnel" ? h("p", {class: "muted"}, "A tunnel's payload is not recorded; " +
-      "for RDP the client's and server's negotiation is shown above.") : null);
+      "for RDP, what the client announced and the server chose is its protocol event.") : null);
+  if (ctx.isAuditor) tunnelEvents(s, sec);
+  return sec;
 }
 
 function childrenSection(s, q) {
@@ -356,7 +374,7 @@ export async function sessionPage(root, id, ctx) {
     replaySec.append(findForm, hitsBox);
     showHits(s.hits || [], q);
   }
-  for (const sec of [tunnelSection(s), childrenSection(s, q), filesSection(s), grantSection(s)]) {
+  for (const sec of [tunnelSection(s, ctx), childrenSection(s, q), filesSection(s), grantSection(s)]) {
     if (sec) root.append(sec);
   }
   await replay.ready;
