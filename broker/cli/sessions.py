@@ -352,7 +352,8 @@ def _integrity_lines(check: dict[str, Any]) -> list[str]:
     findings = report["findings"]
     if check["status"] == "ok":
         n = len(report["checked"].get("files") or [])
-        head = f"integrity: OK (signed manifest, {n} file{'s' if n != 1 else ''})"
+        head = (f"integrity: OK (signed manifest, {n} file{'s' if n != 1 else ''})"
+                if "manifest" in report["checked"] else "integrity: OK")
     else:
         errors = sum(f["severity"] == "error" for f in findings)
         head = f"integrity: FAILED ({errors} problem{'s' if errors != 1 else ''})"
