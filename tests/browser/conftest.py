@@ -75,11 +75,11 @@ def _watch(page: Page, problems: list[str], dialogs: list[str]) -> None:
 
 
 def login(browser: Browser, demo: Demo, user: str, password: str, *,
-          timezone: str = "Europe/Berlin") -> Console:
+          timezone: str = "Europe/Berlin", base: str | None = None) -> Console:
     context = browser.new_context(viewport={"width": 1366, "height": 900}, timezone_id=timezone,
                                   locale="en-GB")
     page = context.new_page()
-    c = Console(page, context, demo.info["web_url"], user)
+    c = Console(page, context, base or demo.info["web_url"], user)
     _watch(page, c.problems, c.dialogs)
     page.goto(c.base + "/")
     # by their labels: the form is usable without seeing it
