@@ -307,6 +307,48 @@ def test_a_user_sees_only_their_own_sessions(browser: Browser, demo: Demo) -> No
         c.context.close()
 
 
+def test_keyboard_only_login_as_the_demo_approver(browser: Browser, demo: Demo) -> None:
+    """The login form and the pages work from the keyboard alone (labels, real links and
+    buttons, visible focus); the demo approver has the approver role, not the auditor's."""
+    a = demo.info["approver"]
+    context = browser.new_context(viewport={"width": 1366, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(demo.info["web_url"] + "/")
+        expect(page.get_by_label("User")).to_be_focused()
+        page.keyboard.type(a["user"])
+        page.keyboard.press("Tab")
+        expect(page.get_by_label("Password")).to_be_focused()
+        page.keyboard.type(a["password"])
+        page.keyboard.press("Tab")
+        page.keyboard.type(demo.next_code(a["user"]))
+        page.keyboard.press("Enter")
+        page.wait_for_url("**/#/sessions")
+        expect(page.locator("#who")).to_contain_text("approver")
+        expect(page.locator("#who")).not_to_contain_text("auditor")
+        expect(page.get_by_role("link", name="Audit log")).to_be_hidden()
+        expect(page.locator("main")).to_contain_text("You see your own sessions")
+        # each page focuses its heading; backwards from it: log out, the pages, the skip link
+        expect(page.get_by_role("heading", name="Sessions")).to_be_focused()
+        page.keyboard.press("Shift+Tab")
+        expect(page.get_by_role("button", name="Log out")).to_be_focused()
+        page.keyboard.press("Shift+Tab")
+        expect(page.get_by_role("link", name="Sessions", exact=True)).to_be_focused()
+        page.keyboard.press("Shift+Tab")
+        page.keyboard.press("Shift+Tab")
+        skip = page.get_by_role("link", name="Skip to content")
+        expect(skip).to_be_focused()
+        outline = skip.evaluate("e => getComputedStyle(e).outlineStyle")
+        assert outline not in ("", "none"), outline
+        page.keyboard.press("Tab")
+        expect(page.get_by_role("link", name="Dashboard")).to_be_focused()
+        page.keyboard.press("Enter")
+        page.wait_for_url("**/#/dashboard")
+        expect(page.get_by_role("heading", name="Dashboard")).to_be_focused()
+    finally:
+        context.close()
+
+
 def test_hostile_output_is_shown_as_text(auditor: Console, demo: Demo) -> None:
     user = demo.take_user()
     payload = "<script>alert(1)</script>"
