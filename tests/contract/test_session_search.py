@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import asyncpg
@@ -326,9 +326,9 @@ async def test_per_day_and_live_count(stores: StoreBundle) -> None:
     starts = [day - timedelta(minutes=1), day, day + timedelta(hours=23, minutes=59),
               day + timedelta(days=1, hours=1), day + timedelta(days=3)]
     for i, started in enumerate(starts):
-        # stored from a local time: the day is the UTC one
+        # given in local times whose dates are not the UTC ones: counted by the UTC day
         await s.started(make_session(f"d{i}", started=started.astimezone(
-            datetime.now().astimezone().tzinfo)))
+            timezone(timedelta(hours=-5 if i % 2 else 1)))))
     await s.ended("d0", day + timedelta(minutes=5), "0", 0, 0)
     assert await s.per_day(day) == [("2025-03-01", 2), ("2025-03-02", 1), ("2025-03-04", 1)]
     assert await s.per_day(day - timedelta(days=1)) == [
