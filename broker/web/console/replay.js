@@ -285,7 +285,8 @@ export function mountReplay(section, id, {startAt} = {}) {
   const position = h("input", {type: "range", id: "replay-position", min: "0", max: "1",
     step: "1", value: "0"});
   const posText = h("output", {for: "replay-position"}, "0:00");
-  const part = h("span", {class: "muted small", "data-testid": "window"});
+  // which part is loaded: shown for recordings larger than one window
+  const part = h("span", {class: "muted small", "data-testid": "window", hidden: true});
   const note = h("span", {class: "muted small"});
   box.append(h("div", {class: "replay-tools"},
     h("label", {for: "replay-speed"}, "Speed"), speedSel,
@@ -457,6 +458,7 @@ export function mountReplay(section, id, {startAt} = {}) {
       rate = total > 0 ? (Number(s.recording_bytes) || 0) / total : 0;
       position.max = String(Math.max(1, Math.ceil(total)));
       if ((Number(s.recording_bytes) || 0) > FIRST_BYTES) {
+        part.hidden = false;
         note.textContent = ` The recording (${bytes(s.recording_bytes)}) is loaded in parts of ` +
           `at most about ${bytes(WINDOW_BYTES)}, the next while one plays.`;
       }
