@@ -411,3 +411,24 @@ async def test_postgres_migrates_an_existing_session_index(pg_empty_database: st
         assert [m.record.id for m in await s.search(SessionQuery(text="migrated"))] == ["old-1"]
     finally:
         await db.close()
+
+
+async def test_large_and_odd_segments_index(stores: StoreBundle) -> None:
+    """What PostgreSQL's tsvector cannot hold (a lexeme over 2 KiB, over 256 positions of one
+    word, positions past 16383) is left out of its index, not an error; NUL characters too."""
+    s = stores.sessions
+    await s.started(make_session("t1"))
+    long_token = "x" * 3000
+    await s.index_text("t1", [
+        TextSegment(0.0, "output", f"begin {long_token} end"),
+        TextSegment(1.0, "output", "again " * 1000 + "finally"),
+        TextSegment(2.0, "output", " ".join(f"w{i}" for i in range(20000)) + " last\x00word"),
+        TextSegment(3.0, "output", "ünïcödé Straße ΣΊΣΥΦΟΣ"),
+    ])
+    assert await ids(stores, text="begin end") == ["t1"]
+    assert [h.t for h in await s.text_hits("t1", "again")] == [1.0]
+    assert await ids(stores, text="w1 w2 w3") == ["t1"]  # a phrase early in a long segment
+    assert await ids(stores, text="ünïcödé") == ["t1"]
+    assert await ids(stores, text="straße") == ["t1"]  # lower case matches
+    [m] = await s.search(SessionQuery(text="w5"))
+    assert m.hits[0].snippet.startswith("w0 w1 w2 w3 w4 w5") and m.hits[0].snippet.endswith("…")
