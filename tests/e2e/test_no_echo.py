@@ -258,3 +258,34 @@ def test_sealed_input_opens_only_with_the_break_glass_key_and_is_audited(
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+SECRET_SUDO = b"Sudo-pw-77xq"
+
+
+def test_a_password_typed_at_sudo_is_withheld(demo: Demo) -> None:
+    """sudo's own prompt (PAM, echo off on the target's terminal): the password the user types
+    there is a marker in the recording and the export; sudo's answer stays as it printed it."""
+    user = demo.take_user()
+    term = _shell(demo, user)
+    # the prompt is split in the command line, so that only sudo's own prompt matches
+    term.send(b"sudo -k; sudo -p 'SU''DO-PW: ' true; echo sudo-rc=$?\r")
+    term.expect(b"SUDO-PW: ")
+    _type(term, SECRET_SUDO)
+    term.send(b"\r")
+    term.expect(b"SUDO-PW: ")  # the target login has no valid password: asked again
+    term.send(b"\x03")  # Ctrl-C ends sudo
+    term.expect(b"sudo-rc=")
+    term.expect(b"READY> ")
+    term.send(b"exit 0\r")
+    assert term.close() == 0
+    row = _session(demo, user)
+    rec_path = Path(str(row["recording"]))
+    raw = rec_path.read_bytes()
+    assert SECRET_SUDO not in raw
+    parsed = fmt.parse(raw)
+    assert len(SECRET_SUDO) in _markers(parsed.frames)
+    assert b"sudo -k; sudo -p" in fmt.output_bytes(parsed.frames, frozenset({fmt.INPUT}))
+    cast = demo.cli("export", row["id"]).stdout
+    assert SECRET_SUDO.decode() not in cast
+    assert f"[input not echoed: {len(SECRET_SUDO)} bytes]" in cast
