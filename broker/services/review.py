@@ -19,6 +19,7 @@ import base64
 import binascii
 import functools
 import json
+import math
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -168,6 +169,31 @@ def _window(lines: Iterator[str], start: float | None, end: float | None) -> Ite
         if end is not None and t >= end:
             return
         yield json.dumps([round(t - offset, 6), code, data], ensure_ascii=False)
+
+
+class _From:
+    """A recording from ``start`` (seconds) on, for ``_window``: the streams' frames before it
+    are passed over unrendered. Rendering (decoding, escaping, making viewer-safe) every byte
+    before a late seek point was the whole cost of opening a long session far into it: seconds
+    for 100 MiB. Resizes are kept (the window's terminal size comes from the last one before).
+    Passing over is safe: a sequence cut at ``start`` reaches the viewer-safe filter without its
+    ESC, as inert text, and the UTF-8 decoder starts fresh."""
+
+    def __init__(self, rec: fmt.Recording, start: float) -> None:
+        self.meta = rec.meta
+        self._rec = rec
+        self._start_us = math.ceil(start * 1_000_000)
+
+    @property
+    def frames(self) -> Iterator[fmt.Frame]:
+        it = iter(self._rec.frames)
+        for f in it:
+            if f.t_us >= self._start_us:
+                yield f
+                break
+            if f.kind == fmt.RESIZE:
+                yield f
+        yield from it
 
 
 def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
@@ -337,7 +363,8 @@ class ReviewService:
     async def _stream(self, opened: tuple[BinaryIO, fmt.FrameReader], start: float | None,
                       end: float | None) -> AsyncGenerator[str, None]:
         f, reader = opened
-        lines = _window(safe_asciicast(fmt.to_asciicast(reader)), start, end)
+        rec: fmt.Recording = _From(reader, start) if start else reader
+        lines = _window(safe_asciicast(fmt.to_asciicast(rec)), start, end)
         try:
             while batch := await self._thread(_take, lines):
                 yield "".join(batch)
