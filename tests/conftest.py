@@ -160,7 +160,7 @@ class Demo:
         return self.stderr_path.read_text(errors="replace")
 
 
-def start_demo(state_dir: Path, users: int = 150, workers: int = 1,
+def start_demo(state_dir: Path, users: int = 300, workers: int = 1,
                env: dict[str, str] | None = None) -> Demo:
     """``bastion-broker demo`` in a process of its own (``env``: its environment, default ours)."""
     state_dir.mkdir(parents=True, exist_ok=True)

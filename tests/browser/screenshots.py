@@ -30,9 +30,12 @@ def main() -> None:
     try:
         alice, bob = demo.take_user(), demo.take_user()
         word = "zqdeploy" + uuid.uuid4().hex[:6]
-        s = run_session(demo, alice, f"echo 'checking disk space before {word}'; df -h / | head -3; "
-                                     f"sleep 2; echo 'restarting service {word}'; uptime")
-        run_session(demo, bob, "uname -a; id")
+        s = run_session(demo, alice, f"echo 'checking disk space before {word}'; "
+                                     "printf 'Filesystem  Size  Used Avail Use%% Mounted on\\n"
+                                     "/dev/xvda1   50G   21G   29G  42%% /\\n'; "
+                                     f"sleep 2; echo 'restarting service {word}'; "
+                                     "echo 'app.service: active (running)'")
+        run_session(demo, bob, "echo 'release check'; seq 3")  # nothing of the machine it runs on
         payload = tmp / "release-notes.txt"
         payload.write_text("release 1.4.2\n" * 200)
         before = {x["id"] for x in sessions_of(demo, alice)}
