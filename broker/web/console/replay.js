@@ -6,8 +6,8 @@
 // to start quickly, then WINDOW_BYTES, each ending at the last instant it holds in full, so
 // windows are bounded in bytes whatever the output's density in time. Between windows the
 // response is simply not read: flow control holds the broker's writer, and the next window is
-// read from the same response while the current one plays (the broker renders a recording from
-// its start, so asking again later would cost it the whole way there). A jump elsewhere starts
+// read from the same response while the current one plays (asking again later would cost the
+// broker a read of the recording up to there, and a new request). A jump elsewhere starts
 // a new response a little before the target; the output before the target (its last 64 KiB) is
 // replayed at the window's first instant, as is the end of the previous window when playing on,
 // so a window starts from the right screen (a shell's scrollback, a full-screen program's last
@@ -58,8 +58,8 @@ function parseEvent(line) {
 /**
  * recording.cast from ``from`` (seconds into the session), read as a stream a window at a time.
  *
- * The broker renders a recording from its start whatever ``from`` is, so playing on never asks
- * again: the next window is read from the same response, which waits (TCP flow control; the
+ * The broker reads a recording from its start whatever ``from`` is (it passes over the frames
+ * before ``from`` unrendered), so playing on never asks again: the next window is read from the same response, which waits (TCP flow control; the
  * broker's writer with it) while a window plays. Event times are seconds into the session.
  */
 export class CastStream {
