@@ -38,6 +38,7 @@ from broker.services.account_check import AccountChecker, AccountEnforcer
 from broker.services.auth import Authenticator, TotpSecondFactor
 from broker.services.enforcement import GrantEnforcer
 from broker.services.grants import GrantService
+from broker.services.locks import LockGate, LockService
 from broker.services.review import ReviewService
 from broker.services.roles import grant_policy
 from broker.services.sessions import LiveSession, SessionService
@@ -156,7 +157,10 @@ class Broker:
         directory = build_directory(config)
         self._directory = directory
         inventory = build_inventory(config)
-        self.access = AccessService(inventory, s.grants, s.clock, metrics=self.metrics)
+        # locks (user, target, stack) refuse logins and sessions on every bastion of the store
+        gate = LockGate(s.locks, s.clock)
+        self.access = AccessService(inventory, s.grants, s.clock, metrics=self.metrics,
+                                    locks=gate)
         key = signing_key(config)
         self.sealer = RecordingSealer(key, s.audit)  # signed manifests
         # what each session showed and typed, for text search (built after its end, in a thread)
@@ -175,7 +179,7 @@ class Broker:
         self.authenticator = Authenticator(
             directory, TotpSecondFactor(s.totp, s.clock), s.audit, s.throttle, s.clock,
             account_policy(config), totp_store=s.totp, totp_policy=totp_policy(config),
-            reauth=s.reauth, metrics=self.metrics,
+            reauth=s.reauth, metrics=self.metrics, locks=gate,
         )
         self.guard = source_guard(config.limits)  # MaxStartups and penalties, per process
         self.ca = UserCA(load_or_create_user_ca(config.ca_key_path))
@@ -195,7 +199,10 @@ class Broker:
                                   s.tokens, self.accounts, _review(config, s, key.public))
         self.web_url: str | None = None  # the API's base URL once started
         self.enforcer = GrantEnforcer(self.sessions, s.grants, s.audit, s.clock,
-                                      **enforcer_settings(config))
+                                      **enforcer_settings(config), locks=s.locks)
+        self.locks = LockService(s.locks, s.audit, s.clock)  # kill and lock through the API
+        if self.web is not None:
+            self.web.use_locks(self.locks)
         self.account_enforcer = AccountEnforcer(self.sessions, self.accounts, s.audit,
                                                 interval=_account_interval(config))
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
+from broker.domain.locks import KillRequest, Lock
 from broker.domain.models import Grant, Instance, Principal
 from broker.domain.workflow import HistoryEntry
 
@@ -291,6 +292,37 @@ class GrantStore(Protocol):
 
     async def list(self, *, username: str | None = None) -> list[Grant]:
         """All grants (of one user), oldest first. Last: its name shadows ``list`` below it."""
+        ...
+
+
+# -- locks and kill requests: incident brakes shared by every bastion on the store --------------
+class LockStore(Protocol):
+    """Locks (user, target, stack) and requests to end one live session, in the store every
+    bastion shares: each bastion's enforcement loop reads them for the sessions it holds."""
+
+    async def add(self, lock: Lock) -> None: ...
+
+    async def active(self, now: datetime) -> builtins.list[Lock]:
+        """Locks not removed and not past their end at ``now``, oldest first."""
+        ...
+
+    async def listing(self, *, include_inactive: bool, now: datetime) -> builtins.list[Lock]:
+        """Active locks, or every lock ever made (``include_inactive``), oldest first."""
+        ...
+
+    async def remove(self, lock_id: str, by: str, now: datetime) -> Lock | None:
+        """Remove an active lock; returns it as removed, None if there is no active lock by
+        that id (unknown, already removed or expired)."""
+        ...
+
+    async def request_kill(self, req: KillRequest) -> None: ...
+
+    async def pending_kills(self, session_ids: Sequence[str]) -> builtins.list[KillRequest]:
+        """Kill requests not yet carried out for these sessions, oldest first."""
+        ...
+
+    async def kill_done(self, request_id: str, now: datetime) -> bool:
+        """Mark a request carried out; False if it already was."""
         ...
 
 

@@ -26,6 +26,7 @@ from broker.ports import (
     Database,
     GrantStore,
     KeyStore,
+    LockStore,
     ReauthStore,
     RecordingSink,
     SessionIndex,
@@ -47,6 +48,7 @@ from broker.store.sqlite import (
     SqliteThrottleStore,
     SqliteTotpStore,
 )
+from broker.store.sqlite_locks import SqliteLockStore
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Stores:
     reauth: ReauthStore
     tokens: TokenStore
     sessions: SessionIndex
+    locks: LockStore  # locks and kill requests (incident brakes)
     recordings: RecordingSink
     audit: AuditLog
     clock: Clock
@@ -138,7 +141,8 @@ def open_stores(config: BrokerConfig, access: Access = "command") -> Stores:
         throttle=SqliteThrottleStore(db), keys=SqliteKeyStore(db, parse_public_key),
         reauth=SqliteReauthStore(db),
         tokens=SqliteApiTokenStore(db),
-        sessions=SqliteSessionIndex(db), recordings=recordings, audit=audit, clock=clock,
+        sessions=SqliteSessionIndex(db), locks=SqliteLockStore(db), recordings=recordings,
+        audit=audit, clock=clock,
         database=db, closer=close,
     )
 
@@ -171,6 +175,7 @@ async def connect_stores(config: BrokerConfig, access: Access = "command") -> St
     if config.store.backend == "sqlite":
         return open_stores(config, access)
     from broker.store import postgres as pg
+    from broker.store.postgres_locks import PostgresLockStore
 
     st = config.store
     totp_key = _totp_key(config, access)
@@ -183,6 +188,6 @@ async def connect_stores(config: BrokerConfig, access: Access = "command") -> St
         totp=_totp(pg.PostgresTotpStore(db), totp_key),
         throttle=pg.PostgresThrottleStore(db), keys=pg.PostgresKeyStore(db, parse_public_key),
         reauth=pg.PostgresReauthStore(db), tokens=pg.PostgresApiTokenStore(db),
-        sessions=pg.PostgresSessionIndex(db),
+        sessions=pg.PostgresSessionIndex(db), locks=PostgresLockStore(db),
         recordings=recordings, audit=audit, clock=clock, database=db, closer=db.close,
     )

@@ -11,6 +11,7 @@ from broker.cli import (
     configcheck,
     grants,
     keys,
+    locks,
     serve,
     sessions,
     shipping,
@@ -41,4 +42,5 @@ def build_parser() -> argparse.ArgumentParser:
     users.register(sub)
     configcheck.register(sub)  # config check
     tokens.register(sub)     # tokens list|revoke, web-sessions list|revoke (operator)
+    locks.register(sub)      # lock --user|--target|--stack, lock list, lock remove
     return p

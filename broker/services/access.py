@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from broker.domain import grants as grant_rules
 from broker.domain.models import Decision, Grant, Instance, Principal
 from broker.ports import Clock, GrantStore, Inventory, Metrics, NullMetrics
+from broker.services.locks import LockGate
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,8 +18,9 @@ class AccessResult:
 
 class AccessService:
     def __init__(self, inventory: Inventory, grants: GrantStore, clock: Clock, *,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, locks: LockGate | None = None) -> None:
         self._inventory = inventory
+        self._locks = locks  # a locked user, target or stack: refused, naming the lock
         self._grants = grants
         self._clock = clock
         self._metrics = metrics or NullMetrics()
@@ -37,6 +39,10 @@ class AccessService:
         if instance is None:
             self._metrics.access_decision("unknown_target")
             return AccessResult(Decision(False, "unknown target"), None)
+        lock = await self._locks.lock_for(principal, instance) if self._locks else None
+        if lock is not None:
+            self._metrics.access_decision("deny")
+            return AccessResult(Decision(False, f"locked: lock {lock.id}"), instance)
         grants = await self._grants.for_user(principal.username, principal.domain)
         decision = grant_rules.evaluate(grants, principal, instance, self._clock.now())
         self._metrics.access_decision("allow" if decision.allowed else "deny")
@@ -45,4 +51,9 @@ class AccessService:
     async def reachable(self, principal: Principal) -> list[tuple[Instance, Grant]]:
         grants = await self._grants.for_user(principal.username, principal.domain)
         instances = await self._inventory.instances()
+        if self._locks is not None:
+            own, others = await self._locks.locked_instances(principal)
+            if own is not None:
+                return []
+            instances = [i for i in instances if not any(lk.matches_instance(i) for lk in others)]
         return grant_rules.reachable(grants, principal, instances, self._clock.now())

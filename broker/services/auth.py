@@ -25,6 +25,7 @@ from broker.ports import (
     ThrottleStore,
     TotpStore,
 )
+from broker.services.locks import LockGate
 
 
 class TotpSecondFactor:
@@ -90,8 +91,10 @@ class Authenticator:
         totp_policy: TotpPolicy | None = None,
         reauth: ReauthStore | None = None,
         metrics: Metrics | None = None,
+        locks: LockGate | None = None,
     ) -> None:
         self._directory = directory
+        self._locks = locks  # a locked user is refused after the first factor, as a failure
         self._metrics = metrics or NullMetrics()
         self._second = second
         self._audit = audit
@@ -173,6 +176,8 @@ class Authenticator:
             await self._count_failure(account, peer, first.reason)
             return LoginResult(None)
         principal = first.principal
+        if await self._locked(account, principal, peer):
+            return LoginResult(None)
         second = await self._second.verify(principal, code)
         if second.principal is None:
             if second.reason == "no TOTP enrolled" and self._totp_policy.self_enroll:
@@ -232,6 +237,8 @@ class Authenticator:
         if first.principal is None:
             await self._count_failure(account, peer, first.reason)
             return None
+        if await self._locked(account, first.principal, peer):
+            return None
         await self._known(account, peer, key_fp)
         method = ("publickey" if key_fp else "password") + "+reauth-window"
         self._audit.emit("auth.success", user=str(first.principal), peer=peer, method=method,
@@ -256,6 +263,15 @@ class Authenticator:
         now = self._clock.now().timestamp()
         await self._throttle.login_succeeded(
             account, _ip(peer), key_fp, now, now - self._policy.known_source_days * 86400.0)
+
+    async def _locked(self, account: str, principal: Principal, peer: str) -> bool:
+        """A lock on the user (``lock --user``): refused like any failed login (the client
+        learns nothing more), audited with the lock's id; not counted against the account."""
+        lock = await self._locks.lock_for(principal) if self._locks is not None else None
+        if lock is None:
+            return False
+        self._fail(account, peer, f"locked: lock {lock.id}")
+        return True
 
     def _fail(self, account: str, peer: str, reason: str) -> None:
         self._audit.emit("auth.failure", user=account, peer=peer, reason=reason)

@@ -249,6 +249,31 @@ MIGRATIONS: list[str] = [
         tokenize='unicode61 remove_diacritics 0'
     );
     """,
+    # locks (user, target, stack) and requests to end one live session (``LockStore``): every
+    # bastion's enforcement loop reads the active locks and the pending kills of its sessions
+    """
+    CREATE TABLE locks (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        value TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at TEXT,
+        removed_at TEXT,
+        removed_by TEXT
+    );
+    CREATE INDEX locks_live ON locks (created_at, id) WHERE removed_at IS NULL;
+    CREATE TABLE session_kills (
+        id TEXT PRIMARY KEY,
+        session_id TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        requested_at TEXT NOT NULL,
+        done_at TEXT
+    );
+    CREATE INDEX session_kills_pending ON session_kills (session_id) WHERE done_at IS NULL;
+    """,
 ]
 
 

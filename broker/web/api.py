@@ -31,10 +31,12 @@ from broker.ports import ApiTokenRecord, AuditSink, Clock, TokenStore, WebSessio
 from broker.services.account_check import AccountChecker, directory_failed
 from broker.services.auth import Authenticator
 from broker.services.grants import GrantFilter, GrantService
+from broker.services.locks import LockService
 from broker.services.review import ReviewService
 from broker.services.roles import roles_of
 from broker.web import schema as S
 from broker.web.console_routes import CONSOLE_PREFIX, add_console_routes
+from broker.web.locks_api import IncidentApi, lock_routes
 from broker.web.routes import Caller, Route
 from broker.web.schema import ApiError
 from broker.web.sessions_api import session_routes
@@ -84,6 +86,7 @@ class WebContext:
     accounts: AccountChecker
     auto_approve_groups: tuple[str, ...] = ()
     review: ReviewService | None = None  # the sessions API (broker.web.sessions_api)
+    locks: LockService | None = None  # kill and lock (broker.web.locks_api)
 
     @property
     def session_cookie(self) -> str:
@@ -581,6 +584,7 @@ class Api:
         g = "/api/grants/{grant_id}"
         read, write, appr = ("grants:read",), ("grants:write",), ("grants:approve",)
         std = (200, 400, 401, 403, 404, 409, 413, 415)
+        incidents = self._incidents()
         return [
             Route("GET", "/api/openapi.json", self.openapi, "This OpenAPI document", "public"),
             Route("POST", "/api/login", self.login,
@@ -630,8 +634,16 @@ class Api:
             Route("POST", g + "/revoke", self.grant_revoke,
                   "End a grant now (approvers, or the grantee)", "any", write + appr,
                   body="Comment", responses=std, ok_schema="Grant"),
-            *(session_routes(self.ctx.review, self.ctx.clock.now) if self.ctx.review else ()),
+            *(session_routes(self.ctx.review, self.ctx.clock.now,
+                             incidents.kill if incidents else None) if self.ctx.review else ()),
+            *(lock_routes(incidents) if incidents else ()),
         ]
+
+    def _incidents(self) -> IncidentApi | None:
+        if self.ctx.locks is None or self.ctx.review is None:
+            return None
+        return IncidentApi(self.ctx.locks, self.ctx.review, self.ctx.clock.now,
+                           self.ctx.authenticator.account_of)
 
 
 def create_app(ctx: WebContext) -> web.Application:

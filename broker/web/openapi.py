@@ -10,6 +10,7 @@ from broker.domain import workflow as wf
 from broker.domain.models import Level, Trigger
 from broker.ports import SESSION_STATUSES
 from broker.services.review import MAX_LIMIT
+from broker.web.locks_api import SCHEMAS as LOCK_SCHEMAS
 from broker.web.routes import Route
 from broker.web.schema import MAX_HOURS, MIN_HOURS, SCOPES, STATES
 from broker.web.sessions_api import (
@@ -172,6 +173,7 @@ SCHEMAS.update({
         "recent_failed_logins": {"type": "array", "items": {"type": "object"}},
         "grants_expiring": {"type": "array", "items": {"$ref": "#/components/schemas/Grant"}}}},
 })
+SCHEMAS.update(LOCK_SCHEMAS)  # kill and lock (broker.web.locks_api)
 # query parameters of the review routes, where a name means more than on the grant routes
 _REVIEW_PREFIXES = ("/api/sessions", "/api/audit", "/api/dashboard")
 _NO_CONTROL_LINE = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
@@ -200,7 +202,7 @@ _PATH_SCHEMAS: dict[str, dict[str, Any]] = {
                    "description": "a session id, or a unique prefix of 6 or more characters"},
 }
 
-_STATUS_TEXT = {200: "OK", 201: "Created", 400: "Invalid input", 401: "Not logged in",
+_STATUS_TEXT = {200: "OK", 201: "Created", 202: "Accepted", 400: "Invalid input", 401: "Not logged in",
                 403: "Forbidden (role, scope or CSRF)", 404: "Not found (or not visible)",
                 409: "Conflict (state, a concurrent change, or an ambiguous session id prefix)",
                 413: "Body over 64 KiB",

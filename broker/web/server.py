@@ -14,6 +14,7 @@ from broker.ports import AuditSink, Clock, TokenStore
 from broker.services.account_check import AccountChecker
 from broker.services.auth import Authenticator
 from broker.services.grants import GrantService
+from broker.services.locks import LockService
 from broker.services.review import ReviewService
 from broker.web.api import WebContext, create_app
 from broker.web.listener import GuardedListener
@@ -39,6 +40,10 @@ class WebServer:
         (the listener, TLS files and cookies stay until a restart)."""
         self._ctx.roles = roles
         self._ctx.auto_approve_groups = auto_approve_groups
+
+    def use_locks(self, locks: LockService) -> None:
+        """Serve the kill and lock routes (``broker.web.locks_api``); before ``start``."""
+        self._ctx.locks = locks
 
     async def start(self) -> str:
         """Listen; returns the base URL actually bound (port 0 picks a free one)."""

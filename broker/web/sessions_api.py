@@ -312,7 +312,8 @@ def _ambiguous(handler: Handler) -> Handler:
     return handle
 
 
-def session_routes(review: ReviewService, now: Callable[[], datetime]) -> list[Route]:
+def session_routes(review: ReviewService, now: Callable[[], datetime],
+                   kill: Handler | None = None) -> list[Route]:
     api = SessionsApi(review, now)
     s = "/api/sessions/{session_id}"
     read, audit = ("sessions:read",), ("audit:read",)
@@ -366,4 +367,9 @@ def session_routes(review: ReviewService, now: Callable[[], datetime]) -> list[R
               "Live sessions, sessions per day, failed logins, grants ending soon (all for "
               "auditors and admins, the caller's own for others)", "any", read,
               responses=(200, 401, 403), ok_schema="Dashboard"),
+        *([Route("POST", s + "/kill", wrap(kill),
+                 "End a live session on whichever bastion holds it, within the enforcement "
+                 "interval; the user sees the reason (auditors and admins; audited)", "session",
+                 body="Kill", responses=(202, 400, 401, 403, 404, 409, 413, 415),
+                 ok_schema="KillRequested")] if kill is not None else []),
     ]

@@ -349,7 +349,7 @@ OLD_SESSION = (
 async def test_sqlite_migrates_an_existing_session_index(tmp_path: Path) -> None:
     path = tmp_path / "broker.db"
     conn = sqlite3.connect(path, isolation_level=None)
-    old = len(MIGRATIONS) - 1  # the schema the previous release made
+    old = 7  # the schema before session search (migration 8)
     for script in MIGRATIONS[:old]:
         conn.executescript(script)
     conn.execute(f"PRAGMA user_version = {old}")
@@ -380,7 +380,7 @@ async def test_sqlite_migrates_an_existing_session_index(tmp_path: Path) -> None
 
 @pytest.mark.postgres
 async def test_postgres_migrates_an_existing_session_index(pg_empty_database: str) -> None:
-    old = len(PG_MIGRATIONS) - 1
+    old = 4  # the schema before session search (migration 5)
     conn = await asyncpg.connect(pg_empty_database)
     try:
         await conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY,"

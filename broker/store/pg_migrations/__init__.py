@@ -194,4 +194,30 @@ MIGRATIONS: list[str] = [
     -- them the planner guesses a user's share of the sessions
     ANALYZE sessions;
     """,
+    # 6: locks (user, target, stack) and requests to end one live session (``LockStore``):
+    # every bastion's enforcement loop reads the active locks and the pending kills of its
+    # sessions
+    """
+    CREATE TABLE locks (
+        id text PRIMARY KEY,
+        kind text NOT NULL,
+        value text NOT NULL,
+        reason text NOT NULL,
+        created_by text NOT NULL,
+        created_at timestamptz NOT NULL,
+        expires_at timestamptz,
+        removed_at timestamptz,
+        removed_by text
+    );
+    CREATE INDEX locks_live ON locks (created_at, id COLLATE "C") WHERE removed_at IS NULL;
+    CREATE TABLE session_kills (
+        id text PRIMARY KEY,
+        session_id text NOT NULL,
+        reason text NOT NULL,
+        requested_by text NOT NULL,
+        requested_at timestamptz NOT NULL,
+        done_at timestamptz
+    );
+    CREATE INDEX session_kills_pending ON session_kills (session_id) WHERE done_at IS NULL;
+    """,
 ]
