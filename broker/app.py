@@ -47,14 +47,13 @@ from broker.services.totp_secrets import load_key
 from broker.shipping.service import Shipping
 from broker.ssh import patches
 from broker.ssh.ca import UserCA
-from broker.ssh.jump import host_ca, jump_patterns
+from broker.ssh.jump import host_ca
 from broker.ssh.keys import load_or_create_key, load_or_create_user_ca
 from broker.ssh.relay import RelayDeps
 from broker.ssh.server import configure_guard, source_guard, start_server
 
 if TYPE_CHECKING:
     from broker.diag.server import DiagServer
-    from broker.web.known_hosts import SshTrust
 from broker.reload import (
     ConfigSource,
     Reloader,
@@ -186,7 +185,9 @@ class Broker:
         self.ca = UserCA(load_or_create_user_ca(config.ca_key_path))
         self.host_key = load_or_create_key(config.host_key_path, "bastion-broker host key")
         host_ca(config)  # created now, so `ca known-hosts` can print it before the first jump
-        self.grants = GrantService(s.grants, s.audit, s.clock, grant_policy(config.grants))
+        # requests are checked against the inventory in use (a reload may swap it)
+        self.grants = GrantService(s.grants, s.audit, s.clock, grant_policy(config.grants),
+                                   inventory=lambda: self.access.inventory)
         self.deps = RelayDeps(config, self.access, self.sessions, self.ca, s.audit, s.clock)
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._checkpoints: asyncio.Task[None] | None = None
@@ -197,8 +198,7 @@ class Broker:
         self.accounts = AccountChecker(directory, s.clock,
                                        recheck_seconds=config.web.recheck_seconds)
         self.web = web_server_for(config, self.grants, self.authenticator, s.audit, s.clock,
-                                  s.tokens, self.accounts, _review(config, s, key.public),
-                                  ssh_trust=self._ssh_trust)
+                                  s.tokens, self.accounts, _review(config, s, key.public))
         self.web_url: str | None = None  # the API's base URL once started
         self.enforcer = GrantEnforcer(self.sessions, s.grants, s.audit, s.clock,
                                       **enforcer_settings(config), locks=s.locks)
@@ -214,17 +214,6 @@ class Broker:
         self.diag = _diag_server(self, disk_guard)  # /healthz, /readyz, /metrics ([diag])
         self.diag_url: str | None = None  # its base URL once started
         self.reload = BrokerReload(self)  # SIGHUP: the config file again, applied live
-
-    async def _ssh_trust(self) -> SshTrust:
-        """What ``GET /api/ssh/known_hosts`` publishes (it caches it): the keys as loaded at
-        start, the names of the inventory as it is now (a reload may change it)."""
-        from broker.web.known_hosts import SshTrust
-
-        instances = await self.access.inventory.instances()
-        port = self._acceptor.get_port() if self._acceptor else self.config.ssh.listen_port
-        return SshTrust(host_key=self.host_key.export_public_key().decode().strip(),
-                        host_ca=host_ca(self.config).export_public_key().decode().strip(),
-                        patterns=tuple(jump_patterns(instances)), ssh_port=int(port))
 
     async def start(self, *, reuse_port: bool = False) -> int:
         """Start listening; returns the bound port (useful with port 0)."""
@@ -250,6 +239,7 @@ class Broker:
             self.diag_url = await self.diag.start()
         self.enforcer.start()
         self.account_enforcer.start()
+        self.grants.start()  # undecided requests expire ([grants] pending_expire_hours)
         self._checkpoints = asyncio.create_task(self._sign_audit_periodically())
         self.sessions.start_maintenance()
         self.shipping.start()
@@ -281,6 +271,7 @@ class Broker:
         if self.diag is not None:  # from now on, probes fail: no new sessions are sent here
             await self.diag.stop()
         await self.enforcer.stop()
+        await self.grants.stop()
         await self.account_enforcer.stop()
         if self._acceptor is not None:
             self._acceptor.close()

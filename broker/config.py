@@ -176,6 +176,9 @@ class GrantSettings(_Model):
     # read-only requests are approved at once for members of these groups or with these triggers
     auto_approve_read_only_groups: list[str] = Field(default_factory=list)
     auto_approve_read_only_triggers: list[Trigger] = Field(default_factory=list)
+    # a request nobody approved or rejected within this many hours (from when it last became
+    # pending) expires: approving it is refused and the requester asks again
+    pending_expire_hours: float = Field(default=24.0, gt=0, le=24 * 30)
     # live sessions: how often grants are re-checked, and how long before expiry users are warned
     enforce_interval_seconds: float = Field(default=1.0, gt=0, le=60)
     warn_before_seconds: float = Field(default=300.0, ge=0, le=3600)

@@ -5,16 +5,22 @@ Two modes with the same semantics, because both end in ``GrantService``:
   ``operator:<unix user>`` with the admin role; every change is audited like any other;
 - remote (``--api URL`` or ``$BASTION_BROKER_API``): calls the HTTP API with the session saved by
   ``bastion-broker login`` or with ``$BASTION_BROKER_TOKEN``.
+
+``grant request --wait`` then polls the grant (either mode) until it is decided, like
+``tsh request create``: exit 0 approved, 1 rejected, expired, withdrawn or revoked, 3 on timeout.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import getpass
 import json
 import os
+import re
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -145,11 +151,15 @@ async def _run_local(config_arg: str | None, op: Op) -> Any:
     from broker.services.roles import grant_policy
     from broker.stores import connect_stores
     from broker.web import schema as S
+    from broker.wiring import build_inventory
 
     config = load_config(config_path(argparse.Namespace(config=config_arg)))
     stores = await connect_stores(config, "read" if op[0] in ("list", "show") else "command")
     try:
-        svc = GrantService(stores.grants, stores.audit, stores.clock, grant_policy(config.grants))
+        # read only by requests and changes (stacks and VPC checked against it)
+        inventory = functools.cache(lambda: build_inventory(config))
+        svc = GrantService(stores.grants, stores.audit, stores.clock, grant_policy(config.grants),
+                           inventory=inventory)
         actor = Actor(f"operator:{unix_user()}", frozenset({Role.ADMIN, Role.REQUESTER}))
         now = stores.clock.now()
         name, a = op
@@ -216,7 +226,8 @@ async def _operator_add(svc: Any, stores: Any, actor: Any, req: Any, now: dateti
     from broker.domain import workflow as wf
     from broker.domain.models import GrantState
 
-    g, entry = wf.create("g-" + uuid.uuid4().hex[:16], req, actor, now, svc.policy)
+    g, entry = wf.create("g-" + uuid.uuid4().hex[:16], req, actor, now, svc.policy,
+                         known=await svc.known_scopes())
     g = replace(g, state=GrantState.APPROVED, approved_by=actor.name)
     entry = replace(entry, action="added-by-operator", state=str(g.state))
     await stores.grants.create(g, entry)
@@ -256,9 +267,38 @@ def _when(iso: str | None) -> str:
     return datetime.fromisoformat(iso).astimezone(UTC).strftime("%Y-%m-%d %H:%M")
 
 
+def _state(g: dict[str, Any]) -> str:
+    """What the state column says: "active" for an approved grant inside its window (the
+    ``--state active`` filter), "approved" for one that starts later, else the state."""
+    return "active" if g.get("active") else str(g["state"])
+
+
 def _row(g: dict[str, Any]) -> dict[str, Any]:
     return {**g, "user": f"{g['user']}@{g['domain']}", "stacks": ",".join(g["stacks"]),
-            "starts_at": _when(g["starts_at"]), "expires_at": _when(g["expires_at"])}
+            "state": _state(g), "starts_at": _when(g["starts_at"]),
+            "expires_at": _when(g["expires_at"])}
+
+
+_TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT")
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, list):
+        return ",".join(str(x) for x in v) or "-"
+    if isinstance(v, str) and _TIME_RE.match(v):
+        return _when(v)
+    return "-" if v in (None, "") else str(v)
+
+
+def changes_text(details: dict[str, Any]) -> str:
+    """``field: before -> after`` for each change in a history entry, then other details."""
+    parts = []
+    for k, v in details.items():
+        if isinstance(v, dict) and set(v) == {"before", "after"}:
+            parts.append(f"{k}: {_value(v['before'])} -> {_value(v['after'])}")
+        else:
+            parts.append(f"{k}: {_value(v)}")
+    return "; ".join(parts)
 
 
 def _print_grant(g: dict[str, Any], as_json: bool, verb: str = "") -> None:
@@ -266,7 +306,7 @@ def _print_grant(g: dict[str, Any], as_json: bool, verb: str = "") -> None:
         _out(json.dumps(g, indent=2))
         return
     _out(printable(
-        f"grant {g['id']}{(' ' + verb) if verb else ''}: {g['state']} {g['level']} for "
+        f"grant {g['id']}{(' ' + verb) if verb else ''}: {_state(g)} {g['level']} for "
         f"{g['user']}@{g['domain']} on {','.join(g['stacks'])} ({g['vpc']}) "
         f"from {_when(g['starts_at'])} until {_when(g['expires_at'])} UTC"))
 
@@ -282,10 +322,13 @@ def _print_show(g: dict[str, Any], as_json: bool) -> None:
             v = ",".join(v)
         if k in ("starts_at", "expires_at"):
             v = _when(v) + " UTC"
+        if k == "state":
+            v = _state(g)
         _out(f"{k + ':':14}{printable(v)}")  # reason, ticket: requester-supplied text
     _out()
-    _table([{**h, "at": _when(h["at"])} for h in g.get("history", [])],
-           ["at", "actor", "action", "state", "comment"])
+    _table([{**h, "at": _when(h["at"]), "changes": changes_text(h.get("details") or {})}
+            for h in g.get("history", [])],
+           ["at", "actor", "action", "state", "changes", "comment"])
 
 
 def _fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -300,9 +343,70 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
     return f
 
 
+WAIT_POLL_SECONDS = 2.0  # between looks at a request being waited for
+WAIT_TIMEOUT = 3
+DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smh]?)$")
+
+
+def parse_timeout(text: str) -> float:
+    """``--timeout``: seconds, or a number with s, m or h (90, 90s, 10m, 2h)."""
+    m = DURATION_RE.match(text.strip())
+    if not m or float(m.group(1)) <= 0:
+        raise UsageError("--timeout must be a positive duration like 90, 90s, 10m or 2h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def _decision(g: dict[str, Any]) -> str:
+    """Who decided and why, from the last history entry (the comment a rejection must have)."""
+    last = (g.get("history") or [{}])[-1]
+    who = f" by {last['actor']}" if last.get("actor") not in (None, "", "system") else ""
+    why = f": {last['comment']}" if last.get("comment") else ""
+    return printable(f"grant {g['id']} {g['state']}{who}{why}")
+
+
+def wait_for_decision(args: argparse.Namespace, g: dict[str, Any], timeout: float | None,
+                      poll: float = WAIT_POLL_SECONDS) -> int:
+    """Poll the request until it leaves pending (approved: 0; refused or ended: 1) or
+    ``timeout`` seconds pass (3; the request stays pending)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if g["state"] == "pending":
+        sys.stderr.write(f"bastion-broker: waiting for a decision on grant {g['id']} "
+                         "(Ctrl-C stops waiting; the request stays pending)\n")
+        sys.stderr.flush()
+    approvals = len(g.get("approved_by") or [])
+    try:
+        while g["state"] == "pending":
+            if deadline is not None and time.monotonic() >= deadline:
+                _out(f"grant {g['id']} still pending: gave up waiting after {timeout:g} s")
+                return WAIT_TIMEOUT
+            left = poll if deadline is None else min(poll, max(deadline - time.monotonic(), 0))
+            time.sleep(left)
+            g = _execute(args, ("show", {"grant_id": g["id"]}))
+            if len(g.get("approved_by") or []) > approvals and g["state"] == "pending":
+                approvals = len(g["approved_by"])
+                sys.stderr.write(f"bastion-broker: approval recorded by {g['approved_by'][-1]}; "
+                                 "another approver is needed\n")
+    except KeyboardInterrupt:
+        sys.stderr.write(f"bastion-broker: stopped waiting; grant {g['id']} stays pending\n")
+        return 130
+    if args.json:
+        _out(json.dumps(g, indent=2))
+    else:
+        _out(_decision(g) if g.get("history") else f"grant {g['id']} {g['state']}")
+    return 0 if g["state"] == "approved" else 1
+
+
 def cmd_request(args: argparse.Namespace) -> int:
-    _print_grant(_execute(args, ("request", {"fields": _fields(args)})), args.json)
-    return 0
+    timeout = parse_timeout(args.timeout) if args.timeout is not None else None
+    if timeout is not None and not args.wait:
+        raise UsageError("--timeout needs --wait")
+    g = _execute(args, ("request", {"fields": _fields(args)}))
+    if not args.wait:
+        _print_grant(g, args.json)
+        return 0
+    if not args.json:
+        _print_grant(g, False)
+    return wait_for_decision(args, g, timeout)
 
 
 def cmd_add(args: argparse.Namespace) -> int:
@@ -340,9 +444,14 @@ def _simple(name: str) -> Callable[[argparse.Namespace], int]:
 def cmd_extend(args: argparse.Namespace) -> int:
     if (args.until is None) == (args.hours is None):
         raise UsageError("give either --until TIME or --hours H")
+    before = None
+    if args.until is not None:
+        before = _execute(args, ("show", {"grant_id": args.grant_id}))["expires_at"]
     g = _execute(args, ("extend", {"grant_id": args.grant_id, "until": args.until,
                                    "hours": args.hours, "comment": args.comment}))
-    _print_grant(g, args.json, "extended")
+    shorter = before is not None and (datetime.fromisoformat(g["expires_at"])
+                                      < datetime.fromisoformat(before))
+    _print_grant(g, args.json, "shortened" if shorter else "extended")
     return 0
 
 
@@ -452,6 +561,10 @@ def register(sub: Any) -> None:
 
     s = g.add_parser("request", parents=[common], help="request access")
     request_fields(s, True)
+    s.add_argument("--wait", action="store_true",
+                   help="wait for the decision: exit 0 approved, 1 rejected or expired")
+    s.add_argument("--timeout", help="with --wait: give up after this long (90s, 10m, 2h; "
+                   "exit 3, the request stays pending)")
     s.set_defaults(func=cmd_request)
 
     s = g.add_parser("add", parents=[common], help="add an approved grant (operator only)")
@@ -476,9 +589,11 @@ def register(sub: Any) -> None:
         s.add_argument("--comment", required=name == "reject")
         s.set_defaults(func=_simple(name))
 
-    s = g.add_parser("extend", parents=[common], help="move the end of an approved grant")
+    s = g.add_parser("extend", parents=[common],
+                     help="move the end of an approved grant (later, or earlier to shorten it)")
     s.add_argument("grant_id")
-    s.add_argument("--until", help="new end, RFC 3339 with time zone")
+    s.add_argument("--until", help="new end, RFC 3339 with time zone; earlier than the current "
+                   "end shortens the grant (not before now)")
     s.add_argument("--hours", type=float, help="hours added to the current end")
     s.add_argument("--comment")
     s.set_defaults(func=cmd_extend)
@@ -492,8 +607,8 @@ def register(sub: Any) -> None:
     s = g.add_parser("list", parents=[common], help="list grants")
     s.add_argument("--user")
     s.add_argument("--stack")
-    s.add_argument("--state", help="pending, approved, active, expired, rejected, revoked, "
-                   "withdrawn")
+    s.add_argument("--state", help="pending, active (approved, inside its window), approved "
+                   "(active or starting later), expired, rejected, revoked, withdrawn")
     s.add_argument("--since", help="ending after: RFC 3339 or 12h, 7d")
     s.add_argument("--until", help="starting before: RFC 3339 or 12h, 7d")
     s.add_argument("--limit", type=int)

@@ -11,7 +11,6 @@ from broker.cli import (
     configcheck,
     grants,
     keys,
-    knownhosts,
     locks,
     serve,
     sessions,
@@ -40,7 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     auth.register(sub)
     keys.register(sub)
     ca.register(sub)
-    knownhosts.register(sub)  # known-hosts --api URL (engineers; no login)
     users.register(sub)
     configcheck.register(sub)  # config check
     tokens.register(sub)     # tokens list|revoke, web-sessions list|revoke (operator)

@@ -7,15 +7,23 @@ Rules (from the AMS access model and what approvers expect):
 - Approvers approve or reject pending requests; nobody approves their own admin request (as
   requester or as grantee); policy may require two distinct approvers for admin, and may
   auto-approve read-only requests for given groups or triggers.
-- An approved grant can be extended by an approver (within the maximum), revoked by an approver
-  or by its grantee, and changed: a change that narrows access applies at once, a change that
-  widens it (more stacks, another VPC, admin instead of read-only, longer) needs approval again.
+- An approved grant can be extended or shortened by an approver (within the maximum, never to
+  before now), revoked by an approver or by its grantee, and changed: a change that narrows access
+  applies at once, a change that widens it (more stacks, another VPC, admin instead of read-only,
+  longer) needs approval again. An expired grant is never extended: access needs a new request.
+- Stacks must be known to the inventory and the VPC must be one of each stack's, when the caller
+  passes the inventory's stack -> VPCs map (``known``); the domain never reads the inventory.
+- A request left pending for ``pending_expiry`` (from the moment it last became pending) expires:
+  it can no longer be approved, rejected, edited or withdrawn; ``expire`` records that once.
+- Every history entry's ``details`` holds ``{"field": {"before": old, "after": new}}`` for each
+  field the transition changed (field names as in the API's grant JSON).
 """
 
 from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,6 +32,7 @@ from broker.domain.models import (
     DEFAULT_GRANT_DURATION,
     Grant,
     GrantState,
+    Instance,
     Level,
     Principal,
     Trigger,
@@ -35,6 +44,9 @@ USER_RE = re.compile(r"^[A-Za-z0-9._$-][A-Za-z0-9._$ -]{0,63}$")
 DOMAIN_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})+$")
 MAX_TEXT = 2000
 MAX_START_AHEAD = timedelta(days=30)
+DEFAULT_PENDING_EXPIRY = timedelta(hours=24)
+# stack ID -> the VPC IDs its instances are in, as the inventory says (see ``scopes_of``)
+KnownScopes = Mapping[str, frozenset[str]]
 
 
 class Role(enum.StrEnum):
@@ -48,9 +60,10 @@ class WorkflowError(Exception):
     """A refused transition. ``kind`` maps to an HTTP status: invalid 400, forbidden 403,
     conflict 409 (wrong state or a concurrent change)."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.field = field  # the request field at fault (API: detail.field), if one is
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +79,9 @@ class Actor:
 
     def has(self, role: Role) -> bool:
         return role in self.roles or Role.ADMIN in self.roles
+
+
+SYSTEM = Actor("system", frozenset())  # the broker itself (expiry of undecided requests)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +100,7 @@ class GrantPolicy:
         Level.ADMIN: timedelta(hours=12), Level.READ_ONLY: timedelta(hours=24)})
     two_approvers_for_admin: bool = False
     auto_approve_read_only: tuple[AutoApprove, ...] = ()
+    pending_expiry: timedelta = DEFAULT_PENDING_EXPIRY  # undecided requests expire after this
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,9 +167,77 @@ def validate_request(req: GrantRequest, now: datetime, policy: GrantPolicy) -> t
     return duration
 
 
-def _entry(g: Grant, now: datetime, actor: Actor, action: str, comment: str = "",
-           **details: Any) -> HistoryEntry:
+def _fields(g: Grant) -> dict[str, Any]:
+    """The fields a history entry compares, named and shaped as in the API's grant JSON."""
+    return {
+        "state": str(g.state), "user": g.username, "domain": g.domain,
+        "stacks": list(g.stack_ids), "vpc": g.vpc_id, "level": str(g.level),
+        "starts_at": g.starts_at.isoformat(), "expires_at": g.expires_at.isoformat(),
+        "trigger": str(g.trigger), "ticket": g.ticket, "reason": g.reason,
+        "approved_by": [a for a in g.approved_by.split(",") if a],
+    }
+
+
+def changes(before: Grant, after: Grant) -> dict[str, Any]:
+    """``{field: {"before": old, "after": new}}`` for every field that differs."""
+    old, new = _fields(before), _fields(after)
+    return {k: {"before": old[k], "after": new[k]} for k in old if old[k] != new[k]}
+
+
+def _entry(old: Grant | None, g: Grant, now: datetime, actor: Actor, action: str,
+           comment: str = "", **extra: Any) -> HistoryEntry:
+    details = {**(changes(old, g) if old is not None else {}), **extra}
     return HistoryEntry(g.id, now, actor.name, action, comment, str(g.state), details)
+
+
+def scopes_of(instances: Iterable[Instance]) -> dict[str, frozenset[str]]:
+    """The stack -> VPCs map of an inventory's instances (what ``check_scope`` checks against)."""
+    out: dict[str, set[str]] = {}
+    for i in instances:
+        out.setdefault(i.stack_id, set()).add(i.vpc_id)
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+def check_scope(stack_ids: Sequence[str], vpc_id: str, known: KnownScopes | None) -> None:
+    """Refuse stacks the inventory does not list and a VPC that is not each stack's: such a
+    request could never admit a session, and an approver would approve it blind."""
+    if known is None:
+        return
+    if not known:
+        raise WorkflowError("invalid", "stacks: the inventory lists no stacks now (is it "
+                            "reachable?); try again later", "stacks")
+    for s in stack_ids:
+        if s not in known:
+            alike = sorted(k for k in known if k.casefold() == s.casefold())
+            hint = f" (did you mean {alike[0]}?)" if alike else ""
+            raise WorkflowError("invalid", f"stacks: unknown stack {s!r}: not in the "
+                                f"inventory{hint}", "stacks")
+    for s in stack_ids:
+        if vpc_id not in known[s]:
+            raise WorkflowError("invalid", f"vpc: {vpc_id} is not a VPC of stack {s} (its VPC: "
+                                + ", ".join(sorted(known[s])) + ")", "vpc")
+
+
+def pending_since(history: Sequence[HistoryEntry], fallback: datetime) -> datetime:
+    """When a pending grant last became pending: the first entry of the run of pending entries
+    that ends the history (a widening change starts a new wait; an edit or a first of two
+    approvals does not)."""
+    since, running = fallback, False
+    for e in history:
+        if e.state == GrantState.PENDING.value:
+            if not running:
+                since, running = e.at, True
+        else:
+            running = False
+    return since
+
+
+def state_at(g: Grant, now: datetime, pending_deadline: datetime | None = None) -> GrantState:
+    """The state a reader sees: ``effective_state``, and a pending request past its deadline is
+    expired (before ``expire`` has stored that)."""
+    if g.state is GrantState.PENDING and pending_deadline is not None and now >= pending_deadline:
+        return GrantState.EXPIRED
+    return g.effective_state(now)
 
 
 def _is_own(g: Grant, actor: Actor) -> bool:
@@ -161,11 +246,13 @@ def _is_own(g: Grant, actor: Actor) -> bool:
 
 
 def create(grant_id: str, req: GrantRequest, actor: Actor, now: datetime, policy: GrantPolicy,
-           actor_groups: frozenset[str] = frozenset()) -> tuple[Grant, HistoryEntry]:
+           actor_groups: frozenset[str] = frozenset(), known: KnownScopes | None = None,
+           ) -> tuple[Grant, HistoryEntry]:
     """A new request, pending unless policy auto-approves it."""
     if not actor.has(Role.REQUESTER):
         raise WorkflowError("forbidden", "requesting access needs the requester role")
     duration = validate_request(req, now, policy)
+    check_scope(req.stack_ids, req.vpc_id, known)
     starts = max(req.starts_at or now, now)
     g = Grant(
         id=grant_id, username=req.username, domain=req.domain.lower(),
@@ -176,8 +263,8 @@ def create(grant_id: str, req: GrantRequest, actor: Actor, now: datetime, policy
     )
     if req.level is Level.READ_ONLY and _auto_approves(policy, req, actor_groups):
         g = replace(g, state=GrantState.APPROVED, approved_by="policy:auto-approve")
-        return g, _entry(g, now, actor, "requested+auto-approved")
-    return g, _entry(g, now, actor, "requested")
+        return g, _entry(None, g, now, actor, "requested+auto-approved")
+    return g, _entry(None, g, now, actor, "requested")
 
 
 def _auto_approves(policy: GrantPolicy, req: GrantRequest, groups: frozenset[str]) -> bool:
@@ -190,41 +277,59 @@ def _auto_approves(policy: GrantPolicy, req: GrantRequest, groups: frozenset[str
     return False
 
 
-def _need_state(g: Grant, now: datetime, *states: GrantState) -> None:
-    current = g.effective_state(now)
-    if current not in states:
-        raise WorkflowError("conflict", f"grant {g.id} is {current}, not "
-                            + " or ".join(str(s) for s in states))
+def _need_state(g: Grant, now: datetime, *states: GrantState,
+                pending_deadline: datetime | None = None) -> None:
+    current = state_at(g, now, pending_deadline)
+    if current in states:
+        return
+    if current is GrantState.EXPIRED and g.state is GrantState.PENDING and pending_deadline:
+        raise WorkflowError("conflict", f"request {g.id} expired at "
+                            f"{pending_deadline:%Y-%m-%d %H:%M} UTC without a decision: "
+                            "a new request is needed")
+    raise WorkflowError("conflict", f"grant {g.id} is {current}, not "
+                        + " or ".join(str(s) for s in states))
+
+
+def _scope_check_needed(g: Grant, req: GrantRequest) -> bool:
+    """Only a scope other than the grant's is checked again: an inventory that lost a stack
+    since must not block narrowing or shortening what was granted."""
+    return not set(req.stack_ids) <= set(g.stack_ids) or req.vpc_id != g.vpc_id
 
 
 def update(g: Grant, req: GrantRequest, actor: Actor, now: datetime,
-           policy: GrantPolicy) -> tuple[Grant, HistoryEntry]:
+           policy: GrantPolicy, known: KnownScopes | None = None, *,
+           pending_deadline: datetime | None = None) -> tuple[Grant, HistoryEntry]:
     """Edit a pending request (its requester, or an admin)."""
-    _need_state(g, now, GrantState.PENDING)
+    _need_state(g, now, GrantState.PENDING, pending_deadline=pending_deadline)
     if actor.name != g.requested_by.casefold() and not actor.has(Role.ADMIN):
         raise WorkflowError("forbidden", "only the requester may update a request")
     duration = validate_request(req, now, policy)
+    if _scope_check_needed(g, req):
+        check_scope(req.stack_ids, req.vpc_id, known)
     starts = max(req.starts_at or now, now)
     new = replace(g, username=req.username, domain=req.domain.lower(),
                   stack_ids=tuple(req.stack_ids), vpc_id=req.vpc_id, level=req.level,
                   trigger=req.trigger, ticket=req.ticket, reason=req.reason, starts_at=starts,
                   expires_at=starts + duration, approved_by="")
-    return new, _entry(new, now, actor, "updated")
+    return new, _entry(g, new, now, actor, "updated")
 
 
-def withdraw(g: Grant, actor: Actor, now: datetime, comment: str = "") -> tuple[Grant, HistoryEntry]:
-    _need_state(g, now, GrantState.PENDING)
+def withdraw(g: Grant, actor: Actor, now: datetime, comment: str = "", *,
+             pending_deadline: datetime | None = None) -> tuple[Grant, HistoryEntry]:
+    _need_state(g, now, GrantState.PENDING, pending_deadline=pending_deadline)
     if actor.name != g.requested_by.casefold() and not actor.has(Role.ADMIN):
         raise WorkflowError("forbidden", "only the requester may withdraw a request")
     new = replace(g, state=GrantState.WITHDRAWN)
-    return new, _entry(new, now, actor, "withdrawn", comment)
+    return new, _entry(g, new, now, actor, "withdrawn", comment)
 
 
 def approve(g: Grant, actor: Actor, now: datetime, policy: GrantPolicy,
-            comment: str = "") -> tuple[Grant, HistoryEntry]:
+            comment: str = "", *, pending_deadline: datetime | None = None,
+            ) -> tuple[Grant, HistoryEntry]:
     """One approval; the grant becomes approved when enough distinct approvers agreed. The
-    window starts at approval if the requested start has passed, so no time is lost waiting."""
-    _need_state(g, now, GrantState.PENDING)
+    window starts at approval if the requested start has passed, so no time is lost waiting.
+    A request past ``pending_deadline`` has expired and is refused."""
+    _need_state(g, now, GrantState.PENDING, pending_deadline=pending_deadline)
     if not actor.has(Role.APPROVER):
         raise WorkflowError("forbidden", "approving needs the approver role")
     if g.level is Level.ADMIN and _is_own(g, actor):
@@ -236,57 +341,85 @@ def approve(g: Grant, actor: Actor, now: datetime, policy: GrantPolicy,
     needed = 2 if (g.level is Level.ADMIN and policy.two_approvers_for_admin) else 1
     if len(approvers) < needed:
         new = replace(g, approved_by=",".join(approvers))
-        return new, _entry(new, now, actor, "approval-recorded", comment,
+        return new, _entry(g, new, now, actor, "approval-recorded", comment,
                            approvals=len(approvers), needed=needed)
     duration = g.expires_at - g.starts_at
     starts = max(g.starts_at, now)
     new = replace(g, state=GrantState.APPROVED, approved_by=",".join(approvers),
                   starts_at=starts, expires_at=starts + duration)
-    return new, _entry(new, now, actor, "approved", comment)
+    return new, _entry(g, new, now, actor, "approved", comment)
 
 
-def reject(g: Grant, actor: Actor, now: datetime, comment: str = "") -> tuple[Grant, HistoryEntry]:
-    _need_state(g, now, GrantState.PENDING)
+def reject(g: Grant, actor: Actor, now: datetime, comment: str = "", *,
+           pending_deadline: datetime | None = None) -> tuple[Grant, HistoryEntry]:
+    _need_state(g, now, GrantState.PENDING, pending_deadline=pending_deadline)
     if not actor.has(Role.APPROVER):
         raise WorkflowError("forbidden", "rejecting needs the approver role")
     _check_text("comment", comment)
     new = replace(g, state=GrantState.REJECTED)
-    return new, _entry(new, now, actor, "rejected", comment)
+    return new, _entry(g, new, now, actor, "rejected", comment)
 
 
 def extend(g: Grant, actor: Actor, now: datetime, policy: GrantPolicy, until: datetime,
            comment: str = "") -> tuple[Grant, HistoryEntry]:
-    """Move the end of an approved grant; live sessions follow without reconnecting."""
+    """Move the end of an approved grant, later ("extended") or earlier, never before now
+    (recorded as "changed"); live sessions follow without reconnecting. An expired grant stays
+    expired: its user makes a new request, which approvers see as such."""
+    if g.effective_state(now) is GrantState.EXPIRED:
+        raise WorkflowError("conflict", f"grant {g.id} expired at {g.expires_at:%Y-%m-%d %H:%M} "
+                            "UTC and cannot be extended: a new request is needed "
+                            "(bastion-broker grant request)")
     _need_state(g, now, GrantState.APPROVED)
     if not actor.has(Role.APPROVER):
-        raise WorkflowError("forbidden", "extending needs the approver role")
+        raise WorkflowError("forbidden", "extending or shortening needs the approver role")
+    if until.tzinfo is None:
+        raise WorkflowError("invalid", "until: the end time needs a time zone", "until")
+    if until == g.expires_at:
+        raise WorkflowError("invalid", "until: the grant already ends then", "until")
+    if until < g.expires_at:  # shortening narrows access: no four-eyes rule, no maximum
+        if until <= now:
+            raise WorkflowError("invalid", "until: the new end is not in the future; to end "
+                                "access now, revoke the grant", "until")
+        if until <= g.starts_at:
+            raise WorkflowError("invalid", "until: the new end is not after the grant's start",
+                                "until")
+        new = replace(g, expires_at=until)
+        return new, _entry(g, new, now, actor, "changed", comment)
     if g.level is Level.ADMIN and _is_own(g, actor):
         raise WorkflowError("forbidden", "nobody extends their own admin grant")
-    if until.tzinfo is None:
-        raise WorkflowError("invalid", "end time needs a time zone")
-    if until <= g.expires_at:
-        raise WorkflowError("invalid", "an extension must end later than the grant does now")
     limit = policy.max_duration[g.level]
     if until - max(g.starts_at, now) > limit:
         hours = limit.total_seconds() / 3600
-        raise WorkflowError("invalid", f"an extension may not exceed {hours:g} h from now")
+        raise WorkflowError("invalid", f"until: an extension may not exceed {hours:g} h from "
+                            "now", "until")
     new = replace(g, expires_at=until)
-    return new, _entry(new, now, actor, "extended", comment, expires_at=until.isoformat(),
-                       previous=g.expires_at.isoformat())
+    return new, _entry(g, new, now, actor, "extended", comment)
 
 
-def revoke(g: Grant, actor: Actor, now: datetime, comment: str = "") -> tuple[Grant, HistoryEntry]:
+def revoke(g: Grant, actor: Actor, now: datetime, comment: str = "", *,
+           pending_deadline: datetime | None = None) -> tuple[Grant, HistoryEntry]:
     """End access now: approvers and admins, or the grantee giving access up."""
-    _need_state(g, now, GrantState.APPROVED, GrantState.PENDING)
+    _need_state(g, now, GrantState.APPROVED, GrantState.PENDING,
+                pending_deadline=pending_deadline)
     grantee = f"{g.username}@{g.domain}".casefold()
     if not actor.has(Role.APPROVER) and actor.name != grantee:
         raise WorkflowError("forbidden", "revoking needs the approver role (or being the grantee)")
     new = replace(g, state=GrantState.REVOKED)
-    return new, _entry(new, now, actor, "revoked", comment)
+    return new, _entry(g, new, now, actor, "revoked", comment)
+
+
+def expire(g: Grant, now: datetime, pending_deadline: datetime) -> tuple[Grant, HistoryEntry]:
+    """Store that a request got no decision in time (the periodic sweep; once per grant: the
+    store's compare-and-set lets one broker win)."""
+    if g.state is not GrantState.PENDING or now < pending_deadline:
+        raise WorkflowError("conflict", f"grant {g.id} is not a pending request past its time")
+    new = replace(g, state=GrantState.EXPIRED)
+    return new, _entry(g, new, now, SYSTEM, "expired",
+                       f"no decision by {pending_deadline:%Y-%m-%d %H:%M} UTC")
 
 
 def change(g: Grant, req: GrantRequest, actor: Actor, now: datetime,
-           policy: GrantPolicy) -> tuple[Grant, HistoryEntry]:
+           policy: GrantPolicy, known: KnownScopes | None = None) -> tuple[Grant, HistoryEntry]:
     """Change an approved grant. Narrowing applies at once; widening returns it to pending."""
     _need_state(g, now, GrantState.APPROVED)
     if actor.name != g.requested_by.casefold() and not actor.has(Role.APPROVER):
@@ -295,6 +428,8 @@ def change(g: Grant, req: GrantRequest, actor: Actor, now: datetime,
                                                              g.domain.casefold()):
         raise WorkflowError("invalid", "a grant's user and domain cannot change: request anew")
     duration = validate_request(req, now, policy)
+    if _scope_check_needed(g, req):
+        check_scope(req.stack_ids, req.vpc_id, known)
     until = max(g.starts_at, now) + duration
     widens = (
         not set(req.stack_ids) <= set(g.stack_ids)
@@ -307,5 +442,5 @@ def change(g: Grant, req: GrantRequest, actor: Actor, now: datetime,
                   expires_at=until if widens else min(until, g.expires_at))
     if widens:
         new = replace(new, state=GrantState.PENDING, approved_by="")
-        return new, _entry(new, now, actor, "changed-needs-approval")
-    return new, _entry(new, now, actor, "changed")
+        return new, _entry(g, new, now, actor, "changed-needs-approval")
+    return new, _entry(g, new, now, actor, "changed")

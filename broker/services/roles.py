@@ -37,6 +37,8 @@ class GrantSettings(Protocol):
     @property
     def two_approvers_for_admin(self) -> bool: ...
     @property
+    def pending_expire_hours(self) -> float: ...
+    @property
     def auto_approve_read_only_groups(self) -> Sequence[str]: ...
     @property
     def auto_approve_read_only_triggers(self) -> Sequence[Trigger]: ...
@@ -73,4 +75,5 @@ def grant_policy(settings: GrantSettings) -> GrantPolicy:
                       Level.READ_ONLY: timedelta(hours=settings.max_hours_read_only)},
         two_approvers_for_admin=settings.two_approvers_for_admin,
         auto_approve_read_only=rules,
+        pending_expiry=timedelta(hours=settings.pending_expire_hours),
     )

@@ -36,7 +36,6 @@ from broker.services.review import ReviewService
 from broker.services.roles import roles_of
 from broker.web import schema as S
 from broker.web.console_routes import CONSOLE_PREFIX, add_console_routes
-from broker.web.known_hosts import KnownHosts
 from broker.web.locks_api import IncidentApi, lock_routes
 from broker.web.routes import Caller, Route
 from broker.web.schema import ApiError
@@ -88,7 +87,6 @@ class WebContext:
     auto_approve_groups: tuple[str, ...] = ()
     review: ReviewService | None = None  # the sessions API (broker.web.sessions_api)
     locks: LockService | None = None  # kill and lock (broker.web.locks_api)
-    known_hosts: KnownHosts | None = None  # GET /api/ssh/known_hosts (broker.web.known_hosts)
 
     @property
     def session_cookie(self) -> str:
@@ -151,7 +149,10 @@ async def error_middleware(request: web.Request,
     except WorkflowError as exc:
         status = _WF_STATUS.get(exc.kind, 400)
         name = {400: "invalid", 403: "forbidden", 409: "conflict"}[status]
-        return error_response(status, name, {"message": str(exc)})
+        detail = {"message": str(exc)}
+        if exc.field:  # the field at fault, as for the API's own checks (unknown stack, VPC)
+            detail["field"] = exc.field
+        return error_response(status, name, detail)
     except NotFoundError as exc:
         return error_response(404, "not found", {"message": str(exc)})
     except ConflictError as exc:
@@ -509,8 +510,10 @@ class Api:
         assert caller is not None  # noqa: S101
         body = await _body(request)
         base = await self.ctx.grants.load(caller.actor, request.match_info["grant_id"])
-        if base.effective_state(self.ctx.clock.now()) is not GrantState.PENDING:
-            raise WorkflowError("conflict", f"grant {base.id} is not pending: use change")
+        state = base.effective_state(self.ctx.clock.now())
+        if state is not GrantState.PENDING:
+            hint = "use change" if state is GrantState.APPROVED else "a new request is needed"
+            raise WorkflowError("conflict", f"grant {base.id} is {state}, not pending: {hint}")
         req = self._request_from(body, caller, base)
         return self._grant(await self.ctx.grants.update(caller.actor, base.id, req))
 
@@ -639,7 +642,6 @@ class Api:
             *(session_routes(self.ctx.review, self.ctx.clock.now,
                              incidents.kill if incidents else None) if self.ctx.review else ()),
             *(lock_routes(incidents) if incidents else ()),
-            *(self.ctx.known_hosts.routes() if self.ctx.known_hosts else ()),
         ]
 
     def _incidents(self) -> IncidentApi | None:

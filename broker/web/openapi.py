@@ -10,7 +10,6 @@ from broker.domain import workflow as wf
 from broker.domain.models import Level, Trigger
 from broker.ports import SESSION_STATUSES
 from broker.services.review import MAX_LIMIT
-from broker.web.known_hosts import HOST_RE
 from broker.web.locks_api import SCHEMAS as LOCK_SCHEMAS
 from broker.web.routes import Route
 from broker.web.schema import MAX_HOURS, MIN_HOURS, SCOPES, STATES
@@ -38,7 +37,6 @@ _QUERY_SCHEMAS: dict[str, dict[str, Any]] = {
     "user": {"type": "string", "pattern": wf.USER_RE.pattern},
     "stack": {"type": "string", "pattern": wf.STACK_RE.pattern},
     "limit": {"type": "string", "pattern": "^(?:[1-9][0-9]{0,2}|1000)$"},
-    "host": {"type": "string", "maxLength": 260, "pattern": HOST_RE.pattern},
 }
 _REQUEST_PROPS: dict[str, Any] = {
     "user": {"type": "string", "pattern": wf.USER_RE.pattern, "maxLength": 64,
@@ -63,6 +61,8 @@ _GRANT: dict[str, Any] = {
         "stacks": {"type": "array", "items": {"type": "string"}}, "vpc": {"type": "string"},
         "level": {"enum": [lv.value for lv in Level]},
         "state": {"enum": [s for s in STATES if s != "active"]},
+        "active": {"type": "boolean",
+                   "description": "approved and inside its window now (state filter active)"},
         "starts_at": _TIME, "expires_at": _TIME,
         "trigger": {"enum": [t.value for t in Trigger]}, "ticket": {"type": "string"},
         "reason": {"type": "string"}, "requested_by": {"type": "string"},
@@ -122,7 +122,8 @@ SCHEMAS: dict[str, Any] = {
             "type": "object", "properties": {
                 "at": _TIME, "actor": {"type": "string"}, "action": {"type": "string"},
                 "comment": {"type": "string"}, "state": {"type": "string"},
-                "details": {"type": "object"}}}}}}]},
+                "details": {"type": "object", "description": "each field the entry "
+                            "changed, as {\"before\": old, \"after\": new}"}}}}}}]},
 }
 
 # -- the sessions API (broker.web.sessions_api) ---------------------------------------------------
@@ -164,8 +165,6 @@ SCHEMAS.update({
     "Asciicast": {"type": "string", "description": "asciicast v2: a header line, then one "
                   "event per line (served as application/x-asciicast)"},
     "Manifest": {"type": "object", "description": "the signed manifest file as stored"},
-    "KnownHosts": {"type": "string", "description": "OpenSSH known_hosts lines: the bastion's "
-                   "host key, then '@cert-authority NAMES KEY' for recorded ssh -J"},
     "AuditPage": {"type": "object", "properties": {
         "items": {"type": "array", "items": {"type": "object"}}, "next_cursor": _NEXT}},
     "Dashboard": {"type": "object", "properties": {
@@ -200,7 +199,7 @@ _REVIEW_QUERY: dict[str, dict[str, Any]] = {
     "cursor": {"type": "string", "maxLength": 200, "pattern": "^[A-Za-z0-9_-]*$"},
 }
 
-_CONTENT_TYPES = {"Asciicast": "application/x-asciicast", "KnownHosts": "text/plain"}
+_CONTENT_TYPES = {"Asciicast": "application/x-asciicast"}
 _PATH_SCHEMAS: dict[str, dict[str, Any]] = {
     "session_id": {"type": "string", "pattern": "^[0-9A-Za-z-]{1,64}$",
                    "description": "a session id, or a unique prefix of 6 or more characters"},
@@ -210,7 +209,7 @@ _STATUS_TEXT = {200: "OK", 201: "Created", 202: "Accepted", 400: "Invalid input"
                 403: "Forbidden (role, scope or CSRF)", 404: "Not found (or not visible)",
                 409: "Conflict (state, a concurrent change, or an ambiguous session id prefix)",
                 413: "Body over 64 KiB",
-                415: "Body is not application/json", 503: "Unavailable now; try again later"}
+                415: "Body is not application/json"}
 
 
 def _query_schema(name: str, path: str = "") -> dict[str, Any]:

@@ -177,6 +177,8 @@ def grant_json(g: Grant, now: datetime) -> dict[str, Any]:
     return {
         "id": g.id, "user": g.username, "domain": g.domain, "stacks": list(g.stack_ids),
         "vpc": g.vpc_id, "level": str(g.level), "state": str(g.effective_state(now)),
+        # approved and inside its window now: the CLI's state column shows it as "active"
+        "active": g.live_at(now),
         "starts_at": g.starts_at.isoformat(), "expires_at": g.expires_at.isoformat(),
         "trigger": str(g.trigger), "ticket": g.ticket, "reason": g.reason,
         "requested_by": g.requested_by,

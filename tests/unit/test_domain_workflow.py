@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from broker.domain import workflow as wf
-from broker.domain.models import Grant, GrantState, Level, Principal, Trigger
+from broker.domain.models import Grant, GrantState, Instance, Level, Principal, Trigger
 from broker.domain.workflow import (
     Actor,
     AutoApprove,
@@ -187,8 +187,10 @@ def test_extend_by_an_approver_within_the_maximum() -> None:
     g = approved()
     g2, e = wf.extend(g, CAROL, NOW, POLICY, g.expires_at + timedelta(hours=4))
     assert g2.expires_at == g.expires_at + timedelta(hours=4)
-    assert e.details["previous"] == g.expires_at.isoformat()
-    with pytest.raises(WorkflowError, match="later"):
+    assert e.action == "extended"
+    assert e.details == {"expires_at": {"before": g.expires_at.isoformat(),
+                                        "after": g2.expires_at.isoformat()}}
+    with pytest.raises(WorkflowError, match="already ends then"):
         wf.extend(g, CAROL, NOW, POLICY, g.expires_at)
     with pytest.raises(WorkflowError, match="exceed"):
         wf.extend(g, CAROL, NOW, POLICY, NOW + timedelta(hours=25))
@@ -200,9 +202,34 @@ def test_extend_by_an_approver_within_the_maximum() -> None:
         wf.extend(own_admin, Actor(ALICE.name, frozenset({Role.APPROVER})), NOW, POLICY,
                   own_admin.expires_at + timedelta(hours=1))
     # an expired grant cannot be extended: request anew
-    with pytest.raises(WorkflowError, match="expired") as exc:
+    with pytest.raises(WorkflowError, match=r"expired .* a new request is needed") as exc:
         wf.extend(g, CAROL, g.expires_at, POLICY, g.expires_at + timedelta(hours=1))
     assert kind(exc) == "conflict"
+
+
+def test_extend_until_earlier_shortens_but_never_before_now() -> None:
+    g = approved()  # 12:00 to 20:00
+    short, e = wf.extend(g, CAROL, NOW, POLICY, NOW + timedelta(hours=2), "done sooner")
+    assert short.expires_at == NOW + timedelta(hours=2) and short.state is GrantState.APPROVED
+    assert (e.action, e.comment) == ("changed", "done sooner")
+    assert e.details == {"expires_at": {"before": g.expires_at.isoformat(),
+                                        "after": short.expires_at.isoformat()}}
+    for until in (NOW, NOW - timedelta(minutes=1)):
+        with pytest.raises(WorkflowError, match="not in the future; to end access now, revoke"
+                           ) as exc:
+            wf.extend(g, CAROL, NOW, POLICY, until)
+        assert (kind(exc), exc.value.field) == ("invalid", "until")
+    later = approved(starts_at=NOW + timedelta(hours=3))
+    with pytest.raises(WorkflowError, match="after the grant's start"):
+        wf.extend(later, CAROL, NOW, POLICY, NOW + timedelta(hours=2))
+    # shortening narrows: one's own admin grant too, but still an approver's act
+    own = Actor(ALICE.name, frozenset({Role.APPROVER}))
+    admin = approved(level=Level.ADMIN)
+    assert wf.extend(admin, own, NOW, POLICY, NOW + timedelta(hours=1))[0].expires_at == \
+        NOW + timedelta(hours=1)
+    with pytest.raises(WorkflowError) as exc:
+        wf.extend(g, ALICE, NOW, POLICY, NOW + timedelta(hours=1))
+    assert kind(exc) == "forbidden"
 
 
 def test_revoke_by_approver_or_grantee() -> None:
@@ -251,3 +278,137 @@ def test_actor_roles() -> None:
     zed = Actor.of(Principal("corp.example.com", "Zed"), frozenset())
     assert zed.has(Role.REQUESTER)
     assert zed.name == "zed@corp.example.com"
+
+
+# -- requests checked against the inventory ---------------------------------------------------
+KNOWN = {"stack-0a1b": frozenset({"vpc-0c2d"}), "stack-multi": frozenset({"vpc-0c2d", "vpc-9"})}
+
+
+def test_scopes_of_an_inventory() -> None:
+    def inst(i: str, stack: str, vpc: str) -> Instance:
+        return Instance(i, i, stack, vpc, "10.0.0.1")
+
+    assert wf.scopes_of([inst("a", "s1", "vpc-1"), inst("b", "s1", "vpc-2"),
+                         inst("c", "s2", "vpc-1")]) == {
+        "s1": frozenset({"vpc-1", "vpc-2"}), "s2": frozenset({"vpc-1"})}
+
+
+@pytest.mark.parametrize(("fields", "field", "message"), [
+    ({"stack_ids": ("stack-nope",)}, "stacks", "unknown stack 'stack-nope': not in the inventory"),
+    ({"stack_ids": ("STACK-0A1B",)}, "stacks", "did you mean stack-0a1b"),
+    ({"stack_ids": ("stack-0a1b", "stack-x")}, "stacks", "unknown stack 'stack-x'"),
+    ({"vpc_id": "vpc-0other"}, "vpc", "vpc-0other is not a VPC of stack stack-0a1b"),
+    ({"stack_ids": ("stack-multi", "stack-0a1b"), "vpc_id": "vpc-9"}, "vpc",
+     "not a VPC of stack stack-0a1b"),
+])
+def test_unknown_stack_or_foreign_vpc_is_refused(fields: dict[str, object], field: str,
+                                                 message: str) -> None:
+    with pytest.raises(WorkflowError, match=message) as exc:
+        wf.create("g-1", req(**fields), ALICE, NOW, POLICY, known=KNOWN)
+    assert (kind(exc), exc.value.field) == ("invalid", field)
+
+
+def test_scope_check_accepts_known_and_is_skipped_without_an_inventory() -> None:
+    g, _ = wf.create("g-1", req(stack_ids=("stack-multi",), vpc_id="vpc-9"), ALICE, NOW, POLICY,
+                     known=KNOWN)
+    assert g.state is GrantState.PENDING
+    wf.create("g-2", req(stack_ids=("anything",)), ALICE, NOW, POLICY, known=None)
+    with pytest.raises(WorkflowError, match="lists no stacks now") as exc:
+        wf.create("g-3", req(), ALICE, NOW, POLICY, known={})
+    assert exc.value.field == "stacks"
+
+
+def test_edits_and_changes_check_only_a_new_scope() -> None:
+    with pytest.raises(WorkflowError, match="unknown stack"):
+        wf.update(pending(), req(stack_ids=("stack-0a1b", "stack-new")), ALICE, NOW, POLICY,
+                  KNOWN)
+    with pytest.raises(WorkflowError, match="not a VPC"):
+        wf.change(approved(), req(vpc_id="vpc-9"), ALICE, NOW, POLICY, KNOWN)
+    # the inventory lost the stack since: narrowing what was granted still works
+    gone = approved(stack_ids=("stack-gone", "stack-0a1b"))
+    g, e = wf.change(gone, req(stack_ids=("stack-gone",)), ALICE, NOW, POLICY, KNOWN)
+    assert e.action == "changed" and g.stack_ids == ("stack-gone",)
+
+
+# -- undecided requests expire -------------------------------------------------------------------
+H = timedelta(hours=1)
+
+
+def entry(at: datetime, state: str, action: str = "x") -> wf.HistoryEntry:
+    return wf.HistoryEntry("g-1", at, "bob", action, state=state)
+
+
+def test_pending_since_is_when_the_last_wait_began() -> None:
+    assert wf.pending_since([], NOW) == NOW
+    assert wf.pending_since([entry(NOW, "pending", "requested"),
+                             entry(NOW + H, "pending", "updated"),
+                             entry(NOW + 2 * H, "pending", "approval-recorded")], NOW) == NOW
+    # approved, then widened: the new wait counts from the change
+    assert wf.pending_since([entry(NOW, "pending"), entry(NOW + H, "approved"),
+                             entry(NOW + 5 * H, "pending", "changed-needs-approval")],
+                            NOW) == NOW + 5 * H
+
+
+def test_a_pending_request_past_its_deadline_reads_expired_and_is_refused() -> None:
+    g = pending()
+    deadline = NOW + POLICY.pending_expiry
+    assert POLICY.pending_expiry == timedelta(hours=24)
+    before = deadline - timedelta(seconds=1)
+    assert wf.state_at(g, before, deadline) is GrantState.PENDING
+    assert wf.state_at(g, deadline, deadline) is GrantState.EXPIRED
+    assert wf.state_at(g, deadline, None) is GrantState.PENDING  # no deadline known: as stored
+    ok, _ = wf.approve(g, BOB, before, POLICY, pending_deadline=deadline)
+    assert ok.state is GrantState.APPROVED
+    steps = [
+        lambda: wf.approve(g, BOB, deadline, POLICY, pending_deadline=deadline),
+        lambda: wf.reject(g, BOB, deadline, "no", pending_deadline=deadline),
+        lambda: wf.withdraw(g, ALICE, deadline, pending_deadline=deadline),
+        lambda: wf.update(g, req(), ALICE, deadline, POLICY, pending_deadline=deadline),
+        lambda: wf.revoke(g, BOB, deadline, pending_deadline=deadline),
+    ]
+    for step in steps:
+        with pytest.raises(WorkflowError, match=r"request g-1 expired at 2026-05-02 12:00 UTC "
+                           "without a decision: a new request is needed") as exc:
+            step()
+        assert kind(exc) == "conflict"
+
+
+def test_expire_stores_the_state_with_before_and_after() -> None:
+    g = pending()
+    deadline = NOW + POLICY.pending_expiry
+    with pytest.raises(WorkflowError):
+        wf.expire(g, deadline - timedelta(seconds=1), deadline)
+    with pytest.raises(WorkflowError):
+        wf.expire(approved(), deadline, deadline)
+    new, e = wf.expire(g, deadline + H, deadline)
+    assert new.state is GrantState.EXPIRED and not new.live_at(deadline + H)
+    assert (e.actor, e.action, e.state) == ("system", "expired", "expired")
+    assert e.details == {"state": {"before": "pending", "after": "expired"}}
+
+
+# -- history says what changed ---------------------------------------------------------------------
+def test_history_details_hold_before_and_after_of_each_changed_field() -> None:
+    g = pending(starts_at=NOW - H)  # requested with a start in the past: moved at approval
+    a, e = wf.approve(g, BOB, NOW + H, POLICY, "ok")
+    assert e.details["state"] == {"before": "pending", "after": "approved"}
+    assert e.details["approved_by"] == {"before": [], "after": [BOB.name]}
+    assert e.details["expires_at"]["after"] == a.expires_at.isoformat()
+    assert set(e.details) == {"state", "approved_by", "starts_at", "expires_at"}
+    _, e = wf.change(approved(stack_ids=("s-a", "s-b")),
+                     req(stack_ids=("s-a",), level=Level.READ_ONLY, ticket="INC-2"), ALICE, NOW,
+                     POLICY)
+    assert e.details["stacks"] == {"before": ["s-a", "s-b"], "after": ["s-a"]}
+    assert e.details["ticket"] == {"before": "INC-1", "after": "INC-2"}
+    _, e = wf.change(approved(), req(level=Level.ADMIN, duration=timedelta(hours=2)), ALICE,
+                     NOW, POLICY)
+    assert e.details["level"] == {"before": "read-only", "after": "admin"}
+    assert e.details["state"] == {"before": "approved", "after": "pending"}
+    assert e.details["approved_by"] == {"before": [BOB.name], "after": []}
+    _, e = wf.reject(pending(), BOB, NOW, "no")
+    assert e.details == {"state": {"before": "pending", "after": "rejected"}}
+    _, e = wf.approve(pending(level=Level.ADMIN), BOB, NOW, GrantPolicy(
+        two_approvers_for_admin=True))
+    assert e.details == {"approved_by": {"before": [], "after": [BOB.name]},
+                         "approvals": 1, "needed": 2}
+    _, e = wf.create("g-2", req(), ALICE, NOW, POLICY)
+    assert e.details == {}  # nothing before a request

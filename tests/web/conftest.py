@@ -23,6 +23,7 @@ from broker.config import GrantSettings, RoleSettings, WebSettings
 from broker.domain import totp
 from broker.identity.passwords import hash_password
 from broker.identity.static import StaticDirectory, StaticUser, UsersFile
+from broker.inventory.static import InventoryFile, StaticInventory
 from broker.ports import AuthOutcome
 from broker.services.account_check import AccountChecker
 from broker.services.auth import Authenticator, TotpSecondFactor
@@ -45,6 +46,11 @@ USERS = {  # name -> groups
     "rita": ["dev"], "ron": ["dev"], "alan": ["approvers"], "abby": ["approvers"],
     "audrey": ["auditors"], "adam": ["admins"], "lena": ["dev"], "otto": ["dev"],
 }
+# requests are checked against it: stack-web and stack-db in vpc-0demo, as in the demo
+INVENTORY = StaticInventory(InventoryFile.model_validate({"stacks": [
+    {"id": stack, "vpc": "vpc-0demo", "instances": [
+        {"id": f"i-0{name}", "name": name, "address": "10.0.0.1"}]}
+    for stack, name in (("stack-web", "web01"), ("stack-db", "db01"))]}))
 ROLES = RoleSettings(approver_groups=["approvers"], auditor_groups=["auditors"],
                      admin_groups=["admins"])
 
@@ -175,7 +181,7 @@ class Env:
 
 def build_context(state: Path, clock: FakeClock, *, two_approvers: bool = False,
                   secure_cookies: bool = True, recheck_seconds: int = 60,
-                  directory: LiveDirectory | None = None,
+                  directory: LiveDirectory | None = None, pending_expire_hours: float = 24.0,
                   ) -> tuple[WebContext, SqliteDatabase, dict[str, str]]:
     db = SqliteDatabase(state / "broker.db")
     audit = JsonlAuditLog(state / "audit.jsonl", clock)
@@ -184,7 +190,9 @@ def build_context(state: Path, clock: FakeClock, *, two_approvers: bool = False,
     auth = Authenticator(directory, TotpSecondFactor(totp_store, clock), audit,
                          SqliteThrottleStore(db), clock, totp_store=totp_store)
     grants = GrantService(SqliteGrantStore(db), audit, clock,
-                          grant_policy(GrantSettings(two_approvers_for_admin=two_approvers)))
+                          grant_policy(GrantSettings(two_approvers_for_admin=two_approvers,
+                                                     pending_expire_hours=pending_expire_hours)),
+                          inventory=lambda: INVENTORY)
     ctx = WebContext(grants=grants, authenticator=auth, tokens=SqliteApiTokenStore(db),
                      audit=audit, clock=clock, roles=ROLES,
                      settings=WebSettings(secure_cookies=secure_cookies, session_minutes=600),
