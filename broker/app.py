@@ -47,13 +47,14 @@ from broker.services.totp_secrets import load_key
 from broker.shipping.service import Shipping
 from broker.ssh import patches
 from broker.ssh.ca import UserCA
-from broker.ssh.jump import host_ca
+from broker.ssh.jump import host_ca, jump_patterns
 from broker.ssh.keys import load_or_create_key, load_or_create_user_ca
 from broker.ssh.relay import RelayDeps
 from broker.ssh.server import configure_guard, source_guard, start_server
 
 if TYPE_CHECKING:
     from broker.diag.server import DiagServer
+    from broker.web.known_hosts import SshTrust
 from broker.reload import (
     ConfigSource,
     Reloader,
@@ -198,7 +199,8 @@ class Broker:
         self.accounts = AccountChecker(directory, s.clock,
                                        recheck_seconds=config.web.recheck_seconds)
         self.web = web_server_for(config, self.grants, self.authenticator, s.audit, s.clock,
-                                  s.tokens, self.accounts, _review(config, s, key.public))
+                                  s.tokens, self.accounts, _review(config, s, key.public),
+                                  ssh_trust=self._ssh_trust)
         self.web_url: str | None = None  # the API's base URL once started
         self.enforcer = GrantEnforcer(self.sessions, s.grants, s.audit, s.clock,
                                       **enforcer_settings(config), locks=s.locks)
@@ -214,6 +216,17 @@ class Broker:
         self.diag = _diag_server(self, disk_guard)  # /healthz, /readyz, /metrics ([diag])
         self.diag_url: str | None = None  # its base URL once started
         self.reload = BrokerReload(self)  # SIGHUP: the config file again, applied live
+
+    async def _ssh_trust(self) -> SshTrust:
+        """What ``GET /api/ssh/known_hosts`` publishes (it caches it): the keys as loaded at
+        start, the names of the inventory as it is now (a reload may change it)."""
+        from broker.web.known_hosts import SshTrust
+
+        instances = await self.access.inventory.instances()
+        port = self._acceptor.get_port() if self._acceptor else self.config.ssh.listen_port
+        return SshTrust(host_key=self.host_key.export_public_key().decode().strip(),
+                        host_ca=host_ca(self.config).export_public_key().decode().strip(),
+                        patterns=tuple(jump_patterns(instances)), ssh_port=int(port))
 
     async def start(self, *, reuse_port: bool = False) -> int:
         """Start listening; returns the bound port (useful with port 0)."""

@@ -11,7 +11,7 @@ from broker.cli.output import out
 
 
 async def _ca_known_hosts(args: argparse.Namespace) -> int:
-    from broker.ssh.jump import host_ca_path
+    from broker.ssh.jump import host_ca_path, jump_patterns
     from broker.ssh.keys import read_public_key
     from broker.wiring import build_inventory
 
@@ -19,8 +19,7 @@ async def _ca_known_hosts(args: argparse.Namespace) -> int:
     pub = read_public_key(host_ca_path(cfg), "the host CA")
     patterns = list(args.pattern or [])
     if not patterns:
-        instances = await build_inventory(cfg).instances()
-        patterns = sorted({n for i in instances if i.os == "linux" for n in (i.id, i.name)})
+        patterns = jump_patterns(await build_inventory(cfg).instances())
     out(f"@cert-authority {','.join(patterns) or '*'} {pub}")
     return 0
 

@@ -11,6 +11,7 @@ from broker.cli import (
     configcheck,
     grants,
     keys,
+    knownhosts,
     locks,
     serve,
     sessions,
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     auth.register(sub)
     keys.register(sub)
     ca.register(sub)
+    knownhosts.register(sub)  # known-hosts --api URL (engineers; no login)
     users.register(sub)
     configcheck.register(sub)  # config check
     tokens.register(sub)     # tokens list|revoke, web-sessions list|revoke (operator)

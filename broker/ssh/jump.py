@@ -17,7 +17,7 @@ server so) may go only to the target's own loopback, opened from the target
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,12 @@ def host_ca(config: BrokerConfig) -> asyncssh.SSHKey:
     Ed25519, unlike the user CA: only clients verify it, once per connection, where the CPU does
     not matter, and clients hardened to refuse NIST curves must still accept it."""
     return _key(host_ca_path(config), "bastion-broker host CA")
+
+
+def jump_patterns(instances: Iterable[Instance]) -> list[str]:
+    """The names the host CA vouches for: every Linux instance's id and name (``ssh -J``
+    reaches Linux targets only)."""
+    return sorted({n for i in instances if i.os == "linux" for n in (i.id, i.name)})
 
 
 def known_hosts_line(config: BrokerConfig, patterns: list[str]) -> str:

@@ -36,6 +36,7 @@ from broker.services.review import ReviewService
 from broker.services.roles import roles_of
 from broker.web import schema as S
 from broker.web.console_routes import CONSOLE_PREFIX, add_console_routes
+from broker.web.known_hosts import KnownHosts
 from broker.web.locks_api import IncidentApi, lock_routes
 from broker.web.routes import Caller, Route
 from broker.web.schema import ApiError
@@ -87,6 +88,7 @@ class WebContext:
     auto_approve_groups: tuple[str, ...] = ()
     review: ReviewService | None = None  # the sessions API (broker.web.sessions_api)
     locks: LockService | None = None  # kill and lock (broker.web.locks_api)
+    known_hosts: KnownHosts | None = None  # GET /api/ssh/known_hosts (broker.web.known_hosts)
 
     @property
     def session_cookie(self) -> str:
@@ -642,6 +644,7 @@ class Api:
             *(session_routes(self.ctx.review, self.ctx.clock.now,
                              incidents.kill if incidents else None) if self.ctx.review else ()),
             *(lock_routes(incidents) if incidents else ()),
+            *(self.ctx.known_hosts.routes() if self.ctx.known_hosts else ()),
         ]
 
     def _incidents(self) -> IncidentApi | None:

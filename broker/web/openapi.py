@@ -10,6 +10,7 @@ from broker.domain import workflow as wf
 from broker.domain.models import Level, Trigger
 from broker.ports import SESSION_STATUSES
 from broker.services.review import MAX_LIMIT
+from broker.web.known_hosts import HOST_RE
 from broker.web.locks_api import SCHEMAS as LOCK_SCHEMAS
 from broker.web.routes import Route
 from broker.web.schema import MAX_HOURS, MIN_HOURS, SCOPES, STATES
@@ -37,6 +38,7 @@ _QUERY_SCHEMAS: dict[str, dict[str, Any]] = {
     "user": {"type": "string", "pattern": wf.USER_RE.pattern},
     "stack": {"type": "string", "pattern": wf.STACK_RE.pattern},
     "limit": {"type": "string", "pattern": "^(?:[1-9][0-9]{0,2}|1000)$"},
+    "host": {"type": "string", "maxLength": 260, "pattern": HOST_RE.pattern},
 }
 _REQUEST_PROPS: dict[str, Any] = {
     "user": {"type": "string", "pattern": wf.USER_RE.pattern, "maxLength": 64,
@@ -165,6 +167,8 @@ SCHEMAS.update({
     "Asciicast": {"type": "string", "description": "asciicast v2: a header line, then one "
                   "event per line (served as application/x-asciicast)"},
     "Manifest": {"type": "object", "description": "the signed manifest file as stored"},
+    "KnownHosts": {"type": "string", "description": "OpenSSH known_hosts lines: the bastion's "
+                   "host key, then '@cert-authority NAMES KEY' for recorded ssh -J"},
     "AuditPage": {"type": "object", "properties": {
         "items": {"type": "array", "items": {"type": "object"}}, "next_cursor": _NEXT}},
     "Dashboard": {"type": "object", "properties": {
@@ -199,7 +203,7 @@ _REVIEW_QUERY: dict[str, dict[str, Any]] = {
     "cursor": {"type": "string", "maxLength": 200, "pattern": "^[A-Za-z0-9_-]*$"},
 }
 
-_CONTENT_TYPES = {"Asciicast": "application/x-asciicast"}
+_CONTENT_TYPES = {"Asciicast": "application/x-asciicast", "KnownHosts": "text/plain"}
 _PATH_SCHEMAS: dict[str, dict[str, Any]] = {
     "session_id": {"type": "string", "pattern": "^[0-9A-Za-z-]{1,64}$",
                    "description": "a session id, or a unique prefix of 6 or more characters"},
@@ -209,7 +213,7 @@ _STATUS_TEXT = {200: "OK", 201: "Created", 202: "Accepted", 400: "Invalid input"
                 403: "Forbidden (role, scope or CSRF)", 404: "Not found (or not visible)",
                 409: "Conflict (state, a concurrent change, or an ambiguous session id prefix)",
                 413: "Body over 64 KiB",
-                415: "Body is not application/json"}
+                415: "Body is not application/json", 503: "Unavailable now; try again later"}
 
 
 def _query_schema(name: str, path: str = "") -> dict[str, Any]:

@@ -17,6 +17,7 @@ from broker.services.grants import GrantService
 from broker.services.locks import LockService
 from broker.services.review import ReviewService
 from broker.web.api import WebContext, create_app
+from broker.web.known_hosts import KnownHosts, TrustLoader
 from broker.web.listener import GuardedListener
 from broker.web.protocol_errors import json_errors
 from broker.web.signing import SessionSigner, load_or_create_key
@@ -105,8 +106,8 @@ class WebServer:
 
 def web_server_for(config: BrokerConfig, grants: GrantService, authenticator: Authenticator,
                    audit: AuditSink, clock: Clock, tokens: TokenStore,
-                   accounts: AccountChecker, review: ReviewService | None = None
-                   ) -> WebServer | None:
+                   accounts: AccountChecker, review: ReviewService | None = None,
+                   ssh_trust: TrustLoader | None = None) -> WebServer | None:
     """The API server for a broker, or None when ``[web] enabled = false``.
 
     API tokens and logged-out sessions live in the broker's store (shared by a fleet on
@@ -122,5 +123,6 @@ def web_server_for(config: BrokerConfig, grants: GrantService, authenticator: Au
                                                 or config.state_dir / "web.key")),
         accounts=accounts, auto_approve_groups=tuple(config.grants.auto_approve_read_only_groups),
         review=review,
+        known_hosts=KnownHosts(ssh_trust, config.web.public_url) if ssh_trust else None,
     )
     return WebServer(ctx, config.web)
