@@ -2,7 +2,8 @@
 
 Writes a config, a users file, an inventory and grants under STATE_DIR, starts one OpenSSH sshd
 per demo instance on loopback (trusting the broker's CA), runs the broker, and writes
-``STATE_DIR/demo.json`` with everything a person or a test needs to connect.
+``STATE_DIR/demo.json`` with everything a person or a test needs to connect. With ``--rdp`` also
+a Windows-like RDP target (``broker.demo_rdp``) in the granted stack.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from broker.config import load_config
+from broker.demo_rdp import NAME as RDP_NAME
+from broker.demo_rdp import RdpTarget, running
 from broker.domain import totp
 from broker.domain.models import Grant, GrantState, Level, Trigger
 from broker.errors import BrokerError, ConfigError
@@ -161,8 +164,11 @@ def _toml_str(s: str) -> str:
 
 
 def prepare(state_dir: Path, ssh_port: int, users: int, workers: int = 1,
-            public_keys: bool = False) -> dict[str, Any]:
-    """Write config, keys, users, inventory and grants; return the demo description."""
+            public_keys: bool = False, rdp: RdpTarget | None = None) -> dict[str, Any]:
+    """Write config, keys, users, inventory and grants; return the demo description.
+
+    ``rdp``: the running Windows-like target, listed in the granted stack (RDP port 3389 maps to
+    its real port, as for any Windows instance)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
     ca_key = load_or_create_user_ca(state_dir / "ca" / "user_ca")
@@ -188,6 +194,9 @@ def prepare(state_dir: Path, ssh_port: int, users: int, workers: int = 1,
                     f'address = "127.0.0.1"\nport = {t.port}\nos = "linux"\n'
                     f"host_keys = [{_toml_str(t.host_pub)}]\n"
                 )
+        if rdp is not None and stack == GRANTED_STACK:
+            inv.append(f'[[stacks.instances]]\nid = "{rdp.id}"\nname = "{rdp.name}"\n'
+                       f'address = "127.0.0.1"\nport = {rdp.port}\nos = "windows"\n')
     (state_dir / "inventory.toml").write_text("\n".join(inv))
 
     password = secrets.token_urlsafe(12)
@@ -276,12 +285,22 @@ async def _seed(config_path: Path, names: list[str],
 
 
 def run_demo(state_dir: Path, ssh_port: int, users: int, workers: int = 1,
-             public_keys: bool = False) -> int:
+             public_keys: bool = False, rdp: bool = False) -> int:
+    """Run the demo until SIGINT/SIGTERM; with ``rdp`` also the RDP target ``win01``, started
+    first (its port goes into the inventory) and stopped last."""
+    state_dir = state_dir.resolve()
+    if not rdp:
+        return _run_demo(state_dir, ssh_port, users, workers, public_keys, None)
+    with running(state_dir / "targets" / RDP_NAME) as win:
+        return _run_demo(state_dir, ssh_port, users, workers, public_keys, win)
+
+
+def _run_demo(state_dir: Path, ssh_port: int, users: int, workers: int, public_keys: bool,
+              rdp: RdpTarget | None) -> int:
     from broker import logs
     from broker.app import run
 
-    state_dir = state_dir.resolve()
-    info = prepare(state_dir, ssh_port, users, workers, public_keys)
+    info = prepare(state_dir, ssh_port, users, workers, public_keys, rdp)
     config_path = state_dir / "broker.toml"
     config = load_config(config_path)
     logs.configure(config.log_level)
@@ -314,6 +333,8 @@ def run_demo(state_dir: Path, ssh_port: int, users: int, workers: int = 1,
                 **{n: {"user": n, "password": info["password"],
                        "totp_secret": secrets_by_user[n], "group": group}
                    for n, group in STAFF.items()},
+                # the Windows-like target's own account (RDP/NLA), reached through ssh -L
+                "rdp": rdp.describe() if rdp else None,
             }
             out = state_dir / "demo.json"
             tmp = state_dir / "demo.json.tmp"
@@ -333,7 +354,10 @@ def run_demo(state_dir: Path, ssh_port: int, users: int, workers: int = 1,
                 f"  API:       {info['web_url']}/api/openapi.json "
                 f"(bastion-broker --api {info['web_url']} login)\n"
                 f"  metrics:   {info['diag_url']}/metrics (/healthz, /readyz)\n"
-                f"  details:   {out}\n",
+                + (f"  RDP:       ssh -p {port} -N -L 13389:{rdp.name}:3389 alice@127.0.0.1\n"
+                   f"             then xfreerdp /v:localhost:13389 /u:{rdp.user} "
+                   f"/p:{rdp.password} /cert:ignore\n" if rdp else "")
+                + f"  details:   {out}\n",
                 flush=True,
             )
 

@@ -161,14 +161,15 @@ class Demo:
 
 
 def start_demo(state_dir: Path, users: int = 300, workers: int = 1,
-               env: dict[str, str] | None = None) -> Demo:
-    """``bastion-broker demo`` in a process of its own (``env``: its environment, default ours)."""
+               env: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> Demo:
+    """``bastion-broker demo`` in a process of its own (``env``: its environment, default ours;
+    ``extra``: more demo options, e.g. ``--rdp``)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     stderr_path = state_dir.parent / f"{state_dir.name}.stderr"
     err = open(stderr_path, "wb")
     proc = subprocess.Popen(
         [str(BIN), "demo", "--state-dir", str(state_dir), "--users", str(users),
-         "--workers", str(workers)],
+         "--workers", str(workers), *extra],
         stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, env=env,
     )
     err.close()

@@ -30,7 +30,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not 0 <= args.workers <= 64:
         raise UsageError("--workers must be between 0 (one per core) and 64")
     return run_demo(Path(args.state_dir), args.ssh_port, args.users, args.workers,
-                    public_keys=args.public_keys)
+                    public_keys=args.public_keys, rdp=args.rdp)
 
 
 def register(sub: Any) -> None:
@@ -48,4 +48,7 @@ def register(sub: Any) -> None:
     s.add_argument("--public-keys", action="store_true",
                    help="also accept a demo SSH key (written to the state dir) instead of the "
                         "password; the code is still asked")
+    s.add_argument("--rdp", action="store_true",
+                   help="also run a Windows-like RDP target, win01 (FreeRDP's shadow server with "
+                        "NLA under Xvfb), granted like web01: reach it with ssh -L")
     s.set_defaults(func=cmd_demo)

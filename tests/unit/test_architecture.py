@@ -23,8 +23,8 @@ BASE = {"broker", "errors", "domain", "ports", "aws_names"}
 SERVICES = {"services"}
 ADAPTERS = {"audit", "config", "diag", "identity", "integrity", "inventory", "recordings", "sftp",
             "shipping", "ssh", "store", "web"}
-APP = {"app", "cli", "demo", "workers", "runtime", "logs", "play", "__main__", "stores", "wiring",
-       "reload"}
+APP = {"app", "cli", "demo", "demo_rdp", "workers", "runtime", "logs", "play", "__main__",
+       "stores", "wiring", "reload"}
 RANK = {**dict.fromkeys(BASE, 0), **dict.fromkeys(SERVICES, 1), **dict.fromkeys(ADAPTERS, 2),
         **dict.fromkeys(APP, 3)}
 
