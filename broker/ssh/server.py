@@ -342,6 +342,12 @@ class BrokerConnection(ForwardRefusingServer):
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"no access to {sel.target}"
             )
+        if self._instance.os == "windows":  # its port is RDP's: say what works instead
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                f"{sel.target} is a Windows host: no SSH session there; open an RDP tunnel "
+                f"instead (ssh -N -L 13389:{self._instance.name}:3389 ...) and point the RDP "
+                "client at localhost:13389")
         release = self._sessions.take(self._principal, sel.target, self._peer)
         chan = self._conn.create_server_channel(
             encoding=None,

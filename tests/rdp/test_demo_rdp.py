@@ -125,6 +125,17 @@ def test_xfreerdp_through_the_demo_tunnel(rdp_demo: Demo, client_env: dict[str, 
     assert all(e["user"] == "alice@corp.example.com" for e in events)
 
 
+def test_an_ssh_session_to_the_windows_host_says_to_use_rdp(rdp_demo: Demo) -> None:
+    """win01 is granted, but its port is RDP's: the refusal names the tunnel to open instead
+    (OpenSSH prints the channel-open failure text)."""
+    user = rdp_demo.take_user()
+    r = rdp_demo.ssh(user, "win01", "true")
+    assert r.returncode != 0
+    err = r.stderr.decode()
+    assert "win01 is a Windows host: no SSH session there; open an RDP tunnel instead" in err, err
+    assert "ssh -N -L 13389:win01:3389" in err
+
+
 def _running(pid: int, name: str) -> bool:
     """Whether ``pid`` is a live (not zombie) process of program ``name``."""
     try:
