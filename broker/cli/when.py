@@ -8,13 +8,11 @@ table can be typed back as it is (a time typed without a zone is UTC, like the t
 
 from __future__ import annotations
 
-import re
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 
+from broker.domain.durations import parse_duration
 from broker.errors import UsageError
 
-_AGE = re.compile(r"(\d{1,6})\s*([smhdw])", re.IGNORECASE)
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _FORMS = ("an ISO date or time (2026-12-07, 2026-12-07T14:30, 2026-12-07 14:30:05Z, "
           "2026-12-07T14:30+01:00) or an age like 90m, 2h, 1d, 1w")
 
@@ -24,10 +22,10 @@ def parse_when(option: str, text: str, now: datetime) -> datetime:
     s = text.strip()
     if not s:
         raise UsageError(f"{option}: empty; give {_FORMS}")
-    m = _AGE.fullmatch(s)
-    if m:
+    age = parse_duration(s)
+    if age is not None:
         try:
-            return now - timedelta(**{_UNITS[m.group(2).lower()]: int(m.group(1))})
+            return now - age
         except OverflowError:
             raise UsageError(f"{option}: {s} reaches back before year 1") from None
     if s.lower() == "now":

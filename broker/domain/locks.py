@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from broker.domain.durations import parse_duration
 from broker.domain.models import Instance, Principal
 
 MAX_REASON = 2000
@@ -117,16 +118,12 @@ def lock_value(kind: LockKind, value: str) -> str:
     return v.casefold()
 
 
-_TTL_RE = re.compile(r"^(\d{1,6})([smhdw])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
 def parse_ttl(text: str) -> timedelta:
     """``90s``, ``30m``, ``1h``, ``2d``, ``1w`` as a duration (within ``MAX_TTL``)."""
-    m = _TTL_RE.match(text.strip().lower())
-    if m is None:
+    ttl = parse_duration(text)
+    if ttl is None:
         raise LockError(f"ttl: give a duration like 30m, 1h, 2d or 1w, not {text[:40]!r}")
-    ttl = check_ttl(timedelta(**{_UNITS[m.group(2)]: int(m.group(1))}))
+    ttl = check_ttl(ttl)
     assert ttl is not None  # noqa: S101 - given one
     return ttl
 
