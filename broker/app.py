@@ -253,6 +253,7 @@ class Broker:
         self.enforcer.start()
         self.account_enforcer.start()
         self.grants.start()  # undecided requests expire ([grants] pending_expire_hours)
+        self.locks.start()  # a lock that reaches its end is audited once (lock.expired)
         self._checkpoints = asyncio.create_task(self._sign_audit_periodically())
         self.sessions.start_maintenance()
         self.shipping.start()
@@ -285,6 +286,7 @@ class Broker:
             await self.diag.stop()
         await self.enforcer.stop()
         await self.grants.stop()
+        await self.locks.stop()
         await self.account_enforcer.stop()
         if self._acceptor is not None:
             self._acceptor.close()

@@ -315,6 +315,16 @@ class LockStore(Protocol):
         that id (unknown, already removed or expired)."""
         ...
 
+    async def note_expired(self, now: datetime, limit: int) -> builtins.list[Lock]:
+        """Mark up to ``limit`` locks that reached their end by ``now`` (not removed) as noted,
+        and return them: each is returned once, to one caller, however many bastions ask."""
+        ...
+
+    async def unnote_expired(self, lock_ids: Sequence[str]) -> None:
+        """Undo ``note_expired`` for these locks (their audit line could not be written), so
+        that a later call returns them again."""
+        ...
+
     async def request_kill(self, req: KillRequest) -> None: ...
 
     async def pending_kills(self, session_ids: Sequence[str]) -> builtins.list[KillRequest]:

@@ -14,8 +14,12 @@ from datetime import timedelta
 from broker.domain import locks as rules
 from broker.domain.locks import KillRequest, Lock, LockError, LockKind
 from broker.domain.models import Instance, Principal
-from broker.errors import ConflictError, NotFoundError, UsageError
+from broker.errors import AuditError, BrokerError, ConflictError, NotFoundError, UsageError
 from broker.ports import AuditSink, Clock, LockStore, SessionRecord
+from broker.services.periodic import Periodic
+
+EXPIRY_INTERVAL = 5.0  # seconds between looks for locks that reached their end
+EXPIRY_BATCH = 500
 
 
 class InvalidLock(UsageError):
@@ -35,6 +39,35 @@ class LockService:
         self._store = store
         self._audit = audit
         self._clock = clock
+        self._sweep = Periodic(self.note_expired, lambda: EXPIRY_INTERVAL,
+                               failed_event="locks.expiry_failed", errors=(BrokerError,))
+
+    def start(self) -> None:
+        """Audit locks as they reach their end (a running broker; not the CLI)."""
+        self._sweep.start()
+
+    async def stop(self) -> None:
+        await self._sweep.stop()
+
+    async def note_expired(self) -> int:
+        """One ``lock.expired`` audit line per lock that reached its end: the store hands each
+        to one bastion only, so a fleet writes it once. Returns how many this call noted."""
+        done = 0
+        while True:
+            batch = await self._store.note_expired(self._clock.now(), EXPIRY_BATCH)
+            for n, lk in enumerate(batch):
+                try:
+                    self._audit.emit(
+                        "lock.expired", lock_id=lk.id, kind=lk.kind.value, value=lk.value,
+                        created_by=lk.created_by,
+                        expires_at=lk.expires_at.isoformat() if lk.expires_at else None)
+                except AuditError:
+                    # not written: hand these back, so that a later pass audits them
+                    await self._store.unnote_expired([x.id for x in batch[n:]])
+                    raise
+            done += len(batch)
+            if len(batch) < EXPIRY_BATCH:
+                return done
 
     # -- locks -------------------------------------------------------------------------------
     async def create(self, actor: str, kind: LockKind, value: str, reason: str,

@@ -60,6 +60,20 @@ class PostgresLockStore:
             r = await conn.fetchrow(_REMOVE, _utc(now), by, lock_id)
         return _lock(r) if r else None
 
+    async def note_expired(self, now: datetime, limit: int) -> builtins.list[Lock]:
+        async with self._db.acquire("cannot note expired locks") as conn:
+            rows = await conn.fetch(
+                "UPDATE locks SET expiry_noted_at = $1 WHERE id IN (SELECT id FROM locks"
+                " WHERE removed_at IS NULL AND expiry_noted_at IS NULL AND expires_at <= $1"
+                ' ORDER BY expires_at, id COLLATE "C" LIMIT $2 FOR UPDATE SKIP LOCKED)'
+                " RETURNING *", _utc(now), limit)
+        return sorted((_lock(r) for r in rows), key=lambda lk: (lk.expires_at or now, lk.id))
+
+    async def unnote_expired(self, lock_ids: Sequence[str]) -> None:
+        async with self._db.acquire("cannot un-note expired locks") as conn:
+            await conn.execute("UPDATE locks SET expiry_noted_at = NULL WHERE id = ANY($1)",
+                               list(lock_ids))
+
     async def request_kill(self, req: KillRequest) -> None:
         async with self._db.acquire("cannot store kill request") as conn:
             await conn.execute(

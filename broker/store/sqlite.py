@@ -274,6 +274,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX session_kills_pending ON session_kills (session_id) WHERE done_at IS NULL;
     """,
+    # 10: a lock's end is audited once (``lock.expired``) by whichever bastion notes it first
+    """
+    ALTER TABLE locks ADD COLUMN expiry_noted_at TEXT;
+    """,
 ]
 
 

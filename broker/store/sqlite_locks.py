@@ -95,6 +95,22 @@ class SqliteLockStore:
         return _lock(r) if r else None
 
     @_on_db_thread
+    @_failing_closed("cannot note expired locks")
+    def note_expired(self, now: datetime, limit: int) -> builtins.list[Lock]:
+        rows = self._c.execute(
+            "UPDATE locks SET expiry_noted_at=? WHERE id IN (SELECT id FROM locks"
+            " WHERE removed_at IS NULL AND expiry_noted_at IS NULL AND expires_at IS NOT NULL"
+            " AND expires_at <= ? ORDER BY expires_at, id LIMIT ?) RETURNING *",
+            (_ts(now), _ts(now), limit)).fetchall()
+        return sorted((_lock(r) for r in rows), key=lambda lk: (lk.expires_at or now, lk.id))
+
+    @_on_db_thread
+    @_failing_closed("cannot un-note expired locks")
+    def unnote_expired(self, lock_ids: Sequence[str]) -> None:
+        self._c.executemany("UPDATE locks SET expiry_noted_at=NULL WHERE id=?",
+                            [(i,) for i in lock_ids])
+
+    @_on_db_thread
     @_failing_closed("cannot store kill request")
     def request_kill(self, req: KillRequest) -> None:
         self._c.execute(

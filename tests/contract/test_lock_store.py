@@ -98,3 +98,22 @@ async def test_pending_kills_of_many_sessions(stores: StoreBundle) -> None:
                                      requested_by="op:x", requested_at=T0))
     got = await s.pending_kills([f"s-{i}" for i in range(2000)])
     assert [k.id for k in got] == ["k-x"]
+
+
+async def test_an_expired_lock_is_noted_once_across_bastions(stores: StoreBundle) -> None:
+    s = locks_of(stores)
+    other = locks_of(await stores.twin())
+    await s.add(lock("lk-0000000000e1", ttl=timedelta(minutes=5)))
+    await s.add(lock("lk-0000000000e2", ttl=timedelta(minutes=10)))
+    await s.add(lock("lk-0000000000e3"))  # no end: never noted
+    await s.add(lock("lk-0000000000e4", ttl=timedelta(minutes=1)))
+    await s.remove("lk-0000000000e4", "op:y", T0)  # removed before its end: not an expiry
+    assert await s.note_expired(T0 + timedelta(minutes=4), 10) == []
+    at = T0 + timedelta(minutes=5)  # the end itself counts
+    assert [lk.id for lk in await other.note_expired(at, 10)] == ["lk-0000000000e1"]
+    assert await s.note_expired(at, 10) == []  # the other bastion took it
+    late = T0 + timedelta(hours=1)
+    assert [lk.id for lk in await s.note_expired(late, 10)] == ["lk-0000000000e2"]
+    await s.unnote_expired(["lk-0000000000e2"])  # its audit line failed: handed back
+    assert [lk.id for lk in await other.note_expired(late, 1)] == ["lk-0000000000e2"]
+    assert await other.note_expired(late, 10) == []

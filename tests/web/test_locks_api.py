@@ -4,7 +4,9 @@ what is audited. (Ending the sessions is the enforcement loop's: tests/e2e/test_
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from broker.audit.reader import JsonlAuditReader
 from broker.domain import totp
+from broker.domain.locks import LockKind
 from broker.integrity.archive import LocalRecordingArchive
 from broker.integrity.keys import load_or_create_signing_key
 from broker.integrity.manifest import RecordingSealer
@@ -163,3 +166,22 @@ async def test_the_openapi_document_lists_kill_and_locks(lock_env: ReviewEnv) ->
     assert "delete" in doc["paths"]["/api/locks/{lock_id}"]
     assert doc["components"]["schemas"]["LockCreate"]["required"] == ["reason"]
 
+
+
+async def test_a_lock_that_reaches_its_end_is_audited_once(lock_env: ReviewEnv) -> None:
+    """``lock.expired`` is written once, by the service's sweep, in the real audit log; a
+    second sweep (another bastion, or the next pass) finds nothing to write."""
+    locks = lock_env.ctx.locks
+    assert locks is not None
+    timed = await locks.create("op@corp", LockKind.USER, "carol@corp.example.com", "incident",
+                               timedelta(minutes=30))
+    await locks.create("op@corp", LockKind.STACK, "stack-web", "for good", None)
+    assert await locks.note_expired() == 0
+    lock_env.clock.advance(31 * 60)
+    assert await locks.note_expired() == 1
+    assert await locks.note_expired() == 0
+    events = [json.loads(line) for line in
+              (lock_env.state / "audit.jsonl").read_text().splitlines()]
+    expired = [e for e in events if e["event"] == "lock.expired"]
+    assert len(expired) == 1
+    assert expired[0]["lock_id"] == timed.id and expired[0]["value"] == "carol@corp.example.com"

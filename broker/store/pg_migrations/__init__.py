@@ -220,4 +220,8 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX session_kills_pending ON session_kills (session_id) WHERE done_at IS NULL;
     """,
+    # 7: a lock's end is audited once (``lock.expired``) by whichever bastion notes it first
+    """
+    ALTER TABLE locks ADD COLUMN expiry_noted_at timestamptz;
+    """,
 ]
