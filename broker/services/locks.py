@@ -99,6 +99,12 @@ class LockService:
         return await self._store.listing(include_inactive=include_inactive,
                                          now=self._clock.now())
 
+    async def user_lock(self, principal: Principal) -> Lock | None:
+        """The active lock on ``principal`` itself, if any (web sessions and API tokens ask it
+        on every request: a locked user's open console and scripts stop at once)."""
+        now = self._clock.now()
+        return rules.first_match(await self._store.active(now), principal, None, now)
+
     # -- kill requests -----------------------------------------------------------------------
     async def kill(self, actor: str, rec: SessionRecord, reason: str) -> KillRequest:
         """Ask the bastion holding live session ``rec`` to end it (audited who and why)."""

@@ -276,21 +276,33 @@ class Api:
         for an account that is gone, disabled, expired, locked or out of the required groups;
         503 while the directory cannot answer (fail closed, without ending anything)."""
         outcome = await self.ctx.accounts.check(username, domain)
+        user = f"{username}@{domain}".casefold()
         if outcome.principal is not None:
-            return outcome.principal
+            # a lock on the user (``bastion-broker lock --user``) stops their console and
+            # scripts too, at the next request: one read of the (few) active locks
+            lock = (await self.ctx.locks.user_lock(outcome.principal)
+                    if self.ctx.locks is not None else None)
+            if lock is None:
+                return outcome.principal
+            await self._shut_out(user, f"locked: lock {lock.id}", ident)
+            raise ApiError(401, "unauthorized", lock.describe())
         if directory_failed(outcome):
             log.error("web.directory_unavailable", user=f"{username}@{domain}",
                       reason=outcome.reason)
             raise ApiError(503, "unavailable", "the directory cannot answer now; try again later")
-        user = f"{username}@{domain}".casefold()
-        if "sid" in ident:  # the session cannot come back: end it for every bastion
+        await self._shut_out(user, f"account no longer allowed: {outcome.reason}", ident)
+        raise ApiError(401, "unauthorized", "the account is no longer allowed in; log in again")
+
+    async def _shut_out(self, user: str, reason: str, ident: dict[str, str]) -> None:
+        """A login session that cannot come back ends for every bastion; a token is refused
+        (it works again if the lock goes and the account is allowed). Both audited."""
+        if "sid" in ident:
             if await self.ctx.tokens.revoke_session(ident["sid"], self.ctx.clock.now()):
                 self.ctx.audit.emit("web.session_ended", user=user, session=ident["sid"],
-                                    reason=f"account no longer allowed: {outcome.reason}")
+                                    reason=reason)
         else:
             self.ctx.audit.emit("api_token.refused", user=user, token_id=ident["token_id"],
-                                reason=f"account no longer allowed: {outcome.reason}")
-        raise ApiError(401, "unauthorized", "the account is no longer allowed in; log in again")
+                                reason=reason)
 
     def _auto_groups(self, principal: Principal) -> frozenset[str]:
         wanted = {g.casefold() for g in self.ctx.auto_approve_groups}

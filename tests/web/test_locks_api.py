@@ -185,3 +185,25 @@ async def test_a_lock_that_reaches_its_end_is_audited_once(lock_env: ReviewEnv) 
     expired = [e for e in events if e["event"] == "lock.expired"]
     assert len(expired) == 1
     assert expired[0]["lock_id"] == timed.id and expired[0]["value"] == "carol@corp.example.com"
+
+
+async def test_a_user_lock_stops_their_console_and_tokens_at_the_next_request(
+        lock_env: ReviewEnv) -> None:
+    env = lock_env
+    rita = await env.who("rita")
+    tok = await token(env, "rita", ["grants:read"])
+    assert (await env.call(rita, "GET", "/api/grants"))[0] == 200
+    status, lock = await env.call("adam", "POST", "/api/locks",
+                                  {"user": "rita", "reason": "stolen laptop"})
+    assert status == 201
+    for who in (rita, tok):
+        status, body = await env.call(who, "GET", "/api/grants")
+        assert status == 401 and "stolen laptop" in body["detail"]["message"], body
+    assert (await env.call("alan", "GET", "/api/grants"))[0] == 200  # others go on
+    assert (await env.call("adam", "DELETE", f"/api/locks/{lock['id']}"))[0] == 200
+    assert (await env.call(tok, "GET", "/api/grants"))[0] == 200  # the token works again
+    assert (await env.call(rita, "GET", "/api/grants"))[0] == 401  # the login session ended
+    reasons = {(e["event"], e["reason"]) for e in env.audit()
+               if e["event"] in ("web.session_ended", "api_token.refused")}
+    assert reasons == {("web.session_ended", f"locked: lock {lock['id']}"),
+                       ("api_token.refused", f"locked: lock {lock['id']}")}
