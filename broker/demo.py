@@ -41,8 +41,9 @@ INSTANCES = [  # (id, name, stack)
     ("i-0db01", "db01", "stack-db"),
 ]
 GRANTED_STACK = "stack-web"
-# demo accounts with a role and no grant: the security console's auditor, and an approver
-STAFF = {"auditor": "bastion-auditors", "approver": "bastion-approvers"}
+# demo accounts with a role and no grant: the security console's auditor, an approver, and an
+# admin (locks in the console; a second approver)
+STAFF = {"auditor": "bastion-auditors", "approver": "bastion-approvers", "admin": "bastion-admins"}
 ADMIN_LOGIN = "bb-admin"
 READ_ONLY_LOGIN = "bb-readonly"
 
@@ -221,7 +222,8 @@ def prepare(state_dir: Path, ssh_port: int, users: int, workers: int = 1,
         f'[inventory]\nbackend = "static"\nfile = "inventory.toml"\n\n'
         "# The demo auditor reads every session and the audit log; the approver decides requests\n"
         f'[roles]\nauditor_groups = ["{STAFF["auditor"]}"]\n'
-        f'approver_groups = ["{STAFF["approver"]}"]\n\n'
+        f'approver_groups = ["{STAFF["approver"]}"]\n'
+        f'admin_groups = ["{STAFF["admin"]}"]\n\n'
         "# Every demo client comes from loopback: never penalise it for failed logins\n"
         '[limits]\npenalty_exempt = ["127.0.0.0/8", "::1/128"]\n\n'
         "# The grant API over plain HTTP on loopback: cookies without the Secure flag\n"

@@ -36,6 +36,7 @@ from broker.services.review import ReviewService
 from broker.services.roles import roles_of
 from broker.web import schema as S
 from broker.web.console_routes import CONSOLE_PREFIX, add_console_routes
+from broker.web.inventory_api import inventory_routes
 from broker.web.known_hosts import KnownHosts
 from broker.web.locks_api import IncidentApi, lock_routes
 from broker.web.routes import Caller, Route
@@ -653,6 +654,7 @@ class Api:
             Route("POST", g + "/revoke", self.grant_revoke,
                   "End a grant now (approvers, or the grantee)", "any", write + appr,
                   body="Comment", responses=std, ok_schema="Grant"),
+            *inventory_routes(self.ctx.grants),
             *(session_routes(self.ctx.review, self.ctx.clock.now,
                              incidents.kill if incidents else None) if self.ctx.review else ()),
             *(lock_routes(incidents) if incidents else ()),

@@ -10,6 +10,7 @@ from broker.domain import workflow as wf
 from broker.domain.models import Level, Trigger
 from broker.ports import SESSION_STATUSES
 from broker.services.review import MAX_LIMIT
+from broker.web.inventory_api import SCHEMAS as INVENTORY_SCHEMAS
 from broker.web.known_hosts import HOST_RE
 from broker.web.locks_api import SCHEMAS as LOCK_SCHEMAS
 from broker.web.routes import Route
@@ -181,6 +182,7 @@ SCHEMAS.update({
         "grants_expiring": {"type": "array", "items": {"$ref": "#/components/schemas/Grant"}}}},
 })
 SCHEMAS.update(LOCK_SCHEMAS)  # kill and lock (broker.web.locks_api)
+SCHEMAS.update(INVENTORY_SCHEMAS)  # the request form's stacks and VPCs (broker.web.inventory_api)
 # query parameters of the review routes, where a name means more than on the grant routes
 _REVIEW_PREFIXES = ("/api/sessions", "/api/audit", "/api/dashboard")
 _NO_CONTROL_LINE = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"

@@ -4,6 +4,8 @@
 import {api, ApiError, clear, field, h, heading, message, onUnauthorized, setCsrf} from "./util.js";
 import {auditPage, dashboardPage} from "./overview.js";
 import {sessionPage, sessionsPage} from "./sessions.js";
+import {accessPage, approvalsPage, grantPage, requestPage} from "./grants.js";
+import {locksPage} from "./locks.js";
 
 const state = {me: null};
 const main = () => document.getElementById("main");
@@ -120,13 +122,18 @@ async function route() {
     return;
   }
   showShell();
-  markCurrent(page === "session" ? "sessions" : page);
+  markCurrent({session: "sessions", request: "access", grant: "access"}[page] || page);
   const ctx = {params, isAuditor: isAuditor(), me: state.me, stale: () => seq !== routing, go};
   try {
     if (page === "sessions" || page === "") await sessionsPage(root, ctx);
     else if (page === "session" && parts[1]) await sessionPage(root, parts[1], ctx);
     else if (page === "audit") await auditPage(root, ctx);
     else if (page === "dashboard") await dashboardPage(root, ctx);
+    else if (page === "access") await accessPage(root, ctx);
+    else if (page === "request") await requestPage(root, ctx);
+    else if (page === "approvals") await approvalsPage(root, ctx);
+    else if (page === "grant" && parts[1]) await grantPage(root, parts[1], ctx);
+    else if (page === "locks") await locksPage(root, ctx);
     else root.append(heading("Not found"), message("error", "There is no such page."));
   } catch (e) {
     if (seq !== routing) return;

@@ -4,6 +4,7 @@
 import {api, bytes, clear, clock, duration, field, h, heading, isoToLocal, localToIso, message,
   qs, statusBadge, timeZone, when} from "./util.js";
 import {mountReplay} from "./replay.js";
+import {endSessionPanel} from "./locks.js";
 
 const KINDS = ["", "shell", "exec", "subsystem", "tunnel", "jump"];
 const STATUSES = ["", "live", "ok", "failed"];
@@ -336,6 +337,9 @@ export async function sessionPage(root, id, ctx) {
     ["Recording", s.recorded ? bytes(s.recording_bytes) : "none"],
     ["Inside connection", parent],
   ]), downloads));
+  if (s.status === "live" && ctx.isAuditor) {
+    root.querySelector("section.summary").after(endSessionPanel(s));
+  }
   replay.details(s);
   if (s.recorded) {
     const hitsBox = h("div", {class: "session-hits"});

@@ -37,10 +37,11 @@ export function clear(el) {
 // -- the API ----------------------------------------------------------------------------------
 
 export class ApiError extends Error {
-  constructor(status, error, message) {
+  constructor(status, error, message, field) {
     super(message || error || `HTTP ${status}`);
     this.status = status;
     this.error = error;
+    this.field = field || null; // the request field the API named (detail.field), if any
   }
 }
 
@@ -95,7 +96,8 @@ export async function api(method, path, body) {
     const detail = data && data.detail;
     const message = (detail && typeof detail === "object" ? detail.message : detail) ||
       (data && data.error) || `HTTP ${resp.status}`;
-    const err = new ApiError(resp.status, data && data.error, message);
+    const err = new ApiError(resp.status, data && data.error, message,
+      detail && typeof detail === "object" ? detail.field : null);
     if (resp.status === 401 && path !== "/api/login") unauthorized.forEach((fn) => fn(err));
     throw err;
   }
