@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from broker.domain import grants as grant_rules
+from broker.domain.locks import Lock
 from broker.domain.models import Decision, Grant, Instance, Principal
 from broker.ports import Clock, GrantStore, Inventory, Metrics, NullMetrics
 from broker.services.locks import LockGate
@@ -47,6 +48,11 @@ class AccessService:
         decision = grant_rules.evaluate(grants, principal, instance, self._clock.now())
         self._metrics.access_decision("allow" if decision.allowed else "deny")
         return AccessResult(decision, instance)
+
+    async def user_lock(self, principal: Principal) -> Lock | None:
+        """The active lock on the user themselves, if any (the SSH menu ends the connection on
+        one instead of listing nothing)."""
+        return await self._locks.lock_for(principal) if self._locks else None
 
     async def reachable(self, principal: Principal) -> list[tuple[Instance, Grant]]:
         grants = await self._grants.for_user(principal.username, principal.domain)

@@ -202,6 +202,16 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         self._client_paused = _Paused()  # reading from the client
         self._target_paused = _Paused()  # reading from the target
 
+    @property
+    def session_id(self) -> str | None:
+        """The recorded session's id, once it started."""
+        return self._live.id if self._live is not None else None
+
+    @property
+    def ended_reason(self) -> str | None:
+        """Why the enforcer (or a failed recording) ended the session, if it did."""
+        return self._terminating
+
     # -- requests before the session starts --------------------------------------------------
     def connection_made(self, chan: SSHChannel[bytes]) -> None:
         self.chan = cast(asyncssh.SSHServerChannel[bytes], chan)
@@ -381,8 +391,8 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
 
     def _from_client(self, data: bytes) -> None:
         live = self._live
-        if live is None or self._terminating is not None:
-            return
+        if live is None or live.closed or self._terminating is not None:
+            return  # ended: its recording is closed, the target gone or going
         if self._sftp is not None:
             self._sftp.from_client(data)
             if self._terminating is not None:  # its audit event could not be written
@@ -443,7 +453,7 @@ class ClientSession(asyncssh.SSHServerSession[bytes]):
         if self._term:
             self._term = (self._term[0], (width, height, pixwidth, pixheight), self._term[2])
         up, live = self._up_chan, self._live
-        if up is not None and live is not None:
+        if up is not None and live is not None and not live.closed:
             def resize() -> None:
                 with contextlib.suppress(OSError, asyncssh.Error):
                     up.change_terminal_size(width, height, pixwidth, pixheight)

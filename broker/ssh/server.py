@@ -330,14 +330,17 @@ class BrokerConnection(ForwardRefusingServer):
                 )
         return True
 
-    def session_requested(self) -> MenuSession | tuple[
-            asyncssh.SSHServerChannel[bytes], ClientSession]:
+    def session_requested(self) -> tuple[asyncssh.SSHServerChannel[bytes],
+                                         MenuSession | ClientSession]:
         sel = self._selector
         if self._conn is None or self._principal is None or sel is None:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             "not authenticated")
-        if sel.target is None:
-            return MenuSession(self._deps.access, self._principal)
+        if sel.target is None:  # the menu; each pick takes a place in the limits then
+            chan = self._conn.create_server_channel(
+                encoding=None, window=self._deps.config.ssh.window_bytes,
+                max_pktsize=self._deps.config.ssh.max_packet_bytes)
+            return chan, MenuSession(self._deps, self._principal, self._peer, self._sessions)
         if not self._allowed or self._instance is None:
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"no access to {sel.target}"
