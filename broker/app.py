@@ -30,6 +30,7 @@ from broker.ports import (
 )
 from broker.recordings import sealed
 from broker.recordings.diskguard import DiskGuard
+from broker.recordings.follow import LocalFollow
 from broker.recordings.local import LocalRecordingSink, render_cast
 from broker.recordings.repair import INTERRUPTED, Repaired, repair_interrupted
 from broker.recordings.sealed import SealedInput
@@ -207,6 +208,7 @@ class Broker:
         self.locks = LockService(s.locks, s.audit, s.clock)  # kill and lock through the API
         if self.web is not None:
             self.web.use_locks(self.locks)
+            self.web.use_live(LocalFollow(LocalRecordingSink(config.recordings_dir)))
         self.account_enforcer = AccountEnforcer(self.sessions, self.accounts, s.audit,
                                                 interval=_account_interval(config))
 

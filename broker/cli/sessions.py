@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from broker.cli import files, kill, reindex, resolve, unseal, when
+from broker.cli import files, kill, reindex, resolve, unseal, watch, when
 from broker.cli.common import account, config_of, leaf, run_async
 from broker.cli.output import out, printable
 from broker.config import BrokerConfig
@@ -473,6 +473,7 @@ def register(sub: Any) -> None:
     reindex.register(ss)  # sessions reindex SESSION | --all: the text for search
     unseal.register(ss)  # sessions unseal SESSION --key FILE --reason TEXT: break glass
     kill.register(ss)  # sessions kill SESSION --reason TEXT: end it on its bastion
+    watch.register(ss)  # sessions watch SESSION: the live view in this terminal
 
     s = sub.add_parser("play", parents=leaf(), help="replay a session in this terminal "
                        "(file operations of an sftp/scp session, a tunnel's metadata)")

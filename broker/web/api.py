@@ -31,6 +31,7 @@ from broker.ports import ApiTokenRecord, AuditSink, Clock, TokenStore, WebSessio
 from broker.services.account_check import AccountChecker, directory_failed
 from broker.services.auth import Authenticator
 from broker.services.grants import GrantFilter, GrantService
+from broker.services.live import LiveService
 from broker.services.locks import LockService
 from broker.services.review import ReviewService
 from broker.services.roles import roles_of
@@ -38,6 +39,7 @@ from broker.web import schema as S
 from broker.web.console_routes import CONSOLE_PREFIX, add_console_routes
 from broker.web.inventory_api import inventory_routes
 from broker.web.known_hosts import KnownHosts
+from broker.web.live_api import live_routes
 from broker.web.locks_api import IncidentApi, lock_routes
 from broker.web.routes import Caller, Route
 from broker.web.schema import ApiError
@@ -90,6 +92,7 @@ class WebContext:
     review: ReviewService | None = None  # the sessions API (broker.web.sessions_api)
     locks: LockService | None = None  # kill and lock (broker.web.locks_api)
     known_hosts: KnownHosts | None = None  # GET /api/ssh/known_hosts (broker.web.known_hosts)
+    live: LiveService | None = None  # watch a live session (broker.web.live_api)
 
     @property
     def session_cookie(self) -> str:
@@ -659,6 +662,8 @@ class Api:
                              incidents.kill if incidents else None) if self.ctx.review else ()),
             *(lock_routes(incidents) if incidents else ()),
             *(self.ctx.known_hosts.routes() if self.ctx.known_hosts else ()),
+            *(live_routes(self.ctx.live, self.ctx.settings.public_url, self.caller)
+              if self.ctx.live else ()),
         ]
 
     def _incidents(self) -> IncidentApi | None:

@@ -14,6 +14,7 @@ from broker.ports import AuditSink, Clock, TokenStore
 from broker.services.account_check import AccountChecker
 from broker.services.auth import Authenticator
 from broker.services.grants import GrantService
+from broker.services.live import Follow, LiveService
 from broker.services.locks import LockService
 from broker.services.review import ReviewService
 from broker.web.api import WebContext, create_app
@@ -45,6 +46,13 @@ class WebServer:
     def use_locks(self, locks: LockService) -> None:
         """Serve the kill and lock routes (``broker.web.locks_api``); before ``start``."""
         self._ctx.locks = locks
+
+    def use_live(self, follow: Follow) -> None:
+        """Serve the live view (``broker.web.live_api``) from recordings ``follow`` opens on
+        this bastion; before ``start``."""
+        if self._ctx.review is not None:
+            self._ctx.live = LiveService(self._ctx.review, follow, self._ctx.audit,
+                                         self._ctx.clock)
 
     async def start(self) -> str:
         """Listen; returns the base URL actually bound (port 0 picks a free one)."""

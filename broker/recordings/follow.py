@@ -1,0 +1,183 @@
+"""Follow a live recording as it grows: the source of the live view (console and
+``sessions watch``).
+
+The file is the one place every broker process writes a session to (``[ssh] workers`` share the
+recordings directory), and the writer appends each frame before it is relayed (at most one event
+loop iteration behind: ``broker.services.recording_pipeline``), so reading it needs no link to
+the process that relays the session. A reader may see a frame half written: it stops before it
+and reads it whole at the next poll.
+
+A bulk session appends MiB/s that no viewer can read, and reading, decoding and filtering all of
+it would cost the relay. ``skip`` walks frame headers only (one ``pread`` of 13 bytes each,
+payloads passed over) up to the last ``keep`` bytes, noting what the viewer still needs: the
+terminal size and the exit.
+
+The session has ended when its writer released the file: it holds an exclusive ``flock`` from
+creation until ``close`` (``broker.recordings.local``), which comes after the last frame and
+the ``EXIT`` frame. A crashed broker's lock goes with its process, so that ends a watch too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from broker.domain import recording as fmt
+from broker.errors import NotFoundError
+from broker.recordings.local import LocalRecordingSink
+
+HEAD = fmt.FRAME.size
+MAX_FRAME = 16 << 20  # a payload larger than this is passed over, never read into memory
+
+
+@dataclass(frozen=True, slots=True)
+class Passed:
+    """What ``skip`` passed over: payload bytes (output, input, markers), and the frames among
+    them that a viewer still needs (the last resize, an exit)."""
+
+    bytes: int
+    resize: fmt.Frame | None
+    exit: fmt.Frame | None
+
+
+class RecordingFollower:
+    """One reader of one live recording file; not thread-safe (one watch owns it)."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFoundError(f"recording file {path.name} is not on this bastion") from None
+        self.meta: dict[str, Any] | None = None
+        self.offset = 0  # just after the last frame read or passed over
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def pending(self) -> int:
+        """Bytes written and not yet read (a half-written frame included)."""
+        return max(0, self.size() - self.offset) if self.meta is not None else 0
+
+    def header(self) -> dict[str, Any] | None:
+        """The session's metadata; None while the writer has not finished writing it."""
+        if self.meta is not None:
+            return self.meta
+        head = os.pread(self._fd, len(fmt.MAGIC) + fmt.MAX_HEADER, 0)
+        if len(head) < len(fmt.MAGIC) + 1:
+            return None
+        if not head.startswith(fmt.MAGIC):
+            raise fmt.RecordingFormatError("not a bastion-broker recording (bad magic)")
+        nl = head.find(b"\n", len(fmt.MAGIC))
+        if nl < 0:
+            if len(head) >= len(fmt.MAGIC) + fmt.MAX_HEADER:
+                raise fmt.RecordingFormatError("recording header is too long")
+            return None
+        try:
+            meta = json.loads(head[len(fmt.MAGIC):nl])
+        except ValueError as exc:
+            raise fmt.RecordingFormatError(f"recording header is not JSON: {exc}") from None
+        self.meta = meta if isinstance(meta, dict) else {}
+        self.offset = nl + 1
+        return self.meta
+
+    def _frame_head(self, at: int, size: int) -> tuple[int, bytes, int] | None:
+        """(time, kind, length) of the frame at ``at`` if it is written whole."""
+        if at + HEAD > size:
+            return None
+        head = os.pread(self._fd, HEAD, at)
+        if len(head) < HEAD:
+            return None
+        t_us, kind, length = fmt.FRAME.unpack(head)
+        if kind not in fmt.KINDS:
+            raise fmt.RecordingFormatError(f"corrupt frame at offset {at}")
+        if at + HEAD + length > size:
+            return None
+        return t_us, kind, length
+
+    def read(self, limit: int) -> list[fmt.Frame]:
+        """Whole frames from the offset on, about ``limit`` payload bytes at most (always at
+        least one frame, whatever its size, when one is there); a half-written frame stays."""
+        if self.meta is None:
+            return []
+        size = self.size()
+        avail = size - self.offset
+        if avail < HEAD:
+            return []
+        blob = os.pread(self._fd, min(avail, limit + HEAD), self.offset)
+        frames: list[fmt.Frame] = []
+        pos = got = 0
+        while pos + HEAD <= len(blob) and got < limit:
+            t_us, kind, length = fmt.FRAME.unpack_from(blob, pos)
+            if kind not in fmt.KINDS:
+                raise fmt.RecordingFormatError(f"corrupt frame at offset {self.offset + pos}")
+            end = pos + HEAD + length
+            if self.offset + end > size:
+                break  # written in part: read whole at the next poll
+            if end > len(blob):  # whole on disk, longer than this read
+                if frames:
+                    break
+                data = (os.pread(self._fd, length, self.offset + pos + HEAD)
+                        if length <= MAX_FRAME else b"")  # never hold a corrupt length
+                frames.append(fmt.Frame(t_us, kind, data))
+                pos = end
+                break
+            frames.append(fmt.Frame(t_us, kind, blob[pos + HEAD:end]))
+            pos, got = end, got + length
+        self.offset += pos
+        return frames
+
+    def skip(self, keep: int) -> Passed:
+        """Pass over frames (headers read, payloads not) until at most ``keep`` bytes plus one
+        frame are left to read; the last resize and any exit among them are returned."""
+        size = self.size()
+        passed, resize, exit_ = 0, None, None
+        at = self.offset
+        while size - at > keep:
+            head = self._frame_head(at, size)
+            if head is None:
+                break
+            t_us, kind, length = head
+            end = at + HEAD + length
+            if size - end < keep and kind in (fmt.OUTPUT, fmt.ERROR):
+                break  # this frame holds the tail the viewer gets
+            if kind in (fmt.RESIZE, fmt.EXIT) and length <= 64:
+                frame = fmt.Frame(t_us, kind, os.pread(self._fd, length, at + HEAD))
+                if kind == fmt.RESIZE:
+                    resize = frame
+                else:
+                    exit_ = frame
+            elif kind in (fmt.OUTPUT, fmt.ERROR):
+                passed += length
+            at = end
+        self.offset = at
+        return Passed(passed, resize, exit_)
+
+    def writer_gone(self) -> bool:
+        """Whether the writer has released the file (closed it, or its process is gone)."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return True
+
+
+class LocalFollow:
+    """Opens followers on this bastion's recordings (``LiveService``'s ``follow``)."""
+
+    def __init__(self, sink: LocalRecordingSink) -> None:
+        self._sink = sink
+
+    def __call__(self, location: str) -> RecordingFollower:
+        return RecordingFollower(self._sink.path_of(location))
