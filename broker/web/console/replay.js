@@ -14,6 +14,7 @@
 // redraw). Idle time is limited here, not in the player, so positions in the session, search
 // hits and the player's timeline map onto each other exactly.
 
+import {mountLive} from "./live.js";
 import {bytes, clock, clear, h, message} from "./util.js";
 
 export const FIRST_BYTES = 1024 * 1024;
@@ -254,6 +255,7 @@ export function mountReplay(section, id, {startAt} = {}) {
   let gone = false;
   let playing = false;
   let shown = 0;
+  let live = null; // the live view, while the session runs
   const lookback = () => (rate > 0 ? Math.min(10, Math.max(0.2, (4 * CARRY_BYTES) / rate)) : 2);
   let stream = null;
   /** The window from ``from``: from the open stream when it is the next one it gives. */
@@ -427,6 +429,7 @@ export function mountReplay(section, id, {startAt} = {}) {
   const timer = setInterval(() => {
     if (!box.isConnected) {
       clearInterval(timer);
+      if (live) live.close();
       if (current && current.player) current.player.dispose();
       if (stream) stream.cancel();
       return;
@@ -449,7 +452,19 @@ export function mountReplay(section, id, {startAt} = {}) {
         generation++;
         if (current && current.player) current.player.dispose();
         if (stream) stream.cancel();
-        clear(box).append(message("muted", !s.recorded
+        clear(box);
+        if (s.recorded && !s.ended_at && (s.kind === "shell" || s.kind === "exec")) {
+          // watch it instead: the replay is offered once it has ended
+          const title = section.querySelector("h2");
+          if (title) title.textContent = "Live";
+          live = mountLive(box, id, {loadPlayer, onEnded: () => {
+            box.append(h("p", {}, h("button", {type: "button", "data-testid": "replay-ended",
+              onclick: () => window.dispatchEvent(new HashChangeEvent("hashchange"))},
+            "Replay the recording")));
+          }});
+          return;
+        }
+        box.append(message("muted", !s.recorded
           ? "This session has no recording to replay."
           : "The session is live: its recording can be replayed when it ends."));
         return;
