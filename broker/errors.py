@@ -70,3 +70,11 @@ class RecordingDiskFull(RecordingError):
 
     user_message = ("recording storage on this bastion is almost full: no new sessions can start "
                     "now; try again later or contact the bastion operators")
+
+
+class NotifyError(BrokerError):
+    """A notification was not delivered; the message (no secrets) goes to the delivery log."""
+
+    @property
+    def user_message(self) -> str:  # type: ignore[override]
+        return str(self)

@@ -21,8 +21,8 @@ ROOT = Path(broker.__file__).parent
 
 BASE = {"broker", "errors", "domain", "ports", "aws_names"}
 SERVICES = {"services"}
-ADAPTERS = {"audit", "config", "diag", "identity", "integrity", "inventory", "recordings", "sftp",
-            "shipping", "ssh", "store", "web"}
+ADAPTERS = {"audit", "config", "diag", "identity", "integrity", "inventory", "notify",
+            "recordings", "sftp", "shipping", "ssh", "store", "web"}
 APP = {"app", "cli", "demo", "demo_rdp", "workers", "runtime", "logs", "play", "__main__",
        "stores", "wiring", "reload"}
 RANK = {**dict.fromkeys(BASE, 0), **dict.fromkeys(SERVICES, 1), **dict.fromkeys(ADAPTERS, 2),
