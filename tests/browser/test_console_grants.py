@@ -4,18 +4,22 @@ console sends is what the API decides, and what the API decides is what ssh then
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect
 
+from broker.runtime import free_port
 from tests.browser.conftest import Console, login, word
-from tests.conftest import Demo
+from tests.conftest import Demo, serve_broker
 
 pytestmark = pytest.mark.browser
 
@@ -308,3 +312,65 @@ def test_a_requester_sees_no_queue_and_no_locks(requester: Console) -> None:
     expect(page.locator("main [role=alert]")).to_contain_text("for approvers and admins")
     requester.open("#/locks")
     expect(page.locator("main [role=alert]")).to_contain_text("for admins")
+
+
+def _web_up(base: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(base + "/api/openapi.json", timeout=5):  # noqa: S310
+                return
+        except OSError:
+            assert time.monotonic() < deadline, "the second broker's web listener did not start"
+            time.sleep(0.2)
+
+
+def test_admin_access_needs_two_approvers_where_the_policy_says_so(
+        browser: Browser, demo: Demo, tmp_path: Path) -> None:
+    """A second broker on the demo's state whose policy wants two approvers for admin access:
+    the queue counts the approvals ("1 of 2") and the second one grants it."""
+    web_port = free_port()
+    staff = demo.info["approver"]["group"], demo.info["admin"]["group"]
+    cfg = demo.variant_config(tmp_path, extra=(
+        "[grants]\ntwo_approvers_for_admin = true\n"
+        f'[roles]\napprover_groups = ["{staff[0]}"]\nadmin_groups = ["{staff[1]}"]\n'
+        f'[web]\nlisten_host = "127.0.0.1"\nlisten_port = {web_port}\nsecure_cookies = false\n'))
+    proc, _ = serve_broker(cfg)
+    consoles: list[Console] = []
+    try:
+        base = f"http://127.0.0.1:{web_port}"
+        _web_up(base)
+        user = demo.take_user()
+        g = json.loads(demo.cli("grant", "request", "--user", user, "--stack", "stack-db",
+                                "--vpc", "vpc-0demo", "--level", "admin", "--ticket", "CHG-9",
+                                "--reason", "schema migration", "--json").stdout)
+        first = login(browser, demo, demo.info["approver"]["user"], demo.info["password"],
+                      base=base)
+        consoles.append(first)
+        card = _card(first.open("#/approvals"), g["id"])
+        expect(card.locator(".approvals")).to_have_text("0 of 2 approvals")
+        card.get_by_role("button", name="Approve").click()
+        expect(card.locator(".ok")).to_contain_text("1 of 2 approvals")
+        expect(card.locator(".approvals")).to_contain_text("1 of 2 approvals (approver@")
+        # the same approver cannot be the second
+        card.get_by_role("button", name="Approve").click()
+        expect(card.get_by_role("alert")).to_contain_text("you already approved this request")
+        second = login(browser, demo, demo.info["admin"]["user"], demo.info["password"],
+                       base=base)
+        consoles.append(second)
+        card = _card(second.open("#/approvals"), g["id"])
+        expect(card.locator(".approvals")).to_contain_text("1 of 2 approvals")
+        card.get_by_label("Comment").fill("second pair of eyes")
+        card.get_by_role("button", name="Approve").click()
+        expect(card.locator(".ok")).to_contain_text(f"{g['id']} approved, valid until")
+        page = second.open(f"#/grant/{g['id']}")
+        recorded = page.locator("section.history ol.timeline > li").filter(
+            has_text="approval-recorded")
+        expect(recorded.locator("ul.changes")).to_contain_text("approvals: 1")
+        expect(recorded.locator("ul.changes")).to_contain_text("needed: 2")
+        assert not _problems(*consoles), [c.problems for c in consoles]
+    finally:
+        for c in consoles:
+            c.context.close()
+        proc.terminate()
+        proc.wait(20)

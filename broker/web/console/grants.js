@@ -44,16 +44,19 @@ function grantee(g, ctx) {
   return `${g.user}@${g.domain}`.toLowerCase() === String(ctx.me.user).toLowerCase();
 }
 
+let errorSeq = 0;
+
 /** Field errors: the API names the field at fault (detail.field); the message goes next to it,
  * the control is marked invalid and focused, and the form's live status repeats it. */
 export class FormErrors {
   constructor(status) {
     this.status = status;
     this.fields = new Map();
+    this.marked = [];
   }
 
   add(names, wrapper, control) {
-    const slot = h("p", {class: "field-error", id: `${control.id}-err`, hidden: true});
+    const slot = h("p", {class: "field-error", id: `err${++errorSeq}`, hidden: true});
     wrapper.append(slot);
     for (const n of [].concat(names)) this.fields.set(n, {control, slot});
     return wrapper;
@@ -61,12 +64,15 @@ export class FormErrors {
 
   clear() {
     clear(this.status);
-    for (const {control, slot} of this.fields.values()) {
+    for (const {slot} of this.fields.values()) {
       slot.hidden = true;
       slot.textContent = "";
-      control.removeAttribute("aria-invalid");
-      control.removeAttribute("aria-describedby");
     }
+    for (const el of this.marked) {
+      el.removeAttribute("aria-invalid");
+      el.removeAttribute("aria-describedby");
+    }
+    this.marked = [];
   }
 
   show(e) {
@@ -74,11 +80,14 @@ export class FormErrors {
     const text = errorText(e);
     const at = e instanceof ApiError && e.field ? this.fields.get(e.field) : null;
     if (at) {
+      // the control the value came from (a function when that depends on the form's state)
+      const control = typeof at.control === "function" ? at.control() : at.control;
       at.slot.textContent = text;
       at.slot.hidden = false;
-      at.control.setAttribute("aria-invalid", "true");
-      at.control.setAttribute("aria-describedby", at.slot.id);
-      at.control.focus();
+      control.setAttribute("aria-invalid", "true");
+      control.setAttribute("aria-describedby", at.slot.id);
+      this.marked.push(control);
+      control.focus();
     }
     this.status.append(message("error", at ? `${text} (field: ${e.field})` : text));
   }
@@ -174,7 +183,7 @@ export async function requestPage(root, ctx) {
   fillVpcs();
   const vpcField = h("div", {class: "vpc"}, field("VPC", vpcSelect,
     "the VPCs of the stacks chosen"), vpcOtherField);
-  errors.add("vpc", vpcField, vpcSelect);
+  errors.add("vpc", vpcField, () => (vpcSelect.value === OTHER ? vpcOther : vpcSelect));
 
   const user = h("input", {name: "user", value: myUser, spellcheck: "false",
     autocapitalize: "none", autocomplete: "off"});
@@ -202,11 +211,11 @@ export async function requestPage(root, ctx) {
   const form = h("form", {class: "request", novalidate: true, "aria-labelledby": "req-h"},
     h("h2", {id: "req-h", class: "visually-hidden"}, "Request"),
     stacksSet, vpcField,
-    h("div", {class: "row"},
+    h("div", {class: "row align-top"},
       named("user", "AD user", user, "yourself by default; for others, the API needs the approver role"),
       named("domain", "AD domain (FQDN)", domain)),
     levelSet,
-    h("div", {class: "row"},
+    h("div", {class: "row align-top"},
       named("trigger", "Trigger", trigger),
       named("ticket", "Ticket", ticket, "e.g. INC-1234 or CHG-42"),
       named("hours", "Hours", hours, `from approval; default ${policy.default_hours} h`)),
@@ -314,7 +323,8 @@ function grantActions(g, ctx, done) {
       return h("span", {}, `${r.id} now ends `, when(r.expires_at), ".");
     }));
   }
-  if ((state === "approved" || state === "pending") && (grantee(g, ctx) || isApprover(ctx))) {
+  if ((state === "approved" && (grantee(g, ctx) || isApprover(ctx))) ||
+      (state === "pending" && isApprover(ctx) && !mine(g, ctx))) {
     out.push(inlineAction("Revoke", {what: `Revoke ${g.id}`, danger: true,
       confirm: "Revoke now"}, async ({comment}) => {
       const r = await api("POST", path + "/revoke", {comment});

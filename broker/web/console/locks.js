@@ -146,7 +146,7 @@ export async function locksPage(root, ctx) {
   });
   const form = h("form", {class: "lock-form", novalidate: true, "aria-labelledby": "new-lock-h"},
     h("h2", {id: "new-lock-h"}, "New lock"),
-    h("div", {class: "row"}, field("Lock a", kind),
+    h("div", {class: "row align-top"}, field("Lock a", kind),
       errors.add(["user", "target", "stack"], valueField, value),
       errors.add("ttl", field("For", ttl, "30m, 1h, 2d, 1w; empty: until removed"), ttl)),
     errors.add("reason", field("Reason", reason, "required; audited, and shown to those whose " +
