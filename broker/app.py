@@ -8,7 +8,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +24,8 @@ from broker.integrity.archive import LocalRecordingArchive
 from broker.integrity.keys import VerifyKey
 from broker.integrity.manifest import RecordingSealer
 from broker.inventory.static import StaticInventory
+from broker.notify import channels as notify_channels
+from broker.notify.webhook import ClientSessions
 from broker.ports import (
     Metrics,
     NullMetrics,
@@ -40,6 +42,7 @@ from broker.services.auth import Authenticator, TotpSecondFactor
 from broker.services.enforcement import GrantEnforcer
 from broker.services.grants import GrantService
 from broker.services.locks import LockGate, LockService
+from broker.services.notify import Dispatcher, ExpiringSoon, Notifier
 from broker.services.review import ReviewService
 from broker.services.roles import grant_policy
 from broker.services.sessions import LiveSession, SessionService
@@ -168,6 +171,16 @@ class Broker:
         # what each session showed and typed, for text search (built after its end, in a thread)
         self.text_index = TextIndexService(s.recordings, s.sessions, s.audit)
         disk_guard = _disk_guard(config)  # new sessions; readiness and metrics too
+        # notifications ([notify]): queued with the action, sent by every broker's dispatcher
+        self.notify_http = ClientSessions()
+        n = config.notify
+        self.dispatcher = Dispatcher(s.notify, notify_channels.senders(n, self.notify_http),
+                                     s.audit, s.clock, max_attempts=n.max_attempts,
+                                     timeout=n.timeout_seconds)
+        self.notifier = Notifier(s.notify, s.audit, s.clock, notify_channels.subscriptions(n),
+                                 wake=self.dispatcher.wake)
+        self.expiring = ExpiringSoon(s.grants, self.notifier, s.clock,
+                                     timedelta(minutes=n.expiring_soon_minutes))
         self.sessions = SessionService(
             s.recordings, s.sessions, s.audit, s.clock,
             recording_enabled=config.recordings.enabled,
@@ -176,7 +189,7 @@ class Broker:
             sync_interval=config.recordings.sync_interval_seconds,
             disk_check_interval=config.recordings.disk_check_interval_seconds,
             release_scope=patches.corked, metrics=self.metrics, render_cast=render_cast,
-            seal_input=_input_sealer(config),
+            seal_input=_input_sealer(config), notifier=self.notifier,
         )
         self.authenticator = Authenticator(
             directory, TotpSecondFactor(s.totp, s.clock), s.audit, s.throttle, s.clock,
@@ -189,7 +202,8 @@ class Broker:
         host_ca(config)  # created now, so `ca known-hosts` can print it before the first jump
         # requests are checked against the inventory in use (a reload may swap it)
         self.grants = GrantService(s.grants, s.audit, s.clock, grant_policy(config.grants),
-                                   inventory=lambda: self.access.inventory)
+                                   inventory=lambda: self.access.inventory,
+                                   notifier=self.notifier)
         self.deps = RelayDeps(config, self.access, self.sessions, self.ca, s.audit, s.clock)
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._checkpoints: asyncio.Task[None] | None = None
@@ -205,7 +219,8 @@ class Broker:
         self.web_url: str | None = None  # the API's base URL once started
         self.enforcer = GrantEnforcer(self.sessions, s.grants, s.audit, s.clock,
                                       **enforcer_settings(config), locks=s.locks)
-        self.locks = LockService(s.locks, s.audit, s.clock)  # kill and lock through the API
+        self.locks = LockService(s.locks, s.audit, s.clock,  # kill and lock through the API
+                                 notifier=self.notifier)
         if self.web is not None:
             self.web.use_locks(self.locks)
             self.web.use_live(LocalFollow(LocalRecordingSink(config.recordings_dir)))
@@ -255,6 +270,8 @@ class Broker:
         self.enforcer.start()
         self.account_enforcer.start()
         self.grants.start()  # undecided requests expire ([grants] pending_expire_hours)
+        self.dispatcher.start()  # notifications: this broker sends what the outbox holds
+        self.expiring.start()
         self.locks.start()  # a lock that reaches its end is audited once (lock.expired)
         self._checkpoints = asyncio.create_task(self._sign_audit_periodically())
         self.sessions.start_maintenance()
@@ -288,6 +305,9 @@ class Broker:
             await self.diag.stop()
         await self.enforcer.stop()
         await self.grants.stop()
+        await self.expiring.stop()
+        await self.dispatcher.stop()
+        await self.notify_http.close()
         await self.locks.stop()
         await self.account_enforcer.stop()
         if self._acceptor is not None:

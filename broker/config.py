@@ -6,6 +6,7 @@ import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -17,6 +18,7 @@ from pydantic import (
 )
 
 from broker.domain.models import Trigger
+from broker.domain.notify import EVENTS, UnknownEvent, check_events
 from broker.errors import ConfigError
 from broker.identity.ad_settings import ADSettings
 from broker.inventory.aws import AwsInventorySettings
@@ -331,6 +333,82 @@ class ForwardingSettings(_Model):
     target_loopback: bool = True
 
 
+_CHANNEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+def _events(v: list[str]) -> list[str]:
+    try:
+        return check_events(v)
+    except UnknownEvent as exc:
+        raise ValueError(str(exc)) from None
+
+
+class WebhookChannel(_Model):
+    """A signed webhook ([[notify.webhooks]]): every event it takes, POSTed as JSON."""
+
+    name: str = Field(pattern=_CHANNEL_NAME)
+    url: str = Field(repr=False)  # a Slack or Teams URL is itself a secret: never logged
+    # the HMAC key of X-Bastion-Signature (the file's text, stripped); none: unsigned
+    secret_file: Path | None = None
+    format: Literal["json", "slack", "teams"] = "json"
+    events: list[str] = Field(default_factory=lambda: list(EVENTS))
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        u = urlsplit(v)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return v
+
+    _check_events = field_validator("events")(_events)
+
+
+class EmailChannel(_Model):
+    """E-mail over SMTP ([[notify.email]]) to a list of addresses."""
+
+    name: str = Field(pattern=_CHANNEL_NAME)
+    to: list[str] = Field(min_length=1)
+    events: list[str] = Field(default_factory=lambda: list(EVENTS))
+    smtp_host: str
+    smtp_port: Port = 587
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    username: str | None = None
+    password_file: Path | None = None
+    from_addr: str
+    ca_file: Path | None = None  # the SMTP server's CA (default: the system's)
+
+    _check_events = field_validator("events")(_events)
+
+
+class NotifySettings(_Model):
+    """Notifications ([notify]): signed webhooks and e-mail, sent from an outbox in the store."""
+
+    expiring_soon_minutes: float = Field(default=30.0, gt=0, le=7 * 24 * 60)
+    max_attempts: int = Field(default=8, ge=1, le=50)  # then the delivery is failed
+    timeout_seconds: float = Field(default=10.0, gt=0, le=300)  # per attempt
+    webhooks: list[WebhookChannel] = Field(default_factory=list)
+    email: list[EmailChannel] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> NotifySettings:
+        seen: set[str] = set()
+        channels: list[WebhookChannel | EmailChannel] = [*self.webhooks, *self.email]
+        for c in channels:
+            if c.name in seen:
+                raise ValueError(f"two channels are named {c.name!r} (names must be unique)")
+            seen.add(c.name)
+        return self
+
+    def resolved(self, base: Path) -> NotifySettings:
+        return self.model_copy(update={
+            "webhooks": [w.model_copy(update={"secret_file": _resolve(base, w.secret_file)})
+                         for w in self.webhooks],
+            "email": [e.model_copy(update={"password_file": _resolve(base, e.password_file),
+                                           "ca_file": _resolve(base, e.ca_file)})
+                      for e in self.email]})
+
+
 class AuditSettings(_Model):
     path: Path | None = None  # default: STATE_DIR/audit/audit.jsonl
 
@@ -354,6 +432,7 @@ class BrokerConfig(_Model):
     shipping: ShippingSettings = ShippingSettings()  # copies to S3 / CloudWatch Logs
     forwarding: ForwardingSettings = ForwardingSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
+    notify: NotifySettings = NotifySettings()  # webhooks and e-mail
 
     # Resolved paths: everything defaults to a place under state_dir.
     @property
@@ -451,6 +530,7 @@ def load_config(path: Path) -> BrokerConfig:
             "audit": cfg.audit.model_copy(update={"path": _resolve(base, cfg.audit.path)}),
             "shipping": cfg.shipping.resolved(base),
             "totp": cfg.totp.model_copy(update={"key_file": _resolve(base, cfg.totp.key_file)}),
+            "notify": cfg.notify.resolved(base),
             "web": cfg.web.model_copy(update={"cert_file": _resolve(base, cfg.web.cert_file),
                                               "key_file": _resolve(base, cfg.web.key_file),
                                               "signing_key_file": _resolve(

@@ -15,6 +15,7 @@ from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 from broker.domain.locks import KillRequest, Lock
 from broker.domain.models import Grant, Instance, Principal
+from broker.domain.notify import Attempt, Delivery, Outcome
 from broker.domain.workflow import HistoryEntry
 
 
@@ -334,6 +335,44 @@ class LockStore(Protocol):
     async def kill_done(self, request_id: str, now: datetime) -> bool:
         """Mark a request carried out; False if it already was."""
         ...
+
+
+# -- notifications: the outbox every broker of the store sends from -------------------------------
+class NotificationStore(Protocol):
+    """The notification outbox: one row per event and channel, sent by whichever broker process
+    claims it first (a lease: a broker that dies mid-send leaves it to another after it ends)."""
+
+    async def enqueue(self, rows: Sequence[Delivery]) -> int:
+        """Insert the rows; one whose ``dedupe_key`` is stored already is skipped. Returns how
+        many were inserted."""
+        ...
+
+    async def claim(self, now: datetime, owner: str, lease_until: datetime,
+                    channels: Sequence[str], limit: int,
+                    per_channel: int) -> builtins.list[Delivery]:
+        """Up to ``limit`` pending rows of these channels (at most ``per_channel`` of each) that
+        are due at ``now`` and not leased to anyone, oldest due first, leased to ``owner`` and
+        with the attempt counted. Two callers never get the same row while its lease runs."""
+        ...
+
+    async def finish(self, delivery_id: str, owner: str, outcome: Outcome,
+                     now: datetime) -> bool:
+        """Store an attempt's outcome and end the lease; False if ``owner`` no longer holds
+        it (it ran out and another claimed the row)."""
+        ...
+
+    async def listing(self, *, status: str | None = None,
+                      limit: int = 100) -> builtins.list[Delivery]:
+        """The delivery log, newest first."""
+        ...
+
+
+class NotificationSender(Protocol):
+    """One channel (a webhook, an e-mail list): sends a delivery once and says how it went.
+    Never raises for the receiver's faults: a refused, failed or unreachable send is an
+    ``Attempt`` with its error (the dispatcher bounds the time it may take)."""
+
+    async def send(self, delivery: Delivery) -> Attempt: ...
 
 
 @dataclass(frozen=True, slots=True)

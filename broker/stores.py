@@ -27,6 +27,7 @@ from broker.ports import (
     GrantStore,
     KeyStore,
     LockStore,
+    NotificationStore,
     ReauthStore,
     RecordingSink,
     SessionIndex,
@@ -49,6 +50,7 @@ from broker.store.sqlite import (
     SqliteTotpStore,
 )
 from broker.store.sqlite_locks import SqliteLockStore
+from broker.store.sqlite_notify import SqliteNotificationStore
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Stores:
     tokens: TokenStore
     sessions: SessionIndex
     locks: LockStore  # locks and kill requests (incident brakes)
+    notify: NotificationStore  # the notification outbox
     recordings: RecordingSink
     audit: AuditLog
     clock: Clock
@@ -141,7 +144,8 @@ def open_stores(config: BrokerConfig, access: Access = "command") -> Stores:
         throttle=SqliteThrottleStore(db), keys=SqliteKeyStore(db, parse_public_key),
         reauth=SqliteReauthStore(db),
         tokens=SqliteApiTokenStore(db),
-        sessions=SqliteSessionIndex(db), locks=SqliteLockStore(db), recordings=recordings,
+        sessions=SqliteSessionIndex(db), locks=SqliteLockStore(db),
+        notify=SqliteNotificationStore(db), recordings=recordings,
         audit=audit, clock=clock,
         database=db, closer=close,
     )
@@ -176,6 +180,7 @@ async def connect_stores(config: BrokerConfig, access: Access = "command") -> St
         return open_stores(config, access)
     from broker.store import postgres as pg
     from broker.store.postgres_locks import PostgresLockStore
+    from broker.store.postgres_notify import PostgresNotificationStore
 
     st = config.store
     totp_key = _totp_key(config, access)
@@ -189,5 +194,6 @@ async def connect_stores(config: BrokerConfig, access: Access = "command") -> St
         throttle=pg.PostgresThrottleStore(db), keys=pg.PostgresKeyStore(db, parse_public_key),
         reauth=pg.PostgresReauthStore(db), tokens=pg.PostgresApiTokenStore(db),
         sessions=pg.PostgresSessionIndex(db), locks=PostgresLockStore(db),
+        notify=PostgresNotificationStore(db),
         recordings=recordings, audit=audit, clock=clock, database=db, closer=db.close,
     )

@@ -147,6 +147,7 @@ class Remote:
 async def _run_local(config_arg: str | None, op: Op) -> Any:
     from broker.config import load_config
     from broker.domain.workflow import Actor, Role
+    from broker.notify.channels import notifier
     from broker.services.grants import GrantFilter, GrantService
     from broker.services.roles import grant_policy
     from broker.stores import connect_stores
@@ -159,7 +160,8 @@ async def _run_local(config_arg: str | None, op: Op) -> Any:
         # read only by requests and changes (stacks and VPC checked against it)
         inventory = functools.cache(lambda: build_inventory(config))
         svc = GrantService(stores.grants, stores.audit, stores.clock, grant_policy(config.grants),
-                           inventory=inventory)
+                           inventory=inventory, notifier=notifier(
+                               config.notify, stores.notify, stores.audit, stores.clock))
         actor = Actor(f"operator:{unix_user()}", frozenset({Role.ADMIN, Role.REQUESTER}))
         now = stores.clock.now()
         name, a = op

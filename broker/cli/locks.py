@@ -35,7 +35,10 @@ async def _service(args: argparse.Namespace, access: str = "command"
 
     config = config_of(args)
     stores = await connect_stores(config, "read" if access == "read" else "command")
-    return stores, LockService(stores.locks, stores.audit, stores.clock)
+    from broker.notify.channels import notifier
+
+    return stores, LockService(stores.locks, stores.audit, stores.clock,
+                               notifier(config.notify, stores.notify, stores.audit, stores.clock))
 
 
 async def _create(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ from broker.domain.workflow import (
 )
 from broker.errors import AuditError, BrokerError, ConflictError, NotFoundError
 from broker.ports import AuditSink, Clock, GrantStore, Inventory
+from broker.services.notify import Notifier
 from broker.services.periodic import Periodic
 
 log = structlog.get_logger("broker.grants")
@@ -63,8 +64,10 @@ def _visible(actor: Actor, g: Grant) -> bool:
 
 class GrantService:
     def __init__(self, store: GrantStore, audit: AuditSink, clock: Clock,
-                 policy: GrantPolicy, inventory: Callable[[], Inventory] | None = None) -> None:
+                 policy: GrantPolicy, inventory: Callable[[], Inventory] | None = None,
+                 notifier: Notifier | None = None) -> None:
         self._store = store
+        self._notifier = notifier  # requests, decisions and revocations are announced
         self._audit = audit
         self._clock = clock
         self.policy = policy
@@ -93,6 +96,8 @@ class GrantService:
                                  groups, await self.known_scopes())
         await self._store.create(grant, entry)
         self._audit_entry(grant, entry, actor)
+        if self._notifier is not None:
+            await self._notifier.grant_changed(grant, entry)
         return grant
 
     async def _deadline(self, g: Grant, now: datetime,
@@ -188,6 +193,8 @@ class GrantService:
                                 state=str(g.state), details=wf.changes(stored, back))
             await self._store.update(back, undo)
             raise
+        if self._notifier is not None:
+            await self._notifier.grant_changed(stored, entry)
         return stored
 
     def _audit_entry(self, g: Grant, e: HistoryEntry, actor: Actor) -> None:

@@ -16,6 +16,7 @@ from broker.domain.locks import KillRequest, Lock, LockError, LockKind
 from broker.domain.models import Instance, Principal
 from broker.errors import AuditError, BrokerError, ConflictError, NotFoundError, UsageError
 from broker.ports import AuditSink, Clock, LockStore, SessionRecord
+from broker.services.notify import Notifier
 from broker.services.periodic import Periodic
 
 EXPIRY_INTERVAL = 5.0  # seconds between looks for locks that reached their end
@@ -35,10 +36,12 @@ def parse_ttl(text: str) -> timedelta:
 
 
 class LockService:
-    def __init__(self, store: LockStore, audit: AuditSink, clock: Clock) -> None:
+    def __init__(self, store: LockStore, audit: AuditSink, clock: Clock,
+                 notifier: Notifier | None = None) -> None:
         self._store = store
         self._audit = audit
         self._clock = clock
+        self._notifier = notifier  # a new lock is announced
         self._sweep = Periodic(self.note_expired, lambda: EXPIRY_INTERVAL,
                                failed_event="locks.expiry_failed", errors=(BrokerError,))
 
@@ -85,6 +88,8 @@ class LockService:
         self._audit.emit("lock.created", user=actor, lock_id=lock.id, kind=kind.value,
                          value=lock.value, reason=lock.reason,
                          expires_at=lock.expires_at.isoformat() if lock.expires_at else None)
+        if self._notifier is not None:
+            await self._notifier.lock_created(lock)
         return lock
 
     async def remove(self, actor: str, lock_id: str) -> Lock:

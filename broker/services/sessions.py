@@ -42,6 +42,7 @@ from broker.ports import (
     SessionIndex,
     SessionRecord,
 )
+from broker.services.notify import Notifier
 from broker.services.recording_pipeline import INLINE_MAX, RecordingPipeline, ReleaseScope
 
 log = structlog.get_logger("broker.sessions")
@@ -292,7 +293,9 @@ class SessionService:
         metrics: Metrics | None = None,
         render_cast: Callable[[Path], object] | None = None,
         seal_input: Callable[[str, str], WithheldInput] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
+        self._notifier = notifier  # admin sessions are announced
         self._release_scope = release_scope
         # [recordings] input = "sealed": (session id, recording location) -> where the input
         # withheld from the recording goes, encrypted to the break-glass key
@@ -391,6 +394,11 @@ class SessionService:
         self.live[sid] = live
         log.info("session.start", session_id=sid, user=str(req.principal),
                  target=req.instance.id, kind=req.kind)
+        if self._notifier is not None:
+            await self._notifier.admin_session(
+                session_id=sid, user=str(req.principal), target=req.instance.id,
+                target_name=req.instance.name, stack=req.instance.stack_id, login=req.login,
+                kind=req.kind, peer=req.peer, grant=req.grant, parent_id=req.parent_id)
         return live
 
     async def finish(self, live: LiveSession, exit_status: str | None) -> None:

@@ -278,6 +278,31 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE locks ADD COLUMN expiry_noted_at TEXT;
     """,
+    # 11: the notification outbox (``NotificationStore``, ``sqlite_notify``): one row per event
+    # and channel, claimed with a lease by whichever broker process sends it
+    """
+    CREATE TABLE notify_outbox (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        event_id TEXT NOT NULL,
+        event TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        dedupe_key TEXT NOT NULL UNIQUE,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL,
+        next_attempt_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        last_error TEXT,
+        last_status INTEGER,
+        sent_at TEXT,
+        lease_owner TEXT,
+        lease_until TEXT
+    );
+    CREATE INDEX notify_outbox_due ON notify_outbox (next_attempt_at) WHERE status = 'pending';
+    CREATE INDEX notify_outbox_status ON notify_outbox (status, seq);
+    """,
 ]
 
 

@@ -224,4 +224,29 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE locks ADD COLUMN expiry_noted_at timestamptz;
     """,
+    # 8: the notification outbox (``NotificationStore``, ``postgres_notify``): one row per event
+    # and channel, claimed with FOR UPDATE SKIP LOCKED and a lease by whichever bastion sends it
+    """
+    CREATE TABLE notify_outbox (
+        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id text NOT NULL UNIQUE,
+        event_id text NOT NULL,
+        event text NOT NULL,
+        channel text NOT NULL,
+        payload text NOT NULL,
+        dedupe_key text NOT NULL UNIQUE,
+        status text NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        created_at timestamptz NOT NULL,
+        next_attempt_at timestamptz NOT NULL,
+        updated_at timestamptz NOT NULL,
+        last_error text,
+        last_status integer,
+        sent_at timestamptz,
+        lease_owner text,
+        lease_until timestamptz
+    );
+    CREATE INDEX notify_outbox_due ON notify_outbox (next_attempt_at) WHERE status = 'pending';
+    CREATE INDEX notify_outbox_status ON notify_outbox (status, seq);
+    """,
 ]
