@@ -44,14 +44,14 @@ class Receiver:
     _runner: web.AppRunner | None = None
     _release: asyncio.Event | None = None
 
-    async def start(self) -> Receiver:
+    async def start(self, port: int = 0) -> Receiver:
         self._changed = asyncio.Condition()
         self._release = asyncio.Event()
         app = web.Application()
         app.router.add_post("/{kind}/{name}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         port = self._runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}"

@@ -13,6 +13,7 @@ from broker.cli import (
     keys,
     knownhosts,
     locks,
+    notify,
     serve,
     sessions,
     shipping,
@@ -45,4 +46,5 @@ def build_parser() -> argparse.ArgumentParser:
     configcheck.register(sub)  # config check
     tokens.register(sub)     # tokens list|revoke, web-sessions list|revoke (operator)
     locks.register(sub)      # lock --user|--target|--stack, lock list, lock remove
+    notify.register(sub)     # notify deliveries, notify test
     return p

@@ -345,3 +345,18 @@ def grant_event_name(action: str, state: str) -> str | None:
 def expiring_key(grant_id: str, expires_at: datetime) -> str:
     """One "expiring soon" per grant and end time: an extension moves the end, so it re-arms."""
     return f"grant.expiring:{grant_id}:{expires_at.astimezone(UTC).isoformat()}"
+
+
+def delivery_json(d: Delivery) -> dict[str, Any]:
+    """A delivery as the log shows it (``notify deliveries``, ``GET /api/notify/deliveries``):
+    never the body sent or anything of the channel but its name."""
+    try:
+        text = str(d.event_json().get("summary", ""))
+    except ValueError:
+        text = ""
+    return {"id": d.id, "event_id": d.event_id, "event": d.event, "channel": d.channel,
+            "status": d.status, "attempts": d.attempts, "created_at": d.created_at.isoformat(),
+            "updated_at": d.updated_at.isoformat(),
+            "next_attempt_at": d.next_attempt_at.isoformat() if d.status == "pending" else None,
+            "sent_at": d.sent_at.isoformat() if d.sent_at else None,
+            "last_status": d.last_status, "last_error": d.last_error, "summary": text}

@@ -33,6 +33,7 @@ from broker.services.auth import Authenticator
 from broker.services.grants import GrantFilter, GrantService
 from broker.services.live import LiveService
 from broker.services.locks import LockService
+from broker.services.notify import Dispatcher
 from broker.services.review import ReviewService
 from broker.services.roles import roles_of
 from broker.web import schema as S
@@ -41,6 +42,7 @@ from broker.web.inventory_api import inventory_routes
 from broker.web.known_hosts import KnownHosts
 from broker.web.live_api import live_routes
 from broker.web.locks_api import IncidentApi, lock_routes
+from broker.web.notify_api import NotifyApi, notify_routes
 from broker.web.routes import Caller, Route
 from broker.web.schema import ApiError
 from broker.web.sessions_api import session_routes
@@ -93,6 +95,7 @@ class WebContext:
     locks: LockService | None = None  # kill and lock (broker.web.locks_api)
     known_hosts: KnownHosts | None = None  # GET /api/ssh/known_hosts (broker.web.known_hosts)
     live: LiveService | None = None  # watch a live session (broker.web.live_api)
+    notify: Dispatcher | None = None  # the delivery log (broker.web.notify_api)
 
     @property
     def session_cookie(self) -> str:
@@ -664,6 +667,7 @@ class Api:
             *(self.ctx.known_hosts.routes() if self.ctx.known_hosts else ()),
             *(live_routes(self.ctx.live, self.ctx.settings.public_url, self.caller)
               if self.ctx.live else ()),
+            *(notify_routes(NotifyApi(self.ctx.notify)) if self.ctx.notify else ()),
         ]
 
     def _incidents(self) -> IncidentApi | None:

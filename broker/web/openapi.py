@@ -13,6 +13,7 @@ from broker.services.review import MAX_LIMIT
 from broker.web.inventory_api import SCHEMAS as INVENTORY_SCHEMAS
 from broker.web.known_hosts import HOST_RE
 from broker.web.locks_api import SCHEMAS as LOCK_SCHEMAS
+from broker.web.notify_api import SCHEMAS as NOTIFY_SCHEMAS
 from broker.web.routes import Route
 from broker.web.schema import MAX_HOURS, MIN_HOURS, SCOPES, STATES
 from broker.web.sessions_api import (
@@ -182,6 +183,7 @@ SCHEMAS.update({
         "grants_expiring": {"type": "array", "items": {"$ref": "#/components/schemas/Grant"}}}},
 })
 SCHEMAS.update(LOCK_SCHEMAS)  # kill and lock (broker.web.locks_api)
+SCHEMAS.update(NOTIFY_SCHEMAS)  # the delivery log (broker.web.notify_api)
 SCHEMAS.update(INVENTORY_SCHEMAS)  # the request form's stacks and VPCs (broker.web.inventory_api)
 # query parameters of the review routes, where a name means more than on the grant routes
 _REVIEW_PREFIXES = ("/api/sessions", "/api/audit", "/api/dashboard")

@@ -16,6 +16,7 @@ from broker.services.auth import Authenticator
 from broker.services.grants import GrantService
 from broker.services.live import Follow, LiveService
 from broker.services.locks import LockService
+from broker.services.notify import Dispatcher
 from broker.services.review import ReviewService
 from broker.web.api import WebContext, create_app
 from broker.web.known_hosts import KnownHosts, TrustLoader
@@ -46,6 +47,10 @@ class WebServer:
     def use_locks(self, locks: LockService) -> None:
         """Serve the kill and lock routes (``broker.web.locks_api``); before ``start``."""
         self._ctx.locks = locks
+
+    def use_notify(self, dispatcher: Dispatcher) -> None:
+        """Serve the delivery log (``broker.web.notify_api``); before ``start``."""
+        self._ctx.notify = dispatcher
 
     def use_live(self, follow: Follow) -> None:
         """Serve the live view (``broker.web.live_api``) from recordings ``follow`` opens on
