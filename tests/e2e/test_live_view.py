@@ -13,12 +13,13 @@ import json
 import os
 import termios
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import BIN, Demo
+from tests.conftest import BIN, Demo, serve_broker
 from tests.e2e.test_terminal import Terminal
 
 pytestmark = pytest.mark.e2e
@@ -281,3 +282,39 @@ def test_q_stops_watching_and_the_session_goes_on(demo: Demo) -> None:
     # a session that ended cannot be watched: said in one line
     r = demo.cli("sessions", "watch", sid, check=False)
     assert r.returncode != 0 and "has ended" in r.stderr and "Traceback" not in r.stderr
+
+
+async def test_a_session_on_another_bastion_is_named_as_such(demo: Demo, tmp_path: Path) -> None:
+    """A second broker on the same store with recordings of its own (a fleet's other bastion):
+    its live session is listed, and this bastion answers 409 elsewhere at once, as does the
+    CLI, instead of waiting for a file that is not here."""
+    cfg = demo.variant_config(tmp_path, extra=f'[recordings]\ndir = "{tmp_path / "rec"}"\n'
+                              "[web]\nenabled = false\n")
+    other, port = serve_broker(cfg)
+    user = demo.take_user()
+    proc = await asyncio.create_subprocess_exec(
+        *demo.ssh_args(f"{user}+web01", port=port,
+                       known_hosts=demo.known_hosts_for(tmp_path, port)),
+        "echo started; sleep 30", stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=demo.env(user))
+    try:
+        assert proc.stdout is not None
+        assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"started\n"
+        sid = (await asyncio.to_thread(_live, demo, user, "exec"))["id"]
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            await _login(demo, http, "auditor")
+            resp = await http.get(demo.info["web_url"] + f"/api/sessions/{sid}/live")
+            assert resp.status == 409 and (await resp.json())["error"] == "elsewhere"
+            with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                await _watch(demo, http, sid)
+            assert err.value.status == 409
+        r = await asyncio.to_thread(demo.cli, "sessions", "watch", sid, check=False)
+        assert r.returncode != 0 and "another bastion" in r.stderr
+        assert "Traceback" not in r.stderr
+    finally:
+        proc.kill()
+        await proc.wait()
+        other.terminate()
+        other.wait(20)
+    assert not [e for e in demo.audit_lines() if e["event"] == "session.watched"
+                and e.get("session_id") == sid]
