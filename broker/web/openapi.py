@@ -213,7 +213,8 @@ _PATH_SCHEMAS: dict[str, dict[str, Any]] = {
                    "description": "a session id, or a unique prefix of 6 or more characters"},
 }
 
-_STATUS_TEXT = {200: "OK", 201: "Created", 202: "Accepted", 400: "Invalid input", 401: "Not logged in",
+_STATUS_TEXT = {101: "Switching to a WebSocket",
+                200: "OK", 201: "Created", 202: "Accepted", 400: "Invalid input", 401: "Not logged in",
                 403: "Forbidden (role, scope or CSRF)", 404: "Not found (or not visible)",
                 409: "Conflict (state, a concurrent change, or an ambiguous session id prefix)",
                 413: "Body over 64 KiB",
