@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Demo
+from tests.e2e.test_durability import BrokerProcess
 from tests.e2e.test_terminal import Terminal
 
 pytestmark = pytest.mark.e2e
@@ -22,10 +23,12 @@ pytestmark = pytest.mark.e2e
 PROMPT = b"Target (number or name, q quits): "
 
 
-def _menu(demo: Demo, user: str, rows: int = 24, cols: int = 120) -> Terminal:
+def _menu(demo: Demo, user: str, rows: int = 24, cols: int = 120, *,
+          port: int | None = None, known_hosts: Path | None = None) -> Terminal:
     env = demo.env(user)
     env["TERM"] = "xterm"
-    term = Terminal(demo.ssh_args(user), env, rows=rows, cols=cols)
+    term = Terminal(demo.ssh_args(user, port=port, known_hosts=known_hosts), env, rows=rows,
+                    cols=cols)
     term.expect(b"may reach now")
     term.expect(PROMPT)
     return term
@@ -211,3 +214,32 @@ def test_without_a_terminal_the_list_is_printed(demo: Demo) -> None:
         assert "may reach now" in out and "web01" in out and "web02" in out
         assert demo.info["denied_target"] not in out and "Target (" not in out
     assert _rows(demo, user) == []
+
+
+def test_idle_timeout_ends_a_pick_then_the_menu(demo: Demo, tmp_path: Path) -> None:
+    cfg = demo.variant_config(tmp_path, ssh="session_idle_timeout_seconds = 2")
+    cfg.write_text(cfg.read_text() + "[web]\nenabled = false\n"
+                   "[grants]\nenforce_interval_seconds = 0.2\n")
+    broker = BrokerProcess(cfg, tmp_path / "broker.log")
+    user = demo.take_user()
+    try:
+        term = _menu(demo, user, port=broker.port,
+                     known_hosts=demo.known_hosts_for(tmp_path, broker.port))
+        try:
+            term.send(b"1\r")
+            _shell_ready(term, "I")
+            t0 = time.monotonic()
+            term.expect(b"Back from web01: access ended (idle timeout).", timeout=30)
+            term.expect(PROMPT)
+            assert time.monotonic() - t0 >= 1.5
+            term.expect(b"idle timeout at the menu", timeout=30)
+            assert term.close() == 255
+        finally:
+            _end(term)
+    finally:
+        broker.kill()
+    assert "Traceback" not in broker.text()
+    [row] = _rows(demo, user)
+    assert row["exit_status"] == "terminated:idle timeout"
+    [end] = _events(demo, "menu.end", sessions=[row["id"]])
+    assert end["reason"] == "idle timeout"
