@@ -75,7 +75,9 @@ def _watch(page: Page, problems: list[str], dialogs: list[str]) -> None:
 
 
 def login(browser: Browser, demo: Demo, user: str, password: str, *,
-          timezone: str = "Europe/Berlin", base: str | None = None) -> Console:
+          timezone: str = "Europe/Berlin", base: str | None = None,
+          code: str | None = None) -> Console:
+    """Log in through the form (``code``: the TOTP code to use; default the demo's next)."""
     context = browser.new_context(viewport={"width": 1366, "height": 900}, timezone_id=timezone,
                                   locale="en-GB")
     page = context.new_page()
@@ -85,7 +87,7 @@ def login(browser: Browser, demo: Demo, user: str, password: str, *,
     # by their labels: the form is usable without seeing it
     page.get_by_label("User").fill(user)
     page.get_by_label("Password").fill(password)
-    page.get_by_label("Verification code").fill(demo.next_code(user))
+    page.get_by_label("Verification code").fill(code or demo.next_code(user))
     page.get_by_role("button", name="Log in").click()
     page.wait_for_url("**/#/sessions")
     return c
