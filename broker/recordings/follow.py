@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,9 @@ class Passed:
 
 
 class RecordingFollower:
-    """One reader of one live recording file; not thread-safe (one watch owns it)."""
+    """One reader of one live recording file, owned by one watch. Its calls may run in a thread
+    (a header walk); ``close`` waits for one under way, so the descriptor is never closed (and
+    its number reused) under it."""
 
     def __init__(self, path: Path) -> None:
         try:
@@ -55,11 +58,13 @@ class RecordingFollower:
             raise NotFoundError(f"recording file {path.name} is not on this bastion") from None
         self.meta: dict[str, Any] | None = None
         self.offset = 0  # just after the last frame read or passed over
+        self._lock = threading.Lock()
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     def size(self) -> int:
         return os.fstat(self._fd).st_size
@@ -70,6 +75,10 @@ class RecordingFollower:
 
     def header(self) -> dict[str, Any] | None:
         """The session's metadata; None while the writer has not finished writing it."""
+        with self._lock:
+            return self._header() if self._fd >= 0 else None
+
+    def _header(self) -> dict[str, Any] | None:
         if self.meta is not None:
             return self.meta
         head = os.pread(self._fd, len(fmt.MAGIC) + fmt.MAX_HEADER, 0)
@@ -107,6 +116,10 @@ class RecordingFollower:
     def read(self, limit: int) -> list[fmt.Frame]:
         """Whole frames from the offset on, about ``limit`` payload bytes at most (always at
         least one frame, whatever its size, when one is there); a half-written frame stays."""
+        with self._lock:
+            return self._read(limit) if self._fd >= 0 else []
+
+    def _read(self, limit: int) -> list[fmt.Frame]:
         if self.meta is None:
             return []
         size = self.size()
@@ -139,6 +152,12 @@ class RecordingFollower:
     def skip(self, keep: int) -> Passed:
         """Pass over frames (headers read, payloads not) until at most ``keep`` bytes plus one
         frame are left to read; the last resize and any exit among them are returned."""
+        with self._lock:
+            if self._fd < 0:
+                return Passed(0, None, None)
+            return self._skip(keep)
+
+    def _skip(self, keep: int) -> Passed:
         size = self.size()
         passed, resize, exit_ = 0, None, None
         at = self.offset

@@ -44,6 +44,7 @@ BURST = 256 * 1024  # read at once when that much is waiting, skipped beyond
 TAIL = 16 * 1024  # what a viewer gets after a skip: the last screenful or so
 CATCHUP = 64 * 1024  # the output before the watch started, to draw its screen from
 SKIP_EVERY = 1.0  # seconds between skip markers (and tails) while a flood lasts
+SKIP_POLL = 0.25  # ... and between header walks meanwhile (the same headers, fewer wakeups)
 RECHECK = 15.0  # seconds between checks that the watcher may still watch
 HEADER_WAIT = 5.0  # a recording created this instant may not have its header yet
 WATCHABLE = ("shell", "exec")  # sftp, tunnels and jumps have no terminal to show
@@ -230,7 +231,7 @@ class Watch:
         checked = last
         busy = False
         while exit_status is None:
-            await asyncio.sleep(POLL if busy else IDLE_POLL)
+            await asyncio.sleep(SKIP_POLL if skipping else POLL if busy else IDLE_POLL)
             now = self.clock.monotonic()
             tokens = min(float(self.burst), tokens + self.rate * (now - last))
             last = now
@@ -259,7 +260,9 @@ class Watch:
                     break  # only a frame its writer never finished (a crash mid-write)
             else:
                 skipping = True
-                p = f.skip(TAIL)
+                # in a thread: pages the writer has synced are gone from the page cache, and a
+                # header read from the disk must not stall the relay sharing this event loop
+                p = await asyncio.to_thread(f.skip, TAIL)
                 skipped += p.bytes
                 if p.resize is not None:
                     yield [round(p.resize.t_us / 1e6, 6), "r",
@@ -271,7 +274,7 @@ class Watch:
                     yield [round(self._now(started), 6), "o", skip_marker(skipped)]
                     skipped = 0
                     render.reset()
-                    frames = f.read(4 * TAIL)
+                    frames = _last(f.read(4 * TAIL), TAIL)
                     tokens = max(0.0, tokens - sum(len(x.data) for x in frames))
             if frames:
                 lag_max = max(lag_max, self._now(started) - frames[0].t_us / 1e6)
@@ -293,6 +296,23 @@ class Watch:
         else:
             yield {"end": {"reason": "exit", "exit_status": exit_status,
                            "message": "the session ended"}}
+
+
+def _last(frames: list[fmt.Frame], limit: int) -> list[fmt.Frame]:
+    """The frames' last ``limit`` bytes of output (a tail after a skip: a screenful is enough;
+    the first frame kept may start mid-line), and every other frame."""
+    out: list[fmt.Frame] = []
+    room = limit
+    for f in reversed(frames):
+        if f.kind in (fmt.OUTPUT, fmt.ERROR):
+            if room <= 0:
+                continue
+            if len(f.data) > room:
+                f = fmt.Frame(f.t_us, f.kind, f.data[-room:])
+            room -= len(f.data)
+        out.append(f)
+    out.reverse()
+    return out
 
 
 @dataclass(frozen=True, slots=True)
