@@ -116,7 +116,9 @@ def _local(config: BrokerConfig, clock: Clock, access: Access) -> tuple[Recordin
     if access == "read":
         return recordings, ReadOnlyAudit()
     return recordings, JsonlAuditLog(config.audit_path, clock,
-                                     signer=signing_key(config, create=access == "broker"))
+                                     signer=signing_key(config, create=access == "broker"),
+                                     rotate_bytes=config.audit.rotate_bytes,
+                                     rotate_daily=config.audit.rotate_daily)
 
 
 def _totp_key(config: BrokerConfig, access: Access) -> bytes | None:

@@ -126,8 +126,10 @@ class Demo:
         return list(json.loads(self.cli("sessions", "list", "--json", "--limit", "1000").stdout))
 
     def audit_lines(self) -> list[dict[str, Any]]:
-        path = self.state_dir / "audit" / "audit.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()]
+        """Every event of the audit log, across its rotated files, in order."""
+        from broker.audit.files import iter_lines
+
+        return [json.loads(line) for line in iter_lines(self.state_dir / "audit" / "audit.jsonl")]
 
     def variant_config(self, tmp: Path, *, ssh: str = "", limits: str = "",
                        inventory: str | None = None, identity: str = "", totp: str = "",

@@ -8,6 +8,9 @@ an ``until`` bound are found by bisection (lines are appended in ``seq`` and tim
 Bytes are tested for the filters' values before a line is parsed, so a selective search parses
 little.
 Damaged lines are passed over: ``verify --audit`` is what reports them.
+A rotated log is read the same way file by file, the current one first; a rotated file whose
+name shows it starts at or after the page cursor (its first ``seq``) or after ``until`` is not
+opened.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
+from broker.audit.files import Snapshot
 from broker.ports import AuditQuery
 
 BLOCK = 1 << 16
@@ -174,40 +178,65 @@ def _line_ts(line: bytes) -> datetime | None:
     return _ts(line[i + 6:j].decode("ascii", "replace")) if j > 0 else None
 
 
+def _walk_file(f: IO[bytes], q: AuditQuery, flt: _Filter) -> Iterator[dict[str, Any] | None]:
+    """Matching events of one file, newest first; a final None when the ``since`` bound was
+    passed (older files need not be read)."""
+    end = f.seek(0, 2)
+    if q.before_seq is not None:
+        end = _end_before(f, end, _seq_at_least(q.before_seq))
+    if q.until is not None:
+        end = _end_before(f, end, _later_than(q.until + SINCE_SLACK))
+    for line in _backwards(f, end):
+        if flt.since_stop is not None:
+            t = _line_ts(line)
+            if t is not None and t < flt.since_stop:
+                yield None
+                return
+        if not flt.maybe(line):
+            continue
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(ev, dict):
+            continue
+        ts = _ts(ev.get("ts"))
+        seq = ev.get("seq")
+        if q.before_seq is not None and (not isinstance(seq, int) or seq >= q.before_seq):
+            continue
+        if flt.match(ev, ts):
+            yield ev
+
+
 def _walk(path: Path, q: AuditQuery) -> Iterator[dict[str, Any]]:
-    """Matching events, newest first, read in bounded memory."""
+    """Matching events, newest first, read in bounded memory, across the log's files."""
     flt = _Filter(q)
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - closed in the finally below (a generator)
-    except FileNotFoundError:
-        return
-    try:
-        end = f.seek(0, 2)
-        if q.before_seq is not None:
-            end = _end_before(f, end, _seq_at_least(q.before_seq))
-        if q.until is not None:
-            end = _end_before(f, end, _later_than(q.until + SINCE_SLACK))
-        for line in _backwards(f, end):
-            if flt.since_stop is not None:
-                t = _line_ts(line)
-                if t is not None and t < flt.since_stop:
-                    return
-            if not flt.maybe(line):
+    with Snapshot(path) as snap:
+        files: list[IO[bytes] | Path] = [f.path for f in snap.rotated
+                                         if not _after_page(f.first_seq, f.started, q)]
+        if snap.current is not None:
+            files.append(snap.current)
+        for item in reversed(files):
+            try:
+                f = open(item, "rb") if isinstance(item, Path) else item  # noqa: SIM115
+            except FileNotFoundError:
                 continue
             try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(ev, dict):
-                continue
-            ts = _ts(ev.get("ts"))
-            seq = ev.get("seq")
-            if q.before_seq is not None and (not isinstance(seq, int) or seq >= q.before_seq):
-                continue
-            if flt.match(ev, ts):
-                yield ev
-    finally:
-        f.close()
+                for ev in _walk_file(f, q, flt):
+                    if ev is None:
+                        return
+                    yield ev
+            finally:
+                if isinstance(item, Path):
+                    f.close()
+
+
+def _after_page(first_seq: int | None, started: datetime | None, q: AuditQuery) -> bool:
+    """A rotated file that holds nothing for the page: it starts at or after the cursor, or
+    after ``until`` (with the slack the clocks of several writers need)."""
+    if first_seq is not None and q.before_seq is not None and first_seq >= q.before_seq:
+        return True
+    return started is not None and q.until is not None and started >= q.until + SINCE_SLACK
 
 
 class JsonlAuditReader:

@@ -46,14 +46,13 @@ def file_events(lines: Iterable[bytes], session_id: str) -> list[dict[str, Any]]
 
 
 def read_events(path: Path, session_ids: Collection[str]) -> list[dict[str, Any]]:
-    """``file_events_of`` over the audit log file (none if there is no log yet)."""
+    """``file_events_of`` over the audit log's files, rotated ones first (none if there is no
+    log yet)."""
+    from broker.audit.files import iter_lines
     from broker.errors import NotFoundError
 
     try:
-        with open(path, "rb") as f:
-            return file_events_of(f, session_ids)
-    except FileNotFoundError:
-        return []
+        return file_events_of(iter_lines(path), session_ids)
     except OSError as exc:
         raise NotFoundError(f"cannot read the audit log: {exc.strerror}") from None
 

@@ -229,11 +229,13 @@ def integrity(config: BrokerConfig, r: SessionRecord,
 
 
 def _read_audit(path: Path) -> list[bytes] | None:
+    from broker.audit.files import read_all
+
     try:
-        with open(path, "rb") as f:
-            return f.read().splitlines()
+        data = read_all(path)  # every file of a rotated log, in order
     except OSError:
         return None
+    return data.splitlines() if data is not None else None
 
 
 def _grant_json(g: Any, now: datetime) -> dict[str, Any]:

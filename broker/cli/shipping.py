@@ -43,9 +43,12 @@ def _status(args: argparse.Namespace) -> dict[str, Any]:
             for sid, n, queued, nxt, err in db.execute(
                 "SELECT session_id, attempts, queued_at, next_attempt, last_error FROM uploads"
                 " WHERE state = 'pending' ORDER BY queued_at LIMIT ?", (args.limit,))]
-        size = cfg.audit_path.stat().st_size if cfg.audit_path.exists() else 0
-        for name, offset in db.execute("SELECT name, offset FROM offsets ORDER BY name"):
-            result["audit_backlog_bytes"][name] = max(0, size - int(offset))
+        from broker.shipping.backlog import audit_unread
+        from broker.shipping.spool import audit_chain
+
+        offsets = db.execute("SELECT name, inode, offset FROM offsets ORDER BY name").fetchall()
+        # across rotated files: the rest of the file each shipper reads and all after it
+        result["audit_backlog_bytes"].update(audit_unread(audit_chain(cfg.audit_path), offsets))
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read {db_path}: {exc}") from None
     finally:

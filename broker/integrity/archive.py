@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from broker.audit.files import Snapshot
 from broker.errors import NotFoundError, UsageError
 from broker.integrity.keys import VerifyKey
 from broker.integrity.verify import verify_session
@@ -39,34 +40,34 @@ class _SessionLines(list[bytes]):
 
 
 def session_lines(path: Path, session_id: str) -> _SessionLines | None:
-    """The audit lines naming ``session_id``, by line number; None without an audit log."""
+    """The audit lines naming ``session_id``, by line number across the log's files (rotated
+    ones first); None without an audit log."""
     needle = session_id.encode()
     kept: dict[int, bytes] = {}
     count = 0
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below
-    except FileNotFoundError:
-        return None
-    with f:
-        rest = b""
-        while chunk := f.read(_CHUNK):
-            data = rest + chunk
-            cut = data.rfind(b"\n") + 1
-            body, rest = data[:cut], data[cut:]
-            if needle in body:
-                for line in body.splitlines(keepends=True):
-                    if needle in line:
-                        kept[count] = line
+    with Snapshot(path) as snap:
+        if snap.current is None and not snap.rotated:
+            return None
+        for _, f in snap.open_each():
+            rest = b""
+            while chunk := f.read(_CHUNK):
+                data = rest + chunk
+                cut = data.rfind(b"\n") + 1
+                body, rest = data[:cut], data[cut:]
+                if needle in body:
+                    for line in body.splitlines(keepends=True):
+                        if needle in line:
+                            kept[count] = line
+                        count += 1
+                else:
+                    count += body.count(b"\n")
+                if len(rest) > _CHUNK:  # no newline in a whole chunk: not a line the broker wrote
                     count += 1
-            else:
-                count += body.count(b"\n")
-            if len(rest) > _CHUNK:  # no newline in a whole chunk: not a line the broker wrote
+                    rest = b""
+            if rest:
+                if needle in rest:
+                    kept[count] = rest
                 count += 1
-                rest = b""
-        if rest:
-            if needle in rest:
-                kept[count] = rest
-            count += 1
     return _SessionLines(kept, count)
 
 

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from broker.audit.checkpoint import CHECKPOINT, CUT, signature_of, signed_bytes
+from broker.audit.files import Snapshot
 from broker.domain import recording as fmt
 from broker.domain.audit import GENESIS, line_hash
+from broker.domain.audit_files import ROTATED
 from broker.errors import NotFoundError, UsageError
 from broker.integrity.keys import VerifyKey
 from broker.integrity.manifest import (
@@ -88,10 +92,65 @@ def _span(a: int, b: int) -> str:
     return str(a) if a == b else f"{a}-{b}"
 
 
+def _starts(files: list[tuple[str, int]] | None) -> list[int]:
+    """The first (global, 1-based) line number of each file."""
+    out, n = [], 1
+    for _, count in files or []:
+        out.append(n)
+        n += count
+    return out
+
+
+def _places(files: list[tuple[str, int]] | None
+            ) -> tuple[Callable[[int], str], Callable[[int], dict[str, Any]]]:
+    """How a line is named in messages and in ``where``: ``line N`` for one file, ``line N of
+    FILE`` across rotated files."""
+    if not files or len(files) < 2:
+        return (lambda n: f"line {n}"), (lambda n: {"line": n})
+    starts = _starts(files)
+
+    def find(n: int) -> tuple[str, int]:
+        k = max(0, bisect.bisect_right(starts, n) - 1)
+        return files[k][0], n - starts[k] + 1
+
+    def loc(n: int) -> str:
+        name, line = find(n)
+        return f"line {line} of {name}"
+
+    def at(n: int) -> dict[str, Any]:
+        name, line = find(n)
+        return {"file": name, "line": line}
+
+    return loc, at
+
+
+def _file_gaps(parsed: list[dict[str, Any] | None], files: list[tuple[str, int]],
+               starts: list[int]) -> dict[int, str]:
+    """Line number -> the file missing before it: a file's first line, ``audit.rotated``,
+    names the file before it, and that is not the file before it here."""
+    gaps: dict[int, str] = {}
+    for k, start in enumerate(starts):
+        if start > len(parsed) or files[k][1] == 0:
+            continue
+        obj = parsed[start - 1]
+        if obj is None or obj.get("event") != ROTATED:
+            continue
+        named = str(obj.get("previous"))
+        if k == 0 or named != files[k - 1][0]:
+            gaps[start] = named
+    return gaps
+
+
 def verify_audit_lines(lines: list[bytes], key: VerifyKey, report: Report,
-                       now: datetime | None = None) -> None:
+                       now: datetime | None = None,
+                       files: list[tuple[str, int]] | None = None) -> None:
     """Check the chain, the sequence numbers and every checkpoint signature of an audit log
-    (``now``: for the age of an unsigned tail; default the current time)."""
+    (``now``: for the age of an unsigned tail; default the current time). ``files``: (name,
+    line count) of each file ``lines`` were read from, in order, for a rotated log: the chain
+    runs on across files, places are named by file and line, and a file whose successor's
+    ``audit.rotated`` names another predecessor is reported missing."""
+    loc, at = _places(files)
+    starts = _starts(files)
     parsed: list[dict[str, Any] | None] = []
     for raw in lines:
         try:
@@ -100,6 +159,7 @@ def verify_audit_lines(lines: list[bytes], key: VerifyKey, report: Report,
             obj = None
         parsed.append(obj if isinstance(obj, dict) and isinstance(obj.get("seq"), int) else None)
     all_seqs = {o["seq"] for o in parsed if o is not None}
+    gaps = _file_gaps(parsed, files or [], starts)
 
     prev_hash = GENESIS
     prev_seq: int | None = None
@@ -112,72 +172,88 @@ def verify_audit_lines(lines: list[bytes], key: VerifyKey, report: Report,
         torn = not raw.endswith(b"\n")
         if obj is None:
             if torn:
-                report.error("audit_truncated", f"line {n} is incomplete: the log was cut "
-                             "(truncated file or a write cut off by a crash)", line=n)
+                report.error("audit_truncated", f"{loc(n)} is incomplete: the log was cut "
+                             "(truncated file or a write cut off by a crash)", **at(n))
             else:
-                report.error("audit_line_damaged", f"line {n} is not a valid audit event "
-                             "(edited or damaged)", line=n)
+                report.error("audit_line_damaged", f"{loc(n)} is not a valid audit event "
+                             "(edited or damaged)", **at(n))
             prev_hash = line_hash(raw)
             damaged += 1
             continue
         if torn:
-            report.error("audit_truncated", f"line {n} (the last) has no newline: the log "
-                         "was truncated", line=n)
+            report.error("audit_truncated", f"{loc(n)} (the last) has no newline: the log "
+                         "was truncated", **at(n))
         seq: int = obj["seq"]
         continuous = False
         if prev_seq is None:  # the first good line: seq 0, after any damaged lines
             if seq > damaged:
                 missing = [s for s in range(damaged, seq) if s not in all_seqs]
-                if missing:
+                if missing and n in gaps:
+                    report.error("audit_file_missing",
+                                 f"{gaps.pop(n)} is missing: the log starts at {loc(n)}, which "
+                                 "names it as the file before (seq "
+                                 f"{_span(missing[0], missing[-1])} gone: earlier files removed)",
+                                 **at(n), seq=[missing[0], missing[-1]])
+                elif missing:
                     report.error("audit_line_removed",
-                                 f"seq {_span(missing[0], missing[-1])} missing before line {n} "
-                                 "(lines removed from the start)", line=n,
+                                 f"seq {_span(missing[0], missing[-1])} missing before {loc(n)} "
+                                 "(lines removed from the start)", **at(n),
                                  seq=[missing[0], missing[-1]])
             continuous = seq == damaged
         elif seq == prev_seq + 1 + damaged:
             continuous = True
         elif seq > prev_seq + 1 + damaged:
             missing = [s for s in range(prev_seq + 1 + damaged, seq) if s not in all_seqs]
+            if missing and n in gaps:
+                report.error("audit_file_missing",
+                             f"{gaps.pop(n)} is missing (removed from between {loc(n - 1)} and "
+                             f"{loc(n)}, which names it as the file before): seq "
+                             f"{_span(missing[0], missing[-1])} gone", **at(n),
+                             seq=[missing[0], missing[-1]])
+                missing = []
             for a, b in _ranges(missing):
                 report.error("audit_line_removed",
-                             f"seq {_span(a, b)} missing between line {n - 1} and line {n} "
+                             f"seq {_span(a, b)} missing between {loc(n - 1)} and {loc(n)} "
                              f"({b - a + 1} line{'s' if b > a else ''} removed)",
-                             line=n, seq=[a, b])
+                             **at(n), seq=[a, b])
         if prev_seq is not None and seq <= max_seq:
             if seq in seen:
-                report.error("audit_line_duplicated", f"line {n} repeats seq {seq} "
-                             "(line duplicated)", line=n, seq=seq)
+                report.error("audit_line_duplicated", f"{loc(n)} repeats seq {seq} "
+                             "(line duplicated)", **at(n), seq=seq)
             else:
-                report.error("audit_line_moved", f"line {n} (seq {seq}) is out of order: it "
-                             f"comes after seq {max_seq} (lines reordered)", line=n, seq=seq)
+                report.error("audit_line_moved", f"{loc(n)} (seq {seq}) is out of order: it "
+                             f"comes after seq {max_seq} (lines reordered)", **at(n), seq=seq)
         if obj.get("prev") != prev_hash and continuous and not damaged:
             if n == 1:
-                report.error("audit_line_modified", "line 1 does not start the chain "
-                             "(edited)", line=1)
+                report.error("audit_line_modified", f"{loc(1)} does not start the chain "
+                             "(edited)", **at(1))
             else:
                 report.error("audit_line_modified",
-                             f"line {n - 1} (seq {prev_seq}) was modified: line {n} records "
-                             "a different hash for it", line=n - 1, seq=prev_seq)
+                             f"{loc(n - 1)} (seq {prev_seq}) was modified: {loc(n)} records "
+                             "a different hash for it", **at(n - 1), seq=prev_seq)
         if obj.get("event") == CHECKPOINT:
             checkpoints += 1
             sig = signature_of(obj)
             kid = obj.get("key_id")
             if sig is None:
-                report.error("checkpoint_unsigned", f"checkpoint at line {n} has no valid "
-                             "signature field", line=n)
+                report.error("checkpoint_unsigned", f"checkpoint at {loc(n)} has no valid "
+                             "signature field", **at(n))
             elif kid != key.key_id:
-                report.error("checkpoint_wrong_key", f"checkpoint at line {n} names key "
-                             f"{kid!r}, not this bastion's key {key.key_id}", line=n)
+                report.error("checkpoint_wrong_key", f"checkpoint at {loc(n)} names key "
+                             f"{kid!r}, not this bastion's key {key.key_id}", **at(n))
             elif not key.verify(sig, signed_bytes(obj)):
                 report.error("checkpoint_bad_signature",
-                             f"checkpoint at line {n}: signature does not verify (the "
-                             "checkpoint was edited, or the chain before it rewritten)", line=n)
+                             f"checkpoint at {loc(n)}: signature does not verify (the "
+                             "checkpoint was edited, or the chain before it rewritten)", **at(n))
             else:
                 signed_through = n
         prev_hash, prev_seq, damaged = line_hash(raw), seq, 0
         seen.add(seq)
         max_seq = max(max_seq, seq)
 
+    for n, name in gaps.items():
+        report.error("audit_file_missing", f"{loc(n)} names {name} as the file before it, which "
+                     "is not the file before it here (files removed or renamed)", **at(n))
     report.checked.update(lines=len(lines), checkpoints=checkpoints,
                           signed_through_line=signed_through, key_id=key.key_id)
     if lines and signed_through == 0:
@@ -185,16 +261,19 @@ def verify_audit_lines(lines: list[bytes], key: VerifyKey, report: Report,
                      "checkpoint")
     elif signed_through < len(lines):
         _unsigned_tail(report, lines[signed_through:], parsed[signed_through:],
-                       signed_through + 1, now)
+                       signed_through + 1, now, loc)
     for n, obj in enumerate(parsed, start=1):
         if obj is not None and obj.get("event") == CUT:
-            report.error("audit_tail_cut", f"line {n}: the broker found the log cut while it "
+            report.error("audit_tail_cut", f"{loc(n)}: the broker found the log cut while it "
                          f"ran: seq {obj.get('expected_seq')} was next, the file ended at seq "
-                         f"{obj.get('found_seq')} ({obj.get('lost_bytes')} bytes gone)", line=n)
+                         f"{obj.get('found_seq')} ("
+                         + ("the file was replaced" if obj.get("replaced") else
+                            f"{obj.get('lost_bytes')} bytes gone") + ")", **at(n))
 
 
 def _unsigned_tail(report: Report, tail: list[bytes], parsed: list[dict[str, Any] | None],
-                   first: int, now: datetime | None) -> None:
+                   first: int, now: datetime | None,
+                   loc: Callable[[int], str] = lambda n: f"line {n}") -> None:
     """Lines after the last valid checkpoint: a warning while young (the broker signs them
     within ~30 s and at shutdown), an error once the oldest is older than ``TAIL_GRACE``
     seconds: no running broker left them, so the log was cut after them or the writer died."""
@@ -207,10 +286,12 @@ def _unsigned_tail(report: Report, tail: list[bytes], parsed: list[dict[str, Any
     known = [t for t in stamps if t is not None and t.tzinfo is not None]
     age = (now or datetime.now(UTC)) - min(known) if known else None
     events = sum(obj is not None for obj in parsed)
-    span = _span(first, first + len(tail) - 1)
+    last = first + len(tail) - 1
+    span = f"lines {_span(first, last)}" if loc(first) == f"line {first}" else \
+        f"{loc(first)}" + (f" to {loc(last)}" if last > first else "")
     where = {"lines": [first, first + len(tail) - 1], "events": events,
              "age_seconds": None if age is None else round(age.total_seconds(), 1)}
-    what = (f"{events} event{'s' if events != 1 else ''} (lines {span}) after the last signed "
+    what = (f"{events} event{'s' if events != 1 else ''} ({span}) after the last signed "
             "checkpoint")
     if age is not None and age.total_seconds() < TAIL_GRACE:
         report.warning("unsigned_tail", f"{what}, the oldest {age.total_seconds():.0f} s old: "
@@ -224,18 +305,31 @@ def _unsigned_tail(report: Report, tail: list[bytes], parsed: list[dict[str, Any
                      "or the writer was killed", **where)
 
 
-def read_lines(path: Path) -> list[bytes]:
+def read_files(path: Path) -> list[tuple[str, list[bytes]]]:
+    """(name, lines) of every file of the log, rotated ones first (``broker.audit.files``)."""
     try:
-        return path.read_bytes().splitlines(keepends=True)
-    except FileNotFoundError:
-        raise NotFoundError(f"no audit log at {path}") from None
+        with Snapshot(path) as snap:
+            if snap.current is None and not snap.rotated:
+                raise NotFoundError(f"no audit log at {path}")
+            return [(name, fh.read().splitlines(keepends=True))
+                    for name, fh in snap.open_each()]
     except OSError as exc:
         raise NotFoundError(f"cannot read the audit log {path}: {exc.strerror}") from None
 
 
+def read_lines(path: Path) -> list[bytes]:
+    """Every line of the log, across its files, in order."""
+    return [line for _, lines in read_files(path) for line in lines]
+
+
 def verify_audit(path: Path, key: VerifyKey, now: datetime | None = None) -> Report:
-    report = Report(subject=f"audit log {path}")
-    verify_audit_lines(read_lines(path), key, report, now)
+    files = read_files(path)
+    report = Report(subject=f"audit log {path}"
+                    + (f" ({len(files)} files)" if len(files) > 1 else ""))
+    verify_audit_lines([line for _, lines in files for line in lines], key, report, now,
+                       [(name, len(lines)) for name, lines in files])
+    if len(files) > 1:
+        report.checked["files"] = [name for name, _ in files]
     return report
 
 

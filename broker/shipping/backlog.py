@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker.errors import StoreError
+from broker.shipping.spool import audit_chain
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,11 +77,20 @@ def _pending_files(root: Path, sessions: set[str]) -> tuple[int, int]:
 
 
 def _audit_unread(path: Path, offsets: list[tuple[str, int, int]]) -> dict[str, int]:
-    """Audit bytes each shipper has not read: from its offset, or the whole file if the file was
-    replaced since (another inode, or shorter than the offset: it reads it again from 0)."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return {name: 0 for name, _, _ in offsets}
-    return {name: st.st_size - offset if inode == st.st_ino and offset <= st.st_size
-            else st.st_size for name, inode, offset in offsets}
+    """Audit bytes each shipper has not read: the rest of the file it reads (a rotated file
+    keeps its inode) and every file after it; all of them if its file is gone or shorter than
+    its offset (it reads the log again from the start, see ``AuditTail``)."""
+    return audit_unread(audit_chain(path), offsets)
+
+
+def audit_unread(files: list[tuple[Path, int, int]], offsets: list[tuple[str, int, int]]
+                 ) -> dict[str, int]:
+    out: dict[str, int] = {}
+    total = sum(size for _, _, size in files)
+    for name, inode, offset in offsets:
+        idx = next((i for i, f in enumerate(files) if f[1] == inode), None)
+        if idx is None or files[idx][2] < offset:
+            out[name] = total
+        else:
+            out[name] = files[idx][2] - offset + sum(size for _, _, size in files[idx + 1:])
+    return out

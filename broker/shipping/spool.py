@@ -3,7 +3,7 @@
 Everything the shippers promise survives a crash because it is written here before it is acted
 on: a session is queued before its files are looked at, an object is recorded only once its
 upload is verified, and an audit offset moves only after CloudWatch accepted the lines before it.
-The recordings and the audit file themselves are the spooled data; nothing is copied.
+The recordings and the audit files themselves are the spooled data; nothing is copied.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from broker.domain.audit_files import ordered
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS uploads (
@@ -183,11 +185,41 @@ class Spool:
             (name, inode, offset))
 
 
-class AuditTail:
-    """Complete lines appended to the audit file since the persisted offset of one consumer.
+def audit_chain(path: Path) -> list[tuple[Path, int, int]]:
+    """(path, inode, size) of every file of the audit log, oldest first: the rotated files
+    (``broker.domain.audit_files``) and then the current one. The current file is looked at
+    first, so a rotation meanwhile shows it twice (once under its rotated name): it is kept
+    once, as the current file."""
+    try:
+        cur = os.stat(path)
+    except FileNotFoundError:
+        cur = None
+    try:
+        names = os.listdir(path.parent)
+    except FileNotFoundError:
+        names = []
+    out: list[tuple[Path, int, int]] = []
+    for r in ordered(path.name, names):
+        try:
+            st = os.stat(path.parent / r.name)
+        except FileNotFoundError:
+            continue
+        if cur is None or st.st_ino != cur.st_ino:
+            out.append((path.parent / r.name, st.st_ino, st.st_size))
+    if cur is not None:
+        out.append((path, cur.st_ino, cur.st_size))
+    return out
 
-    A new inode or a file shorter than the offset means the file was replaced (rotation,
-    restore): reading starts again at its beginning, and the consumer sees the lines again.
+
+class AuditTail:
+    """Complete lines appended to the audit log since the persisted position of one consumer.
+
+    The position is (inode, offset), so a rotation (a rename: the inode stays) does not move it:
+    the rest of the rotated file is read from where it was, then the files after it from their
+    start, in order. A rotated file is complete (nothing is written to it after the rename), so
+    reading on past its end is safe. An inode no file of the log has any more (a restore, a
+    log removed), or a file shorter than the offset, means the log was replaced: reading starts
+    again at the oldest file, and the consumer sees the lines again (at least once, never lost).
     """
 
     def __init__(self, path: Path, spool: Spool, name: str) -> None:
@@ -195,18 +227,39 @@ class AuditTail:
         self._spool = spool
         self._name = name
 
-    def read(self, max_lines: int, max_bytes: int = 4 * 1024 * 1024) -> tuple[list[bytes], int, int]:
-        """Up to ``max_lines`` complete lines (about ``max_bytes``, at least one line if there is
-        one): (lines, inode, offset just after the last one)."""
+    def _position(self) -> tuple[Path | None, int, int]:
+        """The file to read (None: no log yet), its inode and the offset to read from."""
         inode, offset = self._spool.offset(self._name)
         try:
-            f = open(self._path, "rb")  # noqa: SIM115 - closed by the with below
+            st = os.stat(self._path)
+            if st.st_ino == inode and st.st_size >= offset:
+                return self._path, inode, offset  # the usual case: no listing needed
+        except FileNotFoundError:
+            pass
+        files = audit_chain(self._path)
+        if not files:
+            return None, inode, offset
+        idx = next((i for i, f in enumerate(files) if f[1] == inode), None)
+        if idx is None or files[idx][2] < offset:
+            return files[0][0], files[0][1], 0
+        while offset >= files[idx][2] and idx + 1 < len(files):
+            idx, offset = idx + 1, 0  # a rotated file read to its end: on to the next
+        return files[idx][0], files[idx][1], offset
+
+    def read(self, max_lines: int, max_bytes: int = 4 * 1024 * 1024) -> tuple[list[bytes], int, int]:
+        """Up to ``max_lines`` complete lines of one file (about ``max_bytes``, at least one line
+        if there is one): (lines, inode, offset just after the last one)."""
+        path, inode, offset = self._position()
+        if path is None:
+            return [], inode, offset
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed by the with below
         except FileNotFoundError:
             return [], inode, offset
         with f:
             st = os.fstat(f.fileno())
-            if st.st_ino != inode or st.st_size < offset:
-                inode, offset = st.st_ino, 0
+            if st.st_ino != inode:  # rotated or replaced since: read it next time
+                return [], inode, offset
             f.seek(offset)
             data = f.read(max_bytes)
             while data and b"\n" not in data:  # one line longer than a read: take it whole

@@ -36,7 +36,7 @@ def test_status_lists_waiting_sessions_and_backlog(tmp_path: Path,
     sp.failed("s-1", 2.0, "EndpointConnectionError: Could not connect")
     sp.enqueue("s-2", 1.0, 1.0)
     sp.set_state("s-2", "uploaded", 5.0)
-    sp.set_offset("cloudwatch", 1, 40)
+    sp.set_offset("cloudwatch", audit.stat().st_ino, 40)
     sp.close()
     assert main(["--config", str(cfg), "shipping", "status", "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
