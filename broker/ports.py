@@ -361,6 +361,11 @@ class NotificationStore(Protocol):
         it (it ran out and another claimed the row)."""
         ...
 
+    async def finish_many(self, owner: str, outcomes: Sequence[tuple[str, Outcome]],
+                          now: datetime) -> set[str]:
+        """``finish`` for several rows in one write; returns the ids stored."""
+        ...
+
     async def listing(self, *, status: str | None = None,
                       limit: int = 100) -> builtins.list[Delivery]:
         """The delivery log, newest first."""

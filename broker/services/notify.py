@@ -186,6 +186,11 @@ class Dispatcher:
         self._tasks: dict[asyncio.Task[None], Delivery] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # outcomes waiting to be stored: written together, one trip to the store for a batch,
+        # so a burst of sends does not queue a write each in front of the actions' inserts
+        self._outcomes: list[tuple[Delivery, rules.Outcome]] = []
+        self._outcome_ready = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
 
     @property
     def channels(self) -> list[str]:
@@ -201,21 +206,25 @@ class Dispatcher:
 
     def start(self) -> None:
         if self._senders:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self._run())
+            self._flusher = loop.create_task(self._flush_loop())
 
     async def stop(self) -> None:
         """Stop claiming; sends in flight are cancelled (their rows' leases run out and another
         broker, or this one after a restart, sends them again)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._flusher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._flusher = None
         cut = dict(self._tasks)
         for t in cut:
             t.cancel()
         if cut:
             await asyncio.gather(*cut, return_exceptions=True)
+        await self._flush()  # what ended before the stop is stored as it ended
         now = self._clock.now()
         for d in cut.values():  # handed back at once rather than when the lease ends
             with contextlib.suppress(BrokerError):
@@ -270,18 +279,36 @@ class Dispatcher:
     async def _deliver(self, d: Delivery) -> None:
         result = await self._attempt(d)
         now = self._clock.now()
-        outcome = rules.after_attempt(d.attempts, self.max_attempts, result, now, self._rand())
-        try:
-            stored = await self._store.finish(d.id, self.owner, outcome, now)
-        except BrokerError as exc:  # the lease runs out; the row is tried again
-            log.error("notify.finish_failed", delivery=d.id, error=str(exc)[:300])
+        self._outcomes.append((d, rules.after_attempt(d.attempts, self.max_attempts, result,
+                                                      now, self._rand())))
+        self._outcome_ready.set()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._outcome_ready.wait()
+            self._outcome_ready.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        batch, self._outcomes = self._outcomes, []
+        if not batch:
             return
+        try:
+            stored = await self._store.finish_many(
+                self.owner, [(d.id, o) for d, o in batch], self._clock.now())
+        except BrokerError as exc:  # the leases run out; the rows are tried again
+            log.error("notify.finish_failed", deliveries=len(batch), error=str(exc)[:300])
+            return
+        for d, outcome in batch:
+            self._report(d, outcome, d.id in stored)
+
+    def _report(self, d: Delivery, outcome: rules.Outcome, stored: bool) -> None:
         fields = {"delivery": d.id, "channel": d.channel, "notification": d.event,
                   "event_id": d.event_id, "attempts": d.attempts}
         if not stored:
             log.warning("notify.lease_lost", **fields)
         elif outcome.status == "sent":
-            log.info("notify.sent", status=outcome.http_status, **fields)
+            log.debug("notify.sent", status=outcome.http_status, **fields)
         elif outcome.status == "failed":
             log.error("notify.failed", error=outcome.error, status=outcome.http_status, **fields)
             try:

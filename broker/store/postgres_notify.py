@@ -81,6 +81,26 @@ class PostgresNotificationStore:
                 delivery_id, owner)
         return bool(status.endswith(" 1"))
 
+    async def finish_many(self, owner: str, outcomes: Sequence[tuple[str, Outcome]],
+                          now: datetime) -> set[str]:
+        if not outcomes:
+            return set()
+        o = [x for _, x in outcomes]
+        async with self._db.acquire("cannot store notifications' outcomes") as conn:
+            rows = await conn.fetch(
+                "UPDATE notify_outbox AS t SET status = u.status, next_attempt_at = u.next_at,"
+                " last_error = u.error, last_status = u.http_status,"
+                " sent_at = CASE WHEN u.status = 'sent' THEN $7::timestamptz END,"
+                " updated_at = $7, lease_owner = NULL, lease_until = NULL"
+                " FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::int[])"
+                " AS u(id, status, next_at, error, http_status)"
+                " WHERE t.id = u.id AND t.lease_owner = $6 AND t.status = 'pending'"
+                " RETURNING t.id",
+                [i for i, _ in outcomes], [x.status for x in o],
+                [_utc(x.next_attempt_at) for x in o], [x.error for x in o],
+                [x.http_status for x in o], owner, _utc(now))
+        return {r["id"] for r in rows}
+
     async def listing(self, *, status: str | None = None,
                       limit: int = 100) -> builtins.list[Delivery]:
         async with self._db.acquire("cannot read the delivery log") as conn:

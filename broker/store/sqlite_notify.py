@@ -84,19 +84,43 @@ class SqliteNotificationStore:
             raise StoreError(f"cannot claim notifications: {exc}") from exc
         return sorted((_delivery(r) for r in rows), key=lambda d: (d.next_attempt_at, d.id))
 
+    def _finish(self, delivery_id: str, owner: str, outcome: Outcome, now: datetime) -> bool:
+        cur = self._c.execute(
+            "UPDATE notify_outbox SET status=?, next_attempt_at=?, last_error=?,"
+            " last_status=?, sent_at=?, updated_at=?, lease_owner=NULL, lease_until=NULL"
+            " WHERE id=? AND lease_owner=? AND status='pending'",
+            (outcome.status, _ts(outcome.next_attempt_at), outcome.error,
+             outcome.http_status, _ts(now) if outcome.status == "sent" else None, _ts(now),
+             delivery_id, owner))
+        return cur.rowcount == 1
+
     @_on_db_thread
     def finish(self, delivery_id: str, owner: str, outcome: Outcome, now: datetime) -> bool:
         try:
-            cur = self._c.execute(
-                "UPDATE notify_outbox SET status=?, next_attempt_at=?, last_error=?,"
-                " last_status=?, sent_at=?, updated_at=?, lease_owner=NULL, lease_until=NULL"
-                " WHERE id=? AND lease_owner=? AND status='pending'",
-                (outcome.status, _ts(outcome.next_attempt_at), outcome.error,
-                 outcome.http_status, _ts(now) if outcome.status == "sent" else None, _ts(now),
-                 delivery_id, owner))
+            return self._finish(delivery_id, owner, outcome, now)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot store a notification's outcome: {exc}") from exc
-        return cur.rowcount == 1
+
+    @_on_db_thread
+    def finish_many(self, owner: str, outcomes: Sequence[tuple[str, Outcome]],
+                    now: datetime) -> set[str]:
+        """One transaction, one trip to the database thread, for a batch of outcomes."""
+        done: set[str] = set()
+        if not outcomes:
+            return done
+        try:
+            self._c.execute("BEGIN IMMEDIATE")
+            try:
+                for delivery_id, outcome in outcomes:
+                    if self._finish(delivery_id, owner, outcome, now):
+                        done.add(delivery_id)
+                self._c.execute("COMMIT")
+            except BaseException:
+                self._c.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot store notifications' outcomes: {exc}") from exc
+        return done
 
     @_on_db_thread
     def listing(self, *, status: str | None = None,

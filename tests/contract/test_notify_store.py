@@ -125,3 +125,28 @@ async def test_at_most_per_channel_rows_of_one_channel_per_claim(stores: StoreBu
         (ch, T0 + timedelta(seconds=i)) for ch in ("hook-a", "hook-b") for i in (0, 1))
     rest = await s.claim(now, "b2", lease, ["hook-a", "hook-b"], 10, 10)
     assert len(rest) == 4 and not {d.id for d in rest} & {d.id for d in got}
+
+
+async def test_outcomes_in_one_write_only_for_the_lease_holder(stores: StoreBundle) -> None:
+    s, other = outbox_of(stores), outbox_of(await stores.twin())
+    batch = rows() + rows(at=T0 + timedelta(seconds=1))
+    await s.enqueue(batch)
+    lease = T0 + timedelta(minutes=2)
+    mine = await s.claim(T0 + timedelta(minutes=1), "b1", lease, ["hook-a"], 10, 10)
+    theirs = await other.claim(T0 + timedelta(minutes=1), "b2", lease, ["hook-b"], 10, 10)
+    now = T0 + timedelta(minutes=1, seconds=1)
+    retry = now + timedelta(seconds=5)
+    outcomes = [(mine[0].id, Outcome("sent", now, None, 204)),
+                (mine[1].id, Outcome("pending", retry, "HTTP 503", 503)),
+                (theirs[0].id, Outcome("failed", now, "not mine", 400))]
+    assert await s.finish_many("b1", outcomes, now) == {mine[0].id, mine[1].id}
+    assert await s.finish_many("b1", [], now) == set()
+    got = {d.id: d for d in await s.listing()}
+    assert (got[mine[0].id].status, got[mine[0].id].sent_at, got[mine[0].id].last_status) == (
+        "sent", now, 204)
+    assert (got[mine[1].id].status, got[mine[1].id].next_attempt_at,
+            got[mine[1].id].last_error) == ("pending", retry, "HTTP 503")
+    assert got[theirs[0].id].status == "pending" and got[theirs[0].id].last_error is None
+    # the retried row is free to claim when due, the sent one never again
+    again = await other.claim(retry, "b2", retry + timedelta(minutes=1), ["hook-a"], 10, 10)
+    assert [d.id for d in again] == [mine[1].id]
