@@ -98,7 +98,7 @@ async def test_requests_decisions_sessions_and_locks_reach_their_channels(
         _hook(chat, f"{receiver.url}/ok/{chat}", "slack", ["grant.requested"]),
         _hook(stuck, f"{receiver.url}/hang/{stuck}"),
         _hook(flaky, f"{receiver.url}/flaky/{flaky}", "teams", ["grant.requested"])]),
-        notify="timeout_seconds = 30\n")
+        notify="timeout_seconds = 30\nexpiring_soon_minutes = 90\n")
     broker = Broker(load_config(cfg))
     port = await broker.start()
     assert broker.web_url is not None
@@ -118,7 +118,10 @@ async def test_requests_decisions_sessions_and_locks_reach_their_channels(
         assert status == 200, g
         # a receiver that never answers does not slow the calls down
         assert time.monotonic() - t0 < 2
-        [req, appr] = await receiver.wait_for(ok, 2)
+        # the grant ends within expiring_soon_minutes: the next sweep announces it, once
+        await broker.expiring.sweep()
+        await broker.expiring.sweep()
+        await receiver.wait_for(ok, 3)
         [slack] = await receiver.wait_for(chat, 1)
         await receiver.wait_for(stuck, 2)
         # the real OpenSSH client starts an admin session through this broker
@@ -130,12 +133,12 @@ async def test_requests_decisions_sessions_and_locks_reach_their_channels(
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err
         assert out.decode().strip() == demo.info["admin_login"]
-        [_, _, started] = await receiver.wait_for(ok, 3)
+        await receiver.wait_for(ok, 4)
         # an operator's lock (the CLI queues it; this broker sends it)
         lock = json.loads(cli(cfg, "lock", "--target", "web02", "--ttl", "30m", "--reason",
                               f"suspicious {tag}", "--json"))
         cli(cfg, "lock", "remove", lock["id"])
-        [*_, locked] = await receiver.wait_for(ok, 4)
+        await receiver.wait_for(ok, 5)
         # the flaky receiver: 500, then 200 on the retry (2.5 to 5 s later)
         first, second = await receiver.wait_for(flaky, 2, within=20)
         status, log = await admin.call("GET", "/api/notify/deliveries?limit=1000")
@@ -149,10 +152,15 @@ async def test_requests_decisions_sessions_and_locks_reach_their_channels(
             await api.close()
         await broker.stop()
 
+    seen = {r.headers["X-Bastion-Event"]: r for r in receiver.got[ok]}
+    req, appr, expiring, started, locked = (seen[e] for e in (
+        "grant.requested", "grant.approved", "grant.expiring", "session.admin_started",
+        "lock.created"))
+    assert len(receiver.got[ok]) == 5
     every = [*receiver.got[ok], *receiver.got[chat], *receiver.got[stuck], first, second]
     assert all(r.signed_ok for r in every)
-    assert [r.headers["X-Bastion-Event"] for r in (req, appr, started, locked)] == [
-        "grant.requested", "grant.approved", "session.admin_started", "lock.created"]
+    assert (expiring.json["data"]["grant_id"], expiring.json["data"]["expires_at"]) == (
+        g["id"], appr.json["data"]["expires_at"])
     assert (req.json["data"]["grant_id"], req.json["data"]["reason"]) == (
         g["id"], "disk <!here> full")
     assert (appr.json["data"]["actor"], appr.json["data"]["comment"]) == (
@@ -172,9 +180,10 @@ async def test_requests_decisions_sessions_and_locks_reach_their_channels(
     by_channel: dict[str, list[dict[str, Any]]] = {}
     for d in rows:
         by_channel.setdefault(d["channel"], []).append(d)
-    assert [d["status"] for d in by_channel[ok]] == ["sent"] * 4
+    assert [d["status"] for d in by_channel[ok]] == ["sent"] * 5
     assert {d["status"] for d in by_channel[stuck]} == {"pending"}
-    assert all(d["last_error"] for d in by_channel[stuck])
+    tried = [d for d in by_channel[stuck] if d["attempts"]]
+    assert tried and all(d["last_error"] for d in tried)  # cut by the stop, handed back
     assert [d["event"] for d in by_channel[chat]] == ["grant.requested"]
 
 
