@@ -20,6 +20,7 @@ the ``EXIT`` frame. A crashed broker's lock goes with its process, so that ends 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -33,6 +34,7 @@ from broker.errors import NotFoundError
 from broker.recordings.local import LocalRecordingSink
 
 HEAD = fmt.FRAME.size
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 MAX_FRAME = 16 << 20  # a payload larger than this is passed over, never read into memory
 
 
@@ -44,6 +46,11 @@ class Passed:
     bytes: int
     resize: fmt.Frame | None
     exit: fmt.Frame | None
+    done: bool = True  # False: stopped at a header that was not in the page cache
+
+
+class NotCached(Exception):
+    """What was asked is not in the page cache (a read would wait for the disk)."""
 
 
 class RecordingFollower:
@@ -56,6 +63,9 @@ class RecordingFollower:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NotFoundError(f"recording file {path.name} is not on this bastion") from None
+        # headers are read one by one, far apart: reading ahead would bring the payloads back
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_RANDOM)
         self.meta: dict[str, Any] | None = None
         self.offset = 0  # just after the last frame read or passed over
         self._lock = threading.Lock()
@@ -81,7 +91,9 @@ class RecordingFollower:
     def _header(self) -> dict[str, Any] | None:
         if self.meta is not None:
             return self.meta
-        head = os.pread(self._fd, len(fmt.MAGIC) + fmt.MAX_HEADER, 0)
+        head = os.pread(self._fd, 8192, 0)  # a header is a few hundred bytes
+        if b"\n" not in head[len(fmt.MAGIC):] and len(head) == 8192:
+            head = os.pread(self._fd, len(fmt.MAGIC) + fmt.MAX_HEADER, 0)
         if len(head) < len(fmt.MAGIC) + 1:
             return None
         if not head.startswith(fmt.MAGIC):
@@ -99,11 +111,29 @@ class RecordingFollower:
         self.offset = nl + 1
         return self.meta
 
-    def _frame_head(self, at: int, size: int) -> tuple[int, bytes, int] | None:
+    def _pread(self, n: int, at: int, nowait: bool) -> bytes:
+        """``n`` bytes at ``at``; with ``nowait``, ``NotCached`` unless all are in the page
+        cache (``RWF_NOWAIT``: the event loop never waits for the disk)."""
+        if not nowait or _NOWAIT == 0:
+            return os.pread(self._fd, n, at)
+        buf = bytearray(n)
+        try:
+            got = os.preadv(self._fd, [buf], at, _NOWAIT)
+        except BlockingIOError:
+            raise NotCached from None
+        except OSError as exc:  # a kernel or file system without it: wait like pread
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            return os.pread(self._fd, n, at)
+        if got < n and at + got < self.size():
+            raise NotCached  # only a part was cached
+        return bytes(buf[:got])
+
+    def _frame_head(self, at: int, size: int, nowait: bool) -> tuple[int, bytes, int] | None:
         """(time, kind, length) of the frame at ``at`` if it is written whole."""
         if at + HEAD > size:
             return None
-        head = os.pread(self._fd, HEAD, at)
+        head = self._pread(HEAD, at, nowait)
         if len(head) < HEAD:
             return None
         t_us, kind, length = fmt.FRAME.unpack(head)
@@ -149,20 +179,27 @@ class RecordingFollower:
         self.offset += pos
         return frames
 
-    def skip(self, keep: int) -> Passed:
+    def skip(self, keep: int, nowait: bool = False) -> Passed:
         """Pass over frames (headers read, payloads not) until at most ``keep`` bytes plus one
-        frame are left to read; the last resize and any exit among them are returned."""
+        frame are left to read; the last resize and any exit among them are returned. With
+        ``nowait`` it stops at the first header not in the page cache (``Passed.done`` False:
+        go on without it, in a thread): the writer drops what it has synced from the cache."""
         with self._lock:
             if self._fd < 0:
                 return Passed(0, None, None)
-            return self._skip(keep)
+            return self._skip(keep, nowait)
 
-    def _skip(self, keep: int) -> Passed:
+    def _skip(self, keep: int, nowait: bool) -> Passed:
         size = self.size()
         passed, resize, exit_ = 0, None, None
         at = self.offset
+        done = True
         while size - at > keep:
-            head = self._frame_head(at, size)
+            try:
+                head = self._frame_head(at, size, nowait)
+            except NotCached:
+                done = False
+                break
             if head is None:
                 break
             t_us, kind, length = head
@@ -170,7 +207,7 @@ class RecordingFollower:
             if size - end < keep and kind in (fmt.OUTPUT, fmt.ERROR):
                 break  # this frame holds the tail the viewer gets
             if kind in (fmt.RESIZE, fmt.EXIT) and length <= 64:
-                frame = fmt.Frame(t_us, kind, os.pread(self._fd, length, at + HEAD))
+                frame = fmt.Frame(t_us, kind, os.pread(self._fd, length, at + HEAD))  # cached
                 if kind == fmt.RESIZE:
                     resize = frame
                 else:
@@ -179,7 +216,7 @@ class RecordingFollower:
                 passed += length
             at = end
         self.offset = at
-        return Passed(passed, resize, exit_)
+        return Passed(passed, resize, exit_, done)
 
     def writer_gone(self) -> bool:
         """Whether the writer has released the file (closed it, or its process is gone)."""

@@ -44,7 +44,7 @@ BURST = 256 * 1024  # read at once when that much is waiting, skipped beyond
 TAIL = 16 * 1024  # what a viewer gets after a skip: the last screenful or so
 CATCHUP = 64 * 1024  # the output before the watch started, to draw its screen from
 SKIP_EVERY = 1.0  # seconds between skip markers (and tails) while a flood lasts
-SKIP_POLL = 0.25  # ... and between header walks meanwhile (the same headers, fewer wakeups)
+SKIP_POLL = 0.1  # ... and between header walks meanwhile: soon, while they are in the page cache
 RECHECK = 15.0  # seconds between checks that the watcher may still watch
 HEADER_WAIT = 5.0  # a recording created this instant may not have its header yet
 WATCHABLE = ("shell", "exec")  # sftp, tunnels and jumps have no terminal to show
@@ -65,6 +65,9 @@ class Passed(Protocol):
     @property
     def exit(self) -> fmt.Frame | None: ...
 
+    @property
+    def done(self) -> bool: ...
+
 
 class Follower(Protocol):
     """A live recording read as it grows (``broker.recordings.follow.RecordingFollower``)."""
@@ -75,7 +78,7 @@ class Follower(Protocol):
 
     def read(self, limit: int) -> list[fmt.Frame]: ...
 
-    def skip(self, keep: int) -> Passed: ...
+    def skip(self, keep: int, nowait: bool = False) -> Passed: ...
 
     def writer_gone(self) -> bool: ...
 
@@ -260,16 +263,22 @@ class Watch:
                     break  # only a frame its writer never finished (a crash mid-write)
             else:
                 skipping = True
-                # in a thread: pages the writer has synced are gone from the page cache, and a
-                # header read from the disk must not stall the relay sharing this event loop
-                p = await asyncio.to_thread(f.skip, TAIL)
+                # headers still in the page cache are read here; the writer drops what it has
+                # synced, and a header read from the disk must not stall the relay sharing this
+                # event loop: the rest of the walk then goes on in a thread
+                p = f.skip(TAIL, nowait=True)
+                resize, ended = p.resize, p.exit
                 skipped += p.bytes
-                if p.resize is not None:
-                    yield [round(p.resize.t_us / 1e6, 6), "r",
-                           p.resize.data.decode("ascii", "replace")]
-                if p.exit is not None:
-                    exit_status = p.exit.data.decode("ascii", "replace")
-                if now - shown_at >= SKIP_EVERY or p.exit is not None:
+                if not p.done:
+                    p = await asyncio.to_thread(f.skip, TAIL)
+                    resize, ended = p.resize or resize, p.exit or ended
+                    skipped += p.bytes
+                if resize is not None:
+                    yield [round(resize.t_us / 1e6, 6), "r",
+                           resize.data.decode("ascii", "replace")]
+                if ended is not None:
+                    exit_status = ended.data.decode("ascii", "replace")
+                if now - shown_at >= SKIP_EVERY or ended is not None:
                     shown_at = now
                     yield [round(self._now(started), 6), "o", skip_marker(skipped)]
                     skipped = 0

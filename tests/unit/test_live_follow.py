@@ -126,3 +126,23 @@ def test_a_flood_is_skipped_with_a_marker_and_the_watch_ends_with_the_session(
     assert rest[-1] == {"end": {"reason": "exit", "exit_status": "0",
                                 "message": "the session ended"}}
     assert os.path.exists(tmp_path / "s-1.rec")
+
+
+def test_a_walk_that_would_wait_for_the_disk_stops_and_goes_on_when_asked(
+        tmp_path: Path) -> None:
+    """The writer drops what it has synced from the page cache: the event loop's walk stops at
+    the first header not cached (the rest is walked in a thread), and nothing is lost."""
+    w = _writer(tmp_path)
+    chunk = b"z" * 32768
+    for _ in range(400):
+        w.write(fmt.OUTPUT, chunk)
+    w.sync()
+    f = RecordingFollower(tmp_path / "s-1.rec")
+    f.header()
+    first = f.skip(16 * 1024, nowait=True)
+    assert not first.done
+    rest = f.skip(16 * 1024)
+    assert rest.done and first.bytes + rest.bytes == 399 * len(chunk)
+    assert [x.data for x in f.read(1 << 20)] == [chunk]
+    w.close()
+    f.close()
