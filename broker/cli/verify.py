@@ -88,7 +88,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         help="check a recording's signed manifest, or the audit chain")
     s.add_argument("session_id", nargs="?", help="session to check (id or a unique prefix)")
     s.add_argument("--audit", action="store_true",
-                   help="check the audit log's hash chain and signed checkpoints")
+                   help="check the audit log's hash chain and signed checkpoints, across "
+                   "its rotated files")
     s.add_argument("--public-key", help="PEM public key to verify with (default: the one "
                    "beside the bastion's signing key in the state dir)")
     s.add_argument("--json", action="store_true")
