@@ -1,20 +1,20 @@
 """Does notification delivery slow the API down? Grant requests (``POST /api/grants``) timed
-against two brokers in the same run: one with no notification channel, one with ``--channels``
-(100) webhook subscribers, every one of them taking ``grant.requested``, of which one never
-answers (its sends end at ``[notify] timeout_seconds``, 10 s, and are retried) and the others
-answer 200 at once.
+against three brokers in the same run: (a) with no notification channel; (b) with
+``--channels`` (100) webhook subscribers, every one taking ``grant.requested``, of which one
+never answers (its sends end at ``[notify] timeout_seconds``, 10 s, and are retried) and the
+others answer 200 at once; (c) with as many subscribers, all answering. (b) against (a) is what
+100 subscribers and a hanging one cost a request; (b) against (c) what the hanging one adds.
 
-Both brokers are ``bastion-broker serve`` processes sharing the state of a ``demo`` (SQLite,
+The brokers are ``bastion-broker serve`` processes sharing the state of a ``demo`` (SQLite,
 users, TOTP, inventory); the receivers run in a process of their own (an aiohttp server on
-127.0.0.1; each request's HMAC signature is checked). ``--rounds`` (5) alternating rounds of
-``--requests`` (200) sequential requests each, by one logged-in requester per broker (a
-session cookie, as the console); the order of the two brokers alternates. Before each round the
-100-channel broker's outbox is left to drain (every row of the answering receivers sent), so a
-round of one broker never runs beside the other's delivery backlog. p50 and p99 per round, then
-the median over rounds; also how many webhook deliveries the receivers got and how long the
-last one of each request took to arrive (request sent -> received, p50 and p99).
+127.0.0.1; each request's HMAC signature is checked). ``--rounds`` (5) rounds of ``--requests``
+(200) requests each at ``--rate`` (2) per second, by one logged-in requester per broker (a
+session cookie, as the console), the order of the brokers rotating each round. Before each
+round the deliveries of the earlier ones are left to arrive, so a round never runs beside
+another broker's backlog. p50 and p99 per round, then the median over rounds; also how many
+deliveries the receivers got and how long the last one of each request took to arrive.
 
-    .venv/bin/python bench/notify_api.py [--channels 100] [--requests 200] [--rounds 5]
+    .venv/bin/python bench/notify_api.py [--channels 100] [--requests 200] [--rounds 5] [--rate 2]
 
 Raw numbers go to bench/results/notify_api-TIMESTAMP.json; paste the table into
 docs/benchmarks.md ("Notifications (issue 19)").
@@ -82,7 +82,8 @@ def _config(demo: Demo, tmp: Path, name: str, hooks: list[str], web_port: int) -
     d = tmp / name
     d.mkdir()
     (d / "secret").write_text(SECRET)
-    notify = "".join(f'[[notify.webhooks]]\nname = "hook-{i}"\nurl = "{u}"\n'
+    # channel names of their own: the brokers share one outbox, and each sends only its own
+    notify = "".join(f'[[notify.webhooks]]\nname = "{name}-{i}"\nurl = "{u}"\n'
                      f'secret_file = "secret"\nevents = ["grant.requested"]\n'
                      for i, u in enumerate(hooks))
     return demo.variant_config(d, limits="penalty_exempt = ['127.0.0.0/8']", extra=(
@@ -137,6 +138,7 @@ async def _drained(http: aiohttp.ClientSession, stats_url: str, want: int) -> li
 
 
 SECRET = "whsec-bench-" + secrets.token_hex(8)
+NAMES = ["none", "hooks", "answering"]  # the three brokers: see the module docstring
 
 
 def _start(args: argparse.Namespace, demo: Demo, tmp: Path,
@@ -149,8 +151,9 @@ def _start(args: argparse.Namespace, demo: Demo, tmp: Path,
     assert recv.stdout is not None
     base = f"http://127.0.0.1:{int(recv.stdout.readline())}"
     hooks = [f"{base}/hang/0"] + [f"{base}/ok/{i}" for i in range(1, args.channels)]
+    answering = [f"{base}/ok/{i}" for i in range(args.channels, 2 * args.channels)]
     urls: dict[str, str] = {}
-    for name, hs in (("none", []), ("hooks", hooks)):
+    for name, hs in (("none", []), ("hooks", hooks), ("answering", answering)):
         port = _free_port()
         proc, _ = serve_broker(_config(demo, tmp, name, hs, port))
         procs.append(proc)
@@ -168,13 +171,12 @@ async def _measure(args: argparse.Namespace, demo: Demo, base: str,
         clients[name] = Client(url)
         await clients[name].login(demo, demo.take_user())
     stats = aiohttp.ClientSession()
-    lat: dict[str, list[list[float]]] = {"none": [], "hooks": []}
+    lat: dict[str, list[list[float]]] = {name: [] for name in NAMES}
     sent_at: dict[str, float] = {}
-    answering = args.channels - 1
     expected = 0
     try:
         for rnd in range(args.rounds):
-            order = ["none", "hooks"] if rnd % 2 == 0 else ["hooks", "none"]
+            order = NAMES[rnd % 3:] + NAMES[:rnd % 3]
             for name in order:
                 await _drained(stats, f"{base}/stats", expected)
                 times = []
@@ -186,8 +188,8 @@ async def _measure(args: argparse.Namespace, demo: Demo, base: str,
                     sent_at[ticket] = time.time()
                     times.append(await clients[name].request(ticket))
                 lat[name].append(times)
-                if name == "hooks":
-                    expected += args.requests * answering
+                expected += args.requests * {"none": 0, "hooks": args.channels - 1,
+                                             "answering": args.channels}[name]
                 print(f"round {rnd + 1} {name}: p50 {_pct(times, 0.5) * 1000:.2f} ms, "
                       f"p99 {_pct(times, 0.99) * 1000:.2f} ms", flush=True)
         got = await _drained(stats, f"{base}/stats", expected)
@@ -209,21 +211,23 @@ def _summary(args: argparse.Namespace, res: dict[str, Any]) -> str:
 
     rows = []
     for label, p in (("p50", 0.5), ("p99", 0.99)):
-        a, b = med("none", p), med("hooks", p)
-        rows.append(f"| `POST /api/grants` {label}, ms | {a:.2f} | {b:.2f} | {b / a:.2f}x |")
+        a, b, c = med("none", p), med("hooks", p), med("answering", p)
+        rows.append(f"| `POST /api/grants` {label}, ms | {a:.2f} | {b:.2f} | {c:.2f} "
+                    f"| {b / a:.2f}x | {b / c:.2f}x |")
     arrive = res["arrive"]
     load = os.getloadavg()[0]
     return "\n".join([
-        f"| Measurement | no channels | {args.channels} webhooks, 1 hanging | ratio |",
-        "|---|---:|---:|---:|", *rows, "",
-        f"Deliveries received by the {args.channels - 1} answering receivers: "
+        f"| Measurement | (a) no channels | (b) {args.channels} webhooks, 1 hanging "
+        f"| (c) {args.channels} webhooks, none hanging | (b)/(a) | (b)/(c) |",
+        "|---|---:|---:|---:|---:|---:|", *rows, "",
+        "Deliveries received by the answering receivers of (b) and (c): "
         f"{res['deliveries']:,} of {res['expected']:,}, signature valid on "
-        f"{res['signed_ok']:,}. Request sent -> the last of its {args.channels - 1} "
+        f"{res['signed_ok']:,}. Request sent -> the last of its "
         f"deliveries received: p50 {_pct(arrive, 0.5) * 1000:.0f} ms, p99 "
         f"{_pct(arrive, 0.99) * 1000:.0f} ms. Load average (1 min) after: {load:.2f}.",
         "", "Per-round p50 / p99, ms: " + "; ".join(
             f"{n}: " + " / ".join(f"{_pct(r, 0.5) * 1000:.2f}/{_pct(r, 0.99) * 1000:.2f}"
-                                   for r in res["lat"][n]) for n in ("none", "hooks"))])
+                                   for r in res["lat"][n]) for n in NAMES)])
 
 
 def main() -> int:
@@ -234,7 +238,7 @@ def main() -> int:
     p.add_argument("--channels", type=int, default=100)
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--rate", type=float, default=10.0,
+    p.add_argument("--rate", type=float, default=2.0,
                    help="requests per second (0: each as soon as the last is answered)")
     args = p.parse_args()
     command = ".venv/bin/python bench/notify_api.py " + " ".join(sys.argv[1:])

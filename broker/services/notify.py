@@ -37,8 +37,8 @@ from broker.services.periodic import Periodic
 log = structlog.get_logger("broker.notify")
 ENQUEUE_TIMEOUT = 5.0  # seconds an action waits for its notification rows at most
 POLL_INTERVAL = 1.0  # seconds between looks for rows other processes queued (or retries due)
-CONCURRENCY = 64  # sends in flight per broker process
-PER_CHANNEL = 4  # rows of one channel claimed per look (in flight: fewer than twice this)
+CONCURRENCY = 32  # sends in flight per broker process
+PER_CHANNEL = 2  # rows of one channel claimed per look (in flight: fewer than twice this)
 LEASE_MARGIN = timedelta(seconds=60)  # a claim outlives the send's time limit by this much
 SWEEP_INTERVAL = 30.0  # seconds between looks for grants that end soon
 SWEEP_BATCH = 5000  # approved grants looked at per sweep
