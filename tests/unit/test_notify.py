@@ -8,11 +8,14 @@ import hmac
 import itertools
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
+from broker.config import BrokerConfig, load_config
 from broker.domain import notify as n
 from broker.domain.notify import Attempt, Event, Subscription
+from broker.errors import ConfigError
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 DATA = n.grant_data(grant_id="g-1", user="alice@corp.example.com", stacks=["stack-web"],
@@ -158,3 +161,29 @@ def test_expiring_key_changes_with_the_end_only() -> None:
 def test_every_event_has_a_summary_of_its_own() -> None:
     texts = {n.summary(name, DATA) for name in [*n.EVENTS, n.TEST_EVENT]}
     assert len(texts) == len(n.EVENTS) + 1
+
+
+def _load(tmp_path: Path, notify: str) -> BrokerConfig:
+    cfg = tmp_path / "broker.toml"
+    cfg.write_text(f'state_dir = "state"\n{notify}')
+    return load_config(cfg)
+
+
+def test_config_names_an_unknown_event_a_bad_url_and_a_repeated_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        _load(tmp_path, '[[notify.webhooks]]\nname = "a"\nurl = "https://h/x"\n'
+              'events = ["grant.requested", "grant.created"]\n')
+    assert "key 'notify.webhooks.0.events'" in str(exc.value)
+    assert "unknown event 'grant.created'; known: grant.requested" in str(exc.value)
+    with pytest.raises(ConfigError, match="must be an http:// or https:// URL"):
+        _load(tmp_path, '[[notify.webhooks]]\nname = "a"\nurl = "file:///etc/passwd"\n')
+    with pytest.raises(ConfigError, match="two channels are named 'a'"):
+        _load(tmp_path, '[[notify.webhooks]]\nname = "a"\nurl = "https://h/x"\n'
+              '[[notify.email]]\nname = "a"\nto = ["x@example.com"]\nsmtp_host = "m"\n'
+              'from_addr = "b@example.com"\n')
+    c = _load(tmp_path, '[notify]\nmax_attempts = 3\n[[notify.webhooks]]\nname = "a"\n'
+              'url = "https://h/x"\nsecret_file = "s.txt"\nformat = "slack"\n')
+    [w] = c.notify.webhooks
+    assert (c.notify.max_attempts, c.notify.expiring_soon_minutes) == (3, 30)
+    assert w.secret_file == tmp_path / "s.txt" and w.events == list(n.EVENTS)
+    assert "https://h/x" not in repr(w)  # a webhook URL may be a secret
