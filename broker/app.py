@@ -53,6 +53,7 @@ from broker.ssh import patches
 from broker.ssh.ca import UserCA
 from broker.ssh.jump import host_ca, jump_patterns
 from broker.ssh.keys import load_or_create_key, load_or_create_user_ca
+from broker.ssh.proxy import ProxyListener
 from broker.ssh.relay import RelayDeps
 from broker.ssh.server import configure_guard, source_guard, start_server
 
@@ -205,7 +206,7 @@ class Broker:
                                    inventory=lambda: self.access.inventory,
                                    notifier=self.notifier)
         self.deps = RelayDeps(config, self.access, self.sessions, self.ca, s.audit, s.clock)
-        self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._acceptor: asyncssh.SSHAcceptor | ProxyListener | None = None
         self._checkpoints: asyncio.Task[None] | None = None
         self.repaired: list[Repaired] = []  # recordings repaired at start (crash recovery)
         from broker.web.server import web_server_for  # aiohttp only where a server runs

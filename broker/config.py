@@ -67,6 +67,34 @@ class SSHSettings(_Model):
     # end a shell/exec/sftp session (ProxyJump's inner ones too) after this long with no byte
     # either way, like OpenSSH's ChannelTimeout; 0 = never (tunnels: [forwarding])
     session_idle_timeout_seconds: float = Field(default=0.0, ge=0, le=7 * 86400)
+    # behind a TCP load balancer (HAProxy, AWS NLB): each connection from one of
+    # trusted_proxies (CIDRs) starts with a PROXY protocol v1/v2 header naming the client, whose
+    # address the broker then uses everywhere; a connection from any other peer, or without a
+    # valid header within proxy_header_timeout_seconds, is closed before any SSH byte
+    proxy_protocol: bool = False
+    trusted_proxies: list[str] = Field(default_factory=list)
+    proxy_header_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: list[str]) -> list[str]:
+        return _check_cidrs(v)
+
+    @model_validator(mode="after")
+    def _proxies_needed(self) -> SSHSettings:
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise ValueError("proxy_protocol = true needs trusted_proxies (the balancers' "
+                             "addresses as CIDRs): a PROXY header from anyone else is refused")
+        return self
+
+
+def _check_cidrs(v: list[str]) -> list[str]:
+    for n in v:
+        try:
+            ipaddress.ip_network(n, strict=False)
+        except ValueError:
+            raise ValueError(f"not an IP network: {n!r}") from None
+    return v
 
 
 class UpstreamSettings(_Model):
@@ -216,6 +244,14 @@ class WebSettings(_Model):
     # source tree's web/node_modules/asciinema-player/dist/bundle when scripts/bootstrap put it
     # there. Without it the console works and says replay is unavailable
     player_dir: Path | None = None
+    # reverse proxies (CIDRs) whose X-Forwarded-For is believed: from one of them the client is
+    # the right-most X-Forwarded-For entry that is not itself a trusted proxy (empty: ignored)
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: list[str]) -> list[str]:
+        return _check_cidrs(v)
 
 
 class DiagSettings(_Model):

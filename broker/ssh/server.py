@@ -17,7 +17,7 @@ import asyncssh
 import structlog
 from asyncssh.auth import KbdIntChallenge, KbdIntResponse
 
-from broker.config import LimitsSettings
+from broker.config import LimitsSettings, SSHSettings
 from broker.domain import forwarding as fwd
 from broker.domain.models import Instance, Principal
 from broker.domain.ratelimit import SourceGuard
@@ -25,7 +25,7 @@ from broker.domain.selector import Selector, SelectorError, parse_selector
 from broker.errors import AuditError
 from broker.ports import KeyStore
 from broker.services.auth import Authenticator
-from broker.ssh import patches, usernames
+from broker.ssh import patches, proxy, usernames
 from broker.ssh.menu import MenuSession
 from broker.ssh.patches.handshakes import received_before_auth
 from broker.ssh.refusals import ForwardRefusingServer
@@ -85,8 +85,10 @@ class PreKex:
 
 class BrokerConnection(ForwardRefusingServer):
     def __init__(self, deps: RelayDeps, authenticator: Authenticator, guard: SourceGuard,
-                 keys: KeyStore, prekex: PreKex | None = None) -> None:
+                 keys: KeyStore, prekex: PreKex | None = None,
+                 client: tuple[str, int] | None = None) -> None:
         self._deps = deps
+        self._client = client  # from a PROXY protocol header (broker.ssh.proxy)
         self._auth = authenticator
         self._guard = guard
         self._counted = False  # admitted and still unauthenticated in the guard's books
@@ -113,7 +115,9 @@ class BrokerConnection(ForwardRefusingServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
-        peer = conn.get_extra_info("peername")
+        # the one place the client's address is taken: behind a load balancer the PROXY
+        # header's, else the socket's; guard, audit, sessions and re-auth all use these two
+        peer = self._client or conn.get_extra_info("peername")
         self._ip = str(peer[0]) if peer else "?"
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         now = time.monotonic()
@@ -421,16 +425,35 @@ def configure_guard(guard: SourceGuard, limits: LimitsSettings) -> None:
 async def start_server(
     deps: RelayDeps, authenticator: Authenticator, keys: KeyStore, host_key: asyncssh.SSHKey,
     host: str, port: int, *, reuse_port: bool = False, guard: SourceGuard | None = None,
-) -> asyncssh.SSHAcceptor:
+) -> asyncssh.SSHAcceptor | proxy.ProxyListener:
     """The listener. ``guard`` (default: one from ``[limits]``) is shared by every connection;
     pass one to change its limits later (``configure_guard``)."""
     ssh = deps.config.ssh
     guard = guard or source_guard(deps.config.limits)
     prekex = PreKex()
+    options = _server_options(ssh, host_key)
+    if ssh.proxy_protocol:  # behind a load balancer; the default path below is untouched
+        def refused(peer: str, reason: str) -> None:
+            _audit_refusal(deps, peer, reason)
+
+        return await proxy.start_proxy_listener(
+            host, port, reuse_port=reuse_port,
+            server_factory=lambda client: BrokerConnection(deps, authenticator, guard, keys,
+                                                           prekex, client),
+            trusted_proxies=ssh.trusted_proxies,
+            header_timeout=ssh.proxy_header_timeout_seconds, on_refused=refused, **options)
     return await asyncssh.create_server(
         lambda: BrokerConnection(deps, authenticator, guard, keys, prekex),
         host,
         port,
+        reuse_address=True,
+        reuse_port=reuse_port,
+        **options,
+    )
+
+
+def _server_options(ssh: SSHSettings, host_key: asyncssh.SSHKey) -> dict[str, Any]:
+    return dict(
         server_host_keys=[host_key],
         kex_algs=ssh.kex_algs,
         encryption_algs=ssh.ciphers,
@@ -443,6 +466,16 @@ async def start_server(
         line_editor=False,  # the target's PTY does line editing; the broker relays raw bytes
         keepalive_interval=60,
         server_version="bastion-broker",
-        reuse_address=True,
-        reuse_port=reuse_port,
     )
+
+
+def _audit_refusal(deps: RelayDeps, peer: str, reason: str) -> None:
+    """A connection the PROXY protocol listener closed, audited at the refusals' bounded rate."""
+    dropped = _REFUSALS.take()
+    if dropped is None:
+        return
+    try:
+        deps.audit.emit("connection.refused", peer=peer, reason=reason,
+                        suppressed=dropped or None)
+    except AuditError as exc:
+        log.error("audit.write_failed", event="connection.refused", error=str(exc))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 
+from broker.config import load_config
 from broker.domain.proxyproto import (
     V2_MAX,
     V2_SIGNATURE,
@@ -15,6 +17,7 @@ from broker.domain.proxyproto import (
     ProxyError,
     parse,
 )
+from broker.errors import ConfigError
 
 SSH = b"SSH-2.0-OpenSSH_9.2\r\n"
 
@@ -128,3 +131,17 @@ def test_v2_oversized_refused_before_it_is_read() -> None:
     assert isinstance(parse(hdr), ProxyError)  # refused from the fixed part alone
     ok = V2_SIGNATURE + struct.pack("!BBH", 0x21, 0x11, V2_MAX - 16)
     assert parse(ok) == NeedMore()
+
+
+def test_proxy_protocol_without_trusted_proxies_is_a_config_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "broker.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}"\n[ssh]\nproxy_protocol = true\n')
+    with pytest.raises(ConfigError, match="needs trusted_proxies"):
+        load_config(cfg)
+    cfg.write_text(f'state_dir = "{tmp_path}"\n[ssh]\nproxy_protocol = true\n'
+                   'trusted_proxies = ["10.0.0.0/33"]\n')
+    with pytest.raises(ConfigError, match="not an IP network"):
+        load_config(cfg)
+    cfg.write_text(f'state_dir = "{tmp_path}"\n[web]\ntrusted_proxies = ["bad"]\n')
+    with pytest.raises(ConfigError, match="not an IP network"):
+        load_config(cfg)

@@ -11,7 +11,8 @@ asyncssh does not offer publicly. They live here, and nowhere else in ``broker/`
 * ``handshakes``: reads of connections still authenticating parsed in bounded slices;
 * ``serve``: recorded ProxyJump's inner SSH server on an in-memory transport pair;
 * ``pubkey``: a public-key login that proved its key continues with the code only;
-* ``usernames``: the raw user name of a USERAUTH_REQUEST, before asyncssh's SASLprep.
+* ``usernames``: the raw user name of a USERAUTH_REQUEST, before asyncssh's SASLprep;
+* ``proxied``: the SSH server on a listener's transport after a PROXY protocol header.
 
 ``private`` lists every private asyncssh name they touch (object, attribute, why) and is the
 only code that replaces any of them. ``install()`` is the gate: it installs every patch only
@@ -25,6 +26,7 @@ asyncssh's stock path:
 * ``server_link()`` serves the ProxyJump inner connection with ``asyncssh.run_server`` on a
   socketpair (what the broker did before the in-memory pair: two system calls and kernel
   copies more per chunk);
+* ``transport_server()`` returns None and ``[ssh] proxy_protocol`` is refused at start;
 * ``on_key_proven()`` returns False and the broker does not offer public-key logins
   (``[identity] public_keys``): users log in with password and code.
 
@@ -163,6 +165,17 @@ async def server_link(protocol: asyncio.Protocol) -> tuple[asyncio.Transport, Se
         theirs.close()
         raise
     return transport, _SocketEnd(theirs)
+
+
+def transport_server() -> Callable[[asyncio.Transport, Any, bytes], object] | None:
+    """What serves SSH on a listener's transport after its PROXY protocol header
+    (``proxied``: ``(transport, SSHServerConnectionOptions, bytes after the header)``); None
+    with the patches off (the broker then refuses ``[ssh] proxy_protocol``)."""
+    if _wire is None:
+        return None
+    from broker.ssh.patches.proxied import serve_transport
+
+    return serve_transport
 
 
 def raw_username(conn: asyncssh.SSHServerConnection | None) -> bytes | None:
