@@ -6,7 +6,8 @@ cache. What a watcher gets is what a replay would show (viewer-safe: ``broker.do
 input the target did not echo only as its marker), about as soon as it is recorded: the file is
 polled every ``POLL`` seconds and everything new goes out as one message.
 
-Cost bound: a watcher reads at most ``RATE`` bytes a second (bursts of ``BURST``). A bulk
+Cost bound: a watcher reads at most ``RATE`` bytes a second (bursts of ``BURST``): reading,
+decoding, filtering and sending text is what a watch costs the process relaying. A bulk
 session writes far more than anyone can read, so when more than that is waiting, the frames are
 passed over by their headers alone and the viewer gets ``[live view skipped N bytes]`` and the
 last ``TAIL`` bytes, at most once a second while the flood lasts; a relay with 20 sessions
@@ -39,12 +40,12 @@ from broker.services.review import ReviewService
 
 POLL = 0.05  # seconds between looks at the file while it grows
 IDLE_POLL = 0.1  # ... and while it does not
-RATE = 256 * 1024  # bytes a second a watcher reads at most (a full-screen redraw is ~30 KiB)
-BURST = 256 * 1024  # read at once when that much is waiting, skipped beyond
+RATE = 64 * 1024  # bytes a second a watcher reads at most (a full-screen redraw is ~30 KiB)
+BURST = 128 * 1024  # read at once when that much is waiting, skipped beyond
 TAIL = 16 * 1024  # what a viewer gets after a skip: the last screenful or so
 CATCHUP = 64 * 1024  # the output before the watch started, to draw its screen from
 SKIP_EVERY = 1.0  # seconds between skip markers (and tails) while a flood lasts
-SKIP_POLL = 0.1  # ... and between header walks meanwhile: soon, while they are in the page cache
+SKIP_POLL = POLL  # ... and between header walks meanwhile: soon, while they are in the page cache
 RECHECK = 15.0  # seconds between checks that the watcher may still watch
 HEADER_WAIT = 5.0  # a recording created this instant may not have its header yet
 WATCHABLE = ("shell", "exec")  # sftp, tunnels and jumps have no terminal to show
@@ -250,7 +251,8 @@ class Watch:
             if pending == 0:
                 if f.writer_gone() and f.pending() == 0:
                     break
-            elif pending <= tokens:
+            elif pending <= tokens and (not skipping or pending <= 4 * TAIL):
+                # (a flood is over once little is waiting, not when a burst's worth is)
                 if skipping:
                     skipping = False
                     if skipped:
@@ -266,13 +268,17 @@ class Watch:
                 # headers still in the page cache are read here; the writer drops what it has
                 # synced, and a header read from the disk must not stall the relay sharing this
                 # event loop: the rest of the walk then goes on in a thread
-                p = f.skip(TAIL, nowait=True)
-                resize, ended = p.resize, p.exit
-                skipped += p.bytes
-                if not p.done:
-                    p = await asyncio.to_thread(f.skip, TAIL)
-                    resize, ended = p.resize or resize, p.exit or ended
+                resize = ended = None
+                for _ in range(3):  # a walk that waited for the disk: the file went on growing
+                    p = f.skip(TAIL, nowait=True)
+                    if not p.done:
+                        skipped += p.bytes
+                        resize, ended = p.resize or resize, p.exit or ended
+                        p = await asyncio.to_thread(f.skip, TAIL)
                     skipped += p.bytes
+                    resize, ended = p.resize or resize, p.exit or ended
+                    if f.pending() <= 4 * TAIL:
+                        break
                 if resize is not None:
                     yield [round(resize.t_us / 1e6, 6), "r",
                            resize.data.decode("ascii", "replace")]
