@@ -314,3 +314,31 @@ def test_a_crash_between_link_and_rename_is_finished_by_the_next_rotation(
     assert verify_audit(path, key.public).ok
     evs = events(path)
     assert [e["seq"] for e in evs] == list(range(len(evs)))
+
+
+def test_a_failed_rotation_refuses_nothing_and_is_tried_again_later(
+        path: Path, key: SigningKey) -> None:
+    """The rotated name is taken by another file: events go on into the current file (a
+    rotation failure is no reason to refuse an action), and the rotation is retried a minute
+    later, once the obstacle is gone."""
+    mono = [1000.0]
+    log = JsonlAuditLog(path, FakeClock(), signer=key, rotate_bytes=600, checkpoint_lines=1000,
+                        monotonic=lambda: mono[0])
+    log.emit("test.event", n=0)
+    first = json.loads(path.read_bytes().splitlines()[0])
+    blocker = path.with_name(rotated_name(path.name, datetime.fromisoformat(first["ts"]), 0))
+    blocker.write_text("someone else's file\n")
+    for i in range(1, 10):
+        log.emit("test.event", n=i)
+    assert rotated(path) == [blocker]  # only the blocker: no rotation happened
+    current = [json.loads(x) for x in path.read_bytes().splitlines()]
+    assert [e["n"] for e in current if e["event"] == "test.event"] == list(range(10))
+    blocker.unlink()
+    mono[0] += 61
+    log.emit("test.event", n=10)
+    log.close()
+    assert len(rotated(path)) == 1
+    evs = events(path)
+    assert [e["seq"] for e in evs] == list(range(len(evs)))
+    assert [e["n"] for e in evs if e["event"] == "test.event"] == list(range(11))
+    assert verify_audit(path, key.public).ok
