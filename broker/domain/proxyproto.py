@@ -12,8 +12,10 @@ Specification: https://www.haproxy.org/download/2.8/doc/proxy-protocol.txt
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 V1_PREFIX = b"PROXY "
@@ -148,3 +150,49 @@ def _parse_v2(data: bytes) -> Result:
         return ProxyError(f"unknown PROXY v2 family/protocol 0x{fam:02x}")
     # TLVs (after the addresses) carry nothing the broker uses and are skipped
     return Header(total, 2, local=False, source=(_plain(s), sp), dest=(_plain(d), dp))
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@functools.lru_cache(maxsize=16)
+def networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
+    """``[ssh]``/``[web] trusted_proxies`` (validated CIDRs), parsed once per setting."""
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(host.strip().split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_trusted(host: str, nets: Sequence[Network]) -> bool:
+    ip = _address(host)
+    return ip is not None and any(ip in n for n in nets)
+
+
+def forwarded_client(peer: str, forwarded_for: Sequence[str],
+                     nets: Sequence[Network]) -> str:
+    """The client's address for a request from ``peer`` with these X-Forwarded-For values.
+
+    Only a trusted proxy's header is believed, and only as far as trusted proxies wrote it:
+    walking from the right, the first entry that is not a trusted proxy is the client (what a
+    client put in the header itself lies to the left of it). An entry that is not an address
+    stops the walk at the last trusted hop; if every entry is trusted, the left-most is it."""
+    if not nets or not is_trusted(peer, nets):
+        return peer
+    hops = [h.strip() for value in forwarded_for for h in value.split(",") if h.strip()]
+    client = peer
+    for hop in reversed(hops):
+        ip = _address(hop)
+        if ip is None:
+            return client
+        client = _plain(ip)
+        if not any(ip in n for n in nets):
+            return client
+    return client

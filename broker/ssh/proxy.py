@@ -13,36 +13,28 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ipaddress
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncssh
 import structlog
 
-from broker.domain.proxyproto import MAX_HEADER, Address, NeedMore, ProxyError, parse
+from broker.domain.proxyproto import (
+    MAX_HEADER,
+    Address,
+    NeedMore,
+    ProxyError,
+    is_trusted,
+    networks,
+    parse,
+)
 from broker.errors import ConfigError
 from broker.ssh import patches
 
 log = structlog.get_logger("broker.ssh")
 
-Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
 # the connection's server object (a ``BrokerConnection``) for a client address
 ServerFactory = Callable[[Address], asyncssh.SSHServer]
-
-
-def networks(cidrs: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    return [ipaddress.ip_network(c, strict=False) for c in cidrs]
-
-
-def trusted(host: str, nets: Networks) -> bool:
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in n for n in nets)
 
 
 class HeaderProtocol(asyncio.Protocol):
@@ -61,7 +53,7 @@ class HeaderProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self._peer = (str(peer[0]), int(peer[1]))
-        if not trusted(self._peer[0], self._listener.nets):
+        if not is_trusted(self._peer[0], self._listener.nets):
             self._refuse("not a trusted proxy")
             return
         self._listener.pending.add(self)
@@ -124,7 +116,7 @@ class ProxyListener:
                  serve: Callable[[asyncio.Transport, Any, bytes], object]) -> None:
         self._factory = server_factory
         self._options = options
-        self.nets = networks(trusted_proxies)
+        self.nets = networks(tuple(trusted_proxies))
         self.timeout = header_timeout
         self._on_refused = on_refused
         self._serve = serve

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,6 +24,7 @@ from aiohttp import web
 from broker.config import RoleSettings, WebSettings
 from broker.domain import workflow as wf
 from broker.domain.models import Grant, GrantState, Principal
+from broker.domain.proxyproto import forwarded_client, networks
 from broker.domain.selector import SelectorError, parse_selector
 from broker.domain.workflow import Actor, GrantRequest, Role, WorkflowError
 from broker.errors import AuditError, ConflictError, NotFoundError, StoreError
@@ -132,11 +133,19 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def _peer(request: web.Request) -> str:
+def _peer(request: web.Request, trusted_proxies: Sequence[str]) -> str:
+    """The client as ``address:port``: the direct peer, or, from one of ``[web]
+    trusted_proxies``, the client its X-Forwarded-For names (port unknown: 0)."""
     peername = request.transport.get_extra_info("peername") if request.transport else None
-    if isinstance(peername, tuple) and len(peername) >= 2:
-        return f"{peername[0]}:{peername[1]}"
-    return f"{request.remote or '?'}:0"
+    if not (isinstance(peername, tuple) and len(peername) >= 2):
+        return f"{request.remote or '?'}:0"
+    ip = str(peername[0])
+    if trusted_proxies:
+        client = forwarded_client(ip, request.headers.getall("X-Forwarded-For", []),
+                                  networks(tuple(trusted_proxies)))
+        if client != ip:
+            return f"{client}:0"
+    return f"{ip}:{peername[1]}"
 
 
 def _token_hash(token: str) -> str:
@@ -353,7 +362,7 @@ class Api:
             raise S.invalid("user", "must be user, user@domain or DOMAIN\\user")
         if not (code.isascii() and code.isdigit() and 6 <= len(code) <= 8):
             raise S.invalid("code", "must be the 6-digit code from the authenticator app")
-        peer = _peer(request)
+        peer = _peer(request, self.ctx.settings.trusted_proxies)
         result = await self.ctx.authenticator.login(sel.username, sel.domain, password, code,
                                                     peer)
         principal = result.principal
@@ -393,7 +402,7 @@ class Api:
         await self.ctx.tokens.revoke_session(caller.sid, self.ctx.clock.now())
         await self.ctx.tokens.end_session(caller.sid, caller.exp)
         self.ctx.audit.emit("web.logout", user=caller.actor.name, session=caller.sid,
-                            peer=_peer(request))
+                            peer=_peer(request, self.ctx.settings.trusted_proxies))
         resp = _json({"ok": True})
         for name in (self.ctx.session_cookie, self.ctx.csrf_cookie):
             resp.del_cookie(name, path="/", secure=self.ctx.settings.secure_cookies,

@@ -10,7 +10,8 @@ the header has not ended ``header_timeout_seconds`` after its first byte (or aft
 or the body ``body_timeout_seconds`` after its header. Idle keep-alive connections are aiohttp's
 ``keepalive_timeout`` (``[web] keepalive_timeout_seconds``).
 
-Over ``max_connections_per_source`` a new connection is answered ``503`` and closed; at
+Over ``max_connections_per_source`` a new connection is answered ``503`` and closed (not from
+one of ``[web] trusted_proxies``, which carry many clients' connections); at
 ``max_connections`` it takes the place of the stalest connection still waiting for a header (a
 flood of half headers cannot keep a real request out), or, when every connection is inside a
 request, is answered ``503``.
@@ -26,6 +27,7 @@ from collections.abc import Callable
 import structlog
 
 from broker.config import WebSettings
+from broker.domain.proxyproto import is_trusted, networks
 
 log = structlog.get_logger("broker.web")
 
@@ -54,7 +56,10 @@ class GuardedListener:
 
     def admit(self, conn: _Guarded) -> bool:
         s = self.settings
-        if self.per_source.get(conn.ip, 0) >= s.max_connections_per_source:
+        # a trusted reverse proxy carries every client's connections: only max_connections
+        # holds it (its clients' addresses are known per request, X-Forwarded-For, not here)
+        if (self.per_source.get(conn.ip, 0) >= s.max_connections_per_source
+                and not is_trusted(conn.ip, networks(tuple(s.trusted_proxies)))):
             log.info("web.connection_refused", peer=conn.ip, reason="max_connections_per_source")
             return False
         if len(self.open) >= s.max_connections:

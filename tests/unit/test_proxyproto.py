@@ -15,6 +15,8 @@ from broker.domain.proxyproto import (
     Header,
     NeedMore,
     ProxyError,
+    forwarded_client,
+    networks,
     parse,
 )
 from broker.errors import ConfigError
@@ -145,3 +147,24 @@ def test_proxy_protocol_without_trusted_proxies_is_a_config_error(tmp_path: Path
     cfg.write_text(f'state_dir = "{tmp_path}"\n[web]\ntrusted_proxies = ["bad"]\n')
     with pytest.raises(ConfigError, match="not an IP network"):
         load_config(cfg)
+
+
+NETS = networks(("127.0.0.5/32", "10.0.0.0/8", "2001:db8:f::/48"))
+
+
+def test_forwarded_for_only_from_a_trusted_peer() -> None:
+    assert forwarded_client("192.0.2.1", ["203.0.113.9"], NETS) == "192.0.2.1"
+    assert forwarded_client("127.0.0.5", ["203.0.113.9"], ()) == "127.0.0.5"
+    assert forwarded_client("127.0.0.5", [], NETS) == "127.0.0.5"
+
+
+def test_forwarded_for_right_most_untrusted_entry() -> None:
+    assert forwarded_client("127.0.0.5", ["6.6.6.6, 203.0.113.9"], NETS) == "203.0.113.9"
+    assert forwarded_client("127.0.0.5", ["6.6.6.6", "203.0.113.9, 10.1.1.1"],
+                            NETS) == "203.0.113.9"  # two header lines, one list
+    assert forwarded_client("127.0.0.5", ["2001:db8::7, 2001:db8:f::1"], NETS) == "2001:db8::7"
+    assert forwarded_client("127.0.0.5", ["::ffff:198.51.100.7"], NETS) == "198.51.100.7"
+    # every entry trusted: the left-most; junk stops the walk at the last trusted hop
+    assert forwarded_client("127.0.0.5", ["10.2.2.2, 10.1.1.1"], NETS) == "10.2.2.2"
+    assert forwarded_client("127.0.0.5", ["6.6.6.6, unknown, 10.1.1.1"], NETS) == "10.1.1.1"
+    assert forwarded_client("127.0.0.5", ["not-an-ip"], NETS) == "127.0.0.5"
