@@ -198,6 +198,11 @@ class RecordingFollower:
             try:
                 head = self._frame_head(at, size, nowait)
             except NotCached:
+                # have the kernel read it back meanwhile (no thread: on a busy event loop the
+                # GIL hand-offs of a walk in a thread cost the relay more than the walk)
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(self._fd, at, min(size - at, 1 << 20),
+                                     os.POSIX_FADV_WILLNEED)
                 done = False
                 break
             if head is None:

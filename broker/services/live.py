@@ -265,26 +265,17 @@ class Watch:
                     break  # only a frame its writer never finished (a crash mid-write)
             else:
                 skipping = True
-                # headers still in the page cache are read here; the writer drops what it has
-                # synced, and a header read from the disk must not stall the relay sharing this
-                # event loop: the rest of the walk then goes on in a thread
-                resize = ended = None
-                for _ in range(3):  # a walk that waited for the disk: the file went on growing
-                    p = f.skip(TAIL, nowait=True)
-                    if not p.done:
-                        skipped += p.bytes
-                        resize, ended = p.resize or resize, p.exit or ended
-                        p = await asyncio.to_thread(f.skip, TAIL)
-                    skipped += p.bytes
-                    resize, ended = p.resize or resize, p.exit or ended
-                    if f.pending() <= 4 * TAIL:
-                        break
+                # headers are read while in the page cache only: the writer drops what it has
+                # synced, and a read from the disk must not stall the relay on this event loop
+                p = f.skip(TAIL, nowait=True)  # not done: on at the next poll, once read back
+                resize, ended = p.resize, p.exit
+                skipped += p.bytes
                 if resize is not None:
                     yield [round(resize.t_us / 1e6, 6), "r",
                            resize.data.decode("ascii", "replace")]
                 if ended is not None:
                     exit_status = ended.data.decode("ascii", "replace")
-                if now - shown_at >= SKIP_EVERY or ended is not None:
+                if p.done and (now - shown_at >= SKIP_EVERY or ended is not None):
                     shown_at = now
                     yield [round(self._now(started), 6), "o", skip_marker(skipped)]
                     skipped = 0
