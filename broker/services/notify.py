@@ -275,6 +275,10 @@ class Dispatcher:
             return await asyncio.wait_for(sender.send(d), self.timeout)
         except TimeoutError:
             return Attempt(ok=False, retry=True, error=f"no answer within {self.timeout:g} s")
+        except Exception as exc:  # a sender's bug must not end the dispatcher
+            log.error("notify.sender_failed", channel=d.channel, delivery=d.id,
+                      error=f"{type(exc).__name__}: {exc}"[:300])
+            return Attempt(ok=False, retry=True, error=f"{type(exc).__name__}"[:300])
 
     async def _deliver(self, d: Delivery) -> None:
         result = await self._attempt(d)

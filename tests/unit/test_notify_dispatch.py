@@ -15,7 +15,7 @@ import pytest
 
 from broker.audit.jsonl import JsonlAuditLog
 from broker.domain.models import Grant, GrantState, Level
-from broker.domain.notify import Subscription
+from broker.domain.notify import Attempt, Subscription
 from broker.domain.workflow import HistoryEntry
 from broker.notify.webhook import ClientSessions, WebhookSender
 from broker.ports import NotificationSender
@@ -261,3 +261,31 @@ async def test_expiring_soon_once_per_grant_and_end_across_brokers(rig: Rig) -> 
     rig.clock.advance(40 * 60)
     assert await sweep.sweep() == 2  # g-soon's new end, and g-later's
     assert len(await rig.store.listing()) == 3
+
+
+class Broken:
+    """A sender with a bug: it raises instead of returning an ``Attempt``."""
+
+    async def send(self, delivery: object) -> Attempt:
+        raise RuntimeError("bug")
+
+
+async def test_a_sender_that_raises_is_a_failed_attempt_not_a_dead_dispatcher(rig: Rig) -> None:
+    ok = WebhookSender("ok", f"{rig.receiver.url}/ok/ok", SECRET, "json", rig.http, 5.0)
+    d = Dispatcher(rig.store, {"broken": Broken(), "ok": ok}, rig.audit, rig.clock,
+                   max_attempts=8, timeout=5.0, rand=lambda: 0.0, poll=0.05)
+    n = Notifier(rig.store, rig.audit, rig.clock,
+                 [Subscription(c, ALL) for c in ("broken", "ok")], wake=d.wake)
+    d.start()
+    try:
+        await n.publish(n.event("grant.requested", {"user": "alice@corp"}))
+        await _status(rig, "sent", 1)
+
+        async def noted() -> bool:
+            return any(r.last_error == "RuntimeError"
+                       for r in await rig.store.listing(status="pending"))
+        await until(noted, 10, "the broken sender's attempt")
+        await n.publish(n.event("grant.requested", {"user": "bob@corp"}))
+        await _status(rig, "sent", 2)  # still sending
+    finally:
+        await d.stop()
