@@ -260,6 +260,10 @@ def test_end_session_button_ends_a_live_ssh_session_with_the_reason(
         panel.get_by_role("button", name="End session now").click()
         expect(panel.locator(".ok")).to_contain_text("Session ended", timeout=20_000)
         expect(panel.locator(".ok")).to_contain_text(reason)
+        # the summary above follows: it ended, and the status is no longer "live"
+        summary = page.locator("section.summary")
+        expect(summary).not_to_contain_text("live")
+        expect(summary).to_contain_text("Ended")
         _, err = p.communicate(timeout=20)
     finally:
         if p.poll() is None:

@@ -14,7 +14,8 @@ function liveStatus() {
 }
 
 /** The "End session" button of a live session, with its reason form; then the outcome. */
-export function endSessionPanel(s) {
+// ``onEnded(session)``: the session's fresh detail once it has ended (the page updates itself)
+export function endSessionPanel(s, onEnded = () => {}) {
   const sec = h("section", {class: "end-session", "aria-labelledby": "end-h"},
     h("h2", {id: "end-h"}, "End this session"));
   const open = h("button", {type: "button", class: "danger"}, "End session");
@@ -62,6 +63,7 @@ export function endSessionPanel(s) {
       "session ends it within its enforcement interval.");
     const ended = await waitEnded(s.id);
     if (ended) {
+      onEnded(ended);
       errors.ok("Session ended", ended.ended_at ? [" at ", when(ended.ended_at)] : "", ": ",
         h("span", {class: "outcome"}, ended.exit_status || ended.outcome || "ended"));
     } else {

@@ -327,7 +327,7 @@ export async function sessionPage(root, id, ctx) {
         "Download signed manifest"));
   }
   const parent = s.parent_id ? h("a", {href: sessionHref(s.parent_id)}, s.parent_id) : null;
-  summary.replaceWith(h("section", {"aria-label": "Summary", class: "summary"}, dl([
+  const summaryOf = (s) => h("section", {"aria-label": "Summary", class: "summary"}, dl([
     ["User", s.user], ["Target", targetText(s)], ["Stack", s.stack], ["Login", s.login],
     ["Level", s.level], ["Kind", s.kind], ["Command", s.command ? h("code", {}, s.command) : null],
     ["From", s.peer], ["Started", when(s.started_at)], ["Ended", s.ended_at ? when(s.ended_at) : "live"],
@@ -336,9 +336,16 @@ export async function sessionPage(root, id, ctx) {
     ["Bytes in / out", `${bytes(s.bytes_in)} / ${bytes(s.bytes_out)}`],
     ["Recording", s.recorded ? bytes(s.recording_bytes) : "none"],
     ["Inside connection", parent],
-  ]), downloads));
+  ]), downloads);
+  let summarySec = summaryOf(s);
+  summary.replaceWith(summarySec);
   if (s.status === "live" && ctx.isAuditor) {
-    root.querySelector("section.summary").after(endSessionPanel(s));
+    summarySec.after(endSessionPanel(s, (ended) => {  // its end, status and outcome now
+      if (ctx.stale()) return;
+      const fresh = summaryOf(ended);
+      summarySec.replaceWith(fresh);
+      summarySec = fresh;
+    }));
   }
   replay.details(s);
   if (s.recorded) {
