@@ -69,6 +69,7 @@ class RecordingFollower:
         self.meta: dict[str, Any] | None = None
         self.offset = 0  # just after the last frame read or passed over
         self._lock = threading.Lock()
+        self._head_buf = bytearray(HEAD)  # one header at a time, read into the same buffer
 
     def close(self) -> None:
         with self._lock:
@@ -116,7 +117,7 @@ class RecordingFollower:
         cache (``RWF_NOWAIT``: the event loop never waits for the disk)."""
         if not nowait or _NOWAIT == 0:
             return os.pread(self._fd, n, at)
-        buf = bytearray(n)
+        buf = self._head_buf if n == HEAD else bytearray(n)
         try:
             got = os.preadv(self._fd, [buf], at, _NOWAIT)
         except BlockingIOError:

@@ -45,6 +45,7 @@ BURST = 128 * 1024  # read at once when that much is waiting, skipped beyond
 TAIL = 16 * 1024  # what a viewer gets after a skip: the last screenful or so
 CATCHUP = 64 * 1024  # the output before the watch started, to draw its screen from
 SKIP_EVERY = 1.0  # seconds between skip markers (and tails) while a flood lasts
+STUCK = 0.5  # seconds a walk waits for the kernel to read headers back before a thread reads them
 SKIP_POLL = POLL  # ... and between header walks meanwhile: soon, while they are in the page cache
 RECHECK = 15.0  # seconds between checks that the watcher may still watch
 HEADER_WAIT = 5.0  # a recording created this instant may not have its header yet
@@ -234,6 +235,7 @@ class Watch:
         lag_sent, lag_at, lag_max = 0.0, last, 0.0
         checked = last
         busy = False
+        stuck = 0.0  # since when a walk has waited for headers to come back from the disk
         while exit_status is None:
             await asyncio.sleep(SKIP_POLL if skipping else POLL if busy else IDLE_POLL)
             now = self.clock.monotonic()
@@ -270,6 +272,15 @@ class Watch:
                 p = f.skip(TAIL, nowait=True)  # not done: on at the next poll, once read back
                 resize, ended = p.resize, p.exit
                 skipped += p.bytes
+                if p.done:
+                    stuck = 0.0
+                elif not stuck:
+                    stuck = now
+                elif now - stuck > STUCK:  # the disk is slow to give them back: wait, once
+                    p = await asyncio.to_thread(f.skip, TAIL)
+                    resize, ended = p.resize or resize, p.exit or ended
+                    skipped += p.bytes
+                    stuck = 0.0
                 if resize is not None:
                     yield [round(resize.t_us / 1e6, 6), "r",
                            resize.data.decode("ascii", "replace")]
