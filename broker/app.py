@@ -177,7 +177,8 @@ class Broker:
         n = config.notify
         self.dispatcher = Dispatcher(s.notify, notify_channels.senders(n, self.notify_http),
                                      s.audit, s.clock, max_attempts=n.max_attempts,
-                                     timeout=n.timeout_seconds)
+                                     timeout=n.timeout_seconds,
+                                     keep=timedelta(days=n.keep_days))
         self.notifier = Notifier(s.notify, s.audit, s.clock, notify_channels.subscriptions(n),
                                  wake=self.dispatcher.wake)
         self.expiring = ExpiringSoon(s.grants, self.notifier, s.clock,

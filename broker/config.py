@@ -423,6 +423,7 @@ class NotifySettings(_Model):
     expiring_soon_minutes: float = Field(default=30.0, gt=0, le=7 * 24 * 60)
     max_attempts: int = Field(default=8, ge=1, le=50)  # then the delivery is failed
     timeout_seconds: float = Field(default=10.0, gt=0, le=300)  # per attempt
+    keep_days: float = Field(default=30.0, gt=0, le=3650)  # sent/failed rows in the log
     webhooks: list[WebhookChannel] = Field(default_factory=list)
     email: list[EmailChannel] = Field(default_factory=list)
 

@@ -371,6 +371,11 @@ class NotificationStore(Protocol):
         """The delivery log, newest first."""
         ...
 
+    async def prune(self, before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` sent or failed rows last changed before ``before`` (pending
+        ones never); returns how many."""
+        ...
+
 
 class NotificationSender(Protocol):
     """One channel (a webhook, an e-mail list): sends a delivery once and says how it went.

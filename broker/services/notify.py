@@ -19,6 +19,7 @@ import contextlib
 import os
 import random
 import secrets
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -41,6 +42,8 @@ CONCURRENCY = 32  # sends in flight per broker process
 PER_CHANNEL = 2  # rows of one channel claimed per look (in flight: fewer than twice this)
 LEASE_MARGIN = timedelta(seconds=60)  # a claim outlives the send's time limit by this much
 SWEEP_INTERVAL = 30.0  # seconds between looks for grants that end soon
+PRUNE_INTERVAL = 3600.0  # seconds between removals of old sent/failed rows
+PRUNE_BATCH = 5000  # rows deleted per statement (short transactions beside the sends)
 SWEEP_BATCH = 5000  # approved grants looked at per sweep
 ADMIN_SESSION_KINDS = frozenset({"shell", "exec", "subsystem", "jump"})  # not each tunnel
 
@@ -170,8 +173,11 @@ class Dispatcher:
     def __init__(self, store: NotificationStore, senders: Mapping[str, NotificationSender],
                  audit: AuditSink, clock: Clock, *, max_attempts: int, timeout: float,
                  rand: Callable[[], float] = random.random, concurrency: int = CONCURRENCY,
-                 per_channel: int = PER_CHANNEL, poll: float = POLL_INTERVAL) -> None:
+                 per_channel: int = PER_CHANNEL, poll: float = POLL_INTERVAL,
+                 keep: timedelta = timedelta(days=30)) -> None:
         self._store = store
+        self.keep = keep  # the delivery log keeps sent and failed rows this long
+        self._pruned_at: float | None = None  # monotonic time of the last prune
         self._senders = dict(senders)
         self._audit = audit
         self._clock = clock
@@ -243,8 +249,27 @@ class Dispatcher:
                 await self.fill()
             except BrokerError as exc:
                 log.error("notify.claim_failed", error=str(exc)[:300])
+            now = time.monotonic()
+            if self._pruned_at is None or now - self._pruned_at >= PRUNE_INTERVAL:
+                self._pruned_at = now
+                try:
+                    await self.prune()
+                except BrokerError as exc:
+                    log.error("notify.prune_failed", error=str(exc)[:300])
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self._poll)
+
+    async def prune(self) -> int:
+        """Remove sent and failed rows older than ``keep`` (any broker may: a row deleted twice
+        is deleted once); returns how many."""
+        before, done = self._clock.now() - self.keep, 0
+        while True:
+            n = await self._store.prune(before, PRUNE_BATCH)
+            done += n
+            if n < PRUNE_BATCH:
+                if done:
+                    log.info("notify.pruned", rows=done, before=before.isoformat())
+                return done
 
     async def fill(self) -> int:
         """Claim as many due rows as there are free slots and start sending them."""

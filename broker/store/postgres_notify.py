@@ -101,6 +101,14 @@ class PostgresNotificationStore:
                 [x.http_status for x in o], owner, _utc(now))
         return {r["id"] for r in rows}
 
+    async def prune(self, before: datetime, limit: int) -> int:
+        async with self._db.acquire("cannot prune the delivery log") as conn:
+            done = await conn.execute(
+                "DELETE FROM notify_outbox WHERE seq IN (SELECT seq FROM notify_outbox"
+                " WHERE status IN ('sent', 'failed') AND updated_at < $1 ORDER BY seq LIMIT $2)",
+                _utc(before), limit)
+        return int(done.split()[-1])
+
     async def listing(self, *, status: str | None = None,
                       limit: int = 100) -> builtins.list[Delivery]:
         async with self._db.acquire("cannot read the delivery log") as conn:

@@ -123,6 +123,17 @@ class SqliteNotificationStore:
         return done
 
     @_on_db_thread
+    def prune(self, before: datetime, limit: int) -> int:
+        try:
+            cur = self._c.execute(
+                "DELETE FROM notify_outbox WHERE seq IN (SELECT seq FROM notify_outbox"
+                " WHERE status IN ('sent', 'failed') AND updated_at < ? ORDER BY seq LIMIT ?)",
+                (_ts(before), limit))
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot prune the delivery log: {exc}") from exc
+        return cur.rowcount
+
+    @_on_db_thread
     def listing(self, *, status: str | None = None,
                 limit: int = 100) -> builtins.list[Delivery]:
         try:

@@ -150,3 +150,27 @@ async def test_outcomes_in_one_write_only_for_the_lease_holder(stores: StoreBund
     # the retried row is free to claim when due, the sent one never again
     again = await other.claim(retry, "b2", retry + timedelta(minutes=1), ["hook-a"], 10, 10)
     assert [d.id for d in again] == [mine[1].id]
+
+
+async def test_prune_deletes_old_sent_and_failed_rows_never_pending_ones(
+        stores: StoreBundle) -> None:
+    s = outbox_of(stores)
+    old, recent, waiting = rows(), rows(at=T0 + timedelta(days=40)), rows()
+    for batch in (old, recent):
+        await s.enqueue(batch)
+    [a, b] = await s.claim(T0, "b1", T0 + timedelta(minutes=1), ["hook-a", "hook-b"], 2, 1)
+    assert {a.id, b.id} == {d.id for d in old}
+    await s.finish(a.id, "b1", Outcome("sent", T0, None, 200), T0)
+    await s.finish(b.id, "b1", Outcome("failed", T0, "HTTP 404", 404), T0)
+    later = T0 + timedelta(days=40)
+    [c, d] = await s.claim(later, "b1", later + timedelta(minutes=1), ["hook-a", "hook-b"],
+                           2, 1)
+    await s.finish(c.id, "b1", Outcome("sent", later, None, 200), later)
+    await s.finish(d.id, "b1", Outcome("sent", later, None, 200), later)
+    assert {c.id, d.id} == {x.id for x in recent}
+    await s.enqueue(waiting)  # created long ago, still pending
+    assert await s.prune(T0 + timedelta(days=30), 1) == 1  # in batches
+    assert await s.prune(T0 + timedelta(days=30), 10) == 1
+    assert await s.prune(T0 + timedelta(days=30), 10) == 0
+    left = {x.id for x in await s.listing(limit=100)}
+    assert left == {c.id, d.id} | {x.id for x in waiting}  # recent and pending rows stay

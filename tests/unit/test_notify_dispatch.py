@@ -289,3 +289,21 @@ async def test_a_sender_that_raises_is_a_failed_attempt_not_a_dead_dispatcher(ri
         await _status(rig, "sent", 2)  # still sending
     finally:
         await d.stop()
+
+
+async def test_the_log_keeps_sent_rows_for_keep_days_then_prunes_them(rig: Rig) -> None:
+    n, d = rig.dispatcher({"hook": "ok"})
+    d.keep = timedelta(days=30)
+    d.start()
+    try:
+        await n.publish(n.event("lock.created", {"lock_id": "lk-2", "kind": "user",
+                                                 "value": "bob@corp", "reason": "r",
+                                                 "created_by": "op:root"}))
+        await _status(rig, "sent", 1)
+    finally:
+        await d.stop()
+    rig.clock.advance(29 * 86400)
+    assert await d.prune() == 0
+    rig.clock.advance(2 * 86400)
+    assert await d.prune() == 1
+    assert await rig.store.listing() == []
