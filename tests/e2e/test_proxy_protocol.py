@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import subprocess
 import threading
@@ -199,3 +200,15 @@ async def test_without_proxy_protocol_a_header_is_a_failed_handshake(
     assert b"Permission denied" not in out
     assert not any("127.0.0.27" in str(e.get("peer")) for e in demo.audit_lines())
     assert not any(str(s["user"]).startswith(user) for s in demo.sessions())
+
+
+def test_proxy_protocol_on_stock_asyncssh_is_refused_at_start(demo: Demo, tmp_path: Path) -> None:
+    """Without the asyncssh patches the broker cannot hand a listener's transport to asyncssh:
+    it says so and does not start (no listener that would take PROXY headers as SSH)."""
+    cfg = demo.variant_config(tmp_path, ssh="proxy_protocol = true\n"
+                                            "trusted_proxies = ['127.0.0.1/32']")
+    r = subprocess.run([*demo.cli_args(cfg), "serve"], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "BASTION_BROKER_STOCK_ASYNCSSH": "1"})
+    assert r.returncode != 0
+    assert "proxy_protocol needs the asyncssh patches" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
