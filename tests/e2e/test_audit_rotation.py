@@ -1,6 +1,7 @@
-"""Audit rotation on a running bastion: a second broker on the demo's state rotates the shared
-audit log at 20 kB while real ssh sessions (a ControlMaster's channels and an sftp download)
-run through it and the demo's own broker, which does not rotate, keeps writing the same log.
+"""Audit rotation on a running bastion: a second broker (two worker processes) on the demo's
+state rotates the shared audit log at 20 kB while real ssh sessions (two ControlMasters'
+channels and an sftp download) run through it, and the demo's broker and the CLI, which do not
+rotate, keep writing the same log.
 Then ``verify --audit`` checks every file, and ``sessions files`` and the console's audit search
 find a session whose events are in a rotated file."""
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def own_demo(tmp_path: Path) -> Iterator[Demo]:
     """A demo of its own: rotating the shared demo's log would be a surprise to other tests."""
-    d = start_demo(tmp_path / "state", users=2)
+    d = start_demo(tmp_path / "state", users=3)
     try:
         yield d
     finally:
@@ -43,46 +44,61 @@ def _rotated(demo: Demo) -> list[Path]:
 def test_a_rotating_broker_keeps_one_verifiable_log_that_readers_read_whole(
         own_demo: Demo, tmp_path: Path) -> None:
     demo = own_demo
-    cfg = demo.variant_config(tmp_path, extra="[audit]\nrotate_bytes = 20000\n")
+    cfg = demo.variant_config(tmp_path, ssh="workers = 2", extra=(
+        "[web]\nenabled = false\n[audit]\nrotate_bytes = 20000\n"))
     broker, port = serve_broker(cfg)
     known = demo.known_hosts_for(tmp_path, port)
-    user = demo.take_user()
-    ctl = tmp_path / "ctl"
-    err = tmp_path / "master.err"
+    users = [demo.take_user(), demo.take_user()]
+    masters: list[subprocess.Popen[bytes]] = []
     try:
-        with err.open("wb") as err_f:
-            master = subprocess.Popen(
-                demo.ssh_args(f"{user}+web01", "-M", "-S", str(ctl), "-N", "-o",
-                              "ControlPersist=no", port=port, known_hosts=known),
-                env=demo.env(user), stdin=subprocess.DEVNULL, stderr=err_f)
-        deadline = time.monotonic() + 30
-        while not ctl.exists():
-            assert master.poll() is None, err.read_text(errors="replace")
-            assert time.monotonic() < deadline, "no control socket after 30 s"
-            time.sleep(0.05)
-        mux = ["-F", "/dev/null", "-o", f"ControlPath={ctl}", "-o", "ControlMaster=no"]
+        for i, user in enumerate(users):  # two connections: the kernel may give each a worker
+            ctl, err = tmp_path / f"ctl{i}", tmp_path / f"master{i}.err"
+            with err.open("wb") as err_f:
+                masters.append(subprocess.Popen(
+                    demo.ssh_args(f"{user}+web01", "-M", "-S", str(ctl), "-N", "-o",
+                                  "ControlPersist=no", port=port, known_hosts=known),
+                    env=demo.env(user), stdin=subprocess.DEVNULL, stderr=err_f))
+            deadline = time.monotonic() + 30
+            while not ctl.exists():
+                assert masters[-1].poll() is None, err.read_text(errors="replace")
+                assert time.monotonic() < deadline, "no control socket after 30 s"
+                time.sleep(0.05)
+        muxes = [["-F", "/dev/null", "-o", f"ControlPath={tmp_path / f'ctl{i}'}", "-o",
+                  "ControlMaster=no"] for i in range(2)]
+        mux = muxes[0]
         # an sftp download first: its file events end up in a rotated file
         r = subprocess.run(["sftp", *mux, "-b", "-", "x"], input=b"get /etc/hostname /dev/null\n",
                            capture_output=True, timeout=60)
         assert r.returncode == 0, r.stderr
-        sftp_sid = next(e["session_id"] for e in reversed(demo.audit_lines())
-                        if e["event"] == "sftp.open" and e.get("path") == "/etc/hostname")
+        deadline = time.monotonic() + 15
+        while not (opened := [e for e in demo.audit_lines() if e["event"] == "sftp.open"
+                              and e.get("path") == "/etc/hostname"]):
+            assert time.monotonic() < deadline, "no sftp.open in the audit log"
+            time.sleep(0.1)
+        sftp_sid = opened[-1]["session_id"]
         pad = "x" * 1500  # the command is audited: a few sessions fill a file
         started = time.monotonic()
         n = 0
         while len(_rotated(demo)) < 4:
             assert time.monotonic() - started < 180, f"{len(_rotated(demo))} rotations"
-            r = subprocess.run(["ssh", *mux, "x", f"echo {n} # {pad}"], capture_output=True,
+            r = subprocess.run(["ssh", *muxes[n % 2], "x", f"echo {n} # {pad}"],
+                               capture_output=True,
                                stdin=subprocess.DEVNULL, timeout=60)
             assert r.returncode == 0 and r.stdout == f"{n}\n".encode(), r.stderr
             if n % 5 == 0:  # another writer meanwhile: the CLI (it never rotates here)
-                demo.cli("grant", "add", "--user", user, "--domain", demo.info["domain"],
+                demo.cli("grant", "add", "--user", users[0], "--domain", demo.info["domain"],
                          "--stack", "stack-web", "--vpc", "vpc-0demo", "--level", "read-only",
                          "--ticket", f"CHG-{n}", "--reason", "rotation test")
             n += 1
-        subprocess.run(["ssh", *mux, "-O", "exit", "x"], capture_output=True, timeout=30)
-        master.wait(10)
+        for m in muxes:
+            subprocess.run(["ssh", *m, "-O", "exit", "x"], capture_output=True, timeout=30)
     finally:
+        for master in masters:
+            try:
+                master.wait(10)
+            except subprocess.TimeoutExpired:
+                master.kill()
+                master.wait(10)
         broker.send_signal(signal.SIGTERM)
         broker.wait(30)
 
