@@ -448,6 +448,11 @@ class NotifySettings(_Model):
 
 class AuditSettings(_Model):
     path: Path | None = None  # default: STATE_DIR/audit/audit.jsonl
+    # rotation: the current file is closed and renamed audit-YYYYMMDDTHHMMSSZ-SEQ.jsonl once it
+    # reaches rotate_bytes (0: never by size) or, with rotate_daily, on the first event of a new
+    # UTC day; the hash chain continues in the next file
+    rotate_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    rotate_daily: bool = False
 
 
 class BrokerConfig(_Model):
@@ -484,11 +489,6 @@ class BrokerConfig(_Model):
     def db_path(self) -> Path:
         return self.store.path or self.state_dir / "broker.db"
 
-    # rotation: the current file is closed and renamed audit-YYYYMMDDTHHMMSSZ-SEQ.jsonl once it
-    # reaches rotate_bytes (0: never by size) or, with rotate_daily, on the first event of a new
-    # UTC day; the hash chain continues in the next file
-    rotate_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
-    rotate_daily: bool = False
     @property
     def recordings_dir(self) -> Path:
         return self.recordings.dir or self.state_dir / "recordings"
