@@ -16,7 +16,7 @@ from broker.app import Broker
 from broker.config import load_config
 from tests import smtpserver
 from tests.conftest import Demo
-from tests.e2e.test_notify import cli
+from tests.conftest import broker_cli as cli
 from tests.notify_receiver import until
 
 pytestmark = pytest.mark.e2e
