@@ -196,6 +196,14 @@ def start_demo(state_dir: Path, users: int = 300, workers: int = 1,
     return demo
 
 
+def broker_cli(cfg: Path, *args: str) -> str:
+    """``bastion-broker --config CFG ARGS...``; its stdout (a failure fails the test)."""
+    r = subprocess.run([str(BIN), "--config", str(cfg), *args], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 def serve_broker(cfg: Path) -> tuple[subprocess.Popen[bytes], int]:
     """``bastion-broker serve`` as a second broker process; its port is read from its log."""
     proc = subprocess.Popen([str(BIN), "--config", str(cfg), "serve"], stderr=subprocess.PIPE,

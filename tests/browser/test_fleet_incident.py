@@ -19,7 +19,8 @@ from playwright.sync_api import Browser, expect
 from broker.runtime import free_port
 from tests.browser.conftest import Console, login, word
 from tests.browser.test_console_grants import _problems, _web_up
-from tests.conftest import BIN, Demo, serve_broker
+from tests.conftest import Demo, broker_cli, serve_broker
+from tests.contract import pgserver
 from tests.contract.pgserver import PgServer
 from tests.e2e.test_terminal import Terminal
 
@@ -30,19 +31,8 @@ TERM = "pre.ap-term-text"
 
 @pytest.fixture(scope="module")
 def pg() -> Iterator[PgServer]:
-    server = PgServer()
-    try:
-        server.start()
+    with pgserver.running() as server:
         yield server
-    finally:
-        server.destroy()
-
-
-def _cli(cfg: Path, *args: str) -> str:
-    r = subprocess.run([str(BIN), "--config", str(cfg), *args], capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
 
 
 class Codes:
@@ -53,7 +43,7 @@ class Codes:
         self._last: dict[str, int] = {}
 
     def enroll(self, cfg: Path, user: str) -> None:
-        found = re.search(r"secret=([A-Z2-7]+)", _cli(cfg, "totp", "enroll", user))
+        found = re.search(r"secret=([A-Z2-7]+)", broker_cli(cfg, "totp", "enroll", user))
         assert found is not None
         self._totp[user] = pyotp.TOTP(found.group(1))
 
@@ -96,7 +86,7 @@ def test_watch_on_one_bastion_then_a_lock_in_the_console_ends_sessions_on_both(
         codes = Codes()
         for who in (user, auditor["user"], admin["user"]):
             codes.enroll(a_cfg, who)
-        _cli(a_cfg, "grant", "add", "--user", user, "--domain", demo.info["domain"], "--stack",
+        broker_cli(a_cfg, "grant", "add", "--user", user, "--domain", demo.info["domain"], "--stack",
              "stack-web", "--vpc", "vpc-0demo", "--level", "read-only", "--ticket", "INC-19",
              "--reason", "fleet incident drill", "--json")
 
@@ -115,7 +105,7 @@ def test_watch_on_one_bastion_then_a_lock_in_the_console_ends_sessions_on_both(
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=demo.env(user, code=codes.next(user)))
         assert on_b.stdout is not None and on_b.stdout.readline() == b"on-b\n"
-        rows = json.loads(_cli(a_cfg, "sessions", "list", "--json", "--user", user))
+        rows = json.loads(broker_cli(a_cfg, "sessions", "list", "--json", "--user", user))
         live = [r for r in rows if r["status"] == "live"]
         assert len(live) == 2, rows
         [sid_a] = [r["id"] for r in live
@@ -152,7 +142,7 @@ def test_watch_on_one_bastion_then_a_lock_in_the_console_ends_sessions_on_both(
         term.expect(f"locked by the security team: {reason}".encode())
         assert term.close() == 255
         expect(status).to_have_attribute("data-state", "ended", timeout=15_000)
-        ended = json.loads(_cli(a_cfg, "sessions", "list", "--json", "--user", user))
+        ended = json.loads(broker_cli(a_cfg, "sessions", "list", "--json", "--user", user))
         assert all(r["status"] != "live" for r in ended), ended
         assert not _problems(*consoles), [c.problems for c in consoles]
     finally:

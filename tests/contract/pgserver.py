@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 PG_BIN = Path(os.environ.get("BB_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -100,3 +101,14 @@ class PgServer:
 
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+
+@contextlib.contextmanager
+def running() -> Iterator[PgServer]:
+    """A started server, destroyed at the end of the block (module fixtures of fleet tests)."""
+    server = PgServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()

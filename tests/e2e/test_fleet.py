@@ -15,7 +15,8 @@ from pathlib import Path
 import pyotp
 import pytest
 
-from tests.conftest import BIN, Demo, serve_broker
+from tests.conftest import Demo, broker_cli, serve_broker
+from tests.contract import pgserver
 from tests.contract.pgserver import PgServer
 
 pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
@@ -23,19 +24,8 @@ pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
 
 @pytest.fixture(scope="module")
 def pg() -> Iterator[PgServer]:
-    server = PgServer()
-    try:
-        server.start()
+    with pgserver.running() as server:
         yield server
-    finally:
-        server.destroy()
-
-
-def _cli(cfg: Path, *args: str) -> str:
-    r = subprocess.run([str(BIN), "--config", str(cfg), *args], capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
 
 
 def test_two_bastions_share_grants_codes_and_revocations(
@@ -55,7 +45,7 @@ def test_two_bastions_share_grants_codes_and_revocations(
         (pa, port_a), (pb, port_b) = serve_broker(a_cfg), serve_broker(b_cfg)
         procs = [pa, pb]
         user = demo.take_user()
-        secret = re.search(r"secret=([A-Z2-7]+)", _cli(a_cfg, "totp", "enroll", user))
+        secret = re.search(r"secret=([A-Z2-7]+)", broker_cli(a_cfg, "totp", "enroll", user))
         assert secret is not None
         totp = pyotp.TOTP(secret.group(1))
         step = int(time.time()) // 30
@@ -75,7 +65,7 @@ def test_two_bastions_share_grants_codes_and_revocations(
         assert p.returncode == 255
         assert b"no access to web01" in err
         # a grant approved through A admits a session on B
-        grant = json.loads(_cli(a_cfg, "grant", "add", "--user", user, "--domain",
+        grant = json.loads(broker_cli(a_cfg, "grant", "add", "--user", user, "--domain",
                                 demo.info["domain"], "--stack", "stack-web", "--vpc",
                                 "vpc-0demo", "--level", "read-only", "--ticket", "CHG-7",
                                 "--reason", "fleet", "--json"))
@@ -90,7 +80,7 @@ def test_two_bastions_share_grants_codes_and_revocations(
         assert b"Permission denied" in qerr
         # a revoke through A ends the session on B within 10 s
         t0 = time.monotonic()
-        _cli(a_cfg, "grant", "revoke", grant["id"])
+        broker_cli(a_cfg, "grant", "revoke", grant["id"])
         out, err = p.communicate(timeout=20)
         assert time.monotonic() - t0 < 10
         assert p.returncode == 255

@@ -14,7 +14,8 @@ from pathlib import Path
 import pyotp
 import pytest
 
-from tests.conftest import BIN, Demo, serve_broker
+from tests.conftest import Demo, broker_cli, serve_broker
+from tests.contract import pgserver
 from tests.contract.pgserver import PgServer
 
 pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
@@ -22,19 +23,8 @@ pytestmark = [pytest.mark.postgres, pytest.mark.e2e]
 
 @pytest.fixture(scope="module")
 def pg() -> Iterator[PgServer]:
-    server = PgServer()
-    try:
-        server.start()
+    with pgserver.running() as server:
         yield server
-    finally:
-        server.destroy()
-
-
-def _cli(cfg: Path, *args: str) -> str:
-    r = subprocess.run([str(BIN), "--config", str(cfg), *args], capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
 
 
 def test_a_lock_made_through_one_bastion_ends_the_session_on_the_other(
@@ -55,11 +45,11 @@ def test_a_lock_made_through_one_bastion_ends_the_session_on_the_other(
         (pa, port_a), (pb, port_b) = serve_broker(a_cfg), serve_broker(b_cfg)
         procs = [pa, pb]
         user = demo.take_user()
-        secret = re.search(r"secret=([A-Z2-7]+)", _cli(a_cfg, "totp", "enroll", user))
+        secret = re.search(r"secret=([A-Z2-7]+)", broker_cli(a_cfg, "totp", "enroll", user))
         assert secret is not None
         totp = pyotp.TOTP(secret.group(1))
         step = int(time.time()) // 30
-        _cli(a_cfg, "grant", "add", "--user", user, "--domain", demo.info["domain"], "--stack",
+        broker_cli(a_cfg, "grant", "add", "--user", user, "--domain", demo.info["domain"], "--stack",
              "stack-web", "--vpc", "vpc-0demo", "--level", "read-only", "--ticket", "INC-8",
              "--reason", "fleet lock", "--json")
 
@@ -74,7 +64,7 @@ def test_a_lock_made_through_one_bastion_ends_the_session_on_the_other(
         assert p.stdout is not None
         assert p.stdout.readline() == b"on-b\n"
         t0 = time.monotonic()
-        lock = json.loads(_cli(a_cfg, "lock", "--user", user, "--reason", "account takeover",
+        lock = json.loads(broker_cli(a_cfg, "lock", "--user", user, "--reason", "account takeover",
                                "--json"))
         out, err = p.communicate(timeout=20)
         assert time.monotonic() - t0 < 10  # B checks every 2 s
@@ -82,12 +72,12 @@ def test_a_lock_made_through_one_bastion_ends_the_session_on_the_other(
         assert (f"locked by the security team: account takeover (lock {lock['id']})"
                 .encode()) in err
         # B lists the lock A made, and A refuses the user's next login
-        assert lock["id"] in _cli(b_cfg, "lock", "list")
+        assert lock["id"] in broker_cli(b_cfg, "lock", "list")
         q = ssh(port_a, totp.generate_otp(step + 1), "true")
         _, qerr = q.communicate(timeout=30)
         assert q.returncode == 255 and b"Permission denied" in qerr
-        _cli(b_cfg, "lock", "remove", lock["id"])
-        assert lock["id"] not in _cli(a_cfg, "lock", "list")
+        broker_cli(b_cfg, "lock", "remove", lock["id"])
+        assert lock["id"] not in broker_cli(a_cfg, "lock", "list")
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
