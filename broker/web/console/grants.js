@@ -98,8 +98,23 @@ export class FormErrors {
   }
 }
 
-function liveStatus() {
+export function liveStatus() {
   return h("div", {class: "form-status", "aria-live": "polite"});
+}
+
+/** ``open`` shows the inline ``form`` (focus on ``first``) in its place; Cancel puts it back. */
+export function revealForm(open, form, cancel, first, errors) {
+  open.addEventListener("click", () => {
+    form.hidden = false;
+    open.hidden = true;
+    first().focus();
+  });
+  cancel.addEventListener("click", () => {
+    form.hidden = true;
+    open.hidden = false;
+    errors.clear();
+    open.focus();
+  });
 }
 
 function dl(pairs) {
@@ -271,17 +286,7 @@ function inlineAction(label, opts, act) {
   errors.add("comment", field(opts.commentLabel || "Comment", comment,
     opts.commentRequired ? "required" : "optional"), comment),
   h("div", {class: "actions"}, go, cancel));
-  open.addEventListener("click", () => {
-    form.hidden = false;
-    open.hidden = true;
-    (until || comment).focus();
-  });
-  cancel.addEventListener("click", () => {
-    form.hidden = true;
-    open.hidden = false;
-    errors.clear();
-    open.focus();
-  });
+  revealForm(open, form, cancel, () => until || comment, errors);
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     errors.clear();

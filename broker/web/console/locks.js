@@ -3,15 +3,11 @@
 // session ends it within its enforcement interval and shows the user the reason.
 
 import {api, ApiError, clear, field, h, heading, message, qs, timeZone, when} from "./util.js";
-import {FormErrors} from "./grants.js";
+import {FormErrors, liveStatus, revealForm} from "./grants.js";
 
 const KINDS = [["user", "User", "alice, alice@corp.example.com or CORP\\alice"],
   ["target", "Target", "an instance id or name"], ["stack", "Stack", "a stack ID"]];
 const ENDED_WAIT_MS = 20000;
-
-function liveStatus() {
-  return h("div", {class: "form-status", "aria-live": "polite"});
-}
 
 /** The "End session" button of a live session, with its reason form; then the outcome. */
 // ``onEnded(session)``: the session's fresh detail once it has ended (the page updates itself)
@@ -29,17 +25,7 @@ export function endSessionPanel(s, onEnded = () => {}) {
   errors.add("reason", field("Reason", reason, "required; audited, and shown to the user"),
     reason),
   h("div", {class: "actions"}, go, cancel));
-  open.addEventListener("click", () => {
-    form.hidden = false;
-    open.hidden = true;
-    reason.focus();
-  });
-  cancel.addEventListener("click", () => {
-    form.hidden = true;
-    open.hidden = false;
-    errors.clear();
-    open.focus();
-  });
+  revealForm(open, form, cancel, () => reason, errors);
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     errors.clear();
