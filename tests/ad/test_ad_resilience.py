@@ -114,6 +114,8 @@ async def test_concurrent_logins_do_not_block_the_loop(samba_dc: SambaDC,
             f"event-loop lag max {max_lag * 1000:.1f} ms, p99 "
             f"{statistics.quantiles(lags, n=100)[98] * 1000:.1f} ms\n")
     # A login takes ~1 s under this load: a loop that waited on LDAP would lag that much every
-    # time. Single ticks of ~0.1 s happen on 2 cores with Samba and 16 workers fighting for the GIL.
-    assert statistics.quantiles(lags, n=100)[98] < 0.05, "event loop lag p99 over 50 ms"
+    # time. Single ticks of ~0.1 s happen on 2 cores with Samba and 16 workers fighting for the GIL,
+    # and a p99 of 50-60 ms was seen in CI with the rest of the suite's processes alive: the
+    # bound says "never waits for LDAP", not how fast this machine is (bench/ad_logins.py is).
+    assert statistics.quantiles(lags, n=100)[98] < 0.2, "event loop lag p99 over 200 ms"
     assert max_lag < 0.5, f"event loop stalled {max_lag * 1000:.0f} ms"
