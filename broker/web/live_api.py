@@ -56,7 +56,9 @@ class LiveApi:
         origin = request.headers.get("Origin")
         if origin is None:
             return not upgrade
-        return urlsplit(origin).netloc in (request.host, self._public)
+        u = urlsplit(origin)  # "null" (a sandboxed frame, a file) has no host: never ours
+        return u.scheme in ("http", "https") and bool(u.netloc) and (
+            u.netloc == request.host or u.netloc == self._public)
 
     async def live(self, request: web.Request, caller: Caller | None) -> web.StreamResponse:
         assert caller is not None  # noqa: S101 - wrap() guarantees it

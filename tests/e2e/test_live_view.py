@@ -156,7 +156,7 @@ async def test_foreign_origin_and_someone_elses_session_are_refused(demo: Demo) 
         sid = (await asyncio.to_thread(_live, demo, owner))["id"]
         async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
             await _login(demo, http, "auditor")
-            for origin in ("http://evil.example", None):
+            for origin in ("http://evil.example", "null", None):
                 with pytest.raises(aiohttp.WSServerHandshakeError) as err:
                     await http.ws_connect(_ws_url(demo, sid), origin=origin)
                 assert err.value.status == 403
