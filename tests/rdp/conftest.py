@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.demo_rdp import stop
 from broker.runtime import free_port
 
 RDP_USER = "rdpuser"
@@ -33,16 +34,6 @@ def _listening(port: int) -> bool:
     return False
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _start_shadow(tmp: Path, sam: Path, env: dict[str, str]
                   ) -> tuple[subprocess.Popen[bytes], int]:
     """freerdp-shadow-cli on a free port; a port another process took meanwhile means a retry."""
@@ -57,7 +48,7 @@ def _start_shadow(tmp: Path, sam: Path, env: dict[str, str]
         deadline = time.monotonic() + 30
         while shadow.poll() is None and not _listening(port):
             if time.monotonic() > deadline:
-                _stop(shadow)
+                stop(shadow)
                 raise AssertionError("freerdp-shadow-cli did not listen in 30 s: "
                                      + log_path.read_text()[-2000:])
             time.sleep(0.05)
@@ -94,6 +85,6 @@ def rdp_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RdpTarget]:
         try:
             yield RdpTarget(port, env)
         finally:
-            _stop(shadow)
+            stop(shadow)
     finally:
-        _stop(xvfb)
+        stop(xvfb)
