@@ -152,6 +152,17 @@ class Demo:
         )
         return cfg
 
+    def fleet_config(self, tmp: Path, name: str, dsn: str, *, extra: str = "",
+                     enforce_interval: float = 2) -> Path:
+        """A config in ``tmp/name`` for one bastion of a fleet on the PostgreSQL at ``dsn``
+        (loopback exempt from penalties; ``extra`` sections as in ``variant_config``)."""
+        d = tmp / name
+        d.mkdir()
+        cfg = self.variant_config(d, limits="penalty_exempt = ['127.0.0.0/8']", extra=extra)
+        cfg.write_text(cfg.read_text() + f'[store]\nbackend = "postgres"\ndsn = "{dsn}"\n'
+                       f"[grants]\nenforce_interval_seconds = {enforce_interval}\n")
+        return cfg
+
     def known_hosts_for(self, tmp: Path, port: int) -> Path:
         host_pub = (self.state_dir / "ssh_host_ed25519_key.pub").read_text().split()
         path = tmp / f"known_hosts_{port}"

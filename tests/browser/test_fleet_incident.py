@@ -61,16 +61,11 @@ def test_watch_on_one_bastion_then_a_lock_in_the_console_ends_sessions_on_both(
     staff = demo.info["auditor"]["group"], demo.info["admin"]["group"]
     cfgs = []
     for name, web in (("a", True), ("b", False)):
-        d = tmp_path / name
-        d.mkdir()
         web_cfg = (f'[web]\nlisten_host = "127.0.0.1"\nlisten_port = {web_port}\n'
                    "secure_cookies = false\n" if web else "[web]\nenabled = false\n")
-        cfg = demo.variant_config(d, limits="penalty_exempt = ['127.0.0.0/8']", extra=(
+        cfgs.append(demo.fleet_config(tmp_path, name, pg.dsn(), enforce_interval=1, extra=(
             f'[roles]\nauditor_groups = ["{staff[0]}"]\nadmin_groups = ["{staff[1]}"]\n'
-            f'{web_cfg}[recordings]\ndir = "{d / "recordings"}"\n'))
-        cfg.write_text(cfg.read_text() + f'[store]\nbackend = "postgres"\ndsn = "{pg.dsn()}"\n'
-                       "[grants]\nenforce_interval_seconds = 1\n")
-        cfgs.append(cfg)
+            f'{web_cfg}[recordings]\ndir = "{tmp_path / name / "recordings"}"\n')))
     a_cfg, b_cfg = cfgs
     procs: list[subprocess.Popen[bytes]] = []
     consoles: list[Console] = []

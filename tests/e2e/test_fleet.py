@@ -31,15 +31,7 @@ def pg() -> Iterator[PgServer]:
 def test_two_bastions_share_grants_codes_and_revocations(
     demo: Demo, pg: PgServer, tmp_path: Path
 ) -> None:
-    cfgs = []
-    for name in ("a", "b"):
-        d = tmp_path / name
-        d.mkdir()
-        cfg = demo.variant_config(d, limits="penalty_exempt = ['127.0.0.0/8']")
-        cfg.write_text(cfg.read_text() + f'[store]\nbackend = "postgres"\ndsn = "{pg.dsn()}"\n'
-                       "[grants]\nenforce_interval_seconds = 2\n")
-        cfgs.append(cfg)
-    a_cfg, b_cfg = cfgs
+    a_cfg, b_cfg = (demo.fleet_config(tmp_path, name, pg.dsn()) for name in ("a", "b"))
     procs = []
     try:
         (pa, port_a), (pb, port_b) = serve_broker(a_cfg), serve_broker(b_cfg)

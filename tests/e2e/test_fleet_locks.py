@@ -30,16 +30,8 @@ def pg() -> Iterator[PgServer]:
 def test_a_lock_made_through_one_bastion_ends_the_session_on_the_other(
     demo: Demo, pg: PgServer, tmp_path: Path
 ) -> None:
-    cfgs = []
-    for name in ("a", "b"):
-        d = tmp_path / name
-        d.mkdir()
-        cfg = demo.variant_config(d, limits="penalty_exempt = ['127.0.0.0/8']",
-                                  extra="[web]\nenabled = false\n")
-        cfg.write_text(cfg.read_text() + f'[store]\nbackend = "postgres"\ndsn = "{pg.dsn()}"\n'
-                       "[grants]\nenforce_interval_seconds = 2\n")
-        cfgs.append(cfg)
-    a_cfg, b_cfg = cfgs
+    a_cfg, b_cfg = (demo.fleet_config(tmp_path, name, pg.dsn(), extra="[web]\nenabled = false\n")
+                    for name in ("a", "b"))
     procs = []
     try:
         (pa, port_a), (pb, port_b) = serve_broker(a_cfg), serve_broker(b_cfg)
