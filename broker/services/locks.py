@@ -42,6 +42,7 @@ class LockService:
         self._audit = audit
         self._clock = clock
         self._notifier = notifier  # a new lock is announced
+        self._gate = LockGate(store, clock)
         self._sweep = Periodic(self.note_expired, lambda: EXPIRY_INTERVAL,
                                failed_event="locks.expiry_failed", errors=(BrokerError,))
 
@@ -107,8 +108,7 @@ class LockService:
     async def user_lock(self, principal: Principal) -> Lock | None:
         """The active lock on ``principal`` itself, if any (web sessions and API tokens ask it
         on every request: a locked user's open console and scripts stop at once)."""
-        now = self._clock.now()
-        return rules.first_match(await self._store.active(now), principal, None, now)
+        return await self._gate.lock_for(principal)
 
     # -- kill requests -----------------------------------------------------------------------
     async def kill(self, actor: str, rec: SessionRecord, reason: str) -> KillRequest:
