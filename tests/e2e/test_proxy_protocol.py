@@ -18,21 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from tests import haproxy
 from tests.conftest import Demo, serve_broker
+from tests.haproxy import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fleet]
 
-HAPROXY_CFG = """global
-  maxconn 200
-  log stderr format raw local0
-defaults
-  mode tcp
-  log global
-  option tcplog
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-frontend via_v2
+HAPROXY_SECTIONS = """frontend via_v2
   bind 127.0.0.1:{v2}
   default_backend brokers_v2
 backend brokers_v2
@@ -50,12 +42,6 @@ backend plain
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Lab:
     broker_port: int
@@ -63,16 +49,6 @@ class Lab:
     v1: int
     plain: int
     log: list[bytes]
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "haproxy exited"
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"haproxy is not listening on {port}")
 
 
 @pytest.fixture(scope="module")
@@ -90,18 +66,12 @@ def lab(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     drain = threading.Thread(target=lambda: log.extend(broker.stderr or ()), daemon=True)
     drain.start()  # its log, read to the end (a full pipe would stall it)
     lab = Lab(port, free_port(), free_port(), free_port(), log)
-    hcfg = tmp / "haproxy.cfg"
-    hcfg.write_text(HAPROXY_CFG.format(v2=lab.v2, v1=lab.v1, plain=lab.plain, broker=port,
-                                       demo=demo.port))
-    haproxy = subprocess.Popen(["haproxy", "-db", "-f", str(hcfg)], stdout=subprocess.DEVNULL,
-                               stderr=open(tmp / "haproxy.log", "wb"), stdin=subprocess.DEVNULL)
+    sections = HAPROXY_SECTIONS.format(v2=lab.v2, v1=lab.v1, plain=lab.plain, broker=port,
+                                       demo=demo.port)
     try:
-        for p in (lab.v2, lab.v1, lab.plain):
-            _wait_listening(p, haproxy)
-        yield lab
+        with haproxy.running(tmp, sections, (lab.v2, lab.v1, lab.plain)):
+            yield lab
     finally:
-        haproxy.terminate()
-        haproxy.wait(10)
         broker.terminate()
         broker.wait(30)
         drain.join(10)
