@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 import structlog
@@ -122,7 +122,7 @@ def _diag_server(b: Broker, disk: DiskGuard) -> DiagServer | None:
     return diag_server_for(
         c.diag, b.metrics, b.sessions, database=b.stores.database, audit_path=c.audit_path,
         directory=lambda: b._directory, throttle=b.stores.throttle,
-        disk=disk.status if c.recordings.enabled else None,
+        disk=disk.status if c.recordings.enabled else None, draining=lambda: b.draining_since,
         backlog=(lambda: read_backlog(spool, c.recordings_dir, c.audit_path, time.time()))
         if b.shipping.enabled else None, ports=ports)
 
@@ -233,6 +233,8 @@ class Broker:
         # copies off the bastion (S3, CloudWatch Logs), in threads of their own
         self.shipping = Shipping(config.shipping, config.shipping_spool_dir,
                                  config.recordings_dir, config.audit_path, s.audit)
+        self.draining_since: datetime | None = None  # drain (SIGQUIT): /readyz fails from then
+        self._stop_reason = "bastion shutting down"  # what sessions ended at stop are told
         self.diag = _diag_server(self, disk_guard)  # /healthz, /readyz, /metrics ([diag])
         self.diag_url: str | None = None  # its base URL once started
         self.reload = BrokerReload(self)  # SIGHUP: the config file again, applied live
@@ -298,6 +300,37 @@ class Broker:
             except BrokerError as exc:
                 log.error("audit.checkpoint_failed", error=str(exc))
 
+    async def drain(self) -> bool:
+        """Take this bastion out of service without cutting anyone off (SIGQUIT): ``/readyz``
+        fails at once so the balancer stops sending; the listener still accepts for
+        ``drain_accept_seconds`` (what it sent before its next health check), then closes; live
+        sessions go on. Returns True once no session or login is left, False at the deadline
+        (``drain_seconds``): ``stop`` then ends the rest as SIGTERM would, naming the drain."""
+        c, loop = self.config.shutdown, asyncio.get_running_loop()
+        t0 = loop.time()
+        self.draining_since = self.stores.clock.now()
+        self.stores.audit.emit("broker.drain", pid=os.getpid(), live_sessions=self.sessions.busy,
+                               accept_s=c.drain_accept_seconds, deadline_s=c.drain_seconds)
+        log.warning("broker.drain", live_sessions=self.sessions.busy,
+                    accept_s=c.drain_accept_seconds, deadline_s=c.drain_seconds)
+        await asyncio.sleep(c.drain_accept_seconds)
+        if self._acceptor is not None:
+            self._acceptor.close()  # new connections are refused; open ones go on
+        log.info("broker.drain_closed", live_sessions=self.sessions.busy)
+        # logins accepted in the window (at most the login grace) may still open sessions
+        while self.sessions.busy or self.guard.unauthenticated:
+            if loop.time() - t0 >= c.drain_seconds:
+                self._stop_reason = "bastion shutting down: drain deadline passed"
+                self.stores.audit.emit("broker.drain_deadline", pid=os.getpid(),
+                                       live_sessions=self.sessions.busy)
+                log.warning("broker.drain_deadline", live_sessions=self.sessions.busy)
+                return False
+            await asyncio.sleep(0.2)
+        self.stores.audit.emit("broker.drained", pid=os.getpid(),
+                               seconds=round(loop.time() - t0, 3))
+        log.info("broker.drained", seconds=round(loop.time() - t0, 3))
+        return True
+
     async def stop(self) -> None:
         if self._checkpoints is not None:
             self._checkpoints.cancel()
@@ -316,7 +349,7 @@ class Broker:
         if self._acceptor is not None:
             self._acceptor.close()
         # SIGTERM: users told, sessions drained or ended, recordings closed, within the grace
-        await self.sessions.shutdown(self.config.shutdown.grace_seconds)
+        await self.sessions.shutdown(self.config.shutdown.grace_seconds, self._stop_reason)
         await self.sessions.stop_maintenance()
         if self._acceptor is not None:
             await self._acceptor.wait_closed()
@@ -415,15 +448,18 @@ class BrokerReload:
 async def serve(config: BrokerConfig, on_ready: Callable[[int], None] | None = None, *,
                 reuse_port: bool = False, notify: bool = True,
                 source: ConfigSource | None = None, worker: int | None = None) -> None:
-    """Run one broker process until SIGINT/SIGTERM; SIGHUP reloads ``source`` (see
-    ``broker.workers`` for several processes; ``worker`` is this one's index among them)."""
+    """Run one broker process until SIGINT/SIGTERM, or until a drain (SIGQUIT) is over; SIGHUP
+    reloads ``source`` (see ``broker.workers`` for several processes; ``worker`` is this one's
+    index among them)."""
     import signal
 
     stop = asyncio.Event()
+    drain = asyncio.Event()  # held until the broker is up, as a reload is
     reloader = Reloader()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGQUIT, drain.set)
     loop.add_signal_handler(signal.SIGHUP, reloader.request)  # held until the broker is up
     broker = Broker(config, await connect_stores(config, "broker"), source=source)
     port = await broker.start(reuse_port=reuse_port)
@@ -432,7 +468,7 @@ async def serve(config: BrokerConfig, on_ready: Callable[[int], None] | None = N
         on_ready(port)
     if notify:
         runtime.sd_notify("READY=1")
-    await stop.wait()
+    await _until_stopped(broker, stop, drain, notify)
     if notify:
         runtime.sd_notify("STOPPING=1")
     await reloader.stop()
@@ -441,6 +477,29 @@ async def serve(config: BrokerConfig, on_ready: Callable[[int], None] | None = N
         log.info("broker.stopped", pid=os.getpid())
     else:  # the parent logs broker.stopped once every worker has
         log.info("worker.stopped", worker=worker, pid=os.getpid())
+
+
+async def _until_stopped(broker: Broker, stop: asyncio.Event, drain: asyncio.Event,
+                         notify: bool) -> None:
+    """Until SIGTERM/SIGINT, or until a drain is over (its sessions ended, or its deadline)."""
+    stopped = asyncio.ensure_future(stop.wait())
+    draining = asyncio.ensure_future(drain.wait())
+    tasks: list[asyncio.Future[Any]] = [stopped, draining]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if stopped.done():
+            return
+        if notify:
+            runtime.sd_notify("STATUS=draining")
+        drained = asyncio.ensure_future(broker.drain())
+        tasks.append(drained)
+        await asyncio.wait([stopped, drained], return_when=asyncio.FIRST_COMPLETED)
+        if drained.done() and drained.exception() is not None:  # e.g. the audit is full
+            log.error("broker.drain_failed", error=str(drained.exception()))
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def run(config: BrokerConfig, on_ready: Callable[[int], None] | None = None, *,

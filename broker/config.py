@@ -346,6 +346,20 @@ class RecordingSettings(_Model):
 class ShutdownSettings(_Model):
     # SIGTERM: users are told, sessions get this long to end, then are ended; the broker exits
     grace_seconds: float = Field(default=30.0, ge=0, le=3600)
+    # drain (SIGQUIT, `bastion-broker drain`): /readyz fails at once; the SSH listener still
+    # accepts for drain_accept_seconds (what a balancer sends before its health check notices),
+    # then closes; live sessions go on until they end, or until drain_seconds after the drain
+    # began, when the SIGTERM path above ends the rest; the broker exits once none is left
+    drain_accept_seconds: float = Field(default=5.0, ge=0, le=600)
+    drain_seconds: float = Field(default=3600.0, gt=0, le=7 * 86400)
+
+    @model_validator(mode="after")
+    def _drain_window(self) -> ShutdownSettings:
+        if self.drain_accept_seconds > self.drain_seconds:
+            raise ValueError(f"drain_accept_seconds ({self.drain_accept_seconds:g}) must not "
+                             f"exceed drain_seconds ({self.drain_seconds:g}): the listener "
+                             "must close before the drain's deadline")
+        return self
 
 
 class ForwardingSettings(_Model):

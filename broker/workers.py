@@ -3,12 +3,17 @@
 A Python process relays on one core. All shared state (grants, TOTP steps, throttling, the
 session index, the audit chain) already lives in the store or behind file locks, so workers need
 no coordination of their own: the kernel spreads new connections across them. The parent only
-starts them, reports readiness once all listen, passes SIGTERM and SIGHUP on, and restarts a
-worker that dies.
+starts them, reports readiness once all listen, passes SIGTERM, SIGQUIT and SIGHUP on, and
+restarts a worker that dies.
 
 SIGHUP: every worker reloads the configuration itself (and logs and audits the outcome); a worker
 still starting gets the signal once it listens. The parent reads the file again too, so that a
 worker it starts later runs with what the others run.
+
+SIGQUIT (drain, ``broker.app.Broker.drain``): every worker drains itself (its ``/readyz`` fails,
+its listener closes after the accept window, it exits when its last session has ended); the
+parent restarts none of them and exits 0 once all have. A worker still starting gets the signal
+once it listens.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ ServeWorker = Callable[[BrokerConfig, int, Callable[[int], None]], None]
 # for an invalid file; the parent then keeps what it had)
 Reread = Callable[[BrokerConfig], BrokerConfig]
 
-_HANDLED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+_HANDLED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
 
 
 def worker_count(config: BrokerConfig) -> int:
@@ -67,7 +72,8 @@ def _kill(pid: int, sig: int) -> bool:
 def run_workers(config: BrokerConfig, serve: ServeWorker, prepare: Callable[[], None],
                 on_ready: Callable[[int], None] | None = None, *,
                 reread: Reread | None = None) -> int:
-    """Fork the workers and supervise them until SIGINT/SIGTERM; returns an exit status.
+    """Fork the workers and supervise them until SIGINT/SIGTERM, or until a drain (SIGQUIT) is
+    over; returns an exit status.
 
     ``prepare`` runs once in the parent before the fork (keys, store migrations) so that workers
     do not race to create them; ``serve`` runs one worker; ``reread`` (None: no reloads) is the
@@ -76,6 +82,7 @@ def run_workers(config: BrokerConfig, serve: ServeWorker, prepare: Callable[[], 
     stopping = False
     children: dict[int, int] = {}  # pid -> worker index
     starting: dict[int, bool] = {}  # pid of a worker not listening yet -> SIGHUP came meanwhile
+    draining = False  # SIGQUIT came: passed on to each worker once it listens
     rereading = False
     again = False
 
@@ -103,7 +110,15 @@ def run_workers(config: BrokerConfig, serve: ServeWorker, prepare: Callable[[], 
         finally:
             rereading = False
 
+    def drain(_sig: int, _frame: object) -> None:
+        nonlocal draining
+        draining = True  # from now on, a worker that exits is not restarted
+        for pid in list(children):
+            if pid not in starting:
+                _kill(pid, signal.SIGQUIT)
+
     signal.signal(signal.SIGHUP, hup)  # before prepare(): a reload request is never fatal
+    signal.signal(signal.SIGQUIT, drain)  # nor a drain request (SIGQUIT's default dumps core)
     port = config.ssh.listen_port or free_port(config.ssh.listen_host)
     prepare()
     signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)  # a reload in between would be lost
@@ -122,6 +137,7 @@ def run_workers(config: BrokerConfig, serve: ServeWorker, prepare: Callable[[], 
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until its event loop handles it
+            signal.signal(signal.SIGQUIT, signal.SIG_IGN)  # (its default would dump core)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
             _child(config, index, w, serve)
         os.close(w)
@@ -135,6 +151,8 @@ def run_workers(config: BrokerConfig, serve: ServeWorker, prepare: Callable[[], 
         os.close(r)
         if starting.pop(pid, False) and ok:
             _kill(pid, signal.SIGHUP)  # the reload it missed while it started
+        if draining and ok:
+            _kill(pid, signal.SIGQUIT)  # the drain it missed while it started
         return ok
 
     def stop(_sig: int, _frame: object) -> None:
@@ -168,7 +186,7 @@ def run_workers(config: BrokerConfig, serve: ServeWorker, prepare: Callable[[], 
         starting.pop(pid, None)
         if index is None:
             continue
-        if not stopping:
+        if not stopping and not draining:
             log.error("worker.died", worker=index, status=code)
             time.sleep(1)  # no tight restart loop if a worker cannot start at all
             await_ready(*spawn(index))

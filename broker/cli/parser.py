@@ -9,6 +9,7 @@ from broker.cli import (
     auth,
     ca,
     configcheck,
+    drain,
     grants,
     keys,
     knownhosts,
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"bastion-broker {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.register(sub)      # serve, demo
+    drain.register(sub)      # drain: SIGQUIT to the running broker (rolling upgrades)
     grants.register(sub)     # grant request|approve|...|list|show|add, login, logout
     verify.register(sub)     # verify SESSION_ID | --audit
     shipping.register(sub)   # shipping status

@@ -14,12 +14,17 @@ from broker.errors import UsageError
 def cmd_serve(args: argparse.Namespace) -> int:
     from broker import logs
     from broker.app import run
+    from broker.cli.drain import PidFile, pid_path
     from broker.config import load_config
 
     path = config_path(args)
     config = load_config(path)
     logs.configure(config.log_level)
-    return run(config, config_path=path)  # SIGHUP reads this file again
+    pid = PidFile(pid_path(config))  # once listening: what `drain` signals
+    try:
+        return run(config, lambda _port: pid.write(), config_path=path)  # SIGHUP: read again
+    finally:
+        pid.remove()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -154,6 +155,18 @@ def disk_above_threshold(status: Callable[[], DiskState]) -> Callable[[], str]:
                               "threshold: new sessions are refused")
         return free
     return check
+
+
+def draining_probe(since: Callable[[], datetime | None]) -> Probe:
+    """Fails from the moment a drain begins (``Broker.drain``), on purpose: the balancer's
+    health check takes this bastion out before its listener closes."""
+    async def probe() -> str:
+        began = since()
+        if began is not None:
+            raise CheckFailed(f"draining since {began.isoformat(timespec='seconds')}: new "
+                              "connections belong on another bastion")
+        return "not draining"
+    return probe
 
 
 def reachable(ping: Callable[[], Awaitable[None]], what: str) -> Probe:

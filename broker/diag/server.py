@@ -3,7 +3,8 @@
 * ``GET /healthz``: 200 while the process is alive and its event loop answers (the handler runs
   on that loop: a stuck loop answers nothing, and the probe times out);
 * ``GET /readyz``: 200 if every readiness check passes, else 503; JSON naming every check, with
-  the failing ones in ``failing``;
+  the failing ones in ``failing`` (``draining`` from the moment a drain begins: a balancer's
+  health check then sends new connections elsewhere);
 * ``GET /metrics``: Prometheus text format, from the broker's own registry.
 
 Several workers (``[ssh] workers`` > 1): every worker process runs its own listener, on the
@@ -22,6 +23,7 @@ import contextlib
 import socket
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 import structlog
@@ -36,6 +38,7 @@ from broker.diag.checks import (
     Readiness,
     appendable,
     disk_above_threshold,
+    draining_probe,
     in_thread,
     reachable,
 )
@@ -129,11 +132,13 @@ def diag_server_for(settings: DiagSettings, metrics: PrometheusMetrics, sessions
                     *, database: Database, audit_path: Path, directory: Callable[[], object],
                     throttle: ThrottleStore, disk: Callable[[], DiskState] | None = None,
                     backlog: Callable[[], Backlog | None] | None = None,
-                    ports: Sequence[int] | None = None) -> DiagServer:
+                    ports: Sequence[int] | None = None,
+                    draining: Callable[[], datetime | None] | None = None) -> DiagServer:
     """The listener with its readiness checks and scrape-time sources.
 
     ``directory`` returns the directory in use at each check (a reload may replace it); ``disk``
-    is None when nothing is recorded, ``backlog`` None when nothing is shipped.
+    is None when nothing is recorded, ``backlog`` None when nothing is shipped; ``draining``
+    says since when this broker drains (None: it does not).
     """
     t = settings.check_timeout_seconds
     checks = [Check("store", reachable(database.ping, "answers"), t),
@@ -141,6 +146,8 @@ def diag_server_for(settings: DiagSettings, metrics: PrometheusMetrics, sessions
     if disk is not None:
         checks.append(Check("recordings_disk", in_thread(disk_above_threshold(disk)), t))
     checks.append(Check("directory", _directory_probe(directory), t))
+    if draining is not None:
+        checks.append(Check("draining", draining_probe(draining), t))
     collector = BrokerCollector(sessions, disk=disk, backlog=backlog,
                                 accounts=lambda: throttle.summary(time.time()), timeout=t)
     return DiagServer(settings, metrics, collector, Readiness(checks), ports=ports)

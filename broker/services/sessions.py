@@ -619,11 +619,17 @@ class SessionService:
                 self._end_unrecordable(live, "recording storage is full")
 
     # -- SIGTERM -----------------------------------------------------------------------------
-    async def shutdown(self, grace: float) -> None:
+    @property
+    def busy(self) -> int:
+        """Sessions live or still finishing (index and audit to write): a drain waits for 0."""
+        return len(self.live) + len(self._ending)
+
+    async def shutdown(self, grace: float, reason: str = "bastion shutting down") -> None:
         """Tell live users, let sessions end by themselves, end the rest, all within ``grace`` s.
 
         Sessions that still have not ended (a stuck upstream) are finished here, so every
         recording is closed and every session has its ``session.end`` before the broker exits.
+        ``reason`` is what the ended ones are told and their exit status carries.
         """
         self._closing = True
         if not self.live and not self._ending:
@@ -640,12 +646,12 @@ class SessionService:
         await self._wait_until_idle(t0 + grace * 2 / 3)
         for live in list(self.live.values()):
             if live.control is not None and live.ending is None:
-                live.ending = "bastion shutting down"
+                live.ending = reason
                 with contextlib.suppress(Exception):
-                    live.control.terminate("bastion shutting down")
+                    live.control.terminate(reason)
         await self._wait_until_idle(t0 + grace * 0.9)
         for live in list(self.live.values()):
-            await self.finish(live, "terminated:bastion shutting down")
+            await self.finish(live, f"terminated:{reason}")
         await self._wait_until_idle(t0 + grace)  # finishes started by the relay
 
     async def _wait_until_idle(self, until: float) -> None:

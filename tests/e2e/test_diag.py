@@ -25,7 +25,7 @@ from tests.conftest import Demo, serve_broker
 pytestmark = pytest.mark.e2e
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-CHECKS = ["store", "audit", "recordings_disk", "directory"]
+CHECKS = ["store", "audit", "recordings_disk", "directory", "draining"]
 
 
 def get(url: str) -> tuple[int, bytes, str]:
