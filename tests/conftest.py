@@ -133,7 +133,8 @@ class Demo:
 
     def variant_config(self, tmp: Path, *, ssh: str = "", limits: str = "",
                        inventory: str | None = None, identity: str = "", totp: str = "",
-                       users_file: Path | None = None, extra: str = "") -> Path:
+                       users_file: Path | None = None, extra: str = "",
+                       listen_port: int = 0) -> Path:
         """A config for a second broker sharing this demo's state (store, CA, keys, audit);
         ``extra`` is appended as is (more sections: ``[recordings]``, ``[diag]``...)."""
         state = self.state_dir
@@ -143,7 +144,8 @@ class Demo:
             inv.write_text(inventory)
         cfg = tmp / "broker.toml"
         cfg.write_text(
-            f'state_dir = "{state}"\n[ssh]\nlisten_host = "127.0.0.1"\nlisten_port = 0\n{ssh}\n'
+            f'state_dir = "{state}"\n[ssh]\nlisten_host = "127.0.0.1"\n'
+            f"listen_port = {listen_port}\n{ssh}\n"
             f'[upstream]\nadmin_login = "{self.info["admin_login"]}"\n'
             f'read_only_login = "{self.info["read_only_login"]}"\n'
             f'[identity]\nusers_file = "{users_file or state / "users.toml"}"\n'
@@ -153,12 +155,14 @@ class Demo:
         return cfg
 
     def fleet_config(self, tmp: Path, name: str, dsn: str, *, extra: str = "",
-                     enforce_interval: float = 2) -> Path:
+                     enforce_interval: float = 2, ssh: str = "", totp: str = "",
+                     listen_port: int = 0) -> Path:
         """A config in ``tmp/name`` for one bastion of a fleet on the PostgreSQL at ``dsn``
-        (loopback exempt from penalties; ``extra`` sections as in ``variant_config``)."""
+        (loopback exempt from penalties; the other keywords as in ``variant_config``)."""
         d = tmp / name
         d.mkdir()
-        cfg = self.variant_config(d, limits="penalty_exempt = ['127.0.0.0/8']", extra=extra)
+        cfg = self.variant_config(d, ssh=ssh, limits="penalty_exempt = ['127.0.0.0/8']",
+                                  totp=totp, extra=extra, listen_port=listen_port)
         cfg.write_text(cfg.read_text() + f'[store]\nbackend = "postgres"\ndsn = "{dsn}"\n'
                        f"[grants]\nenforce_interval_seconds = {enforce_interval}\n")
         return cfg
