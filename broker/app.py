@@ -192,6 +192,7 @@ class Broker:
             disk_check_interval=config.recordings.disk_check_interval_seconds,
             release_scope=patches.corked, metrics=self.metrics, render_cast=render_cast,
             seal_input=_input_sealer(config), notifier=self.notifier,
+            node_name=config.node_name,
         )
         self.authenticator = Authenticator(
             directory, TotpSecondFactor(s.totp, s.clock), s.audit, s.throttle, s.clock,

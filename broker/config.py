@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -472,6 +473,10 @@ class AuditSettings(_Model):
 class BrokerConfig(_Model):
     state_dir: Path
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # this bastion's name in a fleet: stored with its sessions so that the others can say where
+    # a live session runs ("watch it on bastion-b"); the host name unless set
+    node_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64,
+                           pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     ssh: SSHSettings = SSHSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     identity: IdentitySettings = IdentitySettings()

@@ -407,6 +407,7 @@ class SessionRecord:
     target_name: str = ""  # the instance's name at session start (searchable like the id)
     stack: str = ""  # the instance's stack at session start
     parent_id: str | None = None  # the jump connection (kind "jump") that carried this session
+    bastion: str = ""  # ``node_name`` of the broker that relayed it ("" before schema 12/9)
 
 
 # what ``SessionQuery.status`` accepts: running, ended well (exit 0, closed by client), the rest

@@ -120,7 +120,7 @@ def session_json(r: SessionRecord, hits: Sequence[TextHit] | None = None) -> dic
         "id": r.id, "user": r.user, "target": r.target, "target_name": r.target_name,
         "stack": r.stack, "login": r.login, "level": r.level, "kind": r.kind,
         "command": r.command, "peer": r.peer, "grant_id": r.grant_id,
-        "parent_id": r.parent_id,
+        "parent_id": r.parent_id, "bastion": r.bastion,
         "started_at": when.iso(r.started_at), "ended_at": when.iso(r.ended_at),
         "duration_s": round(dur, 3) if dur is not None else None,
         "exit_status": r.exit_status,
@@ -294,7 +294,7 @@ def show_lines(r: SessionRecord, doc: dict[str, Any], hits: list[TextHit] | None
                    + (f", stack {r.stack}" if r.stack else "")),
         ("login", f"{r.login or '-'}, level {r.level}"),
         ("kind", r.kind), ("command", r.command or ""), ("peer", r.peer),
-        ("started", when.show(r.started_at)),
+        ("bastion", r.bastion), ("started", when.show(r.started_at)),
         ("ended", f"{when.show(r.ended_at)} ({when.duration(dur)})" if ended else
          f"live for {when.duration((now - when.utc(r.started_at)).total_seconds())}"),
         ("status", f"{s['outcome']} ({s['status']})"),

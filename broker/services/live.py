@@ -374,8 +374,9 @@ class LiveService:
         try:
             return await asyncio.to_thread(self._follow, rec.recording)
         except (NotFoundError, OSError):
-            raise NotLive("elsewhere", f"session {rec.id} is live on another bastion of the "
-                          "fleet (its recording is not on this one): watch it there") from None
+            where = f"bastion {rec.bastion}" if rec.bastion else "another bastion of the fleet"
+            raise NotLive("elsewhere", f"session {rec.id} is live on {where} (its recording is "
+                          "not on this one): watch it there") from None
 
     async def watch(self, rec: SessionRecord, watcher: str, roles: list[str], via: str,
                     still_allowed: Callable[[], Awaitable[bool]] | None = None) -> Watch:

@@ -294,8 +294,10 @@ class SessionService:
         render_cast: Callable[[Path], object] | None = None,
         seal_input: Callable[[str, str], WithheldInput] | None = None,
         notifier: Notifier | None = None,
+        node_name: str = "",
     ) -> None:
         self._notifier = notifier  # admin sessions are announced
+        self._node_name = node_name  # indexed with each session: where in a fleet it runs
         self._release_scope = release_scope
         # [recordings] input = "sealed": (session id, recording location) -> where the input
         # withheld from the recording goes, encrypted to the break-glass key
@@ -378,7 +380,7 @@ class SessionService:
                 command=req.command, peer=req.peer, started_at=now, ended_at=None,
                 exit_status=None, bytes_in=0, bytes_out=0, recording=writer.location,
                 target_name=req.instance.name, stack=req.instance.stack_id,
-                parent_id=req.parent_id,
+                parent_id=req.parent_id, bastion=self._node_name,
             ))
         except BaseException:
             writer.close()

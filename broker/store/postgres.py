@@ -602,7 +602,7 @@ def _session_from_row(r: Any) -> SessionRecord:
         peer=r["peer"], started_at=r["started_at"], ended_at=r["ended_at"],
         exit_status=r["exit_status"], bytes_in=int(r["bytes_in"]), bytes_out=int(r["bytes_out"]),
         recording=r["recording"], target_name=r["target_name"], stack=r["stack"],
-        parent_id=r["parent_id"],
+        parent_id=r["parent_id"], bastion=r["bastion"],
     )
 
 
@@ -678,11 +678,11 @@ class PostgresSessionIndex:
         async with self._db.acquire("cannot index session") as conn:
             await conn.execute(
                 "INSERT INTO sessions (id, user_name, target, login, grant_id, level, kind,"
-                " command, peer, started_at, recording, target_name, stack, parent_id)"
-                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)",
+                " command, peer, started_at, recording, target_name, stack, parent_id, bastion)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15)",
                 rec.id, rec.user, rec.target, rec.login, rec.grant_id, rec.level, rec.kind,
                 rec.command, rec.peer, _utc(rec.started_at), rec.recording, rec.target_name,
-                rec.stack, rec.parent_id,
+                rec.stack, rec.parent_id, rec.bastion,
             )
 
     async def ended(

@@ -303,6 +303,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX notify_outbox_due ON notify_outbox (next_attempt_at) WHERE status = 'pending';
     CREATE INDEX notify_outbox_status ON notify_outbox (status, seq);
     """,
+    # 12: which bastion of a fleet relays a session (``node_name``); '' for older rows and for
+    # rows written by a broker of the previous version during a rolling upgrade
+    """
+    ALTER TABLE sessions ADD COLUMN bastion TEXT NOT NULL DEFAULT ''
+    """,
 ]
 
 
@@ -829,7 +834,7 @@ def _session_from_row(r: sqlite3.Row) -> SessionRecord:
         peer=r["peer"], started_at=started, ended_at=_dt(r["ended_at"]),
         exit_status=r["exit_status"], bytes_in=r["bytes_in"], bytes_out=r["bytes_out"],
         recording=r["recording"], target_name=r["target_name"], stack=r["stack"],
-        parent_id=r["parent_id"],
+        parent_id=r["parent_id"], bastion=r["bastion"],
     )
 
 
@@ -919,11 +924,11 @@ class SqliteSessionIndex:
     def started(self, rec: SessionRecord) -> None:
         self._c.execute(
             "INSERT INTO sessions (id, user, target, login, grant_id, level, kind, command, peer,"
-            " started_at, recording, target_name, stack, parent_id)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " started_at, recording, target_name, stack, parent_id, bastion)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (rec.id, rec.user, rec.target, rec.login, rec.grant_id, rec.level, rec.kind,
              rec.command, rec.peer, _ts(rec.started_at), rec.recording, rec.target_name,
-             rec.stack, rec.parent_id),
+             rec.stack, rec.parent_id, rec.bastion),
         )
 
     @_on_db_thread

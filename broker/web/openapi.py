@@ -138,6 +138,7 @@ _NULL_STR = {"type": ["string", "null"]}
 _SESSION: dict[str, Any] = {"type": "object", "properties": {
     **{k: {"type": "string"} for k in ("id", "user", "target", "target_name", "stack", "login",
                                        "level", "kind", "peer", "grant_id", "outcome")},
+    "bastion": {"type": "string", "description": "node_name of the bastion that relays it"},
     "command": _NULL_STR, "parent_id": _NULL_STR, "exit_status": _NULL_STR,
     "started_at": _TIME, "ended_at": {"oneOf": [_TIME, {"type": "null"}]},
     "duration_s": {"type": "number"}, "status": {"enum": ["live", "ok", "failed"]},

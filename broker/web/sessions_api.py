@@ -70,6 +70,7 @@ def session_json(v: SessionView, now: datetime) -> dict[str, Any]:
         "id": r.id, "user": r.user, "target": r.target, "target_name": r.target_name,
         "stack": r.stack, "login": r.login, "level": r.level, "kind": r.kind,
         "command": r.command, "peer": r.peer, "grant_id": r.grant_id, "parent_id": r.parent_id,
+        "bastion": r.bastion,
         "started_at": _iso(r.started_at), "ended_at": _iso(r.ended_at),
         "duration_s": round(max((end - r.started_at).total_seconds(), 0.0), 3),
         "exit_status": r.exit_status, "outcome": outcome(r.exit_status, r.kind, ended=ended),

@@ -28,12 +28,13 @@ async def ids(stores: StoreBundle, **kw: object) -> list[str]:
 async def test_new_fields_round_trip(stores: StoreBundle) -> None:
     s = stores.sessions
     rec = make_session("s1", target="i-0abc", target_name="web-1", stack="shop-prod",
-                       parent_id="jump-1")
+                       parent_id="jump-1", bastion="east-2")
     await s.started(rec)
     assert await s.get("s1") == rec
     await s.started(make_session("s2"))  # defaults
     got = await s.get("s2")
-    assert got is not None and (got.target_name, got.stack, got.parent_id) == ("", "", None)
+    assert got is not None
+    assert (got.target_name, got.stack, got.parent_id, got.bastion) == ("", "", None, "")
     [m] = await s.search(SessionQuery(parent_id="jump-1"))
     assert m.record == rec and m.hits == ()
 
@@ -365,7 +366,8 @@ async def test_sqlite_migrates_an_existing_session_index(tmp_path: Path) -> None
         assert db.conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         s = SqliteSessionIndex(db)
         got = await s.get("old-0")
-        assert got is not None and (got.target_name, got.stack, got.parent_id) == ("", "", None)
+        assert got is not None
+        assert (got.target_name, got.stack, got.parent_id, got.bastion) == ("", "", None, "")
         assert [m.record.id for m in await s.search(SessionQuery(user="alice"))] == [
             "old-2", "old-1", "old-0"]
         assert [m.record.id for m in await s.search(SessionQuery(status="live"))] == ["old-0"]
@@ -404,7 +406,8 @@ async def test_postgres_migrates_an_existing_session_index(pg_empty_database: st
         assert await db.versions() == list(range(1, len(PG_MIGRATIONS) + 1))
         s = PostgresSessionIndex(db)
         got = await s.get("old-0")
-        assert got is not None and (got.target_name, got.stack, got.parent_id) == ("", "", None)
+        assert got is not None
+        assert (got.target_name, got.stack, got.parent_id, got.bastion) == ("", "", None, "")
         assert [m.record.id for m in await s.search(SessionQuery(user="alice"))] == [
             "old-2", "old-1", "old-0"]
         await s.index_text("old-1", [TextSegment(1.0, "output", "migrated fine")])

@@ -290,6 +290,7 @@ async def test_a_session_on_another_bastion_is_named_as_such(demo: Demo, tmp_pat
     CLI, instead of waiting for a file that is not here."""
     cfg = demo.variant_config(tmp_path, extra=f'[recordings]\ndir = "{tmp_path / "rec"}"\n'
                               "[web]\nenabled = false\n")
+    cfg.write_text('node_name = "east-2"\n' + cfg.read_text())  # top level: before any section
     other, port = serve_broker(cfg)
     user = demo.take_user()
     proc = await asyncio.create_subprocess_exec(
@@ -304,12 +305,16 @@ async def test_a_session_on_another_bastion_is_named_as_such(demo: Demo, tmp_pat
         async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
             await _login(demo, http, "auditor")
             resp = await http.get(demo.info["web_url"] + f"/api/sessions/{sid}/live")
-            assert resp.status == 409 and (await resp.json())["error"] == "elsewhere"
+            body = await resp.json()
+            assert resp.status == 409 and body["error"] == "elsewhere"
+            assert f"session {sid} is live on bastion east-2" in body["detail"]["message"]
+            detail = await (await http.get(demo.info["web_url"] + f"/api/sessions/{sid}")).json()
+            assert detail["bastion"] == "east-2"
             with pytest.raises(aiohttp.WSServerHandshakeError) as err:
                 await _watch(demo, http, sid)
             assert err.value.status == 409
         r = await asyncio.to_thread(demo.cli, "sessions", "watch", sid, check=False)
-        assert r.returncode != 0 and "another bastion" in r.stderr
+        assert r.returncode != 0 and "live on bastion east-2" in r.stderr
         assert "Traceback" not in r.stderr
     finally:
         proc.kill()

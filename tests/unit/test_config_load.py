@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ def test_minimal_config_defaults_under_state_dir(tmp_path: Path) -> None:
     assert cfg.recordings_dir == state / "recordings"
     assert cfg.audit_path == state / "audit" / "audit.jsonl"
     assert cfg.log_level == "info"
+    assert cfg.node_name == socket.gethostname()  # sessions name the bastion that relays them
     assert cfg.ssh.listen_host == "127.0.0.1"
     assert cfg.ssh.listen_port == 2222
     assert cfg.ssh.kex_algs == DEFAULT_KEX
@@ -127,6 +129,8 @@ def test_unknown_nested_key(tmp_path: Path) -> None:
         ('[store]\nbackend = "mysql"', "store.backend", "'sqlite'"),
         ('[recordings]\nenabled = "maybe"', "recordings.enabled", "valid boolean"),
         ('ssh = "yes"', "ssh", "valid dictionary"),
+        ('node_name = "east 2"', "node_name", "should match pattern"),
+        ('node_name = ""', "node_name", "at least 1 character"),
     ],
 )
 def test_wrong_type_or_value_names_key(tmp_path: Path, body: str, key: str, problem: str) -> None:

@@ -181,8 +181,9 @@ async def test_the_list_shows_each_session_as_the_contract_says(review_env: Revi
     first = s[ok]
     assert set(first) == {
         "id", "user", "target", "target_name", "stack", "login", "level", "kind", "command",
-        "peer", "grant_id", "parent_id", "started_at", "ended_at", "duration_s", "exit_status",
-        "outcome", "status", "bytes_in", "bytes_out", "recorded", "recording_bytes", "hits"}
+        "peer", "grant_id", "parent_id", "bastion", "started_at", "ended_at", "duration_s",
+        "exit_status", "outcome", "status", "bytes_in", "bytes_out", "recorded",
+        "recording_bytes", "hits"}
     assert (first["user"], first["target"], first["target_name"], first["stack"]) == (
         f"rita@{DOMAIN}", "i-0web01", "web01", "stack-web")
     assert first["started_at"].endswith("+00:00") and first["ended_at"].endswith("+00:00")

@@ -249,4 +249,9 @@ MIGRATIONS: list[str] = [
     CREATE INDEX notify_outbox_due ON notify_outbox (next_attempt_at) WHERE status = 'pending';
     CREATE INDEX notify_outbox_status ON notify_outbox (status, seq);
     """,
+    # 9: which bastion of a fleet relays a session (``node_name``); '' for older rows and for
+    # rows written by a broker of the previous version during a rolling upgrade
+    """
+    ALTER TABLE sessions ADD COLUMN bastion text NOT NULL DEFAULT '';
+    """,
 ]

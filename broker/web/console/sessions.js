@@ -330,7 +330,8 @@ export async function sessionPage(root, id, ctx) {
   const summaryOf = (s) => h("section", {"aria-label": "Summary", class: "summary"}, dl([
     ["User", s.user], ["Target", targetText(s)], ["Stack", s.stack], ["Login", s.login],
     ["Level", s.level], ["Kind", s.kind], ["Command", s.command ? h("code", {}, s.command) : null],
-    ["From", s.peer], ["Started", when(s.started_at)], ["Ended", s.ended_at ? when(s.ended_at) : "live"],
+    ["From", s.peer], ["Bastion", s.bastion || null], ["Started", when(s.started_at)],
+    ["Ended", s.ended_at ? when(s.ended_at) : "live"],
     ["Duration", duration(s.duration_s)],
     ["Status", h("span", {}, statusBadge(s.status), " ", s.outcome || s.exit_status || "")],
     ["Bytes in / out", `${bytes(s.bytes_in)} / ${bytes(s.bytes_out)}`],
