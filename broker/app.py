@@ -53,7 +53,7 @@ from broker.ssh import patches
 from broker.ssh.ca import UserCA
 from broker.ssh.jump import host_ca, jump_patterns
 from broker.ssh.keys import load_or_create_key, load_or_create_user_ca
-from broker.ssh.proxy import ProxyListener
+from broker.ssh.proxy import REFUSAL_CODES, ProxyListener
 from broker.ssh.relay import RelayDeps
 from broker.ssh.server import configure_guard, source_guard, start_server
 
@@ -124,7 +124,8 @@ def _diag_server(b: Broker, disk: DiskGuard) -> DiagServer | None:
         directory=lambda: b._directory, throttle=b.stores.throttle,
         disk=disk.status if c.recordings.enabled else None, draining=lambda: b.draining_since,
         backlog=(lambda: read_backlog(spool, c.recordings_dir, c.audit_path, time.time()))
-        if b.shipping.enabled else None, ports=ports)
+        if b.shipping.enabled else None, ports=ports,
+        refusals=b.proxy_refusals if c.ssh.proxy_protocol else None)
 
 
 def _review(config: BrokerConfig, s: Stores, key: VerifyKey) -> ReviewService:
@@ -239,6 +240,11 @@ class Broker:
         self.diag = _diag_server(self, disk_guard)  # /healthz, /readyz, /metrics ([diag])
         self.diag_url: str | None = None  # its base URL once started
         self.reload = BrokerReload(self)  # SIGHUP: the config file again, applied live
+
+    def proxy_refusals(self) -> dict[str, int]:
+        """The PROXY protocol listener's refusals by code, every code present (for /metrics)."""
+        counts = self._acceptor.refusals if isinstance(self._acceptor, ProxyListener) else {}
+        return {code: counts.get(code, 0) for code in REFUSAL_CODES}
 
     async def _ssh_trust(self) -> SshTrust:
         """What ``GET /api/ssh/known_hosts`` publishes (it caches it): the keys as loaded at

@@ -247,8 +247,10 @@ class BrokerCollector(Collector):
                  disk: Callable[[], DiskState] | None = None,
                  backlog: Callable[[], Backlog | None] | None = None,
                  accounts: Callable[[], Awaitable[ThrottleSummary]] | None = None,
+                 refusals: Callable[[], Mapping[str, int]] | None = None,
                  timeout: float = 2.0) -> None:
         self._sessions = sessions
+        self._refusals = refusals  # the PROXY protocol listener's, by code (None: not on)
         self._sources: dict[str, SingleFlight[object]] = {}
         if disk is not None:
             self._sources["recordings_disk"] = SingleFlight(_in_thread(disk), timeout)
@@ -289,6 +291,16 @@ class BrokerCollector(Collector):
                 "of the live recordings started). Near [recordings] sync_interval_seconds "
                 "when healthy; grows while fsync stalls.", value=lag)
         yield from self._figures_metrics(self._figures)
+        if self._refusals is not None:
+            refused = CounterMetricFamily(
+                "bastion_broker_proxy_refusals", "Connections the PROXY protocol listener of "
+                "this process closed before any SSH byte, by reason: untrusted_peer (not in "
+                "[ssh] trusted_proxies), header_timeout, bad_header, closed_before_header (a "
+                "balancer's plain TCP check), listener_closed. The audit's connection.refused "
+                "has each one's detail.", labels=["reason"])
+            for reason, n in sorted(self._refusals().items()):
+                refused.add_metric([reason], n)
+            yield refused
         if self._up:
             up = GaugeMetricFamily(
                 "bastion_broker_metrics_source_up", "1 if the source was read for this scrape, "

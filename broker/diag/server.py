@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -133,12 +133,14 @@ def diag_server_for(settings: DiagSettings, metrics: PrometheusMetrics, sessions
                     throttle: ThrottleStore, disk: Callable[[], DiskState] | None = None,
                     backlog: Callable[[], Backlog | None] | None = None,
                     ports: Sequence[int] | None = None,
-                    draining: Callable[[], datetime | None] | None = None) -> DiagServer:
+                    draining: Callable[[], datetime | None] | None = None,
+                    refusals: Callable[[], Mapping[str, int]] | None = None) -> DiagServer:
     """The listener with its readiness checks and scrape-time sources.
 
     ``directory`` returns the directory in use at each check (a reload may replace it); ``disk``
     is None when nothing is recorded, ``backlog`` None when nothing is shipped; ``draining``
-    says since when this broker drains (None: it does not).
+    says since when this broker drains (None: it does not); ``refusals`` counts the PROXY
+    protocol listener's refusals by code (None: the listener does not take the protocol).
     """
     t = settings.check_timeout_seconds
     checks = [Check("store", reachable(database.ping, "answers"), t),
@@ -149,7 +151,8 @@ def diag_server_for(settings: DiagSettings, metrics: PrometheusMetrics, sessions
     if draining is not None:
         checks.append(Check("draining", draining_probe(draining), t))
     collector = BrokerCollector(sessions, disk=disk, backlog=backlog,
-                                accounts=lambda: throttle.summary(time.time()), timeout=t)
+                                accounts=lambda: throttle.summary(time.time()),
+                                refusals=refusals, timeout=t)
     return DiagServer(settings, metrics, collector, Readiness(checks), ports=ports)
 
 

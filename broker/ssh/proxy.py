@@ -54,12 +54,12 @@ class HeaderProtocol(asyncio.Protocol):
         if peer:
             self._peer = (str(peer[0]), int(peer[1]))
         if not is_trusted(self._peer[0], self._listener.nets):
-            self._refuse("not a trusted proxy")
+            self._refuse("not a trusted proxy", "untrusted_peer")
             return
         self._listener.pending.add(self)
         self._timer = asyncio.get_running_loop().call_later(
             self._listener.timeout, self._refuse,
-            f"no PROXY header within {self._listener.timeout:g} s")
+            f"no PROXY header within {self._listener.timeout:g} s", "header_timeout")
 
     def data_received(self, data: bytes) -> None:
         if self._done:
@@ -69,7 +69,7 @@ class HeaderProtocol(asyncio.Protocol):
         if isinstance(result, NeedMore):
             return
         if isinstance(result, ProxyError):
-            self._refuse(result.reason)
+            self._refuse(result.reason, "bad_header")
             return
         self._finish()
         client = result.source if not result.local and result.source else self._peer
@@ -79,11 +79,11 @@ class HeaderProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._done:  # the peer went away first (a balancer's plain TCP check)
             self._finish()
-            self._listener.refusals["closed before a PROXY header"] += 1
+            self._listener.refusals["closed_before_header"] += 1
             log.debug("connection.closed_before_proxy_header", peer=_text(self._peer))
 
     def abort(self) -> None:
-        self._refuse("the listener closed")
+        self._refuse("the listener closed", "listener_closed")
 
     def _finish(self) -> None:
         self._done = True
@@ -92,13 +92,20 @@ class HeaderProtocol(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    def _refuse(self, reason: str) -> None:
+    def _refuse(self, reason: str, code: str) -> None:
         if self._done:
             return
         self._finish()
         if self._transport is not None:
             self._transport.abort()
-        self._listener.refused(self._peer, f"proxy protocol: {reason}")
+        self._listener.refused(self._peer, f"proxy protocol: {reason}", code)
+
+
+# why a connection was closed before SSH: a peer outside trusted_proxies, no header in time, a
+# malformed or unsupported header, a peer (a balancer's TCP check) that went away before its
+# header, and connections still waiting for one when the listener closed
+REFUSAL_CODES = ("untrusted_peer", "header_timeout", "bad_header", "closed_before_header",
+                 "listener_closed")
 
 
 def _text(peer: Address) -> str:
@@ -107,8 +114,8 @@ def _text(peer: Address) -> str:
 
 class ProxyListener:
     """The listening server; what ``asyncssh.SSHAcceptor`` offers the broker (``get_port``,
-    ``close``, ``wait_closed``). ``refusals`` counts closed connections by reason in this
-    process."""
+    ``close``, ``wait_closed``). ``refusals`` counts closed connections in this process by a
+    bounded code (``REFUSAL_CODES``: the metrics' label values; the audit has the whole reason)."""
 
     def __init__(self, server_factory: ServerFactory,
                  options: asyncssh.SSHServerConnectionOptions, trusted_proxies: Sequence[str],
@@ -149,8 +156,8 @@ class ProxyListener:
             self._options, server_factory=lambda: self._factory(client))
         self._serve(transport, options, first)
 
-    def refused(self, peer: Address, reason: str) -> None:
-        self.refusals[reason] += 1
+    def refused(self, peer: Address, reason: str, code: str) -> None:
+        self.refusals[code] += 1
         log.info("connection.refused", peer=_text(peer), reason=reason)
         self._on_refused(_text(peer), reason)
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,23 +51,26 @@ class Lab:
     v1: int
     plain: int
     log: list[bytes]
+    diag: int  # the broker's diagnostics port (/metrics)
 
 
 @pytest.fixture(scope="module")
 def lab(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """A second broker with ``proxy_protocol`` and HAProxy in front of it (and of the demo)."""
     tmp = tmp_path_factory.mktemp("proxyproto")
+    diag = free_port()
     cfg = demo.variant_config(
         tmp, ssh="proxy_protocol = true\ntrusted_proxies = ['127.0.0.1/32']\n"
                  "proxy_header_timeout_seconds = 1",
         limits="source_penalty_after = 3\nsource_penalty_seconds = 60\n"
-               "account_free_failures = 20")
+               "account_free_failures = 20",
+        extra=f"[diag]\nenabled = true\nlisten_port = {diag}\n")
     broker, port = serve_broker(cfg)
     log: list[bytes] = []
     assert broker.stderr is not None
     drain = threading.Thread(target=lambda: log.extend(broker.stderr or ()), daemon=True)
     drain.start()  # its log, read to the end (a full pipe would stall it)
-    lab = Lab(port, free_port(), free_port(), free_port(), log)
+    lab = Lab(port, free_port(), free_port(), free_port(), log, diag)
     sections = HAPROXY_SECTIONS.format(v2=lab.v2, v1=lab.v1, plain=lab.plain, broker=port,
                                        demo=demo.port)
     try:
@@ -159,6 +164,27 @@ def test_trusted_peer_without_a_valid_header_is_closed(demo: Demo, lab: Lab) -> 
     assert _raw(lab.broker_port, "127.0.0.1", b"PROXY TCP4 10.0.0.1", wait=10) == b""
     assert 0.8 < time.monotonic() - t0 < 5  # proxy_header_timeout_seconds = 1
     assert _refused(demo, "127.0.0.1", "no PROXY header within 1 s")
+
+
+def _proxy_refusals(lab: Lab) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{lab.diag}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'^bastion_broker_proxy_refusals_total\{reason="([a-z_]+)"\} (\S+)$', text, re.M)}
+
+
+def test_refusals_are_counted_in_metrics_by_reason(demo: Demo, lab: Lab) -> None:
+    """Each refusal adds one to its bounded reason; every reason is exported from the start."""
+    before = _proxy_refusals(lab)
+    assert set(before) == {"untrusted_peer", "header_timeout", "bad_header",
+                           "closed_before_header", "listener_closed"}, before
+    assert _raw(lab.broker_port, "127.0.0.9", b"PROXY TCP4 10.9.9.9 127.0.0.1 4 22\r\n") == b""
+    assert _raw(lab.broker_port, "127.0.0.1", b"PROXY TCP9 what\r\n") == b""
+    assert _raw(lab.broker_port, "127.0.0.1", b"PROXY TCP4 10.0.0.1", wait=10) == b""
+    after = _proxy_refusals(lab)
+    for reason in ("untrusted_peer", "bad_header", "header_timeout"):
+        assert after[reason] - before[reason] >= 1, (reason, before, after)
+    assert after["listener_closed"] == before["listener_closed"]  # none of these
 
 
 async def test_without_proxy_protocol_a_header_is_a_failed_handshake(
