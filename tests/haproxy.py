@@ -90,6 +90,21 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 15
     raise AssertionError(f"haproxy is not listening on {port}")
 
 
+def _wait_stats_socket(h: HAProxy, timeout: float = 15) -> None:
+    """The TCP listeners may accept before the stats socket is in place (HAProxy binds it as a
+    temporary file and renames it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert h.proc.poll() is None, f"haproxy exited:\n{h.text()[-3000:]}"
+        try:
+            if "Pid:" in h.command("show info"):
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"no stats socket at {h.sock}"
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def running(workdir: Path, sections: str, ports: Iterable[int]) -> Iterator[HAProxy]:
     """HAProxy with ``sections`` (frontends, backends) in ``workdir``, listening on ``ports``."""
@@ -106,6 +121,7 @@ def running(workdir: Path, sections: str, ports: Iterable[int]) -> Iterator[HAPr
     try:
         for p in ports:
             wait_listening(p, proc)
+        _wait_stats_socket(h)
         yield h
     finally:
         proc.terminate()
