@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -227,8 +228,11 @@ def target_mem(root: int) -> tuple[int, int, int]:
 
 
 def renice(pid: int, value: int) -> None:
+    """Every thread of ``pid`` (Linux applies niceness per thread; new ones inherit it)."""
     with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, pid, value)
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, int(tid), value)
 
 
 def target_listeners(root: int) -> list[int]:
@@ -241,9 +245,14 @@ def target_listeners(root: int) -> list[int]:
     return out
 
 
-def unnice_probe(root: int, deadline: float) -> bool:
-    """Give the probe's target side (its ``cat`` and the sshd processes above it) niceness 0
-    again: on a real bastion the target is another machine, not one sharing the load's CPU."""
+def unnice_probe(root: int, deadline: float, value: int) -> bool:
+    """Give the probe's client and target side (its ``ssh``, its ``cat`` and the sshd processes
+    above it) niceness ``value``: on a real bastion they are other machines, not ones sharing
+    the load's CPU."""
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "ssh":
+                renice(pid, value)
     listeners = set(target_listeners(root))
     while time.monotonic() < deadline:
         for pid in descendants(root):
@@ -254,7 +263,7 @@ def unnice_probe(root: int, deadline: float) -> bool:
                 for _ in range(10):
                     if p in listeners or p <= 1:
                         return True
-                    renice(p, 0)
+                    renice(p, value)
                     stat = Path(f"/proc/{p}/stat").read_text()
                     p = int(stat[stat.rindex(")") + 2:].split()[1])
         time.sleep(0.02)
@@ -419,9 +428,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bb-capacity-") as tmp:
         demo = start_demo(Path(tmp) / "state", users=args.sessions + 10, workers=args.workers)
         children: list[subprocess.Popen[str]] = []
+        listeners: list[int] = []
         try:
             time.sleep(2.0)
             pids = broker_pids(demo.proc.pid)
+            for pid in pids:
+                renice(pid, args.broker_nice)
+            listeners = target_listeners(demo.proc.pid)
             fresh = sample(pids)
             res["fresh"] = vars(fresh)
             res["broker_processes"] = len(pids)
@@ -430,7 +443,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             kinds = mix(args.sessions, args.typing, args.bulk)
             load = [{**u, "kind": k} for u, k in zip(users, kinds, strict=False)]
             per = max(1, args.login_concurrency // args.load_procs)
-            for pid in target_listeners(demo.proc.pid):
+            for pid in listeners:
                 renice(pid, args.nice)
             t0, cpu0 = time.monotonic(), broker_cpu(pids)
             for i in range(args.load_procs):
@@ -472,8 +485,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             thread = threading.Thread(target=probe, daemon=True)
             thread.start()
             t1, cpu1, busy1 = time.monotonic(), broker_cpu(pids), machine_busy_seconds()
-            if args.nice:
-                res["probe_unniced"] = unnice_probe(demo.proc.pid, t1 + 30)
+            if args.nice or args.broker_nice:
+                res["probe_reniced"] = unnice_probe(demo.proc.pid, t1 + 30, args.broker_nice)
             samples: list[Sample] = []
             lags: list[float] = []
             # the window: --seconds, and until the probe has taken its samples
@@ -506,6 +519,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                "max": round(max(echo), 3), "samples": len(echo)}
                               if echo else None)
             res["echo_errors"] = echo_err
+            res["echo_samples_ms"] = [round(v, 3) for v in echo]
             sessions: list[dict[str, Any]] = []
             for p in children:
                 sessions += _event(p, "done")["sessions"]
@@ -525,8 +539,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 if p.poll() is None:
                     p.kill()
                     p.wait(10)
-            stop_demo(demo)
+            stop(demo, listeners)
     return res
+
+
+def stop(demo: Demo, listeners: list[int]) -> None:
+    """Stop the demo; it may take minutes after 1,000 sessions (each ended session's recording
+    is rendered and sealed in the background), more than ``stop_demo`` waits before it kills
+    the demo, which would leave its sshd targets behind: those are stopped here too."""
+    demo.proc.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        demo.proc.wait(300)
+    stop_demo(demo)
+    for pid in listeners:
+        with contextlib.suppress(OSError):
+            if b"[listener]" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGTERM)
 
 
 def row(r: dict[str, Any]) -> str:
@@ -557,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nice", type=int, default=10,
                     help="niceness of the load processes and the target's sshd (10; 0: none): "
                          "clients and targets are other machines on a real bastion")
+    ap.add_argument("--broker-nice", type=int, default=0,
+                    help="niceness of the broker and the echo probe's client and target (0; "
+                         "-10 approximates a broker with a machine of its own)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
