@@ -270,6 +270,20 @@ def unnice_probe(root: int, deadline: float, value: int) -> bool:
     return False
 
 
+def cpu_of(pids: list[int]) -> dict[int, float]:
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            out[pid] = cpu_seconds(pid)
+    return out
+
+
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds between two ``cpu_of`` of the processes alive at both (the shells, their
+    sshd and the load processes live through the window)."""
+    return sum(after[p] - before[p] for p in before.keys() & after.keys())
+
+
 def status_field(pid: int, name: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(name + ":"):
@@ -484,9 +498,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             _tell(children, "go")
             thread = threading.Thread(target=probe, daemon=True)
             thread.start()
-            t1, cpu1, busy1 = time.monotonic(), broker_cpu(pids), machine_busy_seconds()
             if args.nice or args.broker_nice:
-                res["probe_reniced"] = unnice_probe(demo.proc.pid, t1 + 30, args.broker_nice)
+                res["probe_reniced"] = unnice_probe(demo.proc.pid, time.monotonic() + 30,
+                                                    args.broker_nice)
+            time.sleep(1.0)  # the bulk shells' printers have started
+            others = [p for p in descendants(demo.proc.pid) if p not in set(pids)]
+            load_pids = [c.pid for c in children]
+            t1, cpu1, busy1 = time.monotonic(), broker_cpu(pids), machine_busy_seconds()
+            others1, load1 = cpu_of(others), cpu_of(load_pids)
             samples: list[Sample] = []
             lags: list[float] = []
             # the window: --seconds, and until the probe has taken its samples
@@ -501,6 +520,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             wall = time.monotonic() - t1
             res["window_seconds"] = round(wall, 1)
             res["cpu_percent_of_core"] = round(100 * (broker_cpu(pids) - cpu1) / wall, 1)
+            res["target_cpu_percent_of_core"] = round(
+                100 * cpu_delta(others1, cpu_of(others)) / wall, 1)
+            res["load_procs_cpu_percent_of_core"] = round(
+                100 * cpu_delta(load1, cpu_of(load_pids)) / wall, 1)
             res["machine_busy_percent"] = round(
                 100 * (machine_busy_seconds() - busy1) / wall / (os.cpu_count() or 1), 1)
             res["load_during"] = os.getloadavg()
