@@ -289,7 +289,11 @@ class GrantStore(Protocol):
 
     async def search(self, *, username: str | None = None, stack: str | None = None,
                      states: list[str] | None = None, since: datetime | None = None,
-                     until: datetime | None = None, limit: int = 500) -> list[Grant]: ...
+                     until: datetime | None = None, expires_before: datetime | None = None,
+                     limit: int = 500) -> list[Grant]:
+        """Newest first: ``since`` keeps grants that end at or after it, ``until`` those that
+        start at or before it, ``expires_before`` those that end before it."""
+        ...
 
     async def list(self, *, username: str | None = None) -> list[Grant]:
         """All grants (of one user), oldest first. Last: its name shadows ``list`` below it."""

@@ -44,7 +44,7 @@ LEASE_MARGIN = timedelta(seconds=60)  # a claim outlives the send's time limit b
 SWEEP_INTERVAL = 30.0  # seconds between looks for grants that end soon
 PRUNE_INTERVAL = 3600.0  # seconds between removals of old sent/failed rows
 PRUNE_BATCH = 5000  # rows deleted per statement (short transactions beside the sends)
-SWEEP_BATCH = 5000  # approved grants looked at per sweep
+SWEEP_BATCH = 5000  # grants ending within the window looked at per sweep
 ADMIN_SESSION_KINDS = frozenset({"shell", "exec", "subsystem", "jump"})  # not each tunnel
 
 
@@ -154,8 +154,10 @@ class ExpiringSoon:
         """Queue the announcements due now; returns how many grants were new to the outbox."""
         now = self._clock.now()
         done = 0
+        # only those ending within the window: however many grants are live, none is missed
+        # unless more than SWEEP_BATCH end within one window
         for g in await self._grants.search(states=[GrantState.APPROVED.value], since=now,
-                                           limit=SWEEP_BATCH):
+                                           expires_before=now + self.window, limit=SWEEP_BATCH):
             if not g.live_at(now) or g.expires_at - now > self.window:
                 continue
             n = self._notifier

@@ -299,7 +299,7 @@ class PostgresGrantStore:
 
     async def search(self, *, username: str | None = None, stack: str | None = None,
                      states: builtins.list[str] | None = None, since: datetime | None = None,
-                     until: datetime | None = None,
+                     until: datetime | None = None, expires_before: datetime | None = None,
                      limit: int = 500) -> builtins.list[Grant]:
         """Filtered listing, newest first. ``states`` are stored states (expired is derived).
 
@@ -312,10 +312,12 @@ class PostgresGrantStore:
                 " AND ($3::text[] IS NULL OR state = ANY($3))"
                 " AND ($4::timestamptz IS NULL OR expires_at >= $4)"
                 " AND ($5::timestamptz IS NULL OR starts_at <= $5)"
+                " AND ($7::timestamptz IS NULL OR expires_at < $7)"
                 " ORDER BY created_at DESC, seq DESC LIMIT $6",
                 username.casefold() if username else None, stack or None, states or None,
                 _utc(since) if since else None, _utc(until) if until else None,
                 limit if limit >= 0 else None,
+                _utc(expires_before) if expires_before else None,
             )
         return [_grant_from_row(r) for r in rows]
 

@@ -529,7 +529,8 @@ class SqliteGrantStore:
     @_on_db_thread
     def search(self, *, username: str | None = None, stack: str | None = None,
                states: list[str] | None = None, since: datetime | None = None,
-               until: datetime | None = None, limit: int = 500) -> list[Grant]:
+               until: datetime | None = None, expires_before: datetime | None = None,
+               limit: int = 500) -> list[Grant]:
         """Filtered listing, newest first. ``states`` are stored states (expired is derived)."""
         sql = ["SELECT * FROM grants WHERE 1=1"]
         args: list[object] = []
@@ -548,6 +549,9 @@ class SqliteGrantStore:
         if until:
             sql.append("AND starts_at <= ?")
             args.append(_ts(until))
+        if expires_before:
+            sql.append("AND expires_at < ?")
+            args.append(_ts(expires_before))
         sql.append("ORDER BY created_at DESC LIMIT ?")
         args.append(limit)
         return [_grant_from_row(r) for r in self._c.execute(" ".join(sql), args)]

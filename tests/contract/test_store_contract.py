@@ -209,6 +209,9 @@ async def test_grant_search(stores: StoreBundle) -> None:
     assert await ids(states=[]) == ["g4", "g3", "g2", "g1"]
     assert await ids(since=T0 + timedelta(hours=2)) == ["g4", "g3", "g2"]  # expires_at >= since
     assert await ids(until=(T0 + timedelta(hours=1)).astimezone(CET)) == ["g2", "g1"]
+    assert await ids(expires_before=T0 + timedelta(hours=3)) == ["g2", "g1"]  # strictly before
+    assert await ids(since=T0 + timedelta(hours=2), expires_before=T0 + timedelta(hours=4)) == [
+        "g3", "g2"]
     assert await ids(username="bob", stack="web", states=["revoked"]) == ["g3"]
     assert await ids(limit=2) == ["g4", "g3"]
     assert await ids(limit=0) == []

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -254,13 +254,32 @@ async def test_expiring_soon_once_per_grant_and_end_across_brokers(rig: Rig) -> 
     # an extension moves the end: announced again when the new end comes near
     soon = await grants.get("g-soon")
     assert soon is not None
-    from dataclasses import replace
     await grants.update(replace(soon, expires_at=now + timedelta(hours=1)),
                         HistoryEntry(soon.id, now, "approver", "extended", "", "approved"))
     assert await sweep.sweep() == 0
     rig.clock.advance(40 * 60)
     assert await sweep.sweep() == 2  # g-soon's new end, and g-later's
     assert len(await rig.store.listing()) == 3
+
+
+async def test_expiring_soon_finds_an_old_grant_behind_many_newer_ones(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep asks the store for grants ending within the window, not for the newest ones:
+    an old grant about to end is found behind any number of newer, longer ones."""
+    import broker.services.notify as service
+    monkeypatch.setattr(service, "SWEEP_BATCH", 3)
+    grants = SqliteGrantStore(rig.db)
+    now = rig.clock.now()
+    old = _grant("g-old", now, timedelta(minutes=10))
+    await grants.create(replace(old, created_at=now - timedelta(days=2)),
+                        HistoryEntry(old.id, now, "alice", "requested", "", "approved"))
+    for i in range(5):
+        g = _grant(f"g-new-{i}", now, timedelta(hours=6))
+        await grants.create(g, HistoryEntry(g.id, now, "alice", "requested", "", "approved"))
+    n, _ = rig.dispatcher({"hook": "ok"})
+    assert await ExpiringSoon(grants, n, rig.clock, timedelta(minutes=30)).sweep() == 1
+    [row] = await rig.store.listing()
+    assert row.event_json()["data"]["grant_id"] == "g-old"
 
 
 class Broken:
