@@ -1,8 +1,9 @@
 """``config check``: validate the configuration as the broker would read it, like ``sshd -t``.
 
 The same reading a start or a reload does (the config file, then the inventory and static users
-files it names), without starting anything or touching the state directory: run it before
-``systemctl reload`` to see the file/key/problem message on the terminal instead of in the log.
+files it names, the AD bind password and notification secret files), without starting anything
+or touching the state directory: run it before ``systemctl reload`` to see the file/key/problem
+message on the terminal instead of in the log.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         instances = asyncio.run(_count(inventory))
         detail[-1] += f" ({instances} instance{'s' if instances != 1 else ''})"
     detail.append(f"input not echoed: {r.input}")
+    from broker.notify.channels import check_files
+
+    channels = check_files(config.notify)  # secret files are read at start: missing ones fail
+    if channels:
+        detail.append(f"notify: {channels} channel{'s' if channels != 1 else ''}")
     out(f"{path}: OK ({', '.join(detail)})")
     return 0
 

@@ -6,6 +6,7 @@ file, never its content).
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 from broker.config import EmailChannel, NotifySettings, WebhookChannel
@@ -56,6 +57,24 @@ def _email(c: EmailChannel, timeout: float) -> EmailChannelSender:
     sender = EmailSender(c.smtp_host, c.smtp_port, c.security, c.username, password,
                          c.from_addr, c.ca_file, timeout)
     return EmailChannelSender(c.name, list(c.to), sender)
+
+
+def check_files(settings: NotifySettings) -> int:
+    """Read every channel's secret and password file and load every e-mail CA file, as a start
+    would (``config check``); ConfigError names the first that fails. Returns the channels."""
+    for w in settings.webhooks:
+        if w.secret_file is not None:
+            _secret(w.secret_file, f"[[notify.webhooks]] {w.name} secret_file")
+    for e in settings.email:
+        if e.password_file is not None:
+            _secret(e.password_file, f"[[notify.email]] {e.name} password_file")
+        if e.ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=str(e.ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"[[notify.email]] {e.name} ca_file: cannot load {e.ca_file}: "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from None
+    return len(settings.webhooks) + len(settings.email)
 
 
 def senders(settings: NotifySettings, sessions: ClientSessions

@@ -184,6 +184,39 @@ def test_config_check_names_the_file_key_and_problem(demo: Demo, tmp_path: Path)
     assert r.stderr.count("\n") == 1
 
 
+def test_config_check_reads_the_notification_secret_files(demo: Demo, tmp_path: Path) -> None:
+    """A missing or empty secret file would stop the broker at start: the check says so first."""
+    secret, ca = tmp_path / "hook.secret", tmp_path / "smtp-ca.pem"
+    cfg = demo.variant_config(tmp_path, extra=(
+        '[[notify.webhooks]]\nname = "siem"\nurl = "https://siem.example.com/hook"\n'
+        f'secret_file = "{secret}"\n'
+        '[[notify.email]]\nname = "sec"\nsmtp_host = "mail.example.com"\n'
+        f'from_addr = "bastion@example.com"\nto = ["sec@example.com"]\nca_file = "{ca}"\n'))
+    r = _run(["--config", str(cfg), "config", "check"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr == (f"bastion-broker: error: [[notify.webhooks]] siem secret_file: cannot "
+                        f"read {secret}: No such file or directory\n")
+    secret.write_text("\n")
+    r = _run(["--config", str(cfg), "config", "check"])
+    assert r.returncode == 2 and f"siem secret_file: {secret} is empty" in r.stderr
+    secret.write_text("s3cret\n")
+    ca.write_text("not a certificate\n")
+    r = _run(["--config", str(cfg), "config", "check"])
+    assert r.returncode == 2 and f"sec ca_file: cannot load {ca}" in r.stderr, r.stderr
+    ca.write_text(_a_pem(tmp_path))
+    r = _run(["--config", str(cfg), "config", "check"])
+    assert r.returncode == 0, r.stderr
+    assert "notify: 2 channels" in r.stdout and "s3cret" not in r.stdout + r.stderr
+
+
+def _a_pem(tmp: Path) -> str:
+    """A self-signed certificate (PEM) made with openssl."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ed25519", "-nodes", "-subj", "/CN=ca",
+                    "-keyout", str(tmp / "k.pem"), "-out", str(tmp / "c.pem"), "-days", "1"],
+                   check=True, capture_output=True)
+    return (tmp / "c.pem").read_text()
+
+
 def test_the_daemon_log_is_json_lines_only(demo: Demo) -> None:
     """Dependency warnings at start (asyncssh's DSA import under recent cryptography, say) and
     libraries' own logging come out as JSON events, never as raw text in the log."""
