@@ -4,7 +4,7 @@ The command sends SIGQUIT (the signal nginx and Teleport drain on) to the broker
 it finds: ``STATE_DIR/broker.pid``, written by ``serve`` once it listens (the parent's pid with
 ``[ssh] workers``: it passes the signal on) and removed when it exits. What a drain does is in
 ``broker.app.Broker.drain``. ``--pid`` names the process instead (under systemd also
-``systemctl kill -s QUIT --kill-who=main bastion-broker``); ``--wait`` returns when it has exited.
+``systemctl kill -s QUIT --kill-whom=main bastion-broker``); ``--wait`` returns when it has exited.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_drain_serves_the_window_then_refuses_and_exits_when_the_last_session_ends(
     demo: Demo, tmp_path: Path
 ) -> None:
-    cfg = drain_config(demo, tmp_path, "drain_accept_seconds = 5\ndrain_seconds = 300\n")
+    cfg = drain_config(demo, tmp_path, "drain_accept_seconds = 8\ndrain_seconds = 300\n")
     log = tmp_path / "broker.log"
     log.touch()
     broker = BrokerProcess(cfg, log)
@@ -88,10 +88,13 @@ def test_drain_serves_the_window_then_refuses_and_exits_when_the_last_session_en
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert waiter.stdout is not None
         assert waiter.stdout.readline().startswith(f"drain requested: broker {broker.proc.pid} ")
-        # the balancer's next health check takes it out at once
+        # the balancer's next health check takes it out: as soon as the broker has the signal
+        wait_for(lambda: readyz(url)[0] == 503, "/readyz to fail", timeout=30)
         status, body = readyz(url)
-        assert status == 503
         assert body["failing"] == ["draining"]
+        assert body["status"] == "not ready"
+        assert "draining since " in next(c["detail"] for c in body["checks"]
+                                         if c["name"] == "draining")
         # sent before the balancer noticed: accepted and served, although the drain has begun
         in_window = subprocess.run(
             [*demo.ssh_args(f"{window_user}+web01", port=broker.port, known_hosts=kh),
