@@ -178,9 +178,11 @@ class Demo:
 
 
 def start_demo(state_dir: Path, users: int = 300, workers: int = 1,
-               env: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> Demo:
+               env: dict[str, str] | None = None, extra: tuple[str, ...] = (),
+               new_session: bool = False) -> Demo:
     """``bastion-broker demo`` in a process of its own (``env``: its environment, default ours;
-    ``extra``: more demo options, e.g. ``--rdp``)."""
+    ``extra``: more demo options, e.g. ``--rdp``; ``new_session``: in a session of its own, so
+    also its own scheduler autogroup, as bench/capacity.py wants)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     stderr_path = state_dir.parent / f"{state_dir.name}.stderr"
     err = open(stderr_path, "wb")
@@ -188,6 +190,7 @@ def start_demo(state_dir: Path, users: int = 300, workers: int = 1,
         [str(BIN), "demo", "--state-dir", str(state_dir), "--users", str(users),
          "--workers", str(workers), *extra],
         stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, env=env,
+        start_new_session=new_session,
     )
     err.close()
     demo_json = state_dir / "demo.json"
