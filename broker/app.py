@@ -40,6 +40,7 @@ from broker.services.access import AccessService
 from broker.services.account_check import AccountChecker, AccountEnforcer
 from broker.services.auth import Authenticator, TotpSecondFactor
 from broker.services.enforcement import GrantEnforcer
+from broker.services.fleet import FleetWatch
 from broker.services.grants import GrantService
 from broker.services.locks import LockGate, LockService
 from broker.services.notify import Dispatcher, ExpiringSoon, Notifier
@@ -225,6 +226,9 @@ class Broker:
                                       **enforcer_settings(config), locks=s.locks)
         self.locks = LockService(s.locks, s.audit, s.clock,  # kill and lock through the API
                                  notifier=self.notifier)
+        self.fleet = FleetWatch(s.fleet, s.audit, s.clock, config.node_name,
+                                heartbeat=lambda: self.config.fleet.heartbeat_seconds,
+                                lost_after=lambda: self.config.fleet.lost_after_seconds)
         if self.web is not None:
             self.web.use_locks(self.locks)
             self.web.use_notify(self.dispatcher)
@@ -285,6 +289,7 @@ class Broker:
         self.dispatcher.start()  # notifications: this broker sends what the outbox holds
         self.expiring.start()
         self.locks.start()  # a lock that reaches its end is audited once (lock.expired)
+        self.fleet.start()  # heartbeats; closes what a bastion that went silent left open
         self._checkpoints = asyncio.create_task(self._sign_audit_periodically())
         self.sessions.start_maintenance()
         self.shipping.start()
@@ -352,6 +357,7 @@ class Broker:
         await self.dispatcher.stop()
         await self.notify_http.close()
         await self.locks.stop()
+        await self.fleet.stop()
         await self.account_enforcer.stop()
         if self._acceptor is not None:
             self._acceptor.close()

@@ -363,6 +363,21 @@ class ShutdownSettings(_Model):
         return self
 
 
+class FleetSettings(_Model):
+    # every bastion records that it is alive this often in the shared store...
+    heartbeat_seconds: float = Field(default=10.0, gt=0, le=300)
+    # ...and closes as lost the sessions still open on one not seen for this long
+    lost_after_seconds: float = Field(default=120.0, gt=0, le=7 * 86400)
+
+    @model_validator(mode="after")
+    def _three_beats(self) -> FleetSettings:
+        if self.lost_after_seconds < 3 * self.heartbeat_seconds:
+            raise ValueError(f"lost_after_seconds ({self.lost_after_seconds:g}) must be at least "
+                             f"3 heartbeats ({3 * self.heartbeat_seconds:g}): one late beat "
+                             "must not close a live bastion's sessions")
+        return self
+
+
 class ForwardingSettings(_Model):
     """Port forwarding (ssh -L/-D, RDP tunnels): only to granted instances, on these ports."""
 
@@ -493,6 +508,7 @@ class BrokerConfig(_Model):
     shipping: ShippingSettings = ShippingSettings()  # copies to S3 / CloudWatch Logs
     forwarding: ForwardingSettings = ForwardingSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
+    fleet: FleetSettings = FleetSettings()  # heartbeats; sessions of a silent bastion
     notify: NotifySettings = NotifySettings()  # webhooks and e-mail
 
     # Resolved paths: everything defaults to a place under state_dir.

@@ -300,6 +300,43 @@ class GrantStore(Protocol):
         ...
 
 
+# -- the fleet: which bastions are alive, and the sessions of one that went silent -------------
+@dataclass(frozen=True, slots=True)
+class Bastion:
+    name: str  # its ``node_name``
+    started_at: datetime  # when the process that beat last started
+    seen_at: datetime  # its last heartbeat
+
+
+class FleetStore(Protocol):
+    """Heartbeats of the bastions sharing the store, and the open session rows of silent ones:
+    a bastion that dies and never comes back (a replaced instance) cannot close its own."""
+
+    async def beat(self, name: str, now: datetime, started_at: datetime) -> None:
+        """``name`` is alive at ``now``, in a process started at ``started_at``."""
+        ...
+
+    async def bastions(self) -> builtins.list[Bastion]:
+        """Every bastion that ever beat, by name."""
+        ...
+
+    async def stranded(self, silent_since: datetime, exclude: str,
+                       limit: int) -> builtins.list[tuple[SessionRecord, datetime]]:
+        """Open sessions of bastions (not ``exclude``) last seen before ``silent_since``, each
+        with that last heartbeat; oldest first, at most ``limit``."""
+        ...
+
+    async def close_stranded(self, session_id: str, bastion: str, ended_at: datetime,
+                             exit_status: str) -> bool:
+        """Close the row if it is still open and still ``bastion``'s: True for exactly one of
+        several bastions trying at once (that one audits it)."""
+        ...
+
+    async def reopen_stranded(self, session_id: str, exit_status: str) -> None:
+        """Undo ``close_stranded`` (its audit line failed): open again if still so closed."""
+        ...
+
+
 # -- locks and kill requests: incident brakes shared by every bastion on the store --------------
 class LockStore(Protocol):
     """Locks (user, target, stack) and requests to end one live session, in the store every

@@ -37,6 +37,7 @@ LIVE_KEYS: dict[str, frozenset[str] | None] = {
     "totp": frozenset({"self_enroll", "reauth_window_seconds", "issuer"}),
     "ssh": frozenset({"window_bytes", "max_packet_bytes", "session_idle_timeout_seconds"}),
     "shutdown": None,
+    "fleet": None,
 }
 
 

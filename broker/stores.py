@@ -24,6 +24,7 @@ from broker.ports import (
     AuditSink,
     Clock,
     Database,
+    FleetStore,
     GrantStore,
     KeyStore,
     LockStore,
@@ -49,6 +50,7 @@ from broker.store.sqlite import (
     SqliteThrottleStore,
     SqliteTotpStore,
 )
+from broker.store.sqlite_fleet import SqliteFleetStore
 from broker.store.sqlite_locks import SqliteLockStore
 from broker.store.sqlite_notify import SqliteNotificationStore
 
@@ -66,6 +68,7 @@ class Stores:
     sessions: SessionIndex
     locks: LockStore  # locks and kill requests (incident brakes)
     notify: NotificationStore  # the notification outbox
+    fleet: FleetStore  # heartbeats; sessions of a bastion that went silent
     recordings: RecordingSink
     audit: AuditLog
     clock: Clock
@@ -147,7 +150,7 @@ def open_stores(config: BrokerConfig, access: Access = "command") -> Stores:
         reauth=SqliteReauthStore(db),
         tokens=SqliteApiTokenStore(db),
         sessions=SqliteSessionIndex(db), locks=SqliteLockStore(db),
-        notify=SqliteNotificationStore(db), recordings=recordings,
+        notify=SqliteNotificationStore(db), fleet=SqliteFleetStore(db), recordings=recordings,
         audit=audit, clock=clock,
         database=db, closer=close,
     )
@@ -181,6 +184,7 @@ async def connect_stores(config: BrokerConfig, access: Access = "command") -> St
     if config.store.backend == "sqlite":
         return open_stores(config, access)
     from broker.store import postgres as pg
+    from broker.store.postgres_fleet import PostgresFleetStore
     from broker.store.postgres_locks import PostgresLockStore
     from broker.store.postgres_notify import PostgresNotificationStore
 
@@ -196,6 +200,6 @@ async def connect_stores(config: BrokerConfig, access: Access = "command") -> St
         throttle=pg.PostgresThrottleStore(db), keys=pg.PostgresKeyStore(db, parse_public_key),
         reauth=pg.PostgresReauthStore(db), tokens=pg.PostgresApiTokenStore(db),
         sessions=pg.PostgresSessionIndex(db), locks=PostgresLockStore(db),
-        notify=PostgresNotificationStore(db),
+        notify=PostgresNotificationStore(db), fleet=PostgresFleetStore(db),
         recordings=recordings, audit=audit, clock=clock, database=db, closer=db.close,
     )

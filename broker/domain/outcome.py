@@ -13,6 +13,9 @@ from __future__ import annotations
 CLOSED = "closed"
 # the exit status of a session whose target closed the channel without an exit status
 NO_EXIT_STATUS = "ended:no exit status"
+# the exit status another bastion gives the open sessions of one that went silent
+# (``broker.services.fleet``)
+LOST = "lost"
 
 
 def outcome(exit_status: str | None, kind: str = "shell", *, ended: bool = True) -> str:
@@ -29,6 +32,8 @@ def outcome(exit_status: str | None, kind: str = "shell", *, ended: bool = True)
         return "closed" if kind == "tunnel" else "closed by client"
     if exit_status == "interrupted":
         return "ended: interrupted (the broker stopped without closing it)"
+    if exit_status == LOST:
+        return "ended: lost (its bastion went silent)"
     for prefix in ("terminated:", "ended:"):
         if exit_status.startswith(prefix):
             return f"ended: {exit_status.removeprefix(prefix)}"

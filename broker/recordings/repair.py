@@ -22,6 +22,7 @@ from pathlib import Path
 import structlog
 
 from broker.domain import recording as fmt
+from broker.domain.outcome import LOST
 from broker.errors import BrokerError
 from broker.ports import AuditSink, Clock, SessionIndex
 from broker.recordings.local import OPEN_DIR, render_cast
@@ -154,7 +155,10 @@ async def _repair_one(root: Path, sid: str, marker: Path, index: SessionIndex,
     try:
         rec = await index.get(sid)
         open_row = rec is not None and rec.ended_at is None
-        res = await asyncio.to_thread(_cut, fd, open_row) if fd >= 0 else None
+        # a row another bastion closed as lost (this one was silent too long) has no end in
+        # its recording yet: the file gets its exit frame; the row and audit stay as they are
+        mark = open_row or (rec is not None and rec.exit_status == LOST)
+        res = await asyncio.to_thread(_cut, fd, mark) if fd >= 0 else None
         if rec is not None and rec.ended_at is None:
             bytes_in, bytes_out = (res.bytes_in, res.bytes_out) if res else (0, 0)
             if res is not None and res.frames:

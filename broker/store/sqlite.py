@@ -308,6 +308,16 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE sessions ADD COLUMN bastion TEXT NOT NULL DEFAULT ''
     """,
+    # 13: each bastion's heartbeat (``FleetStore``, ``sqlite_fleet``): the sessions of one that
+    # went silent are closed as lost by the others
+    """
+    CREATE TABLE bastions (
+        name TEXT PRIMARY KEY,
+        started_at TEXT NOT NULL,
+        seen_at TEXT NOT NULL
+    );
+    CREATE INDEX sessions_open_by_bastion ON sessions (bastion) WHERE ended_at IS NULL
+    """,
 ]
 
 

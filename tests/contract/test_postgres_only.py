@@ -35,7 +35,7 @@ ALL_VERSIONS = list(range(1, len(MIGRATIONS) + 1))
 TABLES = {"grants", "grant_history", "totp", "sessions", "auth_throttle", "user_keys",
           "reauth_windows", "schema_migrations", "api_tokens", "web_sessions_revoked",
           "auth_source_throttle", "auth_known_devices", "web_sessions", "session_text",
-          "locks", "session_kills", "notify_outbox"}
+          "locks", "session_kills", "notify_outbox", "bastions"}
 
 
 async def _tables(dsn: str) -> set[str]:

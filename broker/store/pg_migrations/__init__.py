@@ -254,4 +254,14 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE sessions ADD COLUMN bastion text NOT NULL DEFAULT '';
     """,
+    # 10: each bastion's heartbeat (``FleetStore``, ``postgres_fleet``): the sessions of one that
+    # went silent are closed as lost by the others
+    """
+    CREATE TABLE bastions (
+        name text PRIMARY KEY,
+        started_at timestamptz NOT NULL,
+        seen_at timestamptz NOT NULL
+    );
+    CREATE INDEX sessions_open_by_bastion ON sessions (bastion) WHERE ended_at IS NULL;
+    """,
 ]
