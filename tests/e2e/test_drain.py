@@ -200,6 +200,40 @@ def test_past_the_deadline_the_rest_is_ended_with_the_drain_as_reason(
     assert "Traceback" not in text
 
 
+def test_sigterm_during_a_drain_stops_at_once_as_a_stop_does(demo: Demo, tmp_path: Path) -> None:
+    cfg = drain_config(demo, tmp_path, "drain_accept_seconds = 60\ndrain_seconds = 300\n"
+                       "grace_seconds = 3\n")
+    log = tmp_path / "broker.log"
+    log.touch()
+    broker = BrokerProcess(cfg, log)
+    kh = demo.known_hosts_for(tmp_path, broker.port)
+    shell = Client(demo, demo.take_user(), broker.port, kh, None, tty=True)
+    try:
+        shell.send(b"echo READY-$((40+2))\n")
+        shell.pump(b"READY-42")
+        r = cli(cfg, "drain")
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: '"broker.drain"' in broker.text(), "the drain to begin")
+        broker.proc.terminate()  # long before the window's end or the deadline
+        shell.pump(b"the bastion is shutting down; this session ends within 3 s")
+        assert shell.finish(60) == 255
+        assert b"access ended (bastion shutting down)" in shell.out + shell.err
+        assert broker.wait(60) == 0
+    finally:
+        broker.kill()
+        if shell.proc.poll() is None:
+            shell.proc.kill()
+    text = broker.text()
+    (sid,) = [json.loads(line)["session_id"] for line in text.splitlines()
+              if '"session.start"' in line]
+    row = next(r for r in demo.sessions() if r["id"] == sid)
+    assert row["exit_status"] == "terminated:bastion shutting down"
+    assert not fmt.parse(Path(str(row["recording"])).read_bytes()).truncated
+    assert not any((tmp_path / "rec" / OPEN_DIR).iterdir())
+    assert "broker.drain_closed" not in text and "broker.drain_deadline" not in text
+    assert "Traceback" not in text
+
+
 def test_with_workers_the_parent_passes_the_drain_on(demo: Demo, tmp_path: Path) -> None:
     cfg = drain_config(demo, tmp_path, "drain_accept_seconds = 1\ndrain_seconds = 300\n",
                        ssh="workers = 2")
