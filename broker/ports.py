@@ -306,6 +306,7 @@ class Bastion:
     name: str  # its ``node_name``
     started_at: datetime  # when the process that beat last started
     seen_at: datetime  # its last heartbeat
+    live_sessions: int = 0  # session rows still open on it
 
 
 class FleetStore(Protocol):
@@ -317,7 +318,7 @@ class FleetStore(Protocol):
         ...
 
     async def bastions(self) -> builtins.list[Bastion]:
-        """Every bastion that ever beat, by name."""
+        """Every bastion that ever beat, by name, with its open session rows counted."""
         ...
 
     async def stranded(self, silent_since: datetime, exclude: str,

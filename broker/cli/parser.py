@@ -7,6 +7,7 @@ import argparse
 from broker import __version__
 from broker.cli import (
     auth,
+    bastions,
     ca,
     configcheck,
     drain,
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.register(sub)      # serve, demo
     drain.register(sub)      # drain: SIGQUIT to the running broker (rolling upgrades)
+    bastions.register(sub)   # bastions: the fleet's heartbeats
     grants.register(sub)     # grant request|approve|...|list|show|add, login, logout
     verify.register(sub)     # verify SESSION_ID | --audit
     shipping.register(sub)   # shipping status

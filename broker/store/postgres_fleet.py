@@ -28,8 +28,10 @@ class PostgresFleetStore:
 
     async def bastions(self) -> builtins.list[Bastion]:
         async with self._db.acquire("cannot read the bastions") as conn:
-            rows = await conn.fetch('SELECT * FROM bastions ORDER BY name COLLATE "C"')
-        return [Bastion(r["name"], r["started_at"], r["seen_at"]) for r in rows]
+            rows = await conn.fetch(
+                "SELECT b.*, (SELECT count(*) FROM sessions s WHERE s.bastion = b.name"
+                ' AND s.ended_at IS NULL) AS live FROM bastions b ORDER BY b.name COLLATE "C"')
+        return [Bastion(r["name"], r["started_at"], r["seen_at"], int(r["live"])) for r in rows]
 
     async def stranded(self, silent_since: datetime, exclude: str,
                        limit: int) -> builtins.list[tuple[SessionRecord, datetime]]:

@@ -16,6 +16,9 @@ _STRANDED = (
     " ON b.name = s.bastion WHERE s.ended_at IS NULL AND b.seen_at < ? AND b.name != ?"
     " ORDER BY s.started_at LIMIT ?")
 
+_BASTIONS = ("SELECT b.*, (SELECT count(*) FROM sessions s WHERE s.bastion = b.name"
+             " AND s.ended_at IS NULL) AS live FROM bastions b ORDER BY b.name")
+
 
 def _when(value: str) -> datetime:
     at = _dt(value)
@@ -39,8 +42,9 @@ class SqliteFleetStore:
     @_on_db_thread
     @_failing_closed("cannot read the bastions")
     def bastions(self) -> builtins.list[Bastion]:
-        rows = self._c.execute("SELECT * FROM bastions ORDER BY name").fetchall()
-        return [Bastion(r["name"], _when(r["started_at"]), _when(r["seen_at"])) for r in rows]
+        rows = self._c.execute(_BASTIONS).fetchall()
+        return [Bastion(r["name"], _when(r["started_at"]), _when(r["seen_at"]), r["live"])
+                for r in rows]
 
     @_on_db_thread
     @_failing_closed("cannot read stranded sessions")

@@ -27,6 +27,11 @@ async def test_heartbeats_round_trip(stores: StoreBundle) -> None:
     assert (got["b1"].started_at, got["b1"].seen_at) == (T0 + timedelta(seconds=10),
                                                          T0 + timedelta(seconds=15))
     assert got["b2"].seen_at == T0 and got["b2"].seen_at.utcoffset() == timedelta(0)
+    await stores.sessions.started(make_session("s-1", bastion="b1"))
+    await stores.sessions.started(make_session("s-2", bastion="b1"))
+    await stores.sessions.started(make_session("s-3", bastion="b2"))
+    await stores.sessions.ended("s-3", T0, "0", 0, 0)
+    assert [(b.name, b.live_sessions) for b in await f.bastions()] == [("b1", 2), ("b2", 0)]
 
 
 async def test_only_open_sessions_of_silent_bastions_are_stranded(stores: StoreBundle) -> None:

@@ -40,6 +40,10 @@ def row(cfg: Path, sid: str) -> dict[str, Any]:
     return r  # type: ignore[no-any-return]
 
 
+def bastions(cfg: Path) -> dict[str, dict[str, Any]]:
+    return {b["name"]: b for b in json.loads(broker_cli(cfg, "bastions", "--json"))}
+
+
 def poll(what: str, ok: Any, timeout: float = 30) -> Any:
     deadline = time.monotonic() + timeout
     while not (got := ok()):
@@ -82,6 +86,9 @@ def test_a_dead_bastions_session_is_closed_as_lost_by_another(demo: Demo, tmp_pa
             sid = marker.name
             r = row(cfg["east-1"], sid)
             assert (r["bastion"], r["ended_at"]) == ("east-2", None)
+            fleet = bastions(cfg["east-1"])
+            assert {n: (b["state"], b["live_sessions"], b["this"]) for n, b in fleet.items()} == {
+                "east-1": ("alive", 0, True), "east-2": ("alive", 1, False)}
 
             b.proc.send_signal(signal.SIGKILL)
             t_kill = time.monotonic()
@@ -95,6 +102,13 @@ def test_a_dead_bastions_session_is_closed_as_lost_by_another(demo: Demo, tmp_pa
             (end,) = audit(tmp_path / "east-1" / "audit.jsonl", "session.end", sid)
             assert (end["reason"], end["bastion"], end["closed_by"], end["synthesized"]) == (
                 "bastion lost", "east-2", "east-1", True)
+            fleet = bastions(cfg["east-1"])
+            assert (fleet["east-2"]["state"], fleet["east-2"]["live_sessions"]) == ("lost", 0)
+            assert fleet["east-2"]["silent_s"] >= LOST_AFTER
+            text = broker_cli(cfg["east-1"], "bastions").splitlines()
+            assert text[0].split() == ["NAME", "STATE", "SEEN", "UP", "SINCE", "LIVE"]
+            assert text[1].startswith("east-1 (this)") and text[2].split()[:2] == [
+                "east-2", "lost"]
 
             # east-2 comes back after all: its repair ends the recording, and audits nothing
             b = BrokerProcess(cfg["east-2"], tmp_path / "east-2.log")
