@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -47,11 +48,13 @@ import asyncssh
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.recording_load import common_prefix
 from bench.run import (
     CIPHER,
     KEX,
     UserPool,
     _KbdClient,
+    _on_sigterm,
     cpu_seconds,
     descendants,
     echo_samples,
@@ -76,12 +79,14 @@ def log(msg: str) -> None:
 # -- load process (asyncssh clients) -----------------------------------------------------------
 
 class _Shell(asyncssh.SSHClientSession[bytes]):
-    """Hashes what it receives (a bulk shell's megabytes are never held)."""
+    """Hashes what it receives, and keeps it unless ``bulk`` (megabytes are never held)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bulk: bool = False) -> None:
         self.out = hashlib.sha256()
         self.err = hashlib.sha256()
         self.out_n = self.err_n = 0
+        self.kept: tuple[bytearray, bytearray] | None = None if bulk else (bytearray(),
+                                                                             bytearray())
         self.prompt = asyncio.Event()
         self.closed = asyncio.Event()
         self.exit: int | None = None
@@ -93,6 +98,8 @@ class _Shell(asyncssh.SSHClientSession[bytes]):
         else:
             self.out.update(data)
             self.out_n += len(data)
+        if self.kept is not None:
+            self.kept[datatype == asyncssh.EXTENDED_DATA_STDERR].extend(data)
         self.prompt.set()
 
     def exit_status_received(self, status: int) -> None:
@@ -107,6 +114,9 @@ class _Client:
     user: str
     kind: str  # idle, typing, bulk
     shell: _Shell = field(default_factory=_Shell)
+
+    def __post_init__(self) -> None:
+        self.shell = _Shell(bulk=self.kind == "bulk")
     conn: asyncssh.SSHClientConnection | None = None
     chan: asyncssh.SSHClientChannel[bytes] | None = None
     error: str = ""
@@ -205,7 +215,10 @@ async def _child(spec: dict[str, Any]) -> None:
         {"user": c.user, "kind": c.kind, "error": c.error, "exit": c.shell.exit,
          "closed": c.shell.closed.is_set(),
          "out_n": c.shell.out_n, "out_sha": c.shell.out.hexdigest(),
-         "err_n": c.shell.err_n, "err_sha": c.shell.err.hexdigest()} for c in clients])
+         "err_n": c.shell.err_n, "err_sha": c.shell.err.hexdigest(),
+         "kept": None if c.shell.kept is None else [base64.b64encode(b).decode()
+                                                    for b in c.shell.kept]}
+        for c in clients])
 
 
 # -- the broker's processes --------------------------------------------------------------------
@@ -360,10 +373,12 @@ def recordings_by_user(root: Path) -> dict[str, list[Path]]:
     return out
 
 
-def recorded(rec: Path) -> tuple[int, str, int, str, bool]:
-    """(OUTPUT bytes, their SHA-256, ERROR bytes, theirs, torn last frame), frame by frame."""
+def recorded(rec: Path, keep: bool) -> tuple[int, str, int, str, bool, tuple[bytes, bytes]]:
+    """(OUTPUT bytes, their SHA-256, ERROR bytes, theirs, torn last frame, with ``keep`` the
+    OUTPUT and ERROR bytes themselves), frame by frame."""
     out, err = hashlib.sha256(), hashlib.sha256()
     out_n = err_n = 0
+    kept: tuple[list[bytes], list[bytes]] = ([], [])
     with open(rec, "rb") as f:
         reader = fmt.FrameReader(f, os.fstat(f.fileno()).st_size)
         for frame in reader.frames:
@@ -373,7 +388,10 @@ def recorded(rec: Path) -> tuple[int, str, int, str, bool]:
             elif frame.kind == fmt.ERROR:
                 err.update(frame.data)
                 err_n += len(frame.data)
-    return out_n, out.hexdigest(), err_n, err.hexdigest(), reader.truncated
+            if keep and frame.kind in (fmt.OUTPUT, fmt.ERROR):
+                kept[frame.kind == fmt.ERROR].append(frame.data)
+    return (out_n, out.hexdigest(), err_n, err.hexdigest(), reader.truncated,
+            (b"".join(kept[0]), b"".join(kept[1])))
 
 
 def compare(recordings: Path, sessions: list[dict[str, Any]]) -> dict[str, Any]:
@@ -389,14 +407,22 @@ def compare(recordings: Path, sessions: list[dict[str, Any]]) -> dict[str, Any]:
             bad.append(f"{s['user']}: {len(recs)} recordings")
             lost += s["out_n"] + s["err_n"]
             continue
-        out_n, out_sha, err_n, err_sha, torn = recorded(recs[0])
+        out_n, out_sha, err_n, err_sha, torn, rec_bytes = recorded(recs[0], bool(s["kept"]))
         recorded_total += out_n + err_n
         if (out_n, out_sha, err_n, err_sha) != (s["out_n"], s["out_sha"], s["err_n"],
                                                 s["err_sha"]) or torn:
-            # a hash cannot say which bytes differ: count what the client had beyond the file
-            lost += max(0, s["out_n"] - out_n) + max(0, s["err_n"] - err_n)
-            bad.append(f"{s['user']}: client {s['out_n']}+{s['err_n']} B, recording "
-                       f"{out_n}+{err_n} B, equal {out_sha == s['out_sha']}, torn {torn}")
+            if s["kept"]:  # what the client got that the recording does not hold, in order
+                got = [base64.b64decode(b) for b in s["kept"]]
+                common = [common_prefix(g, r) for g, r in zip(got, rec_bytes, strict=True)]
+                missing = sum(len(g) - c for g, c in zip(got, common, strict=True))
+                extra = sum(len(r) - c for r, c in zip(rec_bytes, common, strict=True))
+            else:  # a hash cannot say which bytes differ: what the client had beyond the file
+                missing = max(0, s["out_n"] - out_n) + max(0, s["err_n"] - err_n)
+                extra = -1
+            lost += missing
+            bad.append(f"{s['user']} ({s['kind']}, closed {s['closed']}): client "
+                       f"{s['out_n']}+{s['err_n']} B, recording {out_n}+{err_n} B, missing "
+                       f"{missing}, recording beyond the client {extra}, torn {torn}")
     return {"bytes_received": received, "bytes_recorded": recorded_total,
             "bytes_lost": lost, "mismatches": bad}
 
@@ -572,7 +598,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                            if s["kind"] == k) for k in ("idle", "typing", "bulk")}
             res["kinds"] = {k: kinds.count(k) for k in ("idle", "typing", "bulk")}
             res["load_after"] = os.getloadavg()
-            res["traceback_in_log"] = "Traceback" in demo.broker_log()
+            broker_log = demo.broker_log()
+            res["traceback_in_log"] = "Traceback" in broker_log
+            res["broker_log_problems"] = [line for line in broker_log.splitlines()
+                                          if '"level": "error"' in line
+                                          or '"level": "warning"' in line][:30]
         finally:
             for p in children:
                 if p.poll() is None:
@@ -636,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not 1 <= args.sessions <= 5000 or not 1 <= args.login_concurrency <= 9:
         ap.error("--sessions must be 1..5000 and --login-concurrency 1..9")
+    signal.signal(signal.SIGTERM, _on_sigterm)  # unwinds through measure's cleanup
     res = measure(args)
     res["command"] = ".venv/bin/python bench/capacity.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
