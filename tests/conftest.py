@@ -269,6 +269,37 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Under scripts/test a skipped test is a failure: a missing component is an install bug."""
+    if hasattr(session.config, "workerinput"):
+        return  # an xdist worker: the controller sees its reports and says it once
     if _skipped and os.environ.get("BASTION_TEST_NO_SKIP"):
         sys.stderr.write("\nskipped tests are not allowed here:\n  " + "\n  ".join(_skipped) + "\n")
         session.exitstatus = 1
+
+
+# scripts/test runs the suite on pytest-xdist workers with --dist loadfile: each file's tests go
+# to one worker, in their order as in one process, and its module fixtures (a broker, Chromium,
+# an RDP target) start once, not on every worker. Each worker has its own session fixtures (its
+# own demo, PostgreSQL, moto) under its own basetemp, on free ports.
+AD_TESTS = "tests/ad/"
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent under -p no:xdist
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """loadfile, with all of tests/ad as one file: Samba binds the fixed LDAP ports, so one DC
+    (one worker's session fixture) serves every ``ad`` test."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ADTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return AD_TESTS if nodeid.startswith(AD_TESTS) else super()._split_scope(nodeid)
+
+    return ADTogether(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """An ``ad`` test outside tests/ad would start a second Samba on another worker."""
+    stray = [i.nodeid for i in items if i.get_closest_marker("ad") and not i.nodeid.startswith(AD_TESTS)]
+    if stray:
+        raise pytest.UsageError(f"ad tests belong in {AD_TESTS} (one Samba DC): {stray}")
