@@ -165,6 +165,19 @@ def bulk_command(rate: int) -> str:
             f"select undef, undef, undef, 1 / {BULK_TICKS} }}'\r")
 
 
+async def _sockets(clients: list[_Client]) -> list[str]:
+    """``ss`` lines (queues) of these clients' TCP connections: bytes in the client's receive
+    queue mean this process did not read them, bytes in the broker's send queue that the
+    kernel did not deliver them, neither that the broker did not send them."""
+    ports = {str(c.conn.get_extra_info("sockname")[1]) for c in clients if c.conn is not None}
+    if not ports:
+        return []
+    proc = await asyncio.create_subprocess_exec("ss", "-tnH", stdout=subprocess.PIPE)
+    out, _ = await proc.communicate()
+    return [line for line in out.decode().splitlines()
+            if any(f":{p} " in line or line.endswith(f":{p}") for p in ports)][:100]
+
+
 async def _child(spec: dict[str, Any]) -> None:
     os.nice(spec["nice"])  # clients are other machines on a real bastion
     loop = asyncio.get_running_loop()
@@ -201,17 +214,20 @@ async def _child(spec: dict[str, Any]) -> None:
     for c in clients:
         if c.chan is not None:
             c.chan.write(b"exit 0\r")
-    for _ in range(3):  # a shell that missed its exit (rare, on a loaded machine) is told again
+    stuck: list[str] = []
+    for round_ in range(3):  # a shell that missed its exit (rare, on a loaded machine) is told again
         pending = [c for c in clients if c.chan is not None and not c.shell.closed.is_set()]
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*(c.shell.closed.wait() for c in pending)), 60)
+        if round_ == 0:
+            stuck = await _sockets([c for c in pending if not c.shell.closed.is_set()])
         for c in pending:
             if c.chan is not None and not c.shell.closed.is_set():
                 c.chan.write(b"\x03exit 0\r")
     for c in clients:
         if c.conn is not None:
             c.conn.close()
-    say(event="done", sessions=[
+    say(event="done", stuck_sockets=stuck, sessions=[
         {"user": c.user, "kind": c.kind, "error": c.error, "exit": c.shell.exit,
          "closed": c.shell.closed.is_set(),
          "out_n": c.shell.out_n, "out_sha": c.shell.out.hexdigest(),
@@ -586,8 +602,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             res["echo_errors"] = echo_err
             res["echo_samples_ms"] = [round(v, 3) for v in echo]
             sessions: list[dict[str, Any]] = []
+            res["stuck_sockets"] = []
             for p in children:
-                sessions += _event(p, "done")["sessions"]
+                done = _event(p, "done")
+                sessions += done["sessions"]
+                res["stuck_sockets"] += done["stuck_sockets"]
                 p.wait(60)
             res["exit_codes"] = {}
             for s in sessions:
