@@ -232,6 +232,7 @@ class Broker:
         if self.web is not None:
             self.web.use_locks(self.locks)
             self.web.use_notify(self.dispatcher)
+            self.web.use_fleet(self.fleet)
             self.web.use_live(LocalFollow(LocalRecordingSink(config.recordings_dir)))
         self.account_enforcer = AccountEnforcer(self.sessions, self.accounts, s.audit,
                                                 interval=_account_interval(config))

@@ -10,21 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import datetime
 from typing import Any
 
 from broker.cli import when
 from broker.cli.common import config_of, leaf, run_async
 from broker.cli.output import out, table
-from broker.config import FleetSettings
-from broker.ports import Bastion
-
-
-def state(b: Bastion, now: datetime, fleet: FleetSettings) -> str:
-    silent = (now - b.seen_at).total_seconds()
-    if silent >= fleet.lost_after_seconds:
-        return "lost"
-    return "late" if silent >= 2 * fleet.heartbeat_seconds else "alive"
+from broker.services.fleet import FleetWatch, bastion_json
 
 
 async def _bastions(args: argparse.Namespace) -> int:
@@ -33,23 +24,21 @@ async def _bastions(args: argparse.Namespace) -> int:
     config = config_of(args)
     stores = await connect_stores(config, "read")
     try:
-        found = await stores.fleet.bastions()
+        f = config.fleet
+        watch = FleetWatch(stores.fleet, stores.audit, stores.clock, config.node_name,
+                           heartbeat=lambda: f.heartbeat_seconds,
+                           lost_after=lambda: f.lost_after_seconds)
+        found = await watch.listing()
         now = stores.clock.now()
     finally:
         await stores.close()
-    rows: list[dict[str, Any]] = [
-        {"name": b.name, "state": state(b, now, config.fleet), "seen_at": when.iso(b.seen_at),
-         "silent_s": round(max((now - b.seen_at).total_seconds(), 0.0), 1),
-         "started_at": when.iso(b.started_at), "live_sessions": b.live_sessions,
-         "this": b.name == config.node_name}
-        for b in found]
+    rows = [bastion_json(b, state, now, config.node_name) for b, state in found]
     if args.json:
         out(json.dumps(rows, indent=2))
         return 0
     table([{**r, "name": r["name"] + (" (this)" if r["this"] else ""),
-            "seen": f"{when.duration(r['silent_s'])} ago",
-            "up since": when.show(b.started_at),
-            "live": str(r["live_sessions"])} for r, b in zip(rows, found, strict=True)],
+            "seen": f"{when.duration(r['silent_s'])} ago", "up since": when.show(b.started_at),
+            "live": str(r["live_sessions"])} for r, (b, _) in zip(rows, found, strict=True)],
           ["name", "state", "seen", "up since", "live"])
     return 0
 
@@ -59,4 +48,3 @@ def register(sub: Any) -> None:
                        "heartbeat, alive/late/lost, open sessions")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=run_async(_bastions))
-

@@ -20,18 +20,36 @@ processes of one host (``[ssh] workers``) beat under one name. A bastion only pa
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 
 from broker.domain.outcome import LOST
 from broker.errors import AuditError, BrokerError
-from broker.ports import AuditSink, Clock, FleetStore
+from broker.ports import AuditSink, Bastion, Clock, FleetStore
 from broker.services.periodic import Periodic
 
 log = structlog.get_logger("broker.fleet")
 
 BATCH = 500  # stranded sessions closed per round at most (the next round takes the rest)
+
+
+def state_of(b: Bastion, now: datetime, heartbeat: float, lost_after: float) -> str:
+    """``alive``; ``late`` once two heartbeats are missed; ``lost`` once its sessions are
+    closed by the others (silent for ``lost_after``)."""
+    silent = (now - b.seen_at).total_seconds()
+    if silent >= lost_after:
+        return "lost"
+    return "late" if silent >= 2 * heartbeat else "alive"
+
+
+def bastion_json(b: Bastion, state: str, now: datetime, this: str) -> dict[str, Any]:
+    """One bastion as ``bastions --json`` and ``GET /api/bastions`` show it."""
+    return {"name": b.name, "state": state, "seen_at": b.seen_at.astimezone(UTC).isoformat(),
+            "silent_s": round(max((now - b.seen_at).total_seconds(), 0.0), 1),
+            "started_at": b.started_at.astimezone(UTC).isoformat(),
+            "live_sessions": b.live_sessions, "this": b.name == this}
 
 
 class FleetWatch:
@@ -41,6 +59,7 @@ class FleetWatch:
         self._audit = audit
         self._clock = clock
         self.name = name
+        self._heartbeat = heartbeat
         self._lost_after = lost_after
         self._started = clock.now()
         self._loop = Periodic(self.tick, heartbeat, failed_event="fleet.heartbeat_failed",
@@ -51,6 +70,12 @@ class FleetWatch:
 
     async def stop(self) -> None:
         await self._loop.stop()
+
+    async def listing(self) -> list[tuple[Bastion, str]]:
+        """Every bastion on the store with its state now (``state_of``)."""
+        now = self._clock.now()
+        return [(b, state_of(b, now, self._heartbeat(), self._lost_after()))
+                for b in await self._store.bastions()]
 
     async def tick(self) -> int:
         """Beat, then close what silent bastions left open; returns how many were closed."""

@@ -31,6 +31,7 @@ from broker.errors import AuditError, ConflictError, NotFoundError, StoreError
 from broker.ports import ApiTokenRecord, AuditSink, Clock, TokenStore, WebSessionRecord
 from broker.services.account_check import AccountChecker, directory_failed
 from broker.services.auth import Authenticator
+from broker.services.fleet import FleetWatch
 from broker.services.grants import GrantFilter, GrantService
 from broker.services.live import LiveService
 from broker.services.locks import LockService
@@ -39,6 +40,7 @@ from broker.services.review import ReviewService
 from broker.services.roles import roles_of
 from broker.web import schema as S
 from broker.web.console_routes import CONSOLE_PREFIX, add_console_routes
+from broker.web.fleet_api import FleetApi, fleet_routes
 from broker.web.inventory_api import inventory_routes
 from broker.web.known_hosts import KnownHosts
 from broker.web.live_api import live_routes
@@ -97,6 +99,7 @@ class WebContext:
     known_hosts: KnownHosts | None = None  # GET /api/ssh/known_hosts (broker.web.known_hosts)
     live: LiveService | None = None  # watch a live session (broker.web.live_api)
     notify: Dispatcher | None = None  # the delivery log (broker.web.notify_api)
+    fleet: FleetWatch | None = None  # the bastions' heartbeats (broker.web.fleet_api)
 
     @property
     def session_cookie(self) -> str:
@@ -677,6 +680,8 @@ class Api:
             *(live_routes(self.ctx.live, self.ctx.settings.public_url, self.caller)
               if self.ctx.live else ()),
             *(notify_routes(NotifyApi(self.ctx.notify)) if self.ctx.notify else ()),
+            *(fleet_routes(FleetApi(self.ctx.fleet, self.ctx.clock.now))
+              if self.ctx.fleet else ()),
         ]
 
     def _incidents(self) -> IncidentApi | None:

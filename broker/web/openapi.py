@@ -10,6 +10,7 @@ from broker.domain import workflow as wf
 from broker.domain.models import Level, Trigger
 from broker.ports import SESSION_STATUSES
 from broker.services.review import MAX_LIMIT
+from broker.web.fleet_api import SCHEMAS as FLEET_SCHEMAS
 from broker.web.inventory_api import SCHEMAS as INVENTORY_SCHEMAS
 from broker.web.known_hosts import HOST_RE
 from broker.web.locks_api import SCHEMAS as LOCK_SCHEMAS
@@ -185,6 +186,7 @@ SCHEMAS.update({
 })
 SCHEMAS.update(LOCK_SCHEMAS)  # kill and lock (broker.web.locks_api)
 SCHEMAS.update(NOTIFY_SCHEMAS)  # the delivery log (broker.web.notify_api)
+SCHEMAS.update(FLEET_SCHEMAS)  # the bastions' heartbeats (broker.web.fleet_api)
 SCHEMAS.update(INVENTORY_SCHEMAS)  # the request form's stacks and VPCs (broker.web.inventory_api)
 # query parameters of the review routes, where a name means more than on the grant routes
 _REVIEW_PREFIXES = ("/api/sessions", "/api/audit", "/api/dashboard")

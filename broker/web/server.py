@@ -13,6 +13,7 @@ from broker.config import BrokerConfig, RoleSettings, WebSettings
 from broker.ports import AuditSink, Clock, TokenStore
 from broker.services.account_check import AccountChecker
 from broker.services.auth import Authenticator
+from broker.services.fleet import FleetWatch
 from broker.services.grants import GrantService
 from broker.services.live import Follow, LiveService
 from broker.services.locks import LockService
@@ -51,6 +52,10 @@ class WebServer:
     def use_notify(self, dispatcher: Dispatcher) -> None:
         """Serve the delivery log (``broker.web.notify_api``); before ``start``."""
         self._ctx.notify = dispatcher
+
+    def use_fleet(self, watch: FleetWatch) -> None:
+        """Serve the bastions' heartbeats (``broker.web.fleet_api``); before ``start``."""
+        self._ctx.fleet = watch
 
     def use_live(self, follow: Follow) -> None:
         """Serve the live view (``broker.web.live_api``) from recordings ``follow`` opens on

@@ -396,3 +396,30 @@ def test_every_console_response_in_the_browser_carries_the_csp(browser: Browser,
 
 def _path(url: str) -> str:
     return "/" + url.split("/", 3)[3] if url.count("/") >= 3 else "/"
+
+
+def test_the_dashboard_shows_the_fleet_to_auditors_only(auditor: Console, demo: Demo,
+                                                         browser: Browser) -> None:
+    """The bastions' heartbeats (GET /api/bastions): this one alive, with its open sessions; a
+    requester sees neither the section nor the API."""
+    import socket
+
+    page = auditor.open("#/dashboard")
+    section = page.get_by_role("region", name="Bastions")
+    this = section.locator("tbody tr", has_text="(this one)")
+    expect(this).to_have_count(1, timeout=10_000)
+    expect(this.locator("td").first).to_have_text(f"{socket.gethostname()} (this one)")
+    expect(this.locator(".badge")).to_have_text("alive")
+    assert re.fullmatch(r"\d+", this.locator("td").nth(4).inner_text())
+    assert not auditor.problems, auditor.problems
+    user = demo.take_user()
+    requester = login(browser, demo, user, demo.info["password"])
+    try:
+        p = requester.open("#/dashboard")
+        expect(p.get_by_role("heading", name="Dashboard")).to_be_visible()
+        expect(p.locator(".cards")).to_be_visible()
+        expect(p.get_by_role("region", name="Bastions")).to_have_count(0)
+        status = p.evaluate("fetch('/api/bastions').then((r) => r.status)")
+        assert status == 403
+    finally:
+        requester.context.close()

@@ -147,4 +147,25 @@ export async function dashboardPage(root, ctx) {
       h("td", {}, g.ticket || ""))))));
   }
   root.append(gSec);
+  if (ctx.isAuditor) root.append(await bastionsSection(ctx));
+}
+
+// The fleet as its heartbeats say (GET /api/bastions): a lost bastion's open sessions are
+// closed by the others; its recordings stay on its own disk.
+async function bastionsSection(ctx) {
+  const sec = h("section", {"aria-labelledby": "bastions-h"}, h("h2", {id: "bastions-h"}, "Bastions"));
+  const rows = await api("GET", "/api/bastions");
+  if (ctx.stale() || !rows.length) {
+    sec.append(message("muted", "No heartbeat yet."));
+    return sec;
+  }
+  sec.append(h("table", {class: "bastions"}, h("thead", {}, h("tr", {},
+    h("th", {scope: "col"}, "Bastion"), h("th", {scope: "col"}, "State"),
+    h("th", {scope: "col"}, `Last heartbeat (${timeZone()})`),
+    h("th", {scope: "col"}, `Up since (${timeZone()})`), h("th", {scope: "col"}, "Open sessions"))),
+  h("tbody", {}, rows.map((b) => h("tr", {},
+    h("td", {}, b.name, b.this ? h("span", {class: "muted"}, " (this one)") : null),
+    h("td", {}, statusBadge(b.state)), h("td", {}, when(b.seen_at)),
+    h("td", {}, when(b.started_at)), h("td", {}, String(b.live_sessions)))))));
+  return sec;
 }
