@@ -60,13 +60,13 @@ def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None,
             start_new_session=True, preexec_fn=_die_with_parent)
 
 
-def stop(proc: subprocess.Popen[bytes] | None) -> None:
-    """Terminate and reap ``proc`` (kill it after 10 s)."""
+def stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10) -> None:
+    """Terminate and reap ``proc`` (kill it after ``timeout`` seconds)."""
     if proc is None or proc.poll() is not None:
         return
     proc.terminate()
     try:
-        proc.wait(10)
+        proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

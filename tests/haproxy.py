@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.demo_rdp import stop
+
 HEADER = """global
   maxconn 500
   log stderr format raw local0
@@ -124,9 +126,4 @@ def running(workdir: Path, sections: str, ports: Iterable[int]) -> Iterator[HAPr
         _wait_stats_socket(h)
         yield h
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)

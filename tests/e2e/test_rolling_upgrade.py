@@ -25,6 +25,7 @@ import asyncpg
 import pyotp
 import pytest
 
+from broker.demo_rdp import stop
 from broker.domain import recording as fmt
 from broker.recordings.local import OPEN_DIR
 from tests import haproxy
@@ -140,13 +141,7 @@ class Served:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc, 60)
 
 
 def schema_version(dsn: str) -> int:
