@@ -336,7 +336,6 @@ async def test_success_resets_the_counter(
 async def test_unknown_user_and_wrong_password_take_the_same_time(
     db: SqliteDatabase, store: SqliteTotpStore, directory: StaticDirectory
 ) -> None:
-    import statistics
     import time
 
     policy = AccountPolicy(free_failures=100, backoff_max_seconds=0, lock_after=100)
@@ -350,9 +349,10 @@ async def test_unknown_user_and_wrong_password_take_the_same_time(
         t0 = time.perf_counter()
         await auth.login(f"nobody{i}", None, f"wrong-{i}", "000000", "p")
         unknown.append(time.perf_counter() - t0)
-    k, u = statistics.median(known), statistics.median(unknown)
+    k, u = min(known), min(unknown)
     # both pay one argon2 check (~20-40 ms): without the dummy check an unknown user would take
-    # well under 1 ms; a loaded machine stretches both alike, so the bound is relative
+    # well under 1 ms. Each side's fastest try is its own cost: load only ever adds to a try, and
+    # under load (other test workers) the medians differed by 30% while the cost did not
     assert abs(k - u) < 0.005 + 0.25 * max(k, u), (k, u)
     assert u > 0.5 * k, (k, u)
 
