@@ -475,6 +475,9 @@ async def serve(config: BrokerConfig, on_ready: Callable[[int], None] | None = N
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGQUIT, drain.set)
     loop.add_signal_handler(signal.SIGHUP, reloader.request)  # held until the broker is up
+    problem = runtime.raise_open_files_limit()  # sessions hold 3 descriptors each
+    if problem:
+        log.warning("broker.open_files_limit_unchanged", error=problem)
     broker = Broker(config, await connect_stores(config, "broker"), source=source)
     port = await broker.start(reuse_port=reuse_port)
     reloader.start(with_reload_notices(broker.reload) if notify else broker.reload)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import socket
 from collections.abc import Coroutine
 from typing import Any, Literal, TypeVar
@@ -27,6 +28,23 @@ def run_loop(main: Coroutine[Any, Any, T], kind: LoopKind) -> T:
 
         return uvloop.run(main)
     return asyncio.run(main)
+
+
+def raise_open_files_limit() -> str | None:
+    """Raise this process's soft ``RLIMIT_NOFILE`` to its hard limit; what went wrong, if so.
+
+    Each relayed session holds three descriptors (client socket, upstream socket, recording), so
+    the soft limit most shells and containers start with (1024) would refuse sessions from about
+    the 330th on (docs/benchmarks.md, "Capacity"). The hard limit is the operator's ceiling; the
+    soft one is only a default, which a process may raise up to it without privileges."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft >= hard:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        return f"cannot raise the open files limit from {soft} to {hard}: {exc}"
+    return None
 
 
 def sd_notify(message: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
 import time
 from typing import Any
 
@@ -423,32 +422,12 @@ def configure_guard(guard: SourceGuard, limits: LimitsSettings) -> None:
     guard.configure(**_guard_limits(limits))
 
 
-def raise_open_files_limit() -> tuple[int, int]:
-    """Raise this process's soft ``RLIMIT_NOFILE`` to its hard limit; (before, after).
-
-    Each relayed session holds three descriptors (client socket, upstream socket, recording), so
-    the soft limit most shells and containers start with (1024) would refuse sessions from about
-    the 330th on (docs/benchmarks.md, "Capacity"). The hard limit is the operator's ceiling; the
-    soft one is only a default, which a process may raise up to it without privileges."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft >= hard:
-        return soft, soft
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (OSError, ValueError) as exc:
-        log.warning("ssh.open_files_limit_unchanged", soft=soft, hard=hard, error=str(exc))
-        return soft, soft
-    log.info("ssh.open_files_limit_raised", before=soft, after=hard)
-    return soft, hard
-
-
 async def start_server(
     deps: RelayDeps, authenticator: Authenticator, keys: KeyStore, host_key: asyncssh.SSHKey,
     host: str, port: int, *, reuse_port: bool = False, guard: SourceGuard | None = None,
 ) -> asyncssh.SSHAcceptor | proxy.ProxyListener:
     """The listener. ``guard`` (default: one from ``[limits]``) is shared by every connection;
     pass one to change its limits later (``configure_guard``)."""
-    raise_open_files_limit()
     ssh = deps.config.ssh
     guard = guard or source_guard(deps.config.limits)
     prekex = PreKex()
