@@ -158,7 +158,7 @@ class ExpiringSoon:
         # unless more than SWEEP_BATCH end within one window
         for g in await self._grants.search(states=[GrantState.APPROVED.value], since=now,
                                            expires_before=now + self.window, limit=SWEEP_BATCH):
-            if not g.live_at(now) or g.expires_at - now > self.window:
+            if not g.live_at(now):
                 continue
             n = self._notifier
             ev = n.event("grant.expiring", grant_data(g, "system"),
