@@ -3,6 +3,8 @@ admins; the same rows as ``bastion-broker bastions --json``), for the console's 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -14,7 +16,7 @@ from broker.web.routes import Caller, Route
 
 
 class FleetApi:
-    def __init__(self, watch: FleetWatch, now: Any) -> None:
+    def __init__(self, watch: FleetWatch, now: Callable[[], datetime]) -> None:
         self.watch = watch
         self._now = now
 

@@ -10,29 +10,17 @@ import resource
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import asyncssh
 import pytest
 
 from tests.conftest import BIN, Demo
+from tests.e2e.test_audit_truth import _KbdClient
 
 pytestmark = pytest.mark.e2e
 
 SOFT = 64  # below what the sessions below need (4 connections + 2 x 40 + the broker's own)
-
-
-class _Kbd(asyncssh.SSHClient):
-    def __init__(self, password: str, code: str) -> None:
-        self._answers = {"Password: ": password, "Verification code: ": code}
-
-    def kbdint_auth_requested(self) -> str:
-        return ""
-
-    def kbdint_challenge_received(self, name: str, instructions: str, lang: str,
-                                  prompts: Sequence[tuple[str, bool]]) -> list[str]:
-        return [self._answers[p] for p, _echo in prompts]
 
 
 def _serve_with_soft_limit(cfg: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -69,7 +57,7 @@ async def test_sessions_beyond_the_inherited_soft_limit(demo: Demo, tmp_path: Pa
         for _ in range(4):
             user = demo.take_user()
             conn, _client = await asyncssh.create_connection(
-                lambda u=user: _Kbd(demo.info["password"], demo.next_code(u)), "127.0.0.1",
+                lambda u=user: _KbdClient(demo.info["password"], demo.next_code(u)), "127.0.0.1",
                 port, username=f"{user}+web01", known_hosts=str(demo.known_hosts_for(tmp_path,
                                                                                      port)),
                 client_keys=None, agent_path=None, config=None,
