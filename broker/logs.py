@@ -93,7 +93,9 @@ def configure(level: str) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # one write per line (text and newline together): PrintLogger's print() makes two, and
+        # lines of worker processes sharing one stderr pipe then interleave
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     _install_root(_stdlib_handler(renderer), logging.WARNING)
